@@ -1,0 +1,43 @@
+"""Helpers shared by the benchmarks: free ports, a local cluster, percentiles."""
+
+from __future__ import annotations
+
+import socket
+import statistics
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from pichat.client import Client
+from pichat.cluster import ClusterConfig, LocalCluster
+from pichat.config import ClientConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@asynccontextmanager
+async def local_cluster(**kwargs) -> AsyncIterator[Client]:
+    """A router and workers as real processes on loopback; yields a connected client."""
+    config = ClusterConfig(clients_bind=f"tcp://127.0.0.1:{free_port()}",
+                           workers_bind=f"tcp://127.0.0.1:{free_port()}",
+                           log_level="warning", **kwargs)
+    cluster = LocalCluster(config)
+    cluster.start()
+    try:
+        async with Client(ClientConfig(router=cluster.client_endpoint,
+                                       silence_timeout=60)) as client:
+            await cluster.wait_ready(client)
+            yield client
+    finally:
+        cluster.stop()
+
+
+def p50(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:7.0f}"

@@ -1,0 +1,41 @@
+"""`make bench`: every benchmark, side by side in one run, printed as ratios.
+
+    python bench/run.py               # all
+    python bench/run.py affinity      # one (affinity | overhead)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+import affinity  # noqa: E402
+import overhead  # noqa: E402
+
+BENCHMARKS = {
+    "affinity": ("Session affinity vs round-robin: 4 users x 8 turns, 2 llama workers "
+                 "(default model, 1 slot, 1 thread each)", affinity.main),
+    "overhead": ("Router overhead: the default model direct vs through the router; "
+                 "router forwarding rate", overhead.main),
+}
+
+
+def main() -> None:
+    chosen = sys.argv[1:] or list(BENCHMARKS)
+    print(f"pichat benchmarks on {platform.node()} ({os.cpu_count()} CPUs, "
+          f"{platform.machine()}, Python {platform.python_version()})")
+    for name in chosen:
+        title, run = BENCHMARKS[name]
+        print(f"\n== {name}: {title}")
+        start = time.perf_counter()
+        for line in asyncio.run(run([])):
+            print(line, flush=True)
+        print(f"({time.perf_counter() - start:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+"""The `pichat` command: options in, a config object out, then the service runs.
+
+Every option can also be set by the environment variable shown in `--help` (PICHAT_*),
+so a systemd EnvironmentFile or a compose file can hold the whole configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+
+from pichat import __version__
+from pichat.config import (
+    DEFAULT_CLIENT_ENDPOINT,
+    DEFAULT_WORKER_ENDPOINT,
+    ClientConfig,
+    RouterConfig,
+    SimConfig,
+    WorkerConfig,
+    default_worker_name,
+)
+from pichat.errors import PichatError
+from pichat.protocol import DEFAULT_MAX_MESSAGE_BYTES, Sampling
+from pichat.router.scheduler import POLICIES, SchedulerConfig
+
+__all__ = ["main"]
+
+
+def _option(*names: str, env: str, **kwargs: Any) -> Any:
+    return click.option(*names, envvar=f"PICHAT_{env}", show_envvar=True,
+                        show_default=True, **kwargs)
+
+
+def _setup_logging(level: str, role: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s %(levelname).1s [{role}] %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def _fail(exc: Exception) -> None:
+    click.secho(f"error: {exc}", fg="red", err=True)
+    sys.exit(1)
+
+
+log_level_option = _option("--log-level", env="LOG_LEVEL", default="info",
+                           type=click.Choice(["debug", "info", "warning", "error"]),
+                           help="How much the daemon logs.")
+max_message_option = _option("--max-message-bytes", env="MAX_MESSAGE_BYTES",
+                             default=DEFAULT_MAX_MESSAGE_BYTES, type=click.IntRange(1024),
+                             help="Largest message accepted on any socket; bigger ones drop "
+                                  "the connection.")
+heartbeat_option = _option("--heartbeat", env="HEARTBEAT", default=1.0,
+                           type=click.FloatRange(0.05), help="Seconds between heartbeats.")
+liveness_option = _option("--liveness", env="LIVENESS", default=3, type=click.IntRange(1),
+                          help="Missed heartbeats after which the peer counts as dead.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="pichat")
+def main() -> None:
+    """pichat: one chat service from a handful of small computers.
+
+    \b
+    Quick start on one machine:
+      pichat up --workers 2              # a router and two workers
+      pichat ask "Hello, how are you?"   # in another shell
+    """
+
+
+# --- router ---------------------------------------------------------------------------
+
+
+@main.command()
+@_option("--clients-bind", env="CLIENTS_BIND", default="tcp://*:5555",
+         help="ZeroMQ endpoint where clients connect.")
+@_option("--workers-bind", env="WORKERS_BIND", default="tcp://*:5556",
+         help="ZeroMQ endpoint where workers connect.")
+@_option("--policy", env="POLICY", default="affinity", type=click.Choice(POLICIES),
+         help="affinity: a session returns to the worker holding its KV cache; "
+              "round-robin: the baseline.")
+@_option("--affinity-wait", env="AFFINITY_WAIT", default=5.0, type=click.FloatRange(0),
+         help="Seconds a request waits for its busy warm worker before spilling to another.")
+@_option("--queue-limit", env="QUEUE_LIMIT", default=256, type=click.IntRange(0),
+         help="Requests that may wait for a slot; beyond it clients get 'busy' at once.")
+@_option("--queue-timeout", env="QUEUE_TIMEOUT", default=120.0, type=click.FloatRange(0.001),
+         help="Seconds a request may wait for a slot.")
+@_option("--request-timeout", env="REQUEST_TIMEOUT", default=600.0,
+         type=click.FloatRange(0.001), help="Seconds a request may take in all.")
+@_option("--drain-timeout", env="DRAIN_TIMEOUT", default=30.0, type=click.FloatRange(0),
+         help="On SIGTERM, seconds running requests may finish.")
+@heartbeat_option
+@liveness_option
+@max_message_option
+@log_level_option
+def router(clients_bind: str, workers_bind: str, policy: str, affinity_wait: float,
+           queue_limit: int, queue_timeout: float, request_timeout: float,
+           drain_timeout: float, heartbeat: float, liveness: int, max_message_bytes: int,
+           log_level: str) -> None:
+    """Run the router: the broker between clients and workers.
+
+    \b
+    Example (on the Pi that runs the router):
+      pichat router --clients-bind tcp://*:5555 --workers-bind tcp://*:5556
+    """
+    from pichat.router.service import Router
+
+    _setup_logging(log_level, "router")
+    config = RouterConfig(
+        clients_bind=clients_bind,
+        workers_bind=workers_bind,
+        scheduler=SchedulerConfig(
+            policy=policy,  # type: ignore[arg-type]
+            affinity_wait=affinity_wait,
+            queue_limit=queue_limit,
+            queue_timeout=queue_timeout,
+            request_timeout=request_timeout,
+            worker_expiry=heartbeat * liveness,
+        ),
+        heartbeat_interval=heartbeat,
+        liveness=liveness,
+        max_message_bytes=max_message_bytes,
+        drain_timeout=drain_timeout,
+    )
+    try:
+        asyncio.run(Router(config).run(handle_signals=True))
+    except Exception as exc:  # bind failures and the like: say so plainly
+        _fail(exc)
+
+
+# --- worker ---------------------------------------------------------------------------
+
+
+@main.command()
+@_option("--router", env="WORKER_ROUTER", default=DEFAULT_WORKER_ENDPOINT,
+         help="The router's worker endpoint.")
+@_option("--name", env="WORKER_NAME", default=None, help="Name shown in status "
+         "[default: HOSTNAME-PID].")
+@_option("--backend", env="BACKEND", default="llama", type=click.Choice(["llama", "sim"]),
+         help="llama: a GGUF model via llama.cpp; sim: a simulator for tests and benchmarks.")
+@_option("--model", env="MODEL", default="default",
+         help="A GGUF file, or a known model name (see `pichat models`).")
+@_option("--slots", env="SLOTS", default=1, type=click.IntRange(1, 64),
+         help="Requests generated at once.")
+@_option("--threads", env="THREADS", default=os.cpu_count() or 1, type=click.IntRange(1),
+         help="CPU threads for inference, shared by the slots.")
+@_option("--ctx", env="CTX", default=4096, type=click.IntRange(64),
+         help="Context length in tokens (prompt + answer) per slot.")
+@_option("--cache-mb", env="CACHE_MB", default=256, type=click.IntRange(0),
+         help="RAM for KV states of conversations waiting outside a slot.")
+@_option("--chunk-tokens", env="CHUNK_TOKENS", default=16, type=click.IntRange(1),
+         help="Tokens per streamed chunk at most.")
+@_option("--chunk-interval", env="CHUNK_INTERVAL", default=0.05, type=click.FloatRange(0),
+         help="Seconds a token may wait to be sent with others.")
+@_option("--sim-prompt-tps", env="SIM_PROMPT_TPS", default=400.0, type=click.FloatRange(1),
+         help="sim: prompt tokens evaluated per second.")
+@_option("--sim-gen-tps", env="SIM_GEN_TPS", default=40.0, type=click.FloatRange(0.1),
+         help="sim: tokens generated per second.")
+@_option("--sim-reply-tokens", env="SIM_REPLY_TOKENS", default=24, type=click.IntRange(1),
+         help="sim: length of an answer.")
+@heartbeat_option
+@liveness_option
+@max_message_option
+@log_level_option
+def worker(router: str, name: str | None, backend: str, model: str, slots: int,
+           threads: int, ctx: int, cache_mb: int, chunk_tokens: int, chunk_interval: float,
+           sim_prompt_tps: float, sim_gen_tps: float, sim_reply_tokens: int,
+           heartbeat: float, liveness: int, max_message_bytes: int, log_level: str) -> None:
+    """Run a worker: serve a model to the router.
+
+    \b
+    Examples:
+      pichat worker --router tcp://pi1:5556                     # the default model
+      pichat worker --router tcp://pi1:5556 --model ~/llama-3.2-1b-q4.gguf --slots 2
+      pichat worker --backend sim --slots 4                     # no model: a simulator
+    """
+    from pichat.worker import load_model
+    from pichat.worker.service import Worker
+
+    _setup_logging(log_level, f"worker {name or ''}".strip())
+    config = WorkerConfig(
+        router=router,
+        name=name or default_worker_name(),
+        backend=backend,  # type: ignore[arg-type]
+        model=model,
+        slots=slots,
+        threads=threads,
+        ctx=ctx,
+        cache_mb=cache_mb,
+        heartbeat_interval=heartbeat,
+        liveness=liveness,
+        chunk_tokens=chunk_tokens,
+        chunk_interval=chunk_interval,
+        max_message_bytes=max_message_bytes,
+        sim=SimConfig(prompt_tps=sim_prompt_tps, gen_tps=sim_gen_tps,
+                      reply_tokens=sim_reply_tokens),
+    )
+
+    async def serve() -> None:
+        loaded = load_model(config)
+        await Worker(config, loaded).run(handle_signals=True)
+
+    try:
+        asyncio.run(serve())
+    except PichatError as exc:
+        _fail(exc)
+
+
+# --- clients --------------------------------------------------------------------------
+
+router_option = _option("--router", env="ROUTER", default=DEFAULT_CLIENT_ENDPOINT,
+                        help="The router's client endpoint.")
+timeout_option = _option("--timeout", env="TIMEOUT", default=None, type=click.FloatRange(0.001),
+                         help="Seconds to wait for a whole answer [default: the router's].")
+
+
+def _sampling_options(f: Any) -> Any:
+    defaults = Sampling()
+    for decorator in reversed([
+        _option("--max-tokens", env="MAX_TOKENS", default=defaults.max_tokens,
+                type=click.IntRange(1), help="Longest answer, in tokens."),
+        _option("--temperature", env="TEMPERATURE", default=defaults.temperature,
+                type=click.FloatRange(0, 5), help="0 is greedy (deterministic)."),
+        _option("--top-p", env="TOP_P", default=defaults.top_p, type=click.FloatRange(0, 1),
+                help="Nucleus sampling."),
+        _option("--seed", env="SEED", default=None, type=click.IntRange(0, 2**32 - 1),
+                help="Sampling seed [default: random]."),
+        click.option("--stop", multiple=True, help="Stop the answer at this text (repeatable)."),
+        _option("--model", env="ASK_MODEL", default=None,
+                help="Only workers serving this model [default: any]."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int | None,
+              stop: tuple[str, ...]) -> Sampling:
+    return Sampling(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens,
+                    stop=tuple(stop))
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@router_option
+@_option("--session", env="SESSION", default=None,
+         help="Conversation id: requests with the same one reuse a worker's KV cache.")
+@_option("--system", env="SYSTEM", default=None, help="A system prompt.")
+@_sampling_options
+@timeout_option
+@click.option("--json", "as_json", is_flag=True, help="Print the answer and its usage as JSON.")
+@click.option("--stats", is_flag=True, help="Print worker, timings and cache use to stderr.")
+def ask(prompt: str | None, router: str, session: str | None, system: str | None,
+        max_tokens: int, temperature: float, top_p: float, seed: int | None,
+        stop: tuple[str, ...], model: str | None, timeout: float | None, as_json: bool,
+        stats: bool) -> None:
+    """Send one prompt and stream the answer. PROMPT '-' or none reads standard input.
+
+    \b
+    Example:
+      pichat ask "What is a Raspberry Pi?" --max-tokens 100 --stats
+    """
+    from pichat.console import ask_once
+
+    if prompt is None or prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise click.UsageError("the prompt is empty")
+    try:
+        asyncio.run(ask_once(
+            ClientConfig(router=router), prompt, system=system, session=session,
+            sampling=_sampling(max_tokens, temperature, top_p, seed, stop), model=model,
+            timeout=timeout, as_json=as_json, stats=stats))
+    except PichatError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+@main.command()
+@router_option
+@_option("--session", env="SESSION", default=None, help="Resume this conversation id "
+         "[default: a new one].")
+@_option("--system", env="SYSTEM", default=None, help="A system prompt.")
+@_sampling_options
+@timeout_option
+def chat(router: str, session: str | None, system: str | None, max_tokens: int,
+         temperature: float, top_p: float, seed: int | None, stop: tuple[str, ...],
+         model: str | None, timeout: float | None) -> None:
+    """Chat interactively; the whole conversation is one session, so each turn reuses the
+    worker's KV cache. Commands: /new starts over, /quit leaves.
+
+    \b
+    Example:
+      pichat chat --system "You are a terse assistant."
+    """
+    from pichat.console import chat_loop
+
+    try:
+        asyncio.run(chat_loop(
+            ClientConfig(router=router), session=session, system=system,
+            sampling=_sampling(max_tokens, temperature, top_p, seed, stop), model=model,
+            timeout=timeout))
+    except PichatError as exc:
+        _fail(exc)
+    except (KeyboardInterrupt, EOFError):
+        click.echo()
+
+
+@main.command()
+@router_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw snapshot as JSON.")
+def status(router: str, as_json: bool) -> None:
+    """Show the cluster: workers (model, slots busy/total, warm sessions, tokens/s) and
+    the queue.
+
+    \b
+    Example:
+      pichat status --router tcp://pi1:5555
+    """
+    from pichat.client import Client
+    from pichat.console import format_status
+
+    async def fetch() -> dict[str, Any]:
+        async with Client(ClientConfig(router=router)) as client:
+            return await client.status()
+
+    try:
+        snapshot = asyncio.run(fetch())
+    except PichatError as exc:
+        _fail(exc)
+    click.echo(json.dumps(snapshot, indent=2) if as_json else format_status(snapshot))
+
+
+# --- local cluster and models ---------------------------------------------------------
+
+
+@main.command()
+@_option("--workers", "n_workers", env="UP_WORKERS", default=2, type=click.IntRange(1, 64),
+         help="Worker processes to start.")
+@_option("--backend", env="BACKEND", default="llama", type=click.Choice(["llama", "sim"]),
+         help="The workers' backend.")
+@_option("--model", env="MODEL", default="default", help="A GGUF file or a known model name.")
+@_option("--slots", env="SLOTS", default=1, type=click.IntRange(1, 64), help="Slots per worker.")
+@_option("--threads", env="THREADS", default=None, type=click.IntRange(1),
+         help="Threads per worker [default: CPUs / workers].")
+@_option("--ctx", env="CTX", default=4096, type=click.IntRange(64), help="Context per slot.")
+@_option("--policy", env="POLICY", default="affinity", type=click.Choice(POLICIES),
+         help="The router's routing policy.")
+@_option("--clients-bind", env="CLIENTS_BIND", default="tcp://127.0.0.1:5555",
+         help="Where clients connect.")
+@_option("--workers-bind", env="WORKERS_BIND", default="tcp://127.0.0.1:5556",
+         help="Where workers connect.")
+@click.option("--prompt", default=None, help="Once the workers are up, ask this and print "
+              "the answer.")
+@click.option("--once", is_flag=True, help="Stop the cluster after answering --prompt.")
+@log_level_option
+def up(n_workers: int, backend: str, model: str, slots: int, threads: int | None, ctx: int,
+       policy: str, clients_bind: str, workers_bind: str, prompt: str | None, once: bool,
+       log_level: str) -> None:
+    """Run a router and N workers on this machine. Ctrl-C stops them all.
+
+    \b
+    Example:
+      pichat up --workers 2 --prompt "Hello, how are you?"
+    """
+    from pichat.cluster import ClusterConfig, run_cluster
+
+    _setup_logging(log_level, "up")
+    config = ClusterConfig(
+        workers=n_workers, backend=backend, model=model, slots=slots,  # type: ignore[arg-type]
+        threads=threads or max(1, (os.cpu_count() or 1) // n_workers), ctx=ctx,
+        policy=policy, clients_bind=clients_bind, workers_bind=workers_bind,  # type: ignore[arg-type]
+        log_level=log_level,
+    )
+    try:
+        code = asyncio.run(run_cluster(config, prompt=prompt, once=once))
+    except PichatError as exc:
+        _fail(exc)
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("name", required=False)
+def models(name: str | None) -> None:
+    """List the models pichat can install by name, or install NAME now.
+
+    \b
+    Example:
+      pichat models default     # assemble and verify the default model, print its path
+    """
+    from pichat.models import describe, resolve
+
+    _setup_logging("info", "models")
+    if name:
+        try:
+            path, _ = resolve(name)
+        except PichatError as exc:
+            _fail(exc)
+        click.echo(path)
+        return
+    for m in describe():
+        mark = "*" if m["default"] else " "
+        state = "installed" if m["installed"] else "not installed"
+        click.echo(f"{mark} {m['name']:32} {state:14} {m['description']}")
+        click.echo(f"  {'':32} from {m['source']}")

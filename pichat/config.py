@@ -1,0 +1,94 @@
+"""Settings of each pichat service, as frozen dataclasses. The CLI only fills these in."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Literal, TypeAlias
+
+from pichat.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from pichat.router.scheduler import Policy, SchedulerConfig
+
+__all__ = [
+    "DEFAULT_CLIENT_ENDPOINT",
+    "DEFAULT_WORKER_ENDPOINT",
+    "Backend",
+    "RouterConfig",
+    "WorkerConfig",
+    "SimConfig",
+    "ClientConfig",
+    "default_worker_name",
+]
+
+DEFAULT_CLIENT_PORT = 5555
+DEFAULT_WORKER_PORT = 5556
+DEFAULT_CLIENT_ENDPOINT = f"tcp://127.0.0.1:{DEFAULT_CLIENT_PORT}"
+DEFAULT_WORKER_ENDPOINT = f"tcp://127.0.0.1:{DEFAULT_WORKER_PORT}"
+
+Backend: TypeAlias = Literal["llama", "sim"]
+
+
+def default_worker_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    clients_bind: str = f"tcp://*:{DEFAULT_CLIENT_PORT}"
+    workers_bind: str = f"tcp://*:{DEFAULT_WORKER_PORT}"
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    heartbeat_interval: float = 1.0
+    """Seconds between the router's heartbeats to workers and to waiting clients."""
+    liveness: int = 3
+    """Missed heartbeats after which a worker is dead."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    drain_timeout: float = 30.0
+    """On the first SIGTERM/SIGINT, how long running requests may finish."""
+
+    @property
+    def policy(self) -> Policy:
+        return self.scheduler.policy
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """The simulated backend's speeds (see pichat/worker/sim.py)."""
+
+    prompt_tps: float = 400.0
+    gen_tps: float = 40.0
+    reply_tokens: int = 24
+    kv_bytes_per_token: int = 12_288
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    router: str = DEFAULT_WORKER_ENDPOINT
+    name: str = field(default_factory=default_worker_name)
+    backend: Backend = "llama"
+    model: str = "default"
+    """A GGUF path, or the name of a model pichat knows how to install (see `pichat models`)."""
+    slots: int = 1
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    """CPU threads for inference in all; each slot gets threads // slots (at least 1)."""
+    ctx: int = 4096
+    cache_mb: int = 256
+    """RAM for saved KV states of conversations that are not in a slot."""
+    heartbeat_interval: float = 1.0
+    liveness: int = 3
+    reconnect_max: float = 30.0
+    """Cap of the reconnect backoff, seconds."""
+    chunk_tokens: int = 16
+    chunk_interval: float = 0.05
+    """A CHUNK goes out after this many tokens or this many seconds, whichever comes first
+    (the first token always goes out at once)."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    sim: SimConfig = field(default_factory=SimConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    router: str = DEFAULT_CLIENT_ENDPOINT
+    silence_timeout: float = 5.0
+    """Give up on the router after hearing nothing from it this long while waiting."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES

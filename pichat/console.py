@@ -1,0 +1,128 @@
+"""What the client commands print: streamed answers, the chat loop, the status table."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+from pichat.client import Client, Reply, new_id
+from pichat.config import ClientConfig
+from pichat.errors import PichatError
+from pichat.protocol import ChatMessage, Sampling
+
+__all__ = ["ask_once", "chat_loop", "format_status", "format_stats"]
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def format_stats(reply: Reply) -> str:
+    u = reply.usage
+    rate = f", {u.tokens_per_s:.1f} tok/s" if u.tokens_per_s else ""
+    return (f"[{reply.worker}: TTFT {reply.ttft * 1000:.0f} ms, {u.completion_tokens} tokens"
+            f"{rate}, prompt {u.prompt_tokens} ({u.cached_tokens} cached), {reply.finish}]")
+
+
+async def ask_once(config: ClientConfig, prompt: str, *, system: str | None,
+                   session: str | None, sampling: Sampling, model: str | None,
+                   timeout: float | None, as_json: bool, stats: bool) -> None:
+    messages = ([ChatMessage("system", system)] if system else []) + [ChatMessage("user", prompt)]
+    async with Client(config) as client:
+        reply = await client.chat(messages, session=session, sampling=sampling, model=model,
+                                  timeout=timeout, on_text=None if as_json else _write)
+    if as_json:
+        print(json.dumps({
+            "id": reply.id, "text": reply.text, "worker": reply.worker, "finish": reply.finish,
+            "ttft_ms": round(reply.ttft * 1000, 1), "usage": {
+                "prompt_tokens": reply.usage.prompt_tokens,
+                "cached_tokens": reply.usage.cached_tokens,
+                "completion_tokens": reply.usage.completion_tokens,
+                "prompt_ms": reply.usage.prompt_ms,
+                "generate_ms": reply.usage.generate_ms,
+            },
+        }))
+        return
+    _write("\n")
+    if stats:
+        print(format_stats(reply), file=sys.stderr)
+
+
+async def chat_loop(config: ClientConfig, *, session: str | None, system: str | None,
+                    sampling: Sampling, model: str | None, timeout: float | None) -> None:
+    loop = asyncio.get_running_loop()
+    session = session or new_id()
+    history: list[ChatMessage] = [ChatMessage("system", system)] if system else []
+    print(f"pichat chat, session {session}. /new starts over, /quit leaves.", file=sys.stderr)
+    async with Client(config) as client:
+        while True:
+            line = await loop.run_in_executor(None, _read_line)
+            if line is None or line.strip() == "/quit":
+                return
+            if line.strip() == "/new":
+                session = new_id()
+                history = history[:1] if system else []
+                print(f"(new conversation, session {session})", file=sys.stderr)
+                continue
+            if not line.strip():
+                continue
+            history.append(ChatMessage("user", line))
+            try:
+                reply = await client.chat(history, session=session, sampling=sampling,
+                                          model=model, timeout=timeout, on_text=_write)
+            except PichatError as exc:
+                history.pop()
+                print(f"\n(error: {exc})", file=sys.stderr)
+                continue
+            _write("\n")
+            print(format_stats(reply), file=sys.stderr)
+            history.append(ChatMessage("assistant", reply.text))
+
+
+def _read_line() -> str | None:
+    try:
+        return input("> ")
+    except EOFError:
+        return None
+
+
+def format_status(snapshot: dict[str, Any]) -> str:
+    router = snapshot.get("router", {})
+    queue = snapshot.get("queue", {})
+    requests = snapshot.get("requests", {})
+    workers = snapshot.get("workers", [])
+    lines = [
+        f"router {router.get('version', '?')} on {router.get('clients', '?')}, "
+        f"policy {router.get('policy', '?')}, up {router.get('up_s', 0):.0f}s",
+        f"queue {queue.get('depth', 0)}/{queue.get('limit', 0)}, "
+        f"active {requests.get('active', 0)}, completed {requests.get('completed', 0)}, "
+        f"cache hit {requests.get('cache_hit_share', 0.0) * 100:.0f}% of prompt tokens",
+        "",
+    ]
+    if not workers:
+        lines.append("no workers connected")
+        return "\n".join(lines)
+    header = ("worker", "model", "backend", "slots", "warm", "tok/s", "served", "seen")
+    rows = [header] + [
+        (
+            w["name"],
+            w["model"],
+            w["backend"] + (" (simulated)" if w["backend"] == "sim" else ""),
+            f"{w['busy']}/{w['slots']}",
+            str(w["warm_sessions"]),
+            f"{w['tokens_per_s']:.1f}",
+            str(w["served"]),
+            f"{w['last_seen_s']:.1f}s ago",
+        )
+        for w in workers
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+              for row in rows]
+    if any(w["backend"] == "sim" for w in workers):
+        lines += ["", "sim workers are a test instrument: they simulate a model's timing "
+                      "and caching, and answer with filler text."]
+    return "\n".join(lines)

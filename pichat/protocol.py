@@ -1,0 +1,536 @@
+"""The pichat wire protocol, version 1: every byte that crosses a socket is defined here.
+
+A message is a ZeroMQ multipart message of three frames. (A ROUTER socket puts the
+sender's routing id in front when it receives and takes it off when it sends; that frame
+belongs to ZeroMQ, not to this protocol.)
+
+    frame 0   protocol tag   b"PICHAT1"; the trailing digit is the protocol version
+    frame 1   command        one byte, a `Command`
+    frame 2   body           a msgpack map; its fields per command are below
+
+    command     direction               body fields (? = optional)
+    ---------   ---------------------   -----------------------------------------------
+    READY       worker -> router        worker, model, backend, slots, ctx, version,
+                                        sessions (warm session ids, re-announced on reconnect)
+    HEARTBEAT   worker <-> router,      worker -> router: busy, warm, evicted, tps;
+                router -> client        otherwise empty
+    REQUEST     client -> router        id, session?, messages, sampling, timeout?, model?
+                router -> worker
+    CHUNK       worker -> router        id, seq (0, 1, 2...), text
+                -> client
+    DONE        worker -> router        id, worker, finish ("stop" | "length" |
+                -> client               "cancelled"), usage
+    ERROR       any direction           id ("" when no request is concerned), code, message
+    CANCEL      client -> router        id
+                router -> worker
+    DISCONNECT  router <-> worker       reason (router: "I do not know you, send READY";
+                                        worker: "I am leaving")
+    STATUS      client -> router        empty; the reply (router -> client) is a snapshot
+                router -> client        of the cluster (see `Status`)
+
+Decoding validates every field it reads and raises `ProtocolError` for anything
+malformed; fields it does not know are ignored, so a newer peer may add fields without a
+version bump. Changing the meaning or type of a field needs a new version tag.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum
+from typing import Any, ClassVar, Literal, NewType, TypeAlias
+
+import msgpack
+
+from pichat.errors import ErrorCode, ProtocolError
+
+__all__ = [
+    "VERSION",
+    "TAG",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "Command",
+    "RequestId",
+    "SessionId",
+    "ChatMessage",
+    "Sampling",
+    "Usage",
+    "Ready",
+    "Heartbeat",
+    "Request",
+    "Chunk",
+    "Done",
+    "Error",
+    "Cancel",
+    "Disconnect",
+    "Status",
+    "Message",
+    "encode",
+    "decode",
+]
+
+VERSION = 1
+TAG = b"PICHAT%d" % VERSION
+_TAG_FAMILY = b"PICHAT"
+
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+"""Every pichat socket refuses bigger messages (ZMQ_MAXMSGSIZE drops the connection)."""
+
+RequestId = NewType("RequestId", str)
+SessionId = NewType("SessionId", str)
+
+Role: TypeAlias = Literal["system", "user", "assistant", "tool"]
+Finish: TypeAlias = Literal["stop", "length", "cancelled"]
+
+ROLES: frozenset[str] = frozenset(("system", "user", "assistant", "tool"))
+FINISH_REASONS: frozenset[str] = frozenset(("stop", "length", "cancelled"))
+
+MAX_ID_CHARS = 64
+MAX_NAME_CHARS = 256
+MAX_MESSAGES = 4096
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 256
+MAX_TOKENS_LIMIT = 1 << 20
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+class Command(IntEnum):
+    """Frame 1 of every message."""
+
+    READY = 1
+    """A worker announces itself and its capacity."""
+    HEARTBEAT = 2
+    """I am alive. Workers add their load so `status` stays current."""
+    REQUEST = 3
+    """Generate a chat answer."""
+    CHUNK = 4
+    """The next piece of an answer's text."""
+    DONE = 5
+    """The answer is complete; carries usage."""
+    ERROR = 6
+    """A request (or a message) failed; carries an `ErrorCode`."""
+    CANCEL = 7
+    """Stop generating this request."""
+    DISCONNECT = 8
+    """End of a worker's registration."""
+    STATUS = 9
+    """Ask for, or answer with, a snapshot of the cluster."""
+
+
+class _Fields:
+    """Typed reads from a decoded body, raising `ProtocolError` with the field's name."""
+
+    def __init__(self, command: Command, data: Mapping[str, Any]) -> None:
+        self.command = command
+        self.data = data
+
+    def _fail(self, key: str, expected: str) -> ProtocolError:
+        got = type(self.data.get(key)).__name__
+        return ProtocolError(f"{self.command.name}: field {key!r} must be {expected} (got {got})")
+
+    def _get(self, key: str, default: Any, required: bool) -> Any:
+        if key in self.data and self.data[key] is not None:
+            return self.data[key]
+        if required:
+            raise ProtocolError(f"{self.command.name}: field {key!r} is missing")
+        return default
+
+    def str(self, key: str, *, max_chars: int = MAX_NAME_CHARS, min_chars: int = 0,
+            required: bool = True, default: str | None = "") -> Any:
+        value = self._get(key, default, required)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not min_chars <= len(value) <= max_chars:
+            raise self._fail(key, f"a string of {min_chars} to {max_chars} characters")
+        return value
+
+    def int(self, key: str, *, lo: int = 0, hi: int = 1 << 62, required: bool = True,
+            default: int | None = 0) -> Any:
+        value = self._get(key, default, required)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise self._fail(key, f"an integer from {lo} to {hi}")
+        return value
+
+    def float(self, key: str, *, lo: float = 0.0, hi: float = math.inf,
+              required: bool = True, default: float | None = 0.0) -> Any:
+        value = self._get(key, default, required)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self._fail(key, f"a number from {lo} to {hi}")
+        value = float(value)
+        if not (lo <= value <= hi):  # also rejects NaN
+            raise self._fail(key, f"a number from {lo} to {hi}")
+        return value
+
+    def str_list(self, key: str, *, max_items: int, max_chars: int = MAX_NAME_CHARS,
+                 min_chars: int = 0, required: bool = False) -> tuple[str, ...]:
+        value = self._get(key, [], required)
+        if not isinstance(value, (list, tuple)) or len(value) > max_items or not all(
+            isinstance(v, str) and min_chars <= len(v) <= max_chars for v in value
+        ):
+            raise self._fail(key, f"a list of at most {max_items} strings")
+        return tuple(value)
+
+    def map(self, key: str, *, required: bool = True) -> Mapping[str, Any]:
+        value = self._get(key, {}, required)
+        if not isinstance(value, Mapping):
+            raise self._fail(key, "a map")
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: Role
+    content: str
+
+    @classmethod
+    def parse(cls, value: Any, index: int) -> ChatMessage:
+        if not isinstance(value, Mapping):
+            raise ProtocolError(f"REQUEST: messages[{index}] must be a map with role and content")
+        role, content = value.get("role"), value.get("content")
+        if role not in ROLES:
+            raise ProtocolError(
+                f"REQUEST: messages[{index}].role must be one of {sorted(ROLES)} (got {role!r})"
+            )
+        if not isinstance(content, str):
+            raise ProtocolError(f"REQUEST: messages[{index}].content must be a string")
+        return cls(role, content)
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """How to pick tokens. temperature 0 is greedy (deterministic)."""
+
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 512
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any]) -> Sampling:
+        f = _Fields(Command.REQUEST, data)
+        d = cls()
+        return cls(
+            temperature=f.float("temperature", hi=5.0, required=False, default=d.temperature),
+            top_p=f.float("top_p", hi=1.0, required=False, default=d.top_p),
+            top_k=f.int("top_k", hi=100_000, required=False, default=d.top_k),
+            min_p=f.float("min_p", hi=1.0, required=False, default=d.min_p),
+            repeat_penalty=f.float("repeat_penalty", lo=0.1, hi=10.0, required=False,
+                                   default=d.repeat_penalty),
+            seed=f.int("seed", lo=0, hi=(1 << 32) - 1, required=False, default=None),
+            max_tokens=f.int("max_tokens", lo=1, hi=MAX_TOKENS_LIMIT, required=False,
+                             default=d.max_tokens),
+            stop=f.str_list("stop", max_items=MAX_STOP_STRINGS, min_chars=1,
+                            max_chars=MAX_STOP_CHARS),
+        )
+
+    def to_body(self) -> dict[str, Any]:
+        body = asdict(self)
+        body["stop"] = list(self.stop)
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What one answer cost. `cached_tokens` of the prompt were not evaluated again."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_ms: float = 0.0
+    """Restoring the session's KV state and evaluating the uncached prompt tokens."""
+    generate_ms: float = 0.0
+    """From the first generated token to the last."""
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any]) -> Usage:
+        f = _Fields(Command.DONE, data)
+        usage = cls(
+            prompt_tokens=f.int("prompt_tokens"),
+            cached_tokens=f.int("cached_tokens"),
+            completion_tokens=f.int("completion_tokens"),
+            prompt_ms=f.float("prompt_ms"),
+            generate_ms=f.float("generate_ms"),
+        )
+        if usage.cached_tokens > usage.prompt_tokens:
+            raise ProtocolError("DONE: usage.cached_tokens exceeds usage.prompt_tokens")
+        return usage
+
+    @property
+    def tokens_per_s(self) -> float:
+        if self.completion_tokens < 2 or self.generate_ms <= 0:
+            return 0.0
+        return (self.completion_tokens - 1) / (self.generate_ms / 1000.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    COMMAND: ClassVar[Command] = Command.READY
+    worker: str
+    model: str
+    backend: str
+    slots: int
+    ctx: int
+    version: str
+    sessions: tuple[str, ...] = ()
+
+    @classmethod
+    def from_body(cls, f: _Fields) -> Ready:
+        return cls(
+            worker=f.str("worker", min_chars=1),
+            model=f.str("model", min_chars=1),
+            backend=f.str("backend", min_chars=1, max_chars=32),
+            slots=f.int("slots", lo=1, hi=1024),
+            ctx=f.int("ctx", lo=1, hi=1 << 24),
+            version=f.str("version", max_chars=64),
+            sessions=f.str_list("sessions", max_items=1_000_000, max_chars=MAX_ID_CHARS * 2),
+        )
+
+    def to_body(self) -> dict[str, Any]:
+        return {**asdict(self), "sessions": list(self.sessions)}
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    COMMAND: ClassVar[Command] = Command.HEARTBEAT
+    busy: int = 0
+    warm: int = 0
+    evicted: tuple[str, ...] = ()
+    """Sessions the worker dropped from its KV cache since its last heartbeat."""
+    tps: float = 0.0
+    """Recent generation speed, tokens per second."""
+
+    @classmethod
+    def from_body(cls, f: _Fields) -> Heartbeat:
+        return cls(
+            busy=f.int("busy", hi=1024, required=False),
+            warm=f.int("warm", required=False),
+            evicted=f.str_list("evicted", max_items=1_000_000, max_chars=MAX_ID_CHARS * 2),
+            tps=f.float("tps", hi=1e9, required=False),
+        )
+
+    def to_body(self) -> dict[str, Any]:
+        if self == _EMPTY_HEARTBEAT:
+            return {}
+        return {**asdict(self), "evicted": list(self.evicted)}
+
+
+_EMPTY_HEARTBEAT = Heartbeat()
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    COMMAND: ClassVar[Command] = Command.REQUEST
+    id: RequestId
+    messages: tuple[ChatMessage, ...]
+    sampling: Sampling = field(default_factory=Sampling)
+    session: SessionId | None = None
+    """Requests of one session go to the worker that holds its KV cache."""
+    timeout: float | None = None
+    """Seconds the client is willing to wait in all; the router may cap it."""
+    model: str | None = None
+    """Only workers serving this model may take the request; None: any."""
+
+    @classmethod
+    def from_body(cls, f: _Fields) -> Request:
+        raw = f.data.get("messages")
+        if not isinstance(raw, (list, tuple)) or not 1 <= len(raw) <= MAX_MESSAGES:
+            raise ProtocolError(f"REQUEST: messages must be a list of 1 to {MAX_MESSAGES} maps")
+        return cls(
+            id=RequestId(f.str("id", min_chars=1, max_chars=MAX_ID_CHARS)),
+            messages=tuple(ChatMessage.parse(m, i) for i, m in enumerate(raw)),
+            sampling=Sampling.parse(f.map("sampling", required=False)),
+            session=f.str("session", min_chars=1, max_chars=MAX_ID_CHARS * 2,
+                          required=False, default=None),
+            timeout=f.float("timeout", lo=0.001, hi=MAX_TIMEOUT_S, required=False,
+                            default=None),
+            model=f.str("model", min_chars=1, required=False, default=None),
+        )
+
+    def to_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "id": self.id,
+            "messages": [{"role": m.role, "content": m.content} for m in self.messages],
+            "sampling": self.sampling.to_body(),
+        }
+        for key in ("session", "timeout", "model"):
+            value = getattr(self, key)
+            if value is not None:
+                body[key] = value
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    COMMAND: ClassVar[Command] = Command.CHUNK
+    id: RequestId
+    seq: int
+    text: str
+
+    @classmethod
+    def from_body(cls, f: _Fields) -> Chunk:
+        return cls(
+            id=RequestId(f.str("id", min_chars=1, max_chars=MAX_ID_CHARS)),
+            seq=f.int("seq"),
+            text=f.str("text", max_chars=DEFAULT_MAX_MESSAGE_BYTES),
+        )
+
+    def to_body(self) -> dict[str, Any]:
+        return {"id": self.id, "seq": self.seq, "text": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    COMMAND: ClassVar[Command] = Command.DONE
+    id: RequestId
+    worker: str
+    finish: Finish
+    usage: Usage
+
+    @classmethod
+    def from_body(cls, f: _Fields) -> Done:
+        finish = f.str("finish", max_chars=16)
+        if finish not in FINISH_REASONS:
+            raise ProtocolError(f"DONE: finish must be one of {sorted(FINISH_REASONS)}")
+        return cls(
+            id=RequestId(f.str("id", min_chars=1, max_chars=MAX_ID_CHARS)),
+            worker=f.str("worker"),
+            finish=finish,
+            usage=Usage.parse(f.map("usage")),
+        )
+
+    def to_body(self) -> dict[str, Any]:
+        return {"id": self.id, "worker": self.worker, "finish": self.finish,
+                "usage": asdict(self.usage)}
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    COMMAND: ClassVar[Command] = Command.ERROR
+    id: str
+    code: ErrorCode
+    message: str
+
+    @classmethod
+    def from_body(cls, f: _Fields) -> Error:
+        code = f.str("code", min_chars=1, max_chars=64)
+        try:
+            parsed = ErrorCode(code)
+        except ValueError:
+            parsed = ErrorCode.INTERNAL  # a newer peer's code: keep the message, degrade the code
+        return cls(
+            id=f.str("id", max_chars=MAX_ID_CHARS, required=False),
+            code=parsed,
+            message=f.str("message", max_chars=65536, required=False),
+        )
+
+    def to_body(self) -> dict[str, Any]:
+        return {"id": self.id, "code": self.code.value, "message": self.message}
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    COMMAND: ClassVar[Command] = Command.CANCEL
+    id: RequestId
+
+    @classmethod
+    def from_body(cls, f: _Fields) -> Cancel:
+        return cls(id=RequestId(f.str("id", min_chars=1, max_chars=MAX_ID_CHARS)))
+
+    def to_body(self) -> dict[str, Any]:
+        return {"id": self.id}
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    COMMAND: ClassVar[Command] = Command.DISCONNECT
+    reason: str = ""
+
+    @classmethod
+    def from_body(cls, f: _Fields) -> Disconnect:
+        return cls(reason=f.str("reason", max_chars=1024, required=False))
+
+    def to_body(self) -> dict[str, Any]:
+        return {"reason": self.reason}
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A query (empty `cluster`) or the router's answer: the same map `pichat status --json`
+    prints (router fields, `workers`: a list of maps, `queue`: a map)."""
+
+    COMMAND: ClassVar[Command] = Command.STATUS
+    cluster: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_body(cls, f: _Fields) -> Status:
+        return cls(cluster=f.map("cluster", required=False))
+
+    def to_body(self) -> dict[str, Any]:
+        return {"cluster": dict(self.cluster)} if self.cluster else {}
+
+
+Message: TypeAlias = (
+    Ready | Heartbeat | Request | Chunk | Done | Error | Cancel | Disconnect | Status
+)
+
+_TYPES: dict[Command, Any] = {
+    cls.COMMAND: cls
+    for cls in (Ready, Heartbeat, Request, Chunk, Done, Error, Cancel, Disconnect, Status)
+}
+_COMMAND_BYTES: dict[Command, bytes] = {c: bytes((c.value,)) for c in Command}
+_BY_BYTE: dict[bytes, Command] = {v: k for k, v in _COMMAND_BYTES.items()}
+
+
+def encode(message: Message) -> list[bytes]:
+    """The frames of `message` (without any routing id)."""
+    return [TAG, _COMMAND_BYTES[message.COMMAND], msgpack.packb(message.to_body())]
+
+
+def decode(frames: Sequence[bytes]) -> Message:
+    """Parse and validate the frames of one message (routing id already removed).
+
+    Raises `ProtocolError`; its `code` is `VERSION` for another protocol version, and its
+    `request_id` names the request when the body was readable enough to tell.
+    """
+    if len(frames) != 3:
+        raise ProtocolError(f"expected 3 frames (tag, command, body), got {len(frames)}")
+    tag, command_byte, body = frames
+    if tag != TAG:
+        if bytes(tag).startswith(_TAG_FAMILY):
+            raise ProtocolError(
+                f"protocol version {bytes(tag)[len(_TAG_FAMILY):]!r} is not supported; "
+                f"this peer speaks {TAG.decode()}",
+                ErrorCode.VERSION,
+            )
+        raise ProtocolError(f"not a pichat message (first frame must be {TAG.decode()})")
+    command = _BY_BYTE.get(bytes(command_byte))
+    if command is None:
+        raise ProtocolError(f"unknown command {bytes(command_byte)[:8]!r}")
+    try:
+        data = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(f"{command.name}: body is not valid msgpack ({exc})") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{command.name}: body must be a map")
+    try:
+        return _TYPES[command].from_body(_Fields(command, data))
+    except ProtocolError as exc:
+        request_id = data.get("id")
+        if isinstance(request_id, str) and 0 < len(request_id) <= MAX_ID_CHARS:
+            exc.request_id = request_id
+        raise
+
+
+def peek_command(frames: Sequence[bytes]) -> Command | None:
+    """The command of a well-tagged message, without decoding the body (None if unknown)."""
+    if len(frames) != 3 or frames[0] != TAG:
+        return None
+    return _BY_BYTE.get(bytes(frames[1]))

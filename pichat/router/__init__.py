@@ -1,0 +1,1 @@
+"""The router side: the daemon (service) and its pure routing policy (scheduler)."""

@@ -1,0 +1,403 @@
+"""Where each request runs: the router's routing policy, as a pure state machine.
+
+The scheduler does no I/O and reads no clock: every method takes `now` (seconds, any
+monotonic origin) and returns the `Action`s the router must carry out, in order. That
+keeps the policy testable as a table of cases (tests/test_scheduler.py).
+
+Policy `affinity` (the default):
+- A request whose session is warm on a worker (the worker served it last) goes there when
+  it has a free slot.
+- If that worker is busy, the request waits for it up to `affinity_wait` seconds after
+  arriving; after that it spills to the least-loaded worker, and the session's affinity
+  moves with it. (Re-reading a long history on a cold worker can cost minutes on a Pi, so
+  a short wait for the warm one usually wins.)
+- A new session goes to the worker with the most free slots (ties: fewer warm sessions).
+
+Policy `round-robin` ignores sessions: the next worker in turn with a free slot. It is the
+baseline for benchmarks.
+
+Both policies queue requests when no suitable slot is free, up to `queue_limit`; past it a
+request fails at once with `busy`. Every request has a deadline in the queue and one in
+all. A worker not heard from for `worker_expiry` seconds is dead: its requests that have
+not streamed anything yet go back to the head of the queue; the others fail with
+`worker_lost`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Literal, NewType, TypeAlias
+
+from pichat.errors import ErrorCode
+from pichat.protocol import RequestId, SessionId
+
+__all__ = [
+    "Policy",
+    "WorkerId",
+    "SchedulerConfig",
+    "Dispatch",
+    "Fail",
+    "CancelOnWorker",
+    "WorkerDead",
+    "Action",
+    "Job",
+    "WorkerView",
+    "Scheduler",
+]
+
+Policy: TypeAlias = Literal["affinity", "round-robin"]
+POLICIES: tuple[Policy, ...] = ("affinity", "round-robin")
+
+WorkerId = NewType("WorkerId", bytes)
+"""The worker's ZeroMQ routing id on the router's worker socket."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    policy: Policy = "affinity"
+    affinity_wait: float = 5.0
+    """Seconds a request waits for its busy warm worker before spilling elsewhere."""
+    queue_limit: int = 256
+    """Requests that may wait for a slot; more are refused with `busy`."""
+    queue_timeout: float = 120.0
+    """Seconds a request may wait for a slot before failing with `timeout`."""
+    request_timeout: float = 600.0
+    """Seconds a request may take in all (queue + generation) unless the client asks less."""
+    worker_expiry: float = 3.0
+    """A worker silent this long is dead (heartbeat interval x liveness)."""
+    max_sessions: int = 100_000
+    """Affinity entries remembered (least recently used forgotten first)."""
+
+
+# --- actions: what the router must do -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Send the request to the worker."""
+
+    job: RequestId
+    worker: WorkerId
+    affinity_hit: bool = False
+    spilled: bool = False
+    retry: bool = False
+    """The request is being re-sent after its first worker died."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """Answer the client with an ERROR and forget the request."""
+
+    job: RequestId
+    code: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class CancelOnWorker:
+    """Tell the worker to stop generating the request (its slot frees when it confirms)."""
+
+    job: RequestId
+    worker: WorkerId
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerDead:
+    worker: WorkerId
+    reason: str
+
+
+Action: TypeAlias = Dispatch | Fail | CancelOnWorker | WorkerDead
+
+
+# --- state ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Job:
+    id: RequestId
+    session: SessionId | None
+    model: str | None
+    arrived: float
+    queue_deadline: float
+    deadline: float
+    spill_at: float
+    worker: WorkerId | None = None
+    streamed: bool = False
+    """The worker has sent at least one chunk: the request can no longer be re-run."""
+    abandoned: bool = False
+    """The client was answered (cancel, timeout); only the worker's slot is still held."""
+    attempts: int = 0
+
+
+@dataclass(slots=True)
+class WorkerView:
+    id: WorkerId
+    model: str
+    slots: int
+    last_seen: float
+    busy: int = 0
+    warm: int = 0
+    """Sessions whose affinity points here."""
+    order: int = 0
+    jobs: set[RequestId] = field(default_factory=set)
+
+    @property
+    def free(self) -> int:
+        return self.slots - self.busy
+
+
+class Scheduler:
+    """The routing policy's state: workers, jobs, the queue and session affinity."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        if config.policy not in POLICIES:
+            raise ValueError(f"unknown policy {config.policy!r}; choose one of {POLICIES}")
+        self.config = config
+        self.workers: dict[WorkerId, WorkerView] = {}
+        self.jobs: dict[RequestId, Job] = {}
+        self.queue: deque[RequestId] = deque()
+        self.affinity: OrderedDict[SessionId, WorkerId] = OrderedDict()
+        self._registrations = 0
+        self._rr_next = 0
+
+    # --- workers ----------------------------------------------------------------------
+
+    def add_worker(self, worker: WorkerId, model: str, slots: int, now: float,
+                   sessions: tuple[str, ...] = ()) -> list[Action]:
+        """A worker announced itself (READY). A known worker re-announcing has restarted:
+        whatever it was running is lost."""
+        actions: list[Action] = []
+        if worker in self.workers:
+            actions += self._drop_worker(worker, now, "worker re-registered")
+        self._registrations += 1
+        self.workers[worker] = WorkerView(worker, model, slots, now, order=self._registrations)
+        for session in sessions:
+            self._set_affinity(SessionId(session), worker)
+        actions += self._pump(now)
+        return actions
+
+    def heard_from(self, worker: WorkerId, now: float) -> bool:
+        """Any message from a worker proves it alive. False if the worker is unknown."""
+        view = self.workers.get(worker)
+        if view is None:
+            return False
+        view.last_seen = now
+        return True
+
+    def forget_sessions(self, worker: WorkerId, sessions: tuple[str, ...]) -> None:
+        """The worker evicted these sessions' KV state: they are no longer warm there."""
+        for session in sessions:
+            if self.affinity.get(SessionId(session)) == worker:
+                self._drop_affinity(SessionId(session))
+
+    def remove_worker(self, worker: WorkerId, now: float, reason: str) -> list[Action]:
+        """The worker left (DISCONNECT) or was found dead."""
+        if worker not in self.workers:
+            return []
+        return self._drop_worker(worker, now, reason) + self._pump(now)
+
+    # --- requests ---------------------------------------------------------------------
+
+    def submit(self, job_id: RequestId, session: SessionId | None, now: float, *,
+               model: str | None = None, timeout: float | None = None) -> list[Action]:
+        """A new request. The caller guarantees `job_id` is not in use."""
+        cfg = self.config
+        deadline = now + min(timeout, cfg.request_timeout) if timeout else now + cfg.request_timeout
+        job = Job(
+            id=job_id,
+            session=session,
+            model=model,
+            arrived=now,
+            queue_deadline=min(now + cfg.queue_timeout, deadline),
+            deadline=deadline,
+            spill_at=now + cfg.affinity_wait,
+        )
+        if not any(model is None or w.model == model for w in self.workers.values()):
+            what = f"serving model {model!r}" if model and self.workers else "connected"
+            return [Fail(job_id, ErrorCode.NO_WORKERS, f"no worker {what}")]
+        if len(self.queue) >= cfg.queue_limit and self._place(job, now) is None:
+            return [Fail(job_id, ErrorCode.BUSY,
+                         f"all slots busy and {len(self.queue)} requests queued; retry later")]
+        self.jobs[job_id] = job
+        self.queue.append(job_id)
+        return self._pump(now)
+
+    def chunk_seen(self, job_id: RequestId) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None:
+            job.streamed = True
+
+    def finished(self, job_id: RequestId, now: float) -> list[Action]:
+        """The worker ended the request (DONE or ERROR): its slot is free again."""
+        job = self.jobs.pop(job_id, None)
+        if job is None:
+            return []
+        if job.worker is not None and job.worker in self.workers:
+            view = self.workers[job.worker]
+            view.busy -= 1
+            view.jobs.discard(job_id)
+        elif job.worker is None:
+            self._unqueue(job_id)
+        return self._pump(now)
+
+    def cancel(self, job_id: RequestId, now: float) -> list[Action]:
+        """The client gave up. A queued request is dropped; a running one is stopped on its
+        worker, whose slot stays counted busy until the worker confirms."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return []
+        if job.worker is None:
+            del self.jobs[job_id]
+            self._unqueue(job_id)
+            return []
+        if job.abandoned:
+            return []
+        job.abandoned = True
+        return [CancelOnWorker(job_id, job.worker)]
+
+    def owner(self, job_id: RequestId) -> WorkerId | None:
+        job = self.jobs.get(job_id)
+        return None if job is None else job.worker
+
+    # --- time -------------------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Action]:
+        """Expire dead workers and overdue requests, and spill requests that waited long
+        enough for their warm worker."""
+        actions: list[Action] = []
+        expiry = self.config.worker_expiry
+        for view in [w for w in self.workers.values() if now - w.last_seen >= expiry]:
+            actions += self._drop_worker(
+                view.id, now, f"no heartbeat for {now - view.last_seen:.1f}s"
+            )
+        for job in list(self.jobs.values()):
+            if job.worker is None and now >= job.queue_deadline:
+                del self.jobs[job.id]
+                self._unqueue(job.id)
+                waited = now - job.arrived
+                actions.append(Fail(job.id, ErrorCode.TIMEOUT,
+                                    f"no slot became free within {waited:.0f}s"))
+            elif job.worker is not None and not job.abandoned and now >= job.deadline:
+                job.abandoned = True
+                actions.append(Fail(job.id, ErrorCode.TIMEOUT,
+                                    f"not finished within {now - job.arrived:.0f}s"))
+                actions.append(CancelOnWorker(job.id, job.worker))
+        return actions + self._pump(now)
+
+    def next_wakeup(self, now: float) -> float | None:
+        """The earliest time after `now` at which `tick` may have something to do (None:
+        nothing pending)."""
+        times = [w.last_seen + self.config.worker_expiry for w in self.workers.values()]
+        for job in self.jobs.values():
+            if job.worker is None:
+                times.append(job.queue_deadline)
+                if job.spill_at > now:
+                    times.append(job.spill_at)
+            elif not job.abandoned:
+                times.append(job.deadline)
+        return min(times, default=None)
+
+    # --- views ------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.queue)
+
+    def warm_worker(self, session: SessionId) -> WorkerId | None:
+        return self.affinity.get(session)
+
+    # --- internals --------------------------------------------------------------------
+
+    def _pump(self, now: float) -> list[Action]:
+        """Dispatch queued requests, oldest first, while slots are free."""
+        actions: list[Action] = []
+        for job_id in list(self.queue):
+            if not any(w.free > 0 for w in self.workers.values()):
+                break
+            job = self.jobs[job_id]
+            placed = self._place(job, now)
+            if placed is None:
+                continue
+            worker, hit, spilled = placed
+            self._unqueue(job_id)
+            job.worker = worker
+            job.attempts += 1
+            view = self.workers[worker]
+            self._rr_next = view.order + 1
+            view.busy += 1
+            view.jobs.add(job_id)
+            if job.session is not None:
+                self._set_affinity(job.session, worker)
+            actions.append(Dispatch(job_id, worker, affinity_hit=hit, spilled=spilled,
+                                    retry=job.attempts > 1))
+        return actions
+
+    def _place(self, job: Job, now: float) -> tuple[WorkerId, bool, bool] | None:
+        """(worker, affinity hit, spilled) for `job` now, or None to keep it waiting."""
+        eligible = [w for w in self.workers.values() if job.model is None or w.model == job.model]
+        free = [w for w in eligible if w.free > 0]
+        if self.config.policy == "round-robin":
+            if not free:
+                return None
+            ordered = sorted(free, key=lambda w: w.order)
+            pick = next((w for w in ordered if w.order >= self._rr_next), ordered[0])
+            return pick.id, False, False
+        home = self.affinity.get(job.session) if job.session is not None else None
+        spilled = False
+        if home is not None and home in self.workers and (
+            job.model is None or self.workers[home].model == job.model
+        ):
+            if self.workers[home].free > 0:
+                return home, True, False
+            if now < job.spill_at:
+                return None
+            spilled = True
+        if not free:
+            return None
+        best = min(free, key=lambda w: (-w.free, w.busy / w.slots, w.warm, w.order))
+        return best.id, False, spilled
+
+    def _drop_worker(self, worker: WorkerId, now: float, reason: str) -> list[Action]:
+        view = self.workers.pop(worker)
+        actions: list[Action] = [WorkerDead(worker, reason)]
+        for session in [s for s, w in self.affinity.items() if w == worker]:
+            del self.affinity[session]
+        requeue: list[RequestId] = []
+        for job_id in view.jobs:
+            job = self.jobs[job_id]
+            if job.abandoned:
+                del self.jobs[job_id]
+            elif job.streamed:
+                del self.jobs[job_id]
+                actions.append(Fail(job_id, ErrorCode.WORKER_LOST,
+                                    f"the worker was lost mid-answer ({reason})"))
+            else:
+                job.worker = None
+                requeue.append(job_id)
+        # Re-dispatched requests go first: they have waited longest.
+        for job_id in sorted(requeue, key=lambda j: self.jobs[j].arrived, reverse=True):
+            self.queue.appendleft(job_id)
+        return actions
+
+    def _unqueue(self, job_id: RequestId) -> None:
+        try:
+            self.queue.remove(job_id)
+        except ValueError:
+            pass
+
+    def _set_affinity(self, session: SessionId, worker: WorkerId) -> None:
+        old = self.affinity.get(session)
+        if old is not None and old in self.workers:
+            self.workers[old].warm -= 1
+        self.affinity[session] = worker
+        self.affinity.move_to_end(session)
+        self.workers[worker].warm += 1
+        while len(self.affinity) > self.config.max_sessions:
+            self._drop_affinity(next(iter(self.affinity)))
+
+    def _drop_affinity(self, session: SessionId) -> None:
+        worker = self.affinity.pop(session)
+        if worker in self.workers:
+            self.workers[worker].warm -= 1

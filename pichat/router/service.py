@@ -1,0 +1,448 @@
+"""The router daemon: two ROUTER sockets, the scheduler, and heartbeats.
+
+Clients connect to `clients_bind`, workers to `workers_bind`. Every decision about where a
+request runs is the scheduler's (pichat/router/scheduler.py); this module moves bytes,
+keeps the clients' side of each request, and turns the scheduler's actions into messages.
+
+CHUNK and DONE frames from a worker are forwarded to the client as they arrived (after
+validation): the router never re-encodes the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from pichat import __version__
+from pichat.config import RouterConfig
+from pichat.errors import ErrorCode, ProtocolError
+from pichat.protocol import (
+    Cancel,
+    Chunk,
+    Disconnect,
+    Done,
+    Error,
+    Heartbeat,
+    Ready,
+    Request,
+    RequestId,
+    Status,
+    decode,
+    encode,
+)
+from pichat.router.scheduler import (
+    Action,
+    CancelOnWorker,
+    Dispatch,
+    Fail,
+    Scheduler,
+    WorkerDead,
+    WorkerId,
+)
+from pichat.transport import Channel, configure
+
+__all__ = ["Router"]
+
+log = logging.getLogger(__name__)
+
+_HEARTBEAT = encode(Heartbeat())
+_UNKNOWN_WORKER = encode(Disconnect("unknown worker: send READY"))
+
+
+@dataclass(slots=True)
+class _ClientJob:
+    client: bytes
+    request: Request
+    frames: list[bytes]
+    """The REQUEST as received, forwarded to the worker unchanged."""
+    arrived: float
+    worker: WorkerId | None = None
+    first_chunk: float | None = None
+
+
+@dataclass(slots=True)
+class _WorkerInfo:
+    ready: Ready
+    joined: float
+    heartbeat: Heartbeat
+    served: int = 0
+
+
+class Router:
+    """`await Router(config).run()` serves until cancelled or signalled."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.scheduler = Scheduler(config.scheduler)
+        self.jobs: dict[RequestId, _ClientJob] = {}
+        self.workers: dict[WorkerId, _WorkerInfo] = {}
+        self.counts: Counter[str] = Counter()
+        self.started = time.time()
+        self.clients_endpoint = ""
+        self.workers_endpoint = ""
+        self.ready = asyncio.Event()
+        """Set once both sockets are bound (endpoints known)."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._clients: Channel | None = None
+        self._workers: Channel | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._accepting = True
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def run(self, *, handle_signals: bool = False) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        ctx = zmq.Context()
+        clients = ctx.socket(zmq.ROUTER)
+        workers = ctx.socket(zmq.ROUTER)
+        stop = asyncio.Event()
+        try:
+            for sock in (clients, workers):
+                configure(sock, max_message_bytes=self.config.max_message_bytes)
+            clients.bind(self.config.clients_bind)
+            workers.bind(self.config.workers_bind)
+            self.clients_endpoint = clients.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.workers_endpoint = workers.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._clients = Channel(clients, self._on_client, loop)
+            self._workers = Channel(workers, self._on_worker, loop)
+            if handle_signals:
+                self._install_signals(loop, stop)
+            log.info("router %s: clients on %s, workers on %s, policy %s", __version__,
+                     self.clients_endpoint, self.workers_endpoint, self.config.policy)
+            self.ready.set()
+            async with asyncio.TaskGroup() as tasks:
+                heartbeats = tasks.create_task(self._heartbeat_loop(), name="heartbeats")
+                await stop.wait()
+                await self._drain()
+                heartbeats.cancel()
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            for channel in (self._clients, self._workers):
+                if channel is not None:
+                    channel.close()
+            clients.close(linger=0)
+            workers.close(linger=0)
+            ctx.term()
+            log.info("router stopped")
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+        def on_signal(signum: int) -> None:
+            if self._accepting:
+                log.info("%s: draining %d running requests (up to %.0fs); signal again to stop now",
+                         signal.Signals(signum).name, len(self.jobs), self.config.drain_timeout)
+                self._accepting = False
+                stop.set()
+            else:
+                log.warning("second signal: stopping now")
+                raise SystemExit(1)
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+
+    async def _drain(self) -> None:
+        self._accepting = False
+        deadline = time.monotonic() + self.config.drain_timeout
+        while self.jobs and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for job_id in list(self.jobs):
+            self._fail_client(job_id, ErrorCode.NO_WORKERS, "router shutting down")
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.config.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval)
+            for worker in list(self.workers):
+                self._send_worker(worker, _HEARTBEAT)
+            for client in {job.client for job in self.jobs.values()}:
+                self._send_client(client, _HEARTBEAT)
+            self._tick()
+
+    # --- clients ----------------------------------------------------------------------
+
+    def _on_client(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            return  # no routing id: cannot come from a ROUTER; nothing to answer
+        client, body = frames[0], frames[1:]
+        try:
+            message = decode(body)
+        except ProtocolError as exc:
+            self.counts[f"rejected_{exc.code.value}"] += 1
+            log.warning("client %s: bad message: %s", client.hex(), exc)
+            self._send_client(client, encode(Error(exc.request_id, exc.code, str(exc))))
+            return
+        match message:
+            case Request():
+                self._on_request(client, message, body)
+            case Cancel():
+                self._on_cancel(client, message.id)
+            case Status():
+                self._send_client(client, encode(Status(self.snapshot())))
+            case Heartbeat():
+                pass
+            case _:
+                self.counts["rejected_bad_request"] += 1
+                self._send_client(client, encode(Error(
+                    "", ErrorCode.BAD_REQUEST,
+                    f"{message.COMMAND.name} is not a client command")))
+
+    def _on_request(self, client: bytes, request: Request, frames: list[bytes]) -> None:
+        if request.id in self.jobs:
+            self.counts["rejected_bad_request"] += 1
+            self._send_client(client, encode(Error(
+                request.id, ErrorCode.BAD_REQUEST, f"request id {request.id!r} is already in use")))
+            return
+        if not self._accepting:
+            self._send_client(client, encode(Error(
+                request.id, ErrorCode.NO_WORKERS, "router shutting down")))
+            return
+        now = self._now()
+        self.counts["requests"] += 1
+        self.jobs[request.id] = _ClientJob(client, request, frames, now)
+        self._apply(self.scheduler.submit(
+            request.id, request.session, now, model=request.model, timeout=request.timeout))
+
+    def _on_cancel(self, client: bytes, job_id: RequestId) -> None:
+        job = self.jobs.get(job_id)
+        if job is None or job.client != client:
+            return  # finished already, or not this client's: nothing to do
+        log.info("req=%s cancelled by client", job_id)
+        self._fail_client(job_id, ErrorCode.CANCELLED, "cancelled by the client")
+        self._apply(self.scheduler.cancel(job_id, self._now()))
+
+    def _send_client(self, client: bytes, frames: list[bytes]) -> bool:
+        try:
+            self._clients.send([client, *frames])
+            return True
+        except zmq.ZMQError as exc:
+            # EHOSTUNREACH: the client disconnected; EAGAIN: it stopped reading.
+            gone = [jid for jid, job in self.jobs.items() if job.client == client]
+            log.info("client %s unreachable (%s): cancelling %d requests", client.hex(),
+                     exc.strerror, len(gone))
+            for job_id in gone:
+                self.counts["client_gone"] += 1
+                del self.jobs[job_id]
+                self._apply(self.scheduler.cancel(job_id, self._now()))
+            return False
+
+    def _fail_client(self, job_id: RequestId, code: ErrorCode, message: str) -> None:
+        job = self.jobs.pop(job_id, None)
+        if job is None:
+            return
+        self.counts[f"failed_{code.value}"] += 1
+        self._send_client(job.client, encode(Error(job_id, code, message)))
+
+    # --- workers ----------------------------------------------------------------------
+
+    def _on_worker(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            return
+        worker, body = WorkerId(frames[0]), frames[1:]
+        now = self._now()
+        try:
+            message = decode(body)
+        except ProtocolError as exc:
+            self.counts["worker_bad_messages"] += 1
+            log.warning("worker %s: bad message: %s", self._name(worker), exc)
+            if exc.code is ErrorCode.VERSION:
+                self._send_worker(worker, encode(Error("", exc.code, str(exc))))
+            return
+        if isinstance(message, Ready):
+            self._on_ready(worker, message, now)
+            return
+        if not self.scheduler.heard_from(worker, now):
+            if not isinstance(message, Disconnect):
+                self._send_worker(worker, _UNKNOWN_WORKER)
+            return
+        match message:
+            case Heartbeat():
+                self.workers[worker].heartbeat = message
+                if message.evicted:
+                    self.scheduler.forget_sessions(worker, message.evicted)
+            case Chunk():
+                self._on_chunk(worker, message, body, now)
+            case Done():
+                self._on_done(worker, message, body, now)
+            case Error():
+                self._on_worker_error(worker, message, body, now)
+            case Disconnect():
+                log.info("worker %s leaving: %s", self._name(worker), message.reason)
+                self.workers.pop(worker, None)
+                self._apply(self.scheduler.remove_worker(worker, now, "worker left"))
+            case _:
+                log.warning("worker %s sent %s; ignored", self._name(worker), message.COMMAND.name)
+
+    def _on_ready(self, worker: WorkerId, ready: Ready, now: float) -> None:
+        log.info("worker %s ready: model %s (%s), %d slots, ctx %d, %d warm sessions",
+                 ready.worker, ready.model, ready.backend, ready.slots, ready.ctx,
+                 len(ready.sessions))
+        self.workers[worker] = _WorkerInfo(ready, time.time(), Heartbeat(warm=len(ready.sessions)))
+        self._apply(self.scheduler.add_worker(worker, ready.model, ready.slots, now,
+                                              ready.sessions))
+
+    def _owned(self, worker: WorkerId, job_id: RequestId) -> bool:
+        """Results count only from the worker the request is assigned to now: anything
+        else is stale (a worker we gave up on, a request already re-dispatched)."""
+        if self.scheduler.owner(job_id) == worker:
+            return True
+        self.counts["stale_results"] += 1
+        return False
+
+    def _on_chunk(self, worker: WorkerId, chunk: Chunk, frames: list[bytes], now: float) -> None:
+        if not self._owned(worker, chunk.id):
+            return
+        self.scheduler.chunk_seen(chunk.id)
+        job = self.jobs.get(chunk.id)
+        if job is None:
+            return  # the client is gone or was answered; the worker is being cancelled
+        if job.first_chunk is None:
+            job.first_chunk = now
+        self._send_client(job.client, frames)
+
+    def _on_done(self, worker: WorkerId, done: Done, frames: list[bytes], now: float) -> None:
+        if not self._owned(worker, done.id):
+            return
+        job = self.jobs.pop(done.id, None)
+        if job is not None:
+            self.counts["completed"] += 1
+            self.counts["prompt_tokens"] += done.usage.prompt_tokens
+            self.counts["cached_tokens"] += done.usage.cached_tokens
+            self.counts["completion_tokens"] += done.usage.completion_tokens
+            self.workers[worker].served += 1
+            log.info("req=%s session=%s worker=%s done: %s, prompt %d (cached %d), "
+                     "%d tokens, %.0f ms",
+                     done.id, job.request.session, done.worker, done.finish,
+                     done.usage.prompt_tokens, done.usage.cached_tokens,
+                     done.usage.completion_tokens, (now - job.arrived) * 1000)
+            self._send_client(job.client, frames)
+        self._apply(self.scheduler.finished(done.id, now))
+
+    def _on_worker_error(self, worker: WorkerId, error: Error, frames: list[bytes],
+                         now: float) -> None:
+        if not error.id:
+            log.warning("worker %s reports: %s: %s", self._name(worker), error.code, error.message)
+            return
+        if not self._owned(worker, RequestId(error.id)):
+            return
+        job = self.jobs.pop(RequestId(error.id), None)
+        if job is not None:
+            self.counts[f"failed_{error.code.value}"] += 1
+            log.info("req=%s worker=%s error %s: %s", error.id, self._name(worker),
+                     error.code, error.message)
+            self._send_client(job.client, frames)
+        self._apply(self.scheduler.finished(RequestId(error.id), now))
+
+    def _send_worker(self, worker: WorkerId, frames: list[bytes]) -> bool:
+        try:
+            self._workers.send([worker, *frames])
+            return True
+        except zmq.ZMQError as exc:
+            # The connection is gone (EHOSTUNREACH) or stuck (EAGAIN): dead, as if silent.
+            self._apply(self.scheduler.remove_worker(
+                worker, self._now(), f"unreachable ({exc.strerror})"))
+            return False
+
+    # --- actions and time -------------------------------------------------------------
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            match action:
+                case Dispatch(job=job_id, worker=worker):
+                    job = self.jobs.get(job_id)
+                    if job is None:  # answered meanwhile: never sent, so free the slot
+                        self._apply(self.scheduler.finished(job_id, self._now()))
+                        continue
+                    job.worker = worker
+                    self.counts["affinity_hits"] += action.affinity_hit
+                    self.counts["spills"] += action.spilled
+                    self.counts["retries"] += action.retry
+                    log.debug("req=%s session=%s -> worker=%s%s", job_id, job.request.session,
+                              self._name(worker), " (affinity)" if action.affinity_hit else "")
+                    self._send_worker(worker, job.frames)
+                case Fail(job=job_id, code=code, message=message):
+                    self._fail_client(job_id, code, message)
+                case CancelOnWorker(job=job_id, worker=worker):
+                    self._send_worker(worker, encode(Cancel(job_id)))
+                case WorkerDead(worker=worker, reason=reason):
+                    info = self.workers.pop(worker, None)
+                    if info is not None:
+                        self.counts["workers_lost"] += 1
+                        log.warning("worker %s lost: %s", info.ready.worker, reason)
+                        # If it is only slow (stopped, partitioned) it must re-register.
+                        self._send_worker(worker, _UNKNOWN_WORKER)
+        self._arm_timer()
+
+    def _tick(self) -> None:
+        self._timer = None
+        self._apply(self.scheduler.tick(self._now()))
+
+    def _arm_timer(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        wake = self.scheduler.next_wakeup(self._now())
+        if wake is None:
+            return
+        if self._timer is not None:
+            if self._timer.when() <= wake:
+                return
+            self._timer.cancel()
+        self._timer = loop.call_at(wake, self._tick)
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def _name(self, worker: WorkerId) -> str:
+        info = self.workers.get(worker)
+        return info.ready.worker if info else worker.hex()
+
+    # --- status -----------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The cluster as `pichat status --json` shows it."""
+        now = self._now()
+        sched = self.scheduler
+        workers = []
+        for wid, info in self.workers.items():
+            view = sched.workers.get(wid)
+            workers.append({
+                "name": info.ready.worker,
+                "id": wid.hex(),
+                "model": info.ready.model,
+                "backend": info.ready.backend,
+                "version": info.ready.version,
+                "ctx": info.ready.ctx,
+                "slots": info.ready.slots,
+                "busy": view.busy if view else 0,
+                "warm_sessions": info.heartbeat.warm,
+                "tokens_per_s": round(info.heartbeat.tps, 1),
+                "served": info.served,
+                "last_seen_s": round(now - view.last_seen, 2) if view else None,
+                "up_s": round(time.time() - info.joined, 1),
+            })
+        prompt, cached = self.counts["prompt_tokens"], self.counts["cached_tokens"]
+        return {
+            "router": {
+                "version": __version__,
+                "policy": self.config.policy,
+                "clients": self.clients_endpoint,
+                "workers": self.workers_endpoint,
+                "up_s": round(time.time() - self.started, 1),
+            },
+            "queue": {"depth": sched.queue_depth, "limit": self.config.scheduler.queue_limit},
+            "requests": {
+                "active": len(self.jobs),
+                **{k: v for k, v in sorted(self.counts.items())},
+                "cache_hit_share": round(cached / prompt, 4) if prompt else 0.0,
+            },
+            "workers": sorted(workers, key=lambda w: w["name"]),
+        }
+

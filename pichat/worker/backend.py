@@ -1,0 +1,81 @@
+"""What a worker needs from an inference backend (llama.cpp, or the simulator).
+
+A `Model` is loaded once per worker; each slot owns one `Context`, which holds one
+conversation's KV state at a time and is only ever used from that slot's thread. The
+worker's `SlotManager` decides which conversation lives in which context and saves and
+restores their states; a backend only has to generate, and to save/restore its KV.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from pichat.protocol import ChatMessage, Finish, Sampling
+from pichat.worker.textstream import TextStream
+
+__all__ = ["Model", "Context", "SavedState", "Generation", "common_prefix"]
+
+
+@dataclass(frozen=True, slots=True)
+class SavedState:
+    """A conversation's KV cache outside any context: the token ids it covers, and the
+    backend's bytes for them (`data`; the simulator stores none and only counts)."""
+
+    tokens: tuple[int, ...]
+    data: bytes
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    finish: Finish
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    prompt_ms: float
+    generate_ms: float
+
+
+class Context(Protocol):
+    def tokens(self) -> Sequence[int]:
+        """The token ids whose KV state this context holds, in order."""
+
+    def save(self) -> SavedState: ...
+
+    def restore(self, state: SavedState) -> bool:
+        """Replace this context's state with `state`. False (and an empty context) if the
+        backend could not load it."""
+
+    def clear(self) -> None: ...
+
+    def generate(self, prompt: Sequence[int], sampling: Sampling, out: TextStream,
+                 cancelled: threading.Event) -> Generation:
+        """Evaluate the part of `prompt` not already held (the common prefix is reused),
+        then sample until a stop, `sampling.max_tokens`, the context's end, or
+        `cancelled`. Text goes to `out` as it is generated."""
+
+
+class Model(Protocol):
+    name: str
+    backend: str
+    n_ctx: int
+
+    def chat_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The prompt for `messages` in the model's chat template, ending where the
+        assistant's answer starts."""
+
+    def new_context(self, threads: int) -> Context: ...
+
+    def close(self) -> None: ...
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading token ids `a` and `b` share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

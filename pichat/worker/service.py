@@ -1,0 +1,305 @@
+"""The worker daemon: a DEALER socket to the router, heartbeats, and one thread per slot.
+
+Lifecycle of a connection ("epoch"): connect, send READY (with the sessions still warm
+here, so a restarted router relearns affinity), then serve until the router falls silent
+for `liveness` heartbeats or asks us to re-register (DISCONNECT). Either way, whatever we
+were generating belongs to a router that has given up on it: it is cancelled, and we
+reconnect with capped exponential backoff. Messages of an older epoch are never sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import zmq
+
+from pichat import __version__
+from pichat.config import WorkerConfig
+from pichat.errors import ErrorCode, PichatError, ProtocolError
+from pichat.protocol import (
+    Cancel,
+    Chunk,
+    Disconnect,
+    Done,
+    Error,
+    Heartbeat,
+    Message,
+    Ready,
+    Request,
+    RequestId,
+    Usage,
+    decode,
+    encode,
+)
+from pichat.transport import Channel, configure
+from pichat.worker.backend import Generation, Model
+from pichat.worker.slots import Slot, SlotManager
+from pichat.worker.textstream import TextStream
+
+__all__ = ["Worker"]
+
+log = logging.getLogger(__name__)
+
+_BACKOFF_START = 0.25
+
+
+@dataclass(slots=True)
+class _Job:
+    request: Request
+    slot: Slot
+    epoch: int
+    cancelled: threading.Event
+    seq: int = 0
+    task: asyncio.Task | None = None
+
+
+class Worker:
+    """`await Worker(config, model).run()` serves until cancelled or signalled."""
+
+    def __init__(self, config: WorkerConfig, model: Model) -> None:
+        self.config = config
+        self.model = model
+        self.slots = SlotManager(model, config.slots, config.threads, config.cache_mb << 20)
+        self.jobs: dict[RequestId, _Job] = {}
+        self.registered = asyncio.Event()
+        """Set while a READY has been sent on a live connection (for tests and `up`)."""
+        self.epoch = 0
+        self.tps = 0.0
+        self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"slot{i}")
+                           for i in range(config.slots)]
+        self._channel: Channel | None = None
+        self._ctx: zmq.Context | None = None
+        self._last_heard = 0.0
+        self._wake = asyncio.Event()
+        self._stop_requested = False
+        self._reregister = False
+        self._stopping = False
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask `run` to return (from the event loop's thread)."""
+        self._stop_requested = True
+        self._wake.set()
+
+    async def run(self, *, handle_signals: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        self._ctx = zmq.Context()
+        if handle_signals:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, self.stop)
+        backoff = _BACKOFF_START
+        try:
+            while not self._stop_requested:
+                heard = await self._connection()
+                if self._stop_requested:
+                    break
+                backoff = _BACKOFF_START if heard else min(backoff * 2, self.config.reconnect_max)
+                delay = backoff * random.uniform(0.8, 1.2)
+                log.info("reconnecting to %s in %.1fs", self.config.router, delay)
+                await self._sleep(delay)
+        finally:
+            await self._shutdown()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake early for stop() or a DISCONNECT."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except TimeoutError:
+            pass
+        self._wake.clear()
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        if self._channel is not None and not self._channel.closed:
+            self._send(encode(Disconnect("worker shutting down")))
+        await self._cancel_all()
+        if self._channel is not None:
+            self._channel.close(linger_ms=500)  # let the DISCONNECT out
+        for executor in self._executors:
+            executor.shutdown(wait=True)
+        self.model.close()
+        if self._ctx is not None:
+            self._ctx.term()
+        log.info("worker %s stopped", self.config.name)
+
+    async def _connection(self) -> bool:
+        """One connection to the router. Returns whether the router ever answered."""
+        loop = asyncio.get_running_loop()
+        self.epoch += 1
+        sock = self._ctx.socket(zmq.DEALER)
+        configure(sock, max_message_bytes=self.config.max_message_bytes)
+        sock.connect(self.config.router)
+        self._channel = Channel(sock, self._on_message, loop)
+        self._send_ready()
+        started = self._last_heard = loop.time()
+        silence_limit = self.config.heartbeat_interval * self.config.liveness
+        try:
+            while not self._stop_requested:
+                await self._sleep(self.config.heartbeat_interval)
+                if self._stop_requested:
+                    break
+                if self._reregister:
+                    # The router does not know us (it restarted, or gave us up for dead).
+                    self._reregister = False
+                    await self._cancel_all()
+                    self._send_ready()
+                    continue
+                silent = loop.time() - self._last_heard
+                if silent > silence_limit:
+                    log.warning("router %s silent for %.1fs", self.config.router, silent)
+                    break
+                self._send_heartbeat()
+        finally:
+            self.registered.clear()
+            if not self._stop_requested:  # on stop, _shutdown says goodbye on this socket
+                await self._cancel_all()
+                self._channel.close()
+        return self._last_heard > started
+
+    async def _cancel_all(self) -> None:
+        """Stop every generation and forget it: nobody is waiting for its results."""
+        self.epoch += 1  # nothing from the old jobs may be sent any more
+        tasks = [job.task for job in self.jobs.values() if job.task is not None]
+        for job in self.jobs.values():
+            job.cancelled.set()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.jobs.clear()
+
+    # --- messages ---------------------------------------------------------------------
+
+    def _on_message(self, frames: list[bytes]) -> None:
+        try:
+            message = decode(frames)
+        except ProtocolError as exc:
+            log.warning("bad message from the router: %s", exc)
+            if exc.request_id:
+                self._send(encode(Error(exc.request_id, exc.code, str(exc))))
+            return
+        self._last_heard = asyncio.get_running_loop().time()
+        self._handle(message)
+
+    def _handle(self, message: Message) -> None:
+        match message:
+            case Request():
+                self._on_request(message)
+            case Cancel():
+                job = self.jobs.get(message.id)
+                if job is not None:
+                    log.info("req=%s cancel", message.id)
+                    job.cancelled.set()
+            case Heartbeat():
+                pass
+            case Disconnect():
+                log.info("router says: %s", message.reason)
+                self.registered.clear()
+                self._reregister = True
+                self._wake.set()
+            case Error():
+                log.error("router error: %s: %s", message.code, message.message)
+            case _:
+                log.warning("unexpected %s from the router; ignored", message.COMMAND.name)
+
+    def _on_request(self, request: Request) -> None:
+        if self._stopping:
+            self._send(encode(Error(request.id, ErrorCode.BUSY, "worker shutting down")))
+            return
+        if request.id in self.jobs:
+            self._send(encode(Error(request.id, ErrorCode.BAD_REQUEST,
+                                    f"request id {request.id!r} is already running here")))
+            return
+        slot = self.slots.acquire(request.session)
+        if slot is None:
+            self._send(encode(Error(request.id, ErrorCode.BUSY,
+                                    f"all {self.config.slots} slots are busy")))
+            return
+        job = _Job(request, slot, self.epoch, threading.Event())
+        self.jobs[request.id] = job
+        job.task = asyncio.create_task(self._run(job), name=f"req-{request.id}")
+
+    async def _run(self, job: _Job) -> None:
+        loop = asyncio.get_running_loop()
+        request = job.request
+        out = TextStream(
+            lambda text: loop.call_soon_threadsafe(self._send_chunk, job, text),
+            stop=request.sampling.stop,
+            flush_tokens=self.config.chunk_tokens,
+            flush_interval=self.config.chunk_interval,
+        )
+        log.debug("req=%s session=%s slot=%d start", request.id, request.session, job.slot.index)
+        try:
+            result: Generation = await loop.run_in_executor(
+                self._executors[job.slot.index], self.slots.run, job.slot, request, out,
+                job.cancelled)
+        except PichatError as exc:
+            log.info("req=%s failed: %s", request.id, exc)
+            self._send_for(job, encode(Error(request.id, exc.code, str(exc))))
+        except Exception as exc:
+            log.exception("req=%s: backend failure", request.id)
+            self._send_for(job, encode(Error(request.id, ErrorCode.INTERNAL,
+                                             f"backend failure: {exc}")))
+        else:
+            usage = Usage(result.prompt_tokens, result.cached_tokens, result.completion_tokens,
+                          round(result.prompt_ms, 2), round(result.generate_ms, 2))
+            if rate := usage.tokens_per_s:  # a moving average for `status`
+                self.tps = 0.7 * self.tps + 0.3 * rate if self.tps else rate
+            log.info("req=%s session=%s slot=%d %s: prompt %d (cached %d), %d tokens",
+                     request.id, request.session, job.slot.index, result.finish,
+                     usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
+            # Chunks were queued with call_soon_threadsafe before the thread returned, so
+            # they are sent before this DONE.
+            self._send_for(job, encode(Done(request.id, self.config.name, result.finish, usage)))
+        finally:
+            self.slots.release(job.slot)
+            if self.jobs.get(request.id) is job:
+                del self.jobs[request.id]
+
+    def _send_chunk(self, job: _Job, text: str) -> None:
+        self._send_for(job, encode(Chunk(job.request.id, job.seq, text)))
+        job.seq += 1
+
+    def _send_for(self, job: _Job, frames: list[bytes]) -> None:
+        if job.epoch == self.epoch:
+            self._send(frames)
+
+    def _send(self, frames: list[bytes]) -> None:
+        channel = self._channel
+        if channel is None or channel.closed:
+            return
+        try:
+            channel.send(frames)
+        except zmq.ZMQError as exc:
+            # EAGAIN: no connection to the router right now. The router will give up on
+            # these requests; the next epoch starts clean.
+            log.debug("send failed: %s", exc)
+
+    def _send_ready(self) -> None:
+        model = self.model
+        self._send(encode(Ready(
+            worker=self.config.name,
+            model=model.name,
+            backend=model.backend,
+            slots=self.config.slots,
+            ctx=model.n_ctx,
+            version=__version__,
+            sessions=tuple(self.slots.warm_sessions()),
+        )))
+        self.slots.take_evicted()  # the READY's session list supersedes them
+        self.registered.set()
+        log.info("worker %s: READY sent to %s (%s, %d slots)", self.config.name,
+                 self.config.router, model.name, self.config.slots)
+
+    def _send_heartbeat(self) -> None:
+        self._send(encode(Heartbeat(
+            busy=self.slots.busy,
+            warm=len(self.slots.warm_sessions()),
+            evicted=tuple(self.slots.take_evicted()),
+            tps=self.tps,
+        )))

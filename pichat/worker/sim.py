@@ -1,0 +1,125 @@
+"""A simulated backend: a test and benchmark instrument, not a model.
+
+It behaves like a llama.cpp worker where routing can tell the difference: it reuses the
+KV prefix it holds exactly as the real backend does (same cached/uncached accounting,
+same save/restore through the worker's session store), and it takes time in proportion
+to the work: `prompt_tps` for uncached prompt tokens, `gen_tps` for generated ones. So
+many workers can run on one machine for routing, scale and fault tests.
+
+Tokens are whitespace-separated words (and one token per role marker); the answer is a
+deterministic string of words (a function of the prompt under temperature 0, or of the
+seed), so a later turn that quotes it re-tokenizes to the same ids.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+
+from pichat.config import SimConfig
+from pichat.protocol import ChatMessage, Sampling
+from pichat.worker.backend import Generation, SavedState, common_prefix
+from pichat.worker.textstream import TextStream
+
+__all__ = ["SimModel", "SimContext"]
+
+_MARKERS = {"system": 1, "user": 2, "assistant": 3, "tool": 4}
+_END = 5
+_WORDS = (
+    "the cluster answers quickly because each conversation returns to the worker that "
+    "already holds its cache so only new tokens are read again while other pis wait "
+    "for work and the router keeps every slot busy without losing a single request"
+).split()
+
+
+def _word_id(word: str) -> int:
+    return 100 + zlib.crc32(word.encode()) % 1_000_000
+
+
+class SimModel:
+    backend = "sim"
+
+    def __init__(self, config: SimConfig, n_ctx: int, name: str = "sim") -> None:
+        self.config = config
+        self.n_ctx = n_ctx
+        self.name = name
+
+    def chat_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
+        tokens: list[int] = []
+        for message in messages:
+            tokens.append(_MARKERS[message.role])
+            tokens.extend(_word_id(w) for w in message.content.split())
+            tokens.append(_END)
+        tokens.append(_MARKERS["assistant"])
+        return tokens
+
+    def new_context(self, threads: int) -> SimContext:
+        return SimContext(self)
+
+    def close(self) -> None:
+        pass
+
+
+class SimContext:
+    def __init__(self, model: SimModel) -> None:
+        self.model = model
+        self._tokens: list[int] = []
+
+    def tokens(self) -> Sequence[int]:
+        return self._tokens
+
+    def save(self) -> SavedState:
+        n = len(self._tokens)
+        return SavedState(tuple(self._tokens), b"", n * self.model.config.kv_bytes_per_token)
+
+    def restore(self, state: SavedState) -> bool:
+        self._tokens = list(state.tokens)
+        return True
+
+    def clear(self) -> None:
+        self._tokens = []
+
+    def generate(self, prompt: Sequence[int], sampling: Sampling, out: TextStream,
+                 cancelled: threading.Event) -> Generation:
+        cfg = self.model.config
+        t0 = time.perf_counter()
+        cached = min(common_prefix(self._tokens, prompt), len(prompt) - 1)
+        uncached = len(prompt) - cached
+        del self._tokens[cached:]
+        if cancelled.wait(uncached / cfg.prompt_tps):
+            return Generation("cancelled", len(prompt), cached, 0,
+                              (time.perf_counter() - t0) * 1000, 0.0)
+        self._tokens.extend(prompt[cached:])
+        t1 = time.perf_counter()
+
+        if sampling.seed is not None:
+            rng = random.Random(sampling.seed)
+        elif sampling.temperature == 0:
+            rng = random.Random(zlib.crc32(repr(list(prompt)).encode()))
+        else:
+            rng = random.Random()
+        room = self.model.n_ctx - len(prompt)
+        limit = min(sampling.max_tokens, room)
+        finish = "stop" if cfg.reply_tokens <= limit else "length"
+        n = 0
+        for i in range(min(cfg.reply_tokens, limit)):
+            if i and cancelled.wait(1.0 / cfg.gen_tps):
+                finish = "cancelled"
+                break
+            if cancelled.is_set():
+                finish = "cancelled"
+                break
+            word = rng.choice(_WORDS)
+            n += 1
+            self._tokens.append(_word_id(word))
+            if out.push(((" " if i else "") + word).encode()):
+                finish = "stop"
+                break
+        if finish != "stop" and n:
+            # As in llama.cpp, the last sampled token was never fed back: not in the KV.
+            self._tokens.pop()
+        t2 = time.perf_counter()
+        return Generation(finish, len(prompt), cached, n, (t1 - t0) * 1000, (t2 - t1) * 1000)

@@ -1,0 +1,174 @@
+"""Shared fixtures: a tiny real GGUF model, free ports, and real pichat processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pichat.client import Client
+from pichat.config import ClientConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_model import write_tiny_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random-weight llama GGUF with a ChatML template (~0.5 MB)."""
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    """The default model, installed by `make install` (skipped only if it is absent)."""
+    from pichat.errors import ModelNotFound
+    from pichat.models import resolve
+
+    try:
+        return resolve("default")[0]
+    except ModelNotFound as exc:  # pragma: no cover - make test always installs it
+        pytest.skip(f"default model not installed: {exc}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A `python -m pichat ...` child process, its output in a log file."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "pichat", *argv], stdout=self._log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=ROOT)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            self.popen.send_signal(signum)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait()
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.popen.wait()
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def close(self) -> None:
+        if self.alive():
+            self.kill()
+        self._log.close()
+
+
+class Cluster:
+    """Real router and worker processes on loopback ports chosen for this test."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[Proc] = []
+        self.client_port = free_port()
+        self.worker_port = free_port()
+
+    @property
+    def client_endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.client_port}"
+
+    @property
+    def worker_endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.worker_port}"
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        proc = Proc(name, argv, self.log_dir, env)
+        self.procs.append(proc)
+        return proc
+
+    def router(self, *args: str, name: str = "router") -> Proc:
+        return self.spawn(name, [
+            "router", "--clients-bind", self.client_endpoint,
+            "--workers-bind", self.worker_endpoint, "--heartbeat", "0.5", *args])
+
+    def worker(self, name: str, *args: str, backend: str = "sim") -> Proc:
+        return self.spawn(name, [
+            "worker", "--router", self.worker_endpoint, "--name", name, "--backend", backend,
+            "--heartbeat", "0.5", "--threads", "1", *args])
+
+    def client(self, **kwargs) -> Client:
+        return Client(ClientConfig(router=self.client_endpoint, **kwargs))
+
+    async def wait_workers(self, n: int, timeout: float = 60.0, *, names: set[str] | None = None
+                           ) -> dict:
+        """Until the router lists `n` workers (or exactly `names`)."""
+        deadline = time.monotonic() + timeout
+        last: dict = {}
+        async with self.client(silence_timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                for proc in self.procs:
+                    if not proc.alive() and proc.popen.returncode not in (0, -9, -15):
+                        raise AssertionError(f"{proc.name} exited:\n{proc.output()}")
+                try:
+                    last = await client.status()
+                except Exception:
+                    await asyncio.sleep(0.1)
+                    continue
+                listed = {w["name"] for w in last.get("workers", [])}
+                if (names is not None and listed == names) or (names is None and len(listed) == n):
+                    return last
+                await asyncio.sleep(0.1)
+        raise AssertionError(f"workers did not register; last status: {last}\n" + self.logs())
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.output()[-4000:]}" for p in self.procs)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    c = Cluster(tmp_path)
+    yield c
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        print(c.logs())
+    c.close()
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

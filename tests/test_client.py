@@ -1,0 +1,131 @@
+"""The client library against a hand-written router: streams, errors, silence, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import zmq.asyncio
+from conftest import free_port
+from peers import Peer
+
+from pichat.client import Client
+from pichat.config import ClientConfig
+from pichat.errors import ErrorCode, ProtocolError, RequestFailed, RouterUnavailable
+from pichat.protocol import (
+    Cancel,
+    ChatMessage,
+    Chunk,
+    Done,
+    Error,
+    Heartbeat,
+    Request,
+    Status,
+    Usage,
+)
+
+HI = [ChatMessage("user", "hi")]
+
+
+@pytest.fixture
+async def pair():
+    ctx = zmq.asyncio.Context()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    router = Peer(ctx, endpoint, bind=True)
+    client = Client(ClientConfig(router=endpoint, silence_timeout=0.5))
+    client.connect()
+    yield router, client
+    client.close()
+    router.close()
+    ctx.term()
+
+
+async def test_chat_collects_the_stream(pair):
+    router, client = pair
+    task = asyncio.create_task(client.chat(HI, session="s1"))
+    req = await router.expect(Request, session="s1")
+    await router.send(Chunk(req.id, 0, "Hello"))
+    await router.send(Chunk(req.id, 1, " you"))
+    await router.send(Done(req.id, "w1", "stop", Usage(3, 1, 2, 1.0, 1.0)))
+    reply = await task
+    assert (reply.text, reply.worker, reply.usage.cached_tokens) == ("Hello you", "w1", 1)
+    assert 0 <= reply.ttft <= reply.elapsed
+
+
+async def test_an_error_reply_raises_with_its_code(pair):
+    router, client = pair
+    task = asyncio.create_task(client.chat(HI))
+    req = await router.expect(Request)
+    await router.send(Error(req.id, ErrorCode.BUSY, "all slots busy"))
+    with pytest.raises(RequestFailed) as info:
+        await task
+    assert info.value.code is ErrorCode.BUSY
+
+
+async def test_router_heartbeats_keep_a_slow_request_alive_and_silence_ends_it(pair):
+    router, client = pair
+    task = asyncio.create_task(client.chat(HI))
+    req = await router.expect(Request)
+    for _ in range(8):  # 0.8 s of heartbeats: longer than the 0.5 s silence limit
+        await router.send(Heartbeat())
+        await asyncio.sleep(0.1)
+    assert not task.done()
+    with pytest.raises(RouterUnavailable, match="no answer from the router"):
+        await task
+    # The client gave up, so it tells the router to cancel.
+    await router.expect(Cancel, id=req.id)
+
+
+async def test_no_router_at_all_is_a_clear_error_not_a_hang():
+    client = Client(ClientConfig(router=f"tcp://127.0.0.1:{free_port()}", silence_timeout=0.3))
+    client.connect()
+    try:
+        with pytest.raises(RouterUnavailable, match="is it running"):
+            await client.chat(HI)
+        with pytest.raises(RouterUnavailable):
+            await client.status()
+    finally:
+        client.close()
+
+
+async def test_out_of_order_chunks_are_a_protocol_error(pair):
+    router, client = pair
+    task = asyncio.create_task(client.chat(HI))
+    req = await router.expect(Request)
+    await router.send(Chunk(req.id, 1, "skipped zero"))
+    with pytest.raises(ProtocolError, match="chunk 1 arrived where 0 was due"):
+        await task
+
+
+async def test_leaving_a_stream_early_cancels_the_request(pair):
+    router, client = pair
+
+    async def first_chunk_only():
+        async for event in client.stream(HI):
+            return event
+
+    task = asyncio.create_task(first_chunk_only())
+    req = await router.expect(Request)
+    await router.send(Chunk(req.id, 0, "a"))
+    assert (await task).text == "a"
+    await router.expect(Cancel, id=req.id)
+
+
+async def test_concurrent_requests_share_one_socket(pair):
+    router, client = pair
+    tasks = [asyncio.create_task(client.chat([ChatMessage("user", f"q{i}")])) for i in range(5)]
+    ids = [(await router.expect(Request)).id for _ in tasks]
+    for rid in reversed(ids):
+        await router.send(Chunk(rid, 0, rid))
+        await router.send(Done(rid, "w", "stop", Usage()))
+    replies = await asyncio.gather(*tasks)
+    assert sorted(r.text for r in replies) == sorted(ids)
+    assert all(r.text == r.id for r in replies)
+
+
+async def test_status(pair):
+    router, client = pair
+    task = asyncio.create_task(client.status())
+    await router.expect(Status)
+    await router.send(Status({"workers": [], "queue": {"depth": 0}}))
+    assert (await task)["queue"] == {"depth": 0}

@@ -1,0 +1,251 @@
+"""End to end: real `pichat` processes on real TCP sockets (loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+from conftest import ROOT, Cluster, free_port
+
+from pichat.errors import ErrorCode, RequestFailed
+from pichat.protocol import ChatMessage, Sampling
+
+GREEDY = Sampling(temperature=0, max_tokens=16)
+
+
+def ask(text: str) -> list[ChatMessage]:
+    return [ChatMessage("user", text)]
+
+
+async def test_router_and_two_workers_answer_concurrent_requests(cluster: Cluster):
+    cluster.router()
+    for name in ("w1", "w2"):
+        cluster.worker(name, "--sim-gen-tps", "200", "--sim-reply-tokens", "10")
+    await cluster.wait_workers(2)
+    async with cluster.client() as client:
+        replies = await asyncio.gather(*[
+            client.chat(ask(f"question {i}"), session=f"s{i}", sampling=GREEDY) for i in range(12)])
+        status = await client.status()
+    assert all(len(r.text.split()) == 10 and r.finish == "stop" for r in replies)
+    assert {r.worker for r in replies} == {"w1", "w2"}
+    assert status["requests"]["completed"] == 12
+    assert sum(w["served"] for w in status["workers"]) == 12
+
+
+async def test_a_sessions_next_turn_returns_to_its_worker_and_reuses_its_cache(
+        cluster: Cluster, tiny_model: Path):
+    """With the llama backend on a real (tiny) GGUF model."""
+    cluster.router()
+    for name in ("w1", "w2"):
+        cluster.worker(name, "--model", str(tiny_model), "--ctx", "512", backend="llama")
+    await cluster.wait_workers(2)
+    async with cluster.client() as client:
+        histories = {s: ask(f"hello from {s}") for s in ("a", "b", "c", "d")}
+        first = {}
+        for session, history in histories.items():
+            first[session] = await client.chat(history, session=session, sampling=GREEDY)
+            history += [ChatMessage("assistant", first[session].text), ChatMessage("user", "more")]
+        for session, history in histories.items():
+            again = await client.chat(history, session=session, sampling=GREEDY)
+            assert again.worker == first[session].worker
+            assert again.usage.cached_tokens >= first[session].usage.prompt_tokens
+        status = await client.status()
+    assert status["requests"]["affinity_hits"] == 4
+    assert {w["backend"] for w in status["workers"]} == {"llama"}
+
+
+@pytest.mark.slow
+async def test_the_default_model_answers_sensibly(cluster: Cluster, default_model: Path):
+    cluster.router()
+    cluster.worker("qwen", "--ctx", "2048", backend="llama")
+    status = await cluster.wait_workers(1, timeout=120)
+    assert status["workers"][0]["model"] == "qwen2.5-coder-0.5b-instruct"
+    async with cluster.client(silence_timeout=30) as client:
+        reply = await client.chat(ask("What is the capital of France? Answer in one sentence."),
+                                  sampling=Sampling(temperature=0, max_tokens=40))
+    assert reply.text.strip()
+    assert "Paris" in reply.text
+    assert reply.finish == "stop"
+
+
+async def test_a_worker_killed_before_its_first_chunk_does_not_lose_the_request(cluster: Cluster):
+    cluster.router()
+    # Slow prompt reading: a 200-word prompt takes ~4 s before the first token.
+    workers = {name: cluster.worker(name, "--sim-prompt-tps", "50", "--sim-reply-tokens", "5")
+               for name in ("w1", "w2")}
+    await cluster.wait_workers(2)
+    async with cluster.client() as client:
+        task = asyncio.create_task(client.chat(ask("word " * 200), sampling=GREEDY))
+        busy = None
+        for _ in range(100):
+            status = await client.status()
+            busy = next((w["name"] for w in status["workers"] if w["busy"]), None)
+            if busy:
+                break
+            await asyncio.sleep(0.05)
+        assert busy, "the request was not dispatched"
+        workers[busy].kill()
+        reply = await task
+        assert reply.worker != busy
+        assert len(reply.text.split()) == 5
+        status = await client.status()
+    assert status["requests"]["retries"] == 1
+    assert status["requests"]["workers_lost"] == 1
+
+
+async def test_restarting_the_router_brings_the_workers_back(cluster: Cluster):
+    router = cluster.router()
+    cluster.worker("w1")
+    cluster.worker("w2")
+    await cluster.wait_workers(2)
+    async with cluster.client() as client:
+        before = await client.chat(ask("warm me"), session="keep", sampling=GREEDY)
+    router.kill()
+    cluster.router(name="router2")
+    status = await cluster.wait_workers(2, timeout=30)
+    assert status["router"]["up_s"] < 30
+    async with cluster.client() as client:
+        after = await client.chat(ask("still there?"), session="keep", sampling=GREEDY)
+    assert after.text
+    # The workers re-announced their warm sessions: the session found its worker again.
+    assert after.worker == before.worker
+
+
+async def test_a_client_waiting_on_a_dead_router_gets_an_error_not_a_hang(cluster: Cluster):
+    router = cluster.router()
+    cluster.worker("w1", "--sim-gen-tps", "2", "--sim-reply-tokens", "100")
+    await cluster.wait_workers(1)
+    async with cluster.client(silence_timeout=1.5) as client:
+        task = asyncio.create_task(client.chat(ask("long answer"), sampling=GREEDY))
+        await asyncio.sleep(0.5)
+        router.kill()
+        with pytest.raises(Exception) as info:
+            await asyncio.wait_for(task, 10)
+    assert "no answer from the router" in str(info.value)
+
+
+async def test_malformed_frames_do_not_stop_the_router(cluster: Cluster):
+    router = cluster.router()
+    cluster.worker("w1")
+    await cluster.wait_workers(1)
+    ctx = zmq.Context()
+    try:
+        for endpoint in (cluster.client_endpoint, cluster.worker_endpoint):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 2000)  # deliver everything before closing
+            sock.connect(endpoint)
+            for frames in ([b""], [b"x"] * 7, [b"PICHAT1", b"\x03", b"\xff" * 100],
+                           [b"PICHAT1", b"\x04", b"\x80"], [os.urandom(64)],
+                           [b"PICHAT1", b"\x01", b"\x81\xa6worker\x01"]):
+                sock.send_multipart(frames)
+            sock.close()
+    finally:
+        ctx.term()
+    async with cluster.client() as client:
+        reply = await client.chat(ask("still serving?"), sampling=GREEDY)
+    assert reply.text and router.alive()
+    assert "bad message" in router.output()
+
+
+async def test_killing_a_client_frees_the_workers_slot(cluster: Cluster):
+    cluster.router()
+    cluster.worker("w1", "--sim-gen-tps", "2", "--sim-reply-tokens", "1000")
+    await cluster.wait_workers(1)
+    asker = cluster.spawn("ask", ["ask", "--router", cluster.client_endpoint, "tell me a story"])
+    async with cluster.client() as client:
+        for _ in range(100):
+            if (await client.status())["workers"][0]["busy"]:
+                break
+            await asyncio.sleep(0.05)
+        asker.kill()
+        for _ in range(100):
+            status = await client.status()
+            if not status["workers"][0]["busy"]:
+                break
+            await asyncio.sleep(0.05)
+    assert status["workers"][0]["busy"] == 0
+    assert status["requests"]["client_gone"] == 1
+
+
+async def test_send_prompt_script_and_status_command(cluster: Cluster):
+    cluster.router()
+    cluster.worker("w1", "--sim-reply-tokens", "7")
+    await cluster.wait_workers(1)
+    env = {**os.environ, "PICHAT_ROUTER": cluster.client_endpoint}
+    run = lambda *argv: subprocess.run(argv, env=env, cwd=ROOT, capture_output=True,  # noqa: E731
+                                       text=True, timeout=60)
+    out = run("scripts/send_prompt.sh", "Hello, how are you?", "--stats", "--temperature", "0")
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.split()) == 7
+    assert "[w1: TTFT" in out.stderr
+    table = run(sys.executable, "-m", "pichat", "status")
+    assert table.returncode == 0 and "w1" in table.stdout and "1/1" not in table.stdout
+    assert "simulated" in table.stdout
+    raw = json.loads(run(sys.executable, "-m", "pichat", "status", "--json").stdout)
+    assert raw["workers"][0]["name"] == "w1" and raw["requests"]["completed"] == 1
+
+
+async def test_busy_cluster_answers_busy_instead_of_waiting_forever(cluster: Cluster):
+    cluster.router("--queue-limit", "1")
+    cluster.worker("w1", "--sim-gen-tps", "5", "--sim-reply-tokens", "50")
+    await cluster.wait_workers(1)
+    async with cluster.client() as client:
+        tasks = [asyncio.create_task(client.chat(ask(f"q{i}"), sampling=GREEDY)) for i in range(3)]
+        done, _ = await asyncio.wait(tasks, timeout=5, return_when=asyncio.FIRST_EXCEPTION)
+        failures = [t.exception() for t in done if t.exception()]
+        assert len(failures) == 1 and isinstance(failures[0], RequestFailed)
+        assert failures[0].code is ErrorCode.BUSY
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _children(pid: int) -> set[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_up_starts_a_cluster_and_a_signal_stops_all_of_it(cluster: Cluster, signum):
+    port_c, port_w = free_port(), free_port()
+    up = cluster.spawn("up", ["up", "--workers", "2", "--backend", "sim",
+                              "--clients-bind", f"tcp://127.0.0.1:{port_c}",
+                              "--workers-bind", f"tcp://127.0.0.1:{port_w}"])
+    cluster.client_port = port_c
+    await cluster.wait_workers(2, timeout=60)
+    children = _children(up.pid)
+    assert len(children) == 3  # router + 2 workers
+    up.signal(signum)
+    assert up.popen.wait(30) == 0
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in children) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not any(_alive(p) for p in children), up.output()
+
+
+def test_up_once_answers_the_prompt_and_exits(tmp_path):
+    port_c, port_w = free_port(), free_port()
+    out = subprocess.run(
+        [sys.executable, "-m", "pichat", "up", "--workers", "1", "--backend", "sim",
+         "--clients-bind", f"tcp://127.0.0.1:{port_c}", "--workers-bind",
+         f"tcp://127.0.0.1:{port_w}", "--prompt", "Hello", "--once"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "> Hello" in out.stdout and "TTFT" in out.stdout

@@ -1,0 +1,154 @@
+"""The wire: every message round-trips, and malformed input is rejected with a clear error."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import pytest
+
+from pichat.errors import ErrorCode, ProtocolError
+from pichat.protocol import (
+    TAG,
+    Cancel,
+    ChatMessage,
+    Chunk,
+    Command,
+    Disconnect,
+    Done,
+    Error,
+    Heartbeat,
+    Ready,
+    Request,
+    RequestId,
+    Sampling,
+    SessionId,
+    Status,
+    Usage,
+    decode,
+    encode,
+    peek_command,
+)
+
+MESSAGES = [
+    Ready("pi1", "qwen", "llama", 2, 4096, "0.1.0", ("s1", "s2")),
+    Heartbeat(),
+    Heartbeat(busy=1, warm=3, evicted=("old",), tps=12.5),
+    Request(RequestId("r1"), (ChatMessage("system", "be brief"), ChatMessage("user", "hi")),
+            Sampling(temperature=0.0, seed=7, max_tokens=20, stop=("\n\n",)),
+            session=SessionId("s1"), timeout=30.0, model="qwen"),
+    Request(RequestId("r2"), (ChatMessage("user", "héllo ✓"),)),
+    Chunk(RequestId("r1"), 3, "text ✓"),
+    Done(RequestId("r1"), "pi1", "stop", Usage(10, 4, 5, 12.5, 80.0)),
+    Error("r1", ErrorCode.BUSY, "all slots busy"),
+    Error("", ErrorCode.PROTOCOL, "bad"),
+    Cancel(RequestId("r1")),
+    Disconnect("bye"),
+    Status(),
+    Status({"workers": [{"name": "pi1"}], "queue": {"depth": 0}}),
+]
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)
+def test_round_trip(message):
+    frames = encode(message)
+    assert frames[0] == TAG
+    assert len(frames) == 3
+    assert decode(frames) == message
+    assert peek_command(frames) is message.COMMAND
+
+
+def _frames(command: Command, body) -> list[bytes]:
+    return [TAG, bytes([command]), msgpack.packb(body)]
+
+
+GOOD_REQUEST = {"id": "r1", "messages": [{"role": "user", "content": "hi"}]}
+
+MALFORMED = [
+    # (frames, what the error must mention)
+    ([TAG, b"\x03"], "3 frames"),
+    ([TAG, b"\x03", b"", b""], "3 frames"),
+    ([b"HTTP/1.1", b"\x03", b""], "not a pichat message"),
+    ([TAG, b"\x63", msgpack.packb({})], "unknown command"),
+    ([TAG, b"\x03\x03", msgpack.packb({})], "unknown command"),
+    ([TAG, b"\x03", b"\xc1"], "not valid msgpack"),
+    ([TAG, b"\x03", b"\x92\x01"], "not valid msgpack"),  # truncated array
+    (_frames(Command.REQUEST, [1, 2]), "must be a map"),
+    (_frames(Command.REQUEST, {"id": "r1"}), "messages"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "messages": []}), "messages"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "id": ""}), "'id'"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "id": "x" * 65}), "'id'"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "id": 5}), "'id'"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "messages": ["hi"]}), "messages[0]"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "messages": [{"role": "robot", "content": "x"}]}),
+     "role"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "messages": [{"role": "user", "content": 3}]}),
+     "content"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "sampling": {"temperature": "hot"}}), "temperature"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "sampling": {"temperature": math.nan}}),
+     "temperature"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "sampling": {"temperature": 99}}), "temperature"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "sampling": {"max_tokens": 0}}), "max_tokens"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "sampling": {"max_tokens": True}}), "max_tokens"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "sampling": {"stop": "x"}}), "stop"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "sampling": {"stop": [""]}}), "stop"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "sampling": {"stop": ["a"] * 9}}), "stop"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "sampling": 5}), "sampling"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "timeout": -1}), "timeout"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "session": ""}), "session"),
+    (_frames(Command.READY, {"worker": "w", "model": "m", "backend": "llama", "slots": 0,
+                             "ctx": 10, "version": "1"}), "slots"),
+    (_frames(Command.READY, {"worker": "w"}), "missing"),
+    (_frames(Command.CHUNK, {"id": "r", "seq": -1, "text": "x"}), "seq"),
+    (_frames(Command.CHUNK, {"id": "r", "seq": 0, "text": b"bytes"}), "text"),
+    (_frames(Command.DONE, {"id": "r", "worker": "w", "finish": "exploded", "usage": {}}),
+     "finish"),
+    (_frames(Command.DONE, {"id": "r", "worker": "w", "finish": "stop",
+                            "usage": {"prompt_tokens": 1, "cached_tokens": 2,
+                                      "completion_tokens": 0, "prompt_ms": 0, "generate_ms": 0}}),
+     "cached_tokens"),
+    (_frames(Command.HEARTBEAT, {"evicted": "s1"}), "evicted"),
+    (_frames(Command.STATUS, {"cluster": [1]}), "cluster"),
+]
+
+
+@pytest.mark.parametrize("frames, mentions", MALFORMED)
+def test_malformed_is_rejected_with_a_clear_error(frames, mentions):
+    with pytest.raises(ProtocolError) as info:
+        decode(frames)
+    assert mentions in str(info.value)
+    assert info.value.code is ErrorCode.PROTOCOL
+
+
+def test_other_version_is_a_version_error():
+    frames = encode(Heartbeat())
+    frames[0] = b"PICHAT2"
+    with pytest.raises(ProtocolError) as info:
+        decode(frames)
+    assert info.value.code is ErrorCode.VERSION
+    assert "PICHAT1" in str(info.value)
+
+
+def test_error_names_the_request_when_it_can():
+    frames = _frames(Command.REQUEST, {"id": "req-7", "messages": "nope"})
+    with pytest.raises(ProtocolError) as info:
+        decode(frames)
+    assert info.value.request_id == "req-7"
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility():
+    frames = _frames(Command.REQUEST, {**GOOD_REQUEST, "future_field": {"x": 1}})
+    request = decode(frames)
+    assert isinstance(request, Request)
+    assert request.sampling == Sampling()
+
+
+def test_unknown_error_code_degrades_to_internal_and_keeps_message():
+    frames = _frames(Command.ERROR, {"id": "r", "code": "quota_exceeded", "message": "later"})
+    error = decode(frames)
+    assert error == Error("r", ErrorCode.INTERNAL, "later")
+
+
+def test_usage_tokens_per_second():
+    assert Usage(completion_tokens=11, generate_ms=1000.0).tokens_per_s == pytest.approx(10.0)
+    assert Usage(completion_tokens=1, generate_ms=5.0).tokens_per_s == 0.0

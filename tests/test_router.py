@@ -1,0 +1,291 @@
+"""The router on real sockets, driven by hand-written peers: routing of frames, bad input,
+dead and stale workers, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+from conftest import free_port
+from peers import Peer, eventually
+
+from pichat.config import RouterConfig
+from pichat.errors import ErrorCode
+from pichat.protocol import (
+    TAG,
+    Cancel,
+    ChatMessage,
+    Chunk,
+    Command,
+    Disconnect,
+    Done,
+    Error,
+    Heartbeat,
+    Ready,
+    Request,
+    RequestId,
+    SessionId,
+    Status,
+    Usage,
+    encode,
+)
+from pichat.router.scheduler import SchedulerConfig
+from pichat.router.service import Router
+
+
+def request(rid: str, session: str | None = None, text: str = "hi") -> Request:
+    return Request(RequestId(rid), (ChatMessage("user", text),),
+                   session=SessionId(session) if session else None)
+
+
+def ready(name: str, slots: int = 1, sessions: tuple[str, ...] = ()) -> Ready:
+    return Ready(name, "m", "sim", slots, 4096, "test", sessions)
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.client_ep = f"tcp://127.0.0.1:{free_port()}"
+        self.worker_ep = f"tcp://127.0.0.1:{free_port()}"
+        self.peers: list[Peer] = []
+
+    def client(self, **kwargs) -> Peer:
+        peer = Peer(self.ctx, self.client_ep, **kwargs)
+        self.peers.append(peer)
+        return peer
+
+    async def worker(self, name: str, slots: int = 1, sessions: tuple[str, ...] = ()) -> Peer:
+        peer = Peer(self.ctx, self.worker_ep)
+        self.peers.append(peer)
+        await peer.send(ready(name, slots, sessions))
+        return peer
+
+    def close(self) -> None:
+        for peer in self.peers:
+            peer.close()
+        self.ctx.term()
+
+
+@pytest.fixture
+async def h():
+    harness = Harness()
+    config = RouterConfig(
+        clients_bind=harness.client_ep, workers_bind=harness.worker_ep,
+        heartbeat_interval=0.1, max_message_bytes=64 * 1024,
+        scheduler=SchedulerConfig(worker_expiry=0.5, affinity_wait=0.3, queue_limit=2),
+    )
+    router = Router(config)
+    task = asyncio.create_task(router.run())
+    await router.ready.wait()
+    harness.router = router
+    yield harness
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    harness.close()
+
+
+async def workers_known(h: Harness, n: int) -> None:
+    await eventually(lambda: len(h.router.workers) == n)
+
+
+async def test_request_goes_to_the_worker_and_the_stream_comes_back(h):
+    worker = await h.worker("w1")
+    await workers_known(h, 1)
+    client = h.client()
+    await client.send(request("r1", "s1"))
+    got = await worker.expect(Request, id="r1", session="s1")
+    assert got.messages == (ChatMessage("user", "hi"),)
+    await worker.send(Chunk(RequestId("r1"), 0, "Hel"))
+    await worker.send(Chunk(RequestId("r1"), 1, "lo"))
+    await worker.send(Done(RequestId("r1"), "w1", "stop", Usage(5, 0, 2, 1.0, 2.0)))
+    await client.expect(Chunk, text="Hel", seq=0)
+    await client.expect(Chunk, text="lo", seq=1)
+    done = await client.expect(Done, finish="stop", worker="w1")
+    assert done.usage.prompt_tokens == 5
+    status = h.router.snapshot()
+    assert status["requests"]["completed"] == 1
+    assert status["workers"][0]["busy"] == 0
+
+
+@pytest.mark.parametrize("frames, code", [
+    ([b"just one frame"], ErrorCode.PROTOCOL),
+    ([b"HTTP/1.1", b"\x03", b""], ErrorCode.PROTOCOL),
+    ([TAG, b"\x03", b"\xc1\xc1"], ErrorCode.PROTOCOL),
+    ([TAG, b"\x77", msgpack.packb({})], ErrorCode.PROTOCOL),
+    ([b"PICHAT9", b"\x03", msgpack.packb({})], ErrorCode.VERSION),
+    ([TAG, bytes([Command.REQUEST]), msgpack.packb({"id": "r9", "messages": 3})],
+     ErrorCode.PROTOCOL),
+    (encode(ready("sneaky")), ErrorCode.BAD_REQUEST),
+    (encode(Done(RequestId("x"), "w", "stop", Usage())), ErrorCode.BAD_REQUEST),
+])
+async def test_bad_client_frames_get_an_error_and_the_router_keeps_serving(h, frames, code):
+    client = h.client()
+    await client.send(frames)
+    error = await client.expect(Error, code=code)
+    assert error.message
+    await client.send(Status())
+    status = await client.expect(Status)
+    assert "workers" in status.cluster
+
+
+async def test_a_bad_request_error_names_the_request(h):
+    client = h.client()
+    await client.send([TAG, bytes([Command.REQUEST]), msgpack.packb({"id": "r9", "messages": 3})])
+    await client.expect(Error, id="r9", code=ErrorCode.PROTOCOL)
+
+
+async def test_oversized_message_drops_the_connection_not_the_router(h):
+    big = h.client()
+    await big.send(encode(request("big", text="x" * 100_000)))
+    with pytest.raises(TimeoutError):
+        await big.recv(0.3)
+    client = h.client()
+    await client.send(Status())
+    await client.expect(Status)
+
+
+async def test_no_workers_is_an_immediate_error(h):
+    client = h.client()
+    await client.send(request("r1"))
+    await client.expect(Error, id="r1", code=ErrorCode.NO_WORKERS)
+
+
+async def test_duplicate_request_id_is_refused(h):
+    await h.worker("w1", slots=2)
+    await workers_known(h, 1)
+    client = h.client()
+    await client.send(request("same"))
+    await client.send(request("same"))
+    await client.expect(Error, id="same", code=ErrorCode.BAD_REQUEST)
+
+
+async def test_queue_full_is_busy_at_once(h):
+    worker = await h.worker("w1")
+    await workers_known(h, 1)
+    client = h.client()
+    for i in range(4):  # 1 running + 2 queued (the limit) + 1 refused
+        await client.send(request(f"r{i}"))
+    await worker.expect(Request, id="r0")
+    await client.expect(Error, id="r3", code=ErrorCode.BUSY)
+
+
+async def test_unknown_worker_is_told_to_register(h):
+    stranger = Peer(h.ctx, h.worker_ep)
+    h.peers.append(stranger)
+    await stranger.send(Heartbeat(busy=0))
+    await stranger.expect(Disconnect)
+
+
+async def test_bad_worker_frames_are_ignored(h):
+    worker = await h.worker("w1")
+    await workers_known(h, 1)
+    await worker.send([b"garbage"])
+    await worker.send([TAG, bytes([Command.CHUNK]), b"\xc1"])
+    client = h.client()
+    await client.send(request("r1"))
+    await worker.expect(Request, id="r1")
+
+
+async def test_results_from_a_worker_that_does_not_own_the_request_are_dropped(h):
+    owner = await h.worker("owner")
+    await workers_known(h, 1)
+    intruder = await h.worker("intruder")
+    await workers_known(h, 2)
+    client = h.client()
+    await client.send(request("r1"))
+    got_by = owner if await _which(owner, intruder) is owner else intruder
+    other = intruder if got_by is owner else owner
+    await other.send(Chunk(RequestId("r1"), 0, "forged"))
+    await other.send(Done(RequestId("r1"), "x", "stop", Usage()))
+    await got_by.send(Chunk(RequestId("r1"), 0, "real"))
+    await client.expect(Chunk, text="real")
+    assert h.router.counts["stale_results"] == 2
+
+
+async def _which(a: Peer, b: Peer) -> Peer:
+    for _ in range(50):
+        for peer in (a, b):
+            try:
+                await peer.expect(Request, timeout=0.05)
+                return peer
+            except TimeoutError:
+                pass
+    raise AssertionError("no worker got the request")
+
+
+async def test_client_cancel_reaches_the_worker_and_frees_the_slot(h):
+    worker = await h.worker("w1")
+    await workers_known(h, 1)
+    client = h.client()
+    await client.send(request("r1"))
+    await worker.expect(Request, id="r1")
+    await client.send(Cancel(RequestId("r1")))
+    await client.expect(Error, id="r1", code=ErrorCode.CANCELLED)
+    await worker.expect(Cancel, id="r1")
+    await client.send(request("r2"))
+    await worker.silent(0.2)  # slot still busy until the worker confirms
+    await worker.send(Done(RequestId("r1"), "w1", "cancelled", Usage()))
+    await worker.expect(Request, id="r2")
+
+
+async def test_a_client_that_disconnects_gets_its_request_cancelled(h):
+    worker = await h.worker("w1")
+    await workers_known(h, 1)
+    client = h.client()
+    await client.send(request("r1"))
+    await worker.expect(Request, id="r1")
+    client.close()
+    await worker.expect(Cancel, id="r1", timeout=3)
+
+
+async def test_silent_worker_is_dead_and_its_request_moves_to_another(h):
+    quiet = await h.worker("quiet")
+    await workers_known(h, 1)
+    client = h.client()
+    await client.send(request("r1", "s1"))
+    await quiet.expect(Request, id="r1")
+    other = await h.worker("other")
+    # `other` heartbeats; `quiet` says nothing more.
+    for _ in range(10):
+        await other.send(Heartbeat())
+        try:
+            got = await other.expect(Request, timeout=0.1)
+            break
+        except TimeoutError:
+            continue
+    else:
+        raise AssertionError("the request was not re-dispatched")
+    assert got.id == "r1"
+    assert h.router.counts["workers_lost"] == 1
+    # The dead worker's late result is discarded, and it is told to re-register.
+    await quiet.send(Chunk(RequestId("r1"), 0, "late"))
+    await quiet.expect(Disconnect)
+    await other.send(Chunk(RequestId("r1"), 0, "on time"))
+    await client.expect(Chunk, text="on time")
+
+
+async def test_streamed_request_on_a_lost_worker_fails_clearly(h):
+    worker = await h.worker("w1")
+    await workers_known(h, 1)
+    client = h.client()
+    await client.send(request("r1"))
+    await worker.expect(Request, id="r1")
+    await worker.send(Chunk(RequestId("r1"), 0, "partial"))
+    await client.expect(Chunk, text="partial")
+    await worker.send(Disconnect("bye"))
+    error = await client.expect(Error, id="r1", code=ErrorCode.WORKER_LOST)
+    assert "lost" in error.message
+
+
+async def test_ready_with_sessions_restores_affinity(h):
+    await h.worker("cold", slots=4)
+    await workers_known(h, 1)
+    warm = await h.worker("warm", slots=1, sessions=("s7",))
+    await workers_known(h, 2)
+    client = h.client()
+    await client.send(request("r1", "s7"))
+    await warm.expect(Request, id="r1")

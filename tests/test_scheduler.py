@@ -1,0 +1,291 @@
+"""The routing policy as a table: each case is a script of events and the actions each
+must produce, written compactly:
+
+    "worker A 2"          A registers with 2 slots (at t=0, model "m")
+    "worker A 1 m2"       ... serving model m2
+    "worker A 1 m s1,s2"  ... and announcing warm sessions s1, s2
+    "submit r1 s1 @3"     request r1 of session s1 at t=3 ("-" for no session)
+    "submit r1 s1 m2 @3"  ... asking for model m2
+    "finish r1 @4"        the worker ended r1
+    "chunk r1"            the first chunk of r1 arrived
+    "cancel r1 @4"        the client cancelled r1
+    "beat A @2"           a heartbeat from A
+    "evict A s1"          A dropped s1 from its cache
+    "tick @6"             time passes
+
+and the actions:  "r1->A" dispatch, "r1->A hit" (affinity), "r1->B spill", "r1->B retry",
+"fail r1 busy", "cancel r1@A", "dead A".
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pichat.protocol import RequestId, SessionId
+from pichat.router.scheduler import (
+    CancelOnWorker,
+    Dispatch,
+    Fail,
+    Scheduler,
+    SchedulerConfig,
+    WorkerDead,
+    WorkerId,
+)
+
+CASES: dict[str, tuple[dict, list[tuple[str, list[str]]]]] = {
+    "a new session goes to the worker with the most free slots": ({}, [
+        ("worker A 1", []), ("worker B 2", []),
+        ("submit r1 s1 @0", ["r1->B"]),
+        ("submit r2 s2 @0", ["r2->A"]),  # tie on free slots: the less loaded one
+        ("submit r3 s3 @0", ["r3->B"]),
+    ]),
+    "ties go to the worker with fewer warm sessions": ({}, [
+        ("worker A 1", []), ("worker B 1", []),
+        ("submit r1 s1 @0", ["r1->A"]), ("finish r1 @1", []),
+        ("submit r2 s2 @1", ["r2->B"]),
+    ]),
+    "affinity hit: a returning session goes back to its worker": ({}, [
+        ("worker A 1", []), ("worker B 1", []),
+        ("submit r1 s1 @0", ["r1->A"]), ("finish r1 @1", []),
+        ("submit r2 s2 @1", ["r2->B"]), ("finish r2 @2", []),
+        ("submit r3 s2 @2", ["r3->B hit"]),
+        ("submit r4 s1 @2", ["r4->A hit"]),
+    ]),
+    "affinity worker busy: wait, then spill, and the affinity moves": (
+        {"affinity_wait": 5, "worker_expiry": 100}, [
+        ("worker A 1", []), ("worker B 1", []),
+        ("submit r1 s1 @0", ["r1->A"]), ("finish r1 @1", []),
+        ("submit r2 s2 @1", ["r2->B"]), ("finish r2 @2", []),
+        ("submit r3 s3 @2", ["r3->A"]),
+        ("submit r4 s1 @2", []),          # s1 is warm on A, which is busy: wait
+        ("tick @6.9", []),
+        ("tick @7", ["r4->B spill"]),     # waited 5 s: spill to the free worker
+        ("finish r4 @8", []), ("finish r3 @8", []),
+        ("submit r5 s1 @8", ["r5->B hit"]),
+    ]),
+    "affinity worker frees up before the wait ends": ({"affinity_wait": 5}, [
+        ("worker A 1", []), ("worker B 1", []),
+        ("submit r1 s1 @0", ["r1->A"]), ("finish r1 @1", []),
+        ("submit r2 s2 @1", ["r2->B"]), ("finish r2 @1", []),
+        ("submit r3 s3 @1", ["r3->A"]),
+        ("submit r4 s1 @2", []),
+        ("finish r3 @3", ["r4->A hit"]),
+    ]),
+    "a waiting request does not block others behind it": ({"affinity_wait": 5}, [
+        ("worker A 1", []), ("worker B 1", []),
+        ("submit r1 s1 @0", ["r1->A"]),
+        ("submit r2 s1 @0", []),            # waits for A
+        ("submit r3 s9 @0", ["r3->B"]),     # goes past it to the free worker
+    ]),
+    "every slot busy: requests queue, oldest first": ({}, [
+        ("worker A 1", []),
+        ("submit r1 - @0", ["r1->A"]),
+        ("submit r2 - @0", []), ("submit r3 - @0", []),
+        ("finish r1 @1", ["r2->A"]),
+        ("finish r2 @2", ["r3->A"]),
+    ]),
+    "queue bound: past it, busy at once": ({"queue_limit": 1}, [
+        ("worker A 1", []),
+        ("submit r1 - @0", ["r1->A"]),
+        ("submit r2 - @0", []),
+        ("submit r3 - @0", ["fail r3 busy"]),
+    ]),
+    "queue timeout": ({"queue_timeout": 10}, [
+        ("worker A 1", []),
+        ("submit r1 - @0", ["r1->A"]), ("beat A @2", []),
+        ("submit r2 - @1", []),
+        ("beat A @4", []), ("beat A @6", []), ("beat A @8", []), ("beat A @10", []),
+        ("tick @10.9", []),
+        ("tick @11", ["fail r2 timeout"]),
+    ]),
+    "request deadline: the client is answered, the worker told to stop": ({"request_timeout": 3}, [
+        ("worker A 1", []),
+        ("submit r1 - @0", ["r1->A"]),
+        ("submit r2 - @0", []),
+        ("beat A @2", []),
+        ("tick @3", ["fail r1 timeout", "cancel r1@A", "fail r2 timeout"]),
+    ]),
+    "the slot of a timed-out request stays busy until the worker confirms": (
+        {"request_timeout": 3}, [
+        ("worker A 1", []),
+        ("submit r1 - @0", ["r1->A"]), ("beat A @2", []),
+        ("tick @3", ["fail r1 timeout", "cancel r1@A"]),
+        ("submit r2 - @3", []),
+        ("finish r1 @3.5", ["r2->A"]),
+    ]),
+    "no workers: fail at once": ({}, [
+        ("submit r1 s1 @0", ["fail r1 no_workers"]),
+    ]),
+    "a request naming a model goes to a worker serving it": ({}, [
+        ("worker A 1 m1", []), ("worker B 1 m2", []),
+        ("submit r1 - m2 @0", ["r1->B"]),
+        ("submit r2 - m2 @0", []),
+        ("submit r3 - m3 @0", ["fail r3 no_workers"]),
+        ("submit r4 - @0", ["r4->A"]),
+    ]),
+    "dead worker: requests not yet streamed are re-dispatched": ({}, [
+        ("worker A 1", []), ("worker B 1", []),
+        ("submit r1 s1 @0", ["r1->A"]),
+        ("beat B @2", []),
+        ("tick @3", ["dead A", "r1->B retry"]),
+        ("submit r2 s1 @3", []),  # affinity moved to B with the retry
+    ]),
+    "dead worker: streamed requests fail with worker_lost": ({}, [
+        ("worker A 1", []), ("worker B 1", []),
+        ("submit r1 s1 @0", ["r1->A"]), ("chunk r1", []),
+        ("beat B @2", []),
+        ("tick @3", ["dead A", "fail r1 worker_lost"]),
+        ("submit r2 s1 @3", ["r2->B"]),  # no stale affinity to the dead worker
+    ]),
+    "dead worker's re-dispatched request waits for a slot at the head of the queue": ({}, [
+        ("worker A 1", []), ("worker B 1", []),
+        ("submit r1 - @0", ["r1->A"]), ("submit r2 - @0", ["r2->B"]),
+        ("submit r3 - @1", []),
+        ("beat B @2.5", []),
+        ("tick @3", ["dead A"]),
+        ("finish r2 @4", ["r1->B retry"]),
+    ]),
+    "heartbeats keep a worker alive": ({}, [
+        ("worker A 1", []),
+        ("beat A @2", []),
+        ("tick @4.9", []),
+        ("tick @5", ["dead A"]),
+    ]),
+    "cancel while queued: dropped, nothing sent": ({}, [
+        ("worker A 1", []),
+        ("submit r1 - @0", ["r1->A"]), ("submit r2 - @0", []),
+        ("cancel r2 @1", []),
+        ("finish r1 @2", []),
+    ]),
+    "cancel while running: the worker is told; its slot frees when it confirms": ({}, [
+        ("worker A 1", []),
+        ("submit r1 - @0", ["r1->A"]),
+        ("cancel r1 @1", ["cancel r1@A"]),
+        ("cancel r1 @1", []),
+        ("submit r2 - @1", []),
+        ("finish r1 @2", ["r2->A"]),
+    ]),
+    "a worker announcing warm sessions gets them back": ({}, [
+        ("worker A 1", []), ("worker B 3 m s7", []),
+        ("submit r1 s7 @0", ["r1->B hit"]),
+    ]),
+    "evicted sessions lose their affinity": ({}, [
+        ("worker A 1", []), ("worker B 2", []),
+        ("submit r1 s1 @0", ["r1->B"]), ("finish r1 @1", []),
+        ("evict B s1", []),
+        ("submit r2 s2 @1", ["r2->B"]),
+        ("submit r3 s1 @1", ["r3->A"]),  # placed by load, not affinity
+    ]),
+    "a worker re-registering loses what it was running": ({}, [
+        ("worker A 1", []),
+        ("submit r1 - @0", ["r1->A"]),
+        ("worker A 1", ["dead A", "r1->A retry"]),
+    ]),
+    "round-robin ignores sessions and takes turns": ({"policy": "round-robin"}, [
+        ("worker A 2", []), ("worker B 2", []),
+        ("submit r1 s1 @0", ["r1->A"]),
+        ("submit r2 s1 @0", ["r2->B"]),
+        ("submit r3 s1 @0", ["r3->A"]),
+        ("finish r1 @1", []),
+        ("submit r4 s1 @1", ["r4->B"]),
+        ("submit r5 s1 @1", ["r5->A"]),
+        ("submit r6 s1 @1", []),
+        ("finish r4 @2", ["r6->B"]),
+    ]),
+}
+
+
+def _describe(action) -> str:
+    match action:
+        case Dispatch(job=j, worker=w):
+            tag = " hit" if action.affinity_hit else " spill" if action.spilled else (
+                " retry" if action.retry else "")
+            return f"{j}->{w.decode()}{tag}"
+        case Fail(job=j, code=c):
+            return f"fail {j} {c.value}"
+        case CancelOnWorker(job=j, worker=w):
+            return f"cancel {j}@{w.decode()}"
+        case WorkerDead(worker=w):
+            return f"dead {w.decode()}"
+    raise AssertionError(action)
+
+
+def _step(s: Scheduler, step: str) -> list[str]:
+    words = step.split()
+    at = float(words.pop()[1:]) if words[-1].startswith("@") else 0.0
+    verb, *args = words
+    W = lambda name: WorkerId(name.encode())  # noqa: E731
+    match verb:
+        case "worker":
+            model = args[2] if len(args) > 2 else "m"
+            sessions = tuple(args[3].split(",")) if len(args) > 3 else ()
+            out = s.add_worker(W(args[0]), model, int(args[1]), at, sessions)
+        case "submit":
+            session = None if args[1] == "-" else SessionId(args[1])
+            model = args[2] if len(args) > 2 else None
+            out = s.submit(RequestId(args[0]), session, at, model=model)
+        case "finish":
+            out = s.finished(RequestId(args[0]), at)
+        case "chunk":
+            s.chunk_seen(RequestId(args[0]))
+            out = []
+        case "cancel":
+            out = s.cancel(RequestId(args[0]), at)
+        case "beat":
+            assert s.heard_from(W(args[0]), at)
+            out = []
+        case "evict":
+            s.forget_sessions(W(args[0]), tuple(args[1:]))
+            out = []
+        case "tick":
+            out = s.tick(at)
+        case _:
+            raise AssertionError(step)
+    return [_describe(a) for a in out]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_policy(name):
+    overrides, script = CASES[name]
+    scheduler = Scheduler(SchedulerConfig(**overrides))
+    for step, expected in script:
+        assert _step(scheduler, step) == expected, f"{name}: step {step!r}"
+
+
+def test_slot_accounting_never_goes_negative_or_over_capacity():
+    s = Scheduler(SchedulerConfig())
+    for step in ["worker A 2", "submit r1 - @0", "submit r2 - @0", "submit r3 - @0",
+                 "cancel r1 @1", "finish r1 @1", "finish r1 @1", "finish r2 @2", "finish r3 @3"]:
+        _step(s, step)
+        view = s.workers[WorkerId(b"A")]
+        assert 0 <= view.busy <= view.slots
+    assert s.workers[WorkerId(b"A")].busy == 0
+    assert not s.jobs and not s.queue
+
+
+def test_next_wakeup_names_the_earliest_deadline():
+    s = Scheduler(SchedulerConfig(affinity_wait=5, queue_timeout=60, worker_expiry=3))
+    assert s.next_wakeup(0.0) is None
+    for step in ["worker A 1 @0", "worker B 1 @0", "submit r1 s1 @0", "submit r3 s1 @1"]:
+        _step(s, step)
+    assert s.queue_depth == 1  # r3 waits for A
+    assert s.next_wakeup(1.0) == 3.0  # the workers' heartbeat expiry
+    s.heard_from(WorkerId(b"A"), 10.0)
+    s.heard_from(WorkerId(b"B"), 10.0)
+    assert s.next_wakeup(1.0) == 6.0  # r3's spill time (arrived at 1, waits 5)
+    # Once past the spill time, it is not reported again (no busy loop).
+    assert s.next_wakeup(6.5) == 13.0
+
+
+def test_affinity_memory_is_bounded():
+    s = Scheduler(SchedulerConfig(max_sessions=3))
+    _step(s, "worker A 8")
+    for i in range(6):
+        _step(s, f"submit r{i} s{i} @0")
+    assert list(s.affinity) == ["s3", "s4", "s5"]
+    assert s.workers[WorkerId(b"A")].warm == 3
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="unknown policy"):
+        Scheduler(SchedulerConfig(policy="random"))  # type: ignore[arg-type]

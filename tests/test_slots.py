@@ -1,0 +1,126 @@
+"""Slots and the KV session store: which conversation lives where, save/restore, LRU."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from pichat.config import SimConfig
+from pichat.errors import ContextTooLong
+from pichat.protocol import ChatMessage, Request, RequestId, Sampling, SessionId
+from pichat.worker.backend import SavedState
+from pichat.worker.sim import SimModel
+from pichat.worker.slots import SessionStore, SlotManager
+from pichat.worker.textstream import TextStream
+
+FAST = SimConfig(prompt_tps=1e6, gen_tps=1e6, reply_tokens=5, kv_bytes_per_token=100)
+
+
+def state(n_tokens: int, nbytes: int) -> SavedState:
+    return SavedState(tuple(range(n_tokens)), b"", nbytes)
+
+
+def test_store_drops_least_recently_used_to_stay_in_budget():
+    store = SessionStore(budget_bytes=100)
+    assert store.put(SessionId("a"), state(1, 40)) == []
+    assert store.put(SessionId("b"), state(1, 40)) == []
+    assert store.put(SessionId("c"), state(1, 40)) == ["a"]
+    assert store.sessions() == ["b", "c"]
+    assert store.nbytes == 80
+    assert store.take(SessionId("b")) is not None
+    assert store.nbytes == 40
+    assert store.take(SessionId("b")) is None
+
+
+def test_store_refuses_a_state_bigger_than_the_budget():
+    store = SessionStore(budget_bytes=10)
+    assert store.put(SessionId("big"), state(1, 11)) == ["big"]
+    assert len(store) == 0 and store.nbytes == 0
+
+
+def test_store_replacing_a_session_does_not_double_count():
+    store = SessionStore(budget_bytes=100)
+    store.put(SessionId("a"), state(1, 60))
+    store.put(SessionId("a"), state(2, 70))
+    assert store.nbytes == 70 and len(store) == 1
+
+
+class Harness:
+    def __init__(self, slots: int = 1, cache_bytes: int = 1 << 20, n_ctx: int = 4096) -> None:
+        self.manager = SlotManager(SimModel(FAST, n_ctx), slots, threads=1,
+                                   cache_bytes=cache_bytes)
+        self.history: dict[str, list[ChatMessage]] = {}
+
+    def turn(self, session: str | None, text: str):
+        history = self.history.setdefault(session or "-", [])
+        history.append(ChatMessage("user", text))
+        request = Request(RequestId(text), tuple(history), Sampling(temperature=0),
+                          session=SessionId(session) if session else None)
+        slot = self.manager.acquire(request.session)
+        assert slot is not None
+        out = TextStream(lambda _: None)
+        try:
+            result = self.manager.run(slot, request, out, threading.Event())
+        finally:
+            self.manager.release(slot)
+        history.append(ChatMessage("assistant", out.text))
+        return slot.index, result
+
+
+def test_a_returning_session_reuses_everything_but_the_new_turn():
+    h = Harness()
+    _, first = h.turn("s1", "hello there")
+    assert first.cached_tokens == 0
+    _, second = h.turn("s1", "and again")
+    # Everything up to the end of the first answer is reused.
+    assert second.cached_tokens == first.prompt_tokens + first.completion_tokens
+    assert second.prompt_tokens - second.cached_tokens == len("and again".split()) + 4
+
+
+def test_evicted_session_is_saved_and_restored_when_it_returns():
+    h = Harness(slots=1)
+    _, a1 = h.turn("a", "first question")
+    h.turn("b", "another conversation")          # takes the only slot: a is saved
+    assert "a" in h.manager.store.sessions()
+    _, a2 = h.turn("a", "follow up")              # a comes back: restored, not recomputed
+    assert a2.cached_tokens == a1.prompt_tokens + a1.completion_tokens
+    assert "a" not in h.manager.store.sessions()  # it lives in the slot again
+    assert set(h.manager.warm_sessions()) == {"a", "b"}
+
+
+def test_without_room_in_the_store_a_session_is_evicted_and_reported():
+    h = Harness(slots=1, cache_bytes=1)
+    h.turn("a", "first question")
+    h.turn("b", "another conversation")
+    assert h.manager.take_evicted() == ["a"]
+    assert h.manager.take_evicted() == []
+    _, a2 = h.turn("a", "follow up")
+    assert a2.cached_tokens > 0  # only the shared start ("<user>"...) is reusable
+    assert a2.cached_tokens < a2.prompt_tokens - 10
+
+
+def test_a_session_prefers_its_own_slot():
+    h = Harness(slots=2)
+    index_a, _ = h.turn("a", "one")
+    index_b, _ = h.turn("b", "two")
+    assert index_a != index_b
+    assert h.turn("a", "three")[0] == index_a
+    assert h.turn("b", "four")[0] == index_b
+
+
+def test_acquire_returns_none_when_all_slots_are_busy():
+    h = Harness(slots=2)
+    s1 = h.manager.acquire(None)
+    s2 = h.manager.acquire(None)
+    assert s1 is not None and s2 is not None and s1 is not s2
+    assert h.manager.acquire(SessionId("x")) is None
+    assert h.manager.busy == 2
+    h.manager.release(s1)
+    assert h.manager.acquire(SessionId("x")) is s1
+
+
+def test_prompt_longer_than_the_context_is_refused():
+    h = Harness(n_ctx=8)
+    with pytest.raises(ContextTooLong, match="context holds 8"):
+        h.turn("s", "one two three four five six seven eight nine")

@@ -1,0 +1,190 @@
+"""The worker on real sockets, driven by a hand-written router: registration, streaming,
+cancellation, bad input, re-registration and reconnection."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+import pytest
+import zmq.asyncio
+from conftest import free_port
+from peers import Peer
+
+from pichat.config import SimConfig, WorkerConfig
+from pichat.errors import ErrorCode
+from pichat.protocol import (
+    TAG,
+    Cancel,
+    ChatMessage,
+    Chunk,
+    Command,
+    Disconnect,
+    Done,
+    Error,
+    Heartbeat,
+    Ready,
+    Request,
+    RequestId,
+    Sampling,
+    SessionId,
+)
+from pichat.worker.service import Worker
+from pichat.worker.sim import SimModel
+
+
+def request(rid: str, text: str = "hello there", session: str | None = "s1",
+            **sampling) -> Request:
+    return Request(RequestId(rid), (ChatMessage("user", text),),
+                   Sampling(temperature=0, **sampling),
+                   session=SessionId(session) if session else None)
+
+
+async def start(sim: SimConfig, slots: int = 1, ctx: int = 4096, liveness: int = 50):
+    ctx_zmq = zmq.asyncio.Context()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    router = Peer(ctx_zmq, endpoint, bind=True)
+    config = WorkerConfig(router=endpoint, name="w1", backend="sim", slots=slots,
+                          heartbeat_interval=0.1, liveness=liveness, chunk_tokens=4,
+                          reconnect_max=0.5, sim=sim, ctx=ctx)
+    worker = Worker(config, SimModel(sim, ctx))
+    task = asyncio.create_task(worker.run())
+    return ctx_zmq, router, worker, task
+
+
+@pytest.fixture
+async def rig(request):
+    sim = getattr(request, "param", SimConfig(prompt_tps=1e5, gen_tps=2000, reply_tokens=12))
+    ctx, router, worker, task = await start(sim)
+    ready = await router.expect(Ready)
+    yield router, worker, ready
+    worker.stop()
+    await asyncio.wait_for(task, 10)
+    router.close()
+    ctx.term()
+
+
+async def collect(router: Peer, rid: str) -> tuple[str, Done]:
+    text, seq = [], 0
+    while True:
+        message = await router.recv()
+        if isinstance(message, Chunk) and message.id == rid:
+            assert message.seq == seq
+            seq += 1
+            text.append(message.text)
+        elif isinstance(message, Done) and message.id == rid:
+            return "".join(text), message
+        else:
+            raise AssertionError(f"unexpected {message}")
+
+
+async def test_ready_announces_the_worker(rig):
+    _, _, ready = rig
+    assert (ready.worker, ready.model, ready.backend, ready.slots, ready.ctx) == (
+        "w1", "sim", "sim", 1, 4096)
+    assert ready.sessions == ()
+
+
+async def test_a_request_streams_chunks_then_done_with_usage(rig):
+    router, _, _ = rig
+    await router.send(request("r1"))
+    text, done = await collect(router, "r1")
+    assert len(text.split()) == 12
+    assert done.worker == "w1" and done.finish == "stop"
+    assert done.usage.completion_tokens == 12 and done.usage.cached_tokens == 0
+    # The second turn of the session reuses the first one's KV.
+    follow = Request(RequestId("r2"), (ChatMessage("user", "hello there"),
+                                       ChatMessage("assistant", text), ChatMessage("user", "more")),
+                     Sampling(temperature=0), session=SessionId("s1"))
+    await router.send(follow)
+    _, done2 = await collect(router, "r2")
+    assert done2.usage.cached_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+
+
+async def test_heartbeats_report_load_and_warm_sessions(rig):
+    router, _, _ = rig
+    await router.send(request("r1", session="s9"))
+    await collect(router, "r1")
+    beat = await router.expect(Heartbeat, timeout=2)
+    assert beat.warm == 1 and beat.busy == 0
+
+
+@pytest.mark.parametrize("rig", [SimConfig(prompt_tps=1e5, gen_tps=5, reply_tokens=500)],
+                         indirect=True)
+async def test_cancel_stops_the_generation_promptly(rig):
+    router, worker, _ = rig
+    await router.send(request("r1"))
+    await router.expect(Chunk, seq=0)
+    await router.send(Cancel(RequestId("r1")))
+    while True:
+        message = await router.recv(timeout=2)
+        if isinstance(message, Done):
+            break
+    assert message.finish == "cancelled"
+    assert message.usage.completion_tokens < 10
+    assert worker.slots.busy == 0
+
+
+@pytest.mark.parametrize("rig", [SimConfig(prompt_tps=1e5, gen_tps=5, reply_tokens=500)],
+                         indirect=True)
+async def test_more_requests_than_slots_get_busy(rig):
+    router, _, _ = rig
+    await router.send(request("r1"))
+    await router.send(request("r2"))
+    await router.expect(Error, id="r2", code=ErrorCode.BUSY)
+
+
+async def test_malformed_request_gets_an_error_and_the_worker_keeps_serving(rig):
+    router, _, _ = rig
+    await router.send([TAG, bytes([Command.REQUEST]), msgpack.packb({"id": "bad", "messages": 5})])
+    await router.expect(Error, id="bad", code=ErrorCode.PROTOCOL)
+    await router.send([b"noise"])
+    await router.send(request("r1"))
+    _, done = await collect(router, "r1")
+    assert done.finish == "stop"
+
+
+async def test_prompt_longer_than_the_context_is_a_clear_error():
+    ctx, router, worker, task = await start(SimConfig(), ctx=64)
+    try:
+        await router.expect(Ready)
+        await router.send(request("r1", text="word " * 100))
+        error = await router.expect(Error, id="r1", code=ErrorCode.CONTEXT_LENGTH)
+        assert "context holds 64" in error.message
+    finally:
+        worker.stop()
+        await task
+        router.close()
+        ctx.term()
+
+
+@pytest.mark.parametrize("rig", [SimConfig(prompt_tps=1e5, gen_tps=5, reply_tokens=500)],
+                         indirect=True)
+async def test_disconnect_makes_it_drop_its_work_and_register_again(rig):
+    router, worker, _ = rig
+    await router.send(request("r1"))
+    await router.expect(Chunk, seq=0)
+    await router.send(Disconnect("unknown worker: send READY"))
+    while True:  # late chunks of r1 may be in flight; then READY, and nothing more of r1
+        message = await router.recv(timeout=3)
+        if isinstance(message, Ready):
+            break
+        assert isinstance(message, Chunk)
+    assert message.sessions == ("s1",)
+    await router.silent(0.3)
+    assert worker.slots.busy == 0
+
+
+async def test_silent_router_makes_it_reconnect_and_register_again():
+    ctx, router, worker, task = await start(SimConfig(), liveness=3)
+    try:
+        await router.expect(Ready)
+        first = router.peer
+        # Say nothing: after 3 heartbeat intervals the worker gives up on this connection.
+        await router.expect(Ready, timeout=5)
+        assert router.peer != first  # a new connection, a new routing id
+    finally:
+        worker.stop()
+        await task
+        router.close()
+        ctx.term()
