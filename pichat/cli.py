@@ -33,8 +33,8 @@ __all__ = ["main"]
 
 
 def _option(*names: str, env: str, **kwargs: Any) -> Any:
-    return click.option(*names, envvar=f"PICHAT_{env}", show_envvar=True,
-                        show_default=True, **kwargs)
+    kwargs.setdefault("show_default", True)
+    return click.option(*names, envvar=f"PICHAT_{env}", show_envvar=True, **kwargs)
 
 
 def _setup_logging(level: str, role: str) -> None:
@@ -233,7 +233,8 @@ def _sampling_options(f: Any) -> Any:
                 help="Nucleus sampling."),
         _option("--seed", env="SEED", default=None, type=click.IntRange(0, 2**32 - 1),
                 help="Sampling seed [default: random]."),
-        click.option("--stop", multiple=True, help="Stop the answer at this text (repeatable)."),
+        _option("--stop", env="STOP", multiple=True, show_default=False,
+                help="Stop the answer at this text (repeatable; the variable splits on spaces)."),
         _option("--model", env="ASK_MODEL", default=None,
                 help="Only workers serving this model [default: any]."),
     ]):
@@ -255,8 +256,10 @@ def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int | Non
 @_option("--system", env="SYSTEM", default=None, help="A system prompt.")
 @_sampling_options
 @timeout_option
-@click.option("--json", "as_json", is_flag=True, help="Print the answer and its usage as JSON.")
-@click.option("--stats", is_flag=True, help="Print worker, timings and cache use to stderr.")
+@_option("--json", "as_json", env="JSON", is_flag=True,
+         help="Print the answer and its usage as JSON.")
+@_option("--stats", env="STATS", is_flag=True,
+         help="Print worker, timings and cache use to stderr.")
 def ask(prompt: str | None, router: str, session: str | None, system: str | None,
         max_tokens: int, temperature: float, top_p: float, seed: int | None,
         stop: tuple[str, ...], model: str | None, timeout: float | None, as_json: bool,
@@ -316,7 +319,7 @@ def chat(router: str, session: str | None, system: str | None, max_tokens: int,
 
 @main.command()
 @router_option
-@click.option("--json", "as_json", is_flag=True, help="Print the raw snapshot as JSON.")
+@_option("--json", "as_json", env="JSON", is_flag=True, help="Print the raw snapshot as JSON.")
 def status(router: str, as_json: bool) -> None:
     """Show the cluster: workers (model, slots busy/total, warm sessions, tokens/s) and
     the queue.
@@ -358,9 +361,9 @@ def status(router: str, as_json: bool) -> None:
          help="Where clients connect.")
 @_option("--workers-bind", env="WORKERS_BIND", default="tcp://127.0.0.1:5556",
          help="Where workers connect.")
-@click.option("--prompt", default=None, help="Once the workers are up, ask this and print "
-              "the answer.")
-@click.option("--once", is_flag=True, help="Stop the cluster after answering --prompt.")
+@_option("--prompt", env="UP_PROMPT", default=None,
+         help="Once the workers are up, ask this and print the answer.")
+@_option("--once", env="UP_ONCE", is_flag=True, help="Stop the cluster after answering --prompt.")
 @log_level_option
 def up(n_workers: int, backend: str, model: str, slots: int, threads: int | None, ctx: int,
        policy: str, clients_bind: str, workers_bind: str, prompt: str | None, once: bool,

@@ -22,9 +22,7 @@ def test_help_explains_the_command_with_an_example(command):
 def test_every_option_has_an_environment_variable():
     for name, command in main.commands.items():
         for param in command.params:
-            if param.name in ("help", "as_json", "stats", "stop", "prompt", "once", "name_arg"):
-                continue
-            if param.param_type_name == "option":
+            if param.param_type_name == "option" and param.name != "help":
                 assert param.envvar and param.envvar.startswith("PICHAT_"), f"{name} --{param.name}"
 
 

@@ -249,3 +249,26 @@ def test_up_once_answers_the_prompt_and_exits(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "> Hello" in out.stdout and "TTFT" in out.stdout
+
+
+async def test_chat_keeps_one_session_across_turns(cluster: Cluster):
+    cluster.router()
+    cluster.worker("w1", "--sim-reply-tokens", "6")
+    cluster.worker("w2", "--sim-reply-tokens", "6")
+    await cluster.wait_workers(2)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pichat", "chat", "--router", cluster.client_endpoint,
+        "--temperature", "0", cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(
+        proc.communicate(b"my name is Ada\nwhat is my name\n/new\nhello again\n/quit\n"), 60)
+    assert proc.returncode == 0, err.decode()
+    stats = [line for line in err.decode().splitlines() if "TTFT" in line]
+    assert len(stats) == 3, err.decode()
+    workers = [line.split(":")[0].strip("[") for line in stats]
+    cached = [int(line.split("(")[1].split()[0]) for line in stats]
+    assert workers[0] == workers[1]          # the second turn went back to the same worker
+    assert cached[1] > cached[0]             # and reused the first turn's KV
+    assert "new conversation" in err.decode()
+    answers = [line.strip("> ") for line in out.decode().splitlines() if line.strip("> ")]
+    assert len(answers) == 3 and all(len(a.split()) == 6 for a in answers)

@@ -157,3 +157,24 @@ def test_a_file_that_is_not_gguf_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not a model at all")
     with pytest.raises(PichatError, match="cannot load GGUF model"):
         LlamaModel(bad, n_ctx=128)
+
+
+def test_cancel_during_a_long_prompt_stops_between_slices(model, monkeypatch):
+    from pichat.worker import llama
+
+    ctx = model.new_context(1)
+    cancelled = threading.Event()
+    evals = []
+    real_eval = ctx.llm.eval
+
+    def eval_then_cancel(tokens):
+        evals.append(len(tokens))
+        real_eval(tokens)
+        cancelled.set()  # as if CANCEL arrived while this slice was being read
+
+    monkeypatch.setattr(ctx.llm, "eval", eval_then_cancel)
+    long_prompt = model.chat_tokens((ChatMessage("user", "hello world " * 150),))
+    assert len(long_prompt) > 2 * llama.PREFILL_SLICE
+    result, text = generate(ctx, long_prompt, cancelled=cancelled)
+    assert (result.finish, text) == ("cancelled", "")
+    assert evals == [llama.PREFILL_SLICE]

@@ -163,7 +163,6 @@ class Router:
                 self._send_worker(worker, _HEARTBEAT)
             for client in {job.client for job in self.jobs.values()}:
                 self._send_client(client, _HEARTBEAT)
-            self._tick()
 
     # --- clients ----------------------------------------------------------------------
 

@@ -42,6 +42,11 @@ FALLBACK_TEMPLATE = (
 _SEQ = 0
 """Each context holds one conversation, as llama.cpp sequence 0."""
 
+PREFILL_SLICE = 128
+"""Prompt tokens evaluated per call, so a cancel is noticed between calls. Measured here
+(0.5B model, 2 threads, 1024-token prompt): 512, 256 and 128 all read ~300 tokens/s, 64
+read 4 % slower. On a Pi at 15 tokens/s, 128 tokens is ~8 s of latency for a cancel."""
+
 
 class LlamaModel:
     backend = "llama"
@@ -159,15 +164,15 @@ class LlamaContext:
         llm = self.llm
         t0 = time.perf_counter()
         cached = min(common_prefix(self.tokens(), prompt), len(prompt) - 1)
-        # Evaluate the new part of the prompt batch by batch, so that a cancel does not
+        # Evaluate the new part of the prompt slice by slice, so that a cancel does not
         # wait for a long prompt (minutes on a Pi) to finish. `Llama.eval` drops any KV
         # beyond n_tokens before it decodes.
         llm.n_tokens = cached
-        for start in range(cached, len(prompt), llm.n_batch):
+        for start in range(cached, len(prompt), PREFILL_SLICE):
             if cancelled.is_set():
                 return Generation("cancelled", len(prompt), cached, 0,
                                   (time.perf_counter() - t0) * 1000, 0.0)
-            llm.eval(prompt[start:start + llm.n_batch])
+            llm.eval(prompt[start:start + PREFILL_SLICE])
         # Now the whole prompt is held: Llama.generate finds it cached and samples at once.
         llm.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(32))
         limit = min(sampling.max_tokens, llm.n_ctx() - len(prompt))

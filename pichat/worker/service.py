@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import signal
 import threading
@@ -67,8 +68,6 @@ class Worker:
         self.model = model
         self.slots = SlotManager(model, config.slots, config.threads, config.cache_mb << 20)
         self.jobs: dict[RequestId, _Job] = {}
-        self.registered = asyncio.Event()
-        """Set while a READY has been sent on a live connection (for tests and `up`)."""
         self.epoch = 0
         self.tps = 0.0
         self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"slot{i}")
@@ -88,12 +87,20 @@ class Worker:
         self._stop_requested = True
         self._wake.set()
 
+    def _on_signal(self) -> None:
+        if self._stop_requested:
+            # Second signal: a generation thread may be deep in a long prompt; do not wait.
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        log.info("stopping (signal again to exit at once)")
+        self.stop()
+
     async def run(self, *, handle_signals: bool = False) -> None:
         loop = asyncio.get_running_loop()
         self._ctx = zmq.Context()
         if handle_signals:
             for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, self.stop)
+                loop.add_signal_handler(signum, self._on_signal)
         backoff = _BACKOFF_START
         try:
             while not self._stop_requested:
@@ -157,7 +164,6 @@ class Worker:
                     break
                 self._send_heartbeat()
         finally:
-            self.registered.clear()
             if not self._stop_requested:  # on stop, _shutdown says goodbye on this socket
                 await self._cancel_all()
                 self._channel.close()
@@ -199,7 +205,6 @@ class Worker:
                 pass
             case Disconnect():
                 log.info("router says: %s", message.reason)
-                self.registered.clear()
                 self._reregister = True
                 self._wake.set()
             case Error():
@@ -292,7 +297,6 @@ class Worker:
             sessions=tuple(self.slots.warm_sessions()),
         )))
         self.slots.take_evicted()  # the READY's session list supersedes them
-        self.registered.set()
         log.info("worker %s: READY sent to %s (%s, %d slots)", self.config.name,
                  self.config.router, model.name, self.config.slots)
 
