@@ -364,7 +364,9 @@ def status(router: str, as_json: bool) -> None:
 @_option("--prompt", env="UP_PROMPT", default=None,
          help="Once the workers are up, ask this and print the answer.")
 @_option("--once", env="UP_ONCE", is_flag=True, help="Stop the cluster after answering --prompt.")
-@log_level_option
+@_option("--log-level", env="LOG_LEVEL", default="warning",
+         type=click.Choice(["debug", "info", "warning", "error"]),
+         help="How much the router and workers log.")
 def up(n_workers: int, backend: str, model: str, slots: int, threads: int | None, ctx: int,
        policy: str, clients_bind: str, workers_bind: str, prompt: str | None, once: bool,
        log_level: str) -> None:
@@ -384,7 +386,9 @@ def up(n_workers: int, backend: str, model: str, slots: int, threads: int | None
         log_level=log_level,
     )
     try:
-        code = asyncio.run(run_cluster(config, prompt=prompt, once=once))
+        code = asyncio.run(run_cluster(
+            config, prompt=prompt, once=once, say=lambda text: click.echo(text, err=True),
+            write=lambda text: click.echo(text, nl=False)))
     except PichatError as exc:
         _fail(exc)
     sys.exit(code)

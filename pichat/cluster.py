@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,7 +46,7 @@ class ClusterConfig:
     policy: Policy = "affinity"
     clients_bind: str = "tcp://127.0.0.1:5555"
     workers_bind: str = "tcp://127.0.0.1:5556"
-    log_level: Literal["debug", "info", "warning", "error"] | str = "info"
+    log_level: Literal["debug", "info", "warning", "error"] | str = "warning"
     ready_timeout: float = 600.0
     worker_args: tuple[str, ...] = ()
     """More `pichat worker` options, passed to every worker."""
@@ -139,9 +140,14 @@ class LocalCluster:
                     proc.wait()
 
 
-async def run_cluster(config: ClusterConfig, *, prompt: str | None = None,
-                      once: bool = False) -> int:
-    """Run until Ctrl-C / SIGTERM (or, with `once`, until `prompt` is answered)."""
+async def run_cluster(config: ClusterConfig, *, prompt: str | None = None, once: bool = False,
+                      say: Callable[[str], None] = log.info,
+                      write: Callable[[str], None] | None = None) -> int:
+    """Run until Ctrl-C / SIGTERM (or, with `once`, until `prompt` is answered).
+
+    `say` reports progress to the user; `write` shows the prompt's answer as it streams.
+    """
+    write = write or say
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -151,14 +157,13 @@ async def run_cluster(config: ClusterConfig, *, prompt: str | None = None,
         cluster.start()
         async with Client(ClientConfig(router=cluster.client_endpoint)) as client:
             await cluster.wait_ready(client)
-            log.info("ready: %d workers behind %s. Try: ./scripts/send_prompt.sh \"Hello\" "
-                     "(Ctrl-C stops the cluster)", config.workers, cluster.client_endpoint)
+            say(f"pichat: {config.workers} workers ready behind {cluster.client_endpoint}. Try "
+                "./scripts/send_prompt.sh \"Hello\" in another shell; Ctrl-C stops the cluster.")
             if prompt:
-                print(f"> {prompt}", flush=True)
-                reply = await client.chat(
-                    [ChatMessage("user", prompt)], sampling=Sampling(max_tokens=200),
-                    on_text=lambda text: print(text, end="", flush=True))
-                print(f"\n{format_stats(reply)}", flush=True)
+                write(f"> {prompt}\n")
+                reply = await client.chat([ChatMessage("user", prompt)],
+                                          sampling=Sampling(max_tokens=200), on_text=write)
+                write(f"\n{format_stats(reply)}\n")
                 if once:
                     return 0
         while not stop.is_set():
@@ -166,9 +171,9 @@ async def run_cluster(config: ClusterConfig, *, prompt: str | None = None,
                 await asyncio.wait_for(stop.wait(), 1.0)
             except TimeoutError:
                 if dead := cluster.dead():
-                    log.error("stopping the cluster: %s exited", ", ".join(dead))
+                    say(f"pichat: {', '.join(dead)} exited; stopping the cluster")
                     return 1
         return 0
     finally:
-        log.info("stopping the cluster")
+        say("pichat: stopping the cluster")
         cluster.stop()
