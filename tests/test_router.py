@@ -180,6 +180,17 @@ async def test_unknown_worker_is_told_to_register(h):
     await stranger.expect(Disconnect)
 
 
+async def test_an_unknown_worker_is_told_once_per_interval_not_per_message(h):
+    stranger = Peer(h.ctx, h.worker_ep)
+    h.peers.append(stranger)
+    for _ in range(5):  # e.g. the chunks it was still streaming when the router restarted
+        await stranger.send(Heartbeat())
+    await stranger.expect(Disconnect)
+    await stranger.silent(0.05)
+    await stranger.send(ready("stranger"))
+    await workers_known(h, 1)
+
+
 async def test_bad_worker_frames_are_ignored(h):
     worker = await h.worker("w1")
     await workers_known(h, 1)

@@ -93,6 +93,7 @@ class Router:
         self._clients: Channel | None = None
         self._workers: Channel | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._told_to_register: dict[WorkerId, float] = {}
         self._accepting = True
 
     # --- lifecycle --------------------------------------------------------------------
@@ -258,7 +259,7 @@ class Router:
             return
         if not self.scheduler.heard_from(worker, now):
             if not isinstance(message, Disconnect):
-                self._send_worker(worker, _UNKNOWN_WORKER)
+                self._tell_to_register(worker, now)
             return
         match message:
             case Heartbeat():
@@ -278,7 +279,19 @@ class Router:
             case _:
                 log.warning("worker %s sent %s; ignored", self._name(worker), message.COMMAND.name)
 
+    def _tell_to_register(self, worker: WorkerId, now: float) -> None:
+        """DISCONNECT an unknown worker, once per heartbeat interval: the messages it sent
+        before it heard us must not each trigger another re-registration."""
+        told = self._told_to_register.get(worker)
+        if told is not None and now - told < self.config.heartbeat_interval:
+            return
+        if len(self._told_to_register) > 10_000:
+            self._told_to_register.clear()
+        self._told_to_register[worker] = now
+        self._send_worker(worker, _UNKNOWN_WORKER)
+
     def _on_ready(self, worker: WorkerId, ready: Ready, now: float) -> None:
+        self._told_to_register.pop(worker, None)
         log.info("worker %s ready: model %s (%s), %d slots, ctx %d, %d warm sessions",
                  ready.worker, ready.model, ready.backend, ready.slots, ready.ctx,
                  len(ready.sessions))
@@ -375,7 +388,7 @@ class Router:
                         self.counts["workers_lost"] += 1
                         log.warning("worker %s lost: %s", info.ready.worker, reason)
                         # If it is only slow (stopped, partitioned) it must re-register.
-                        self._send_worker(worker, _UNKNOWN_WORKER)
+                        self._tell_to_register(worker, self._now())
         self._arm_timer()
 
     def _tick(self) -> None:

@@ -205,6 +205,7 @@ class Worker:
                 pass
             case Disconnect():
                 log.info("router says: %s", message.reason)
+                self.epoch += 1  # from now on, nothing of the old jobs is sent
                 self._reregister = True
                 self._wake.set()
             case Error():
