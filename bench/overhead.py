@@ -87,7 +87,7 @@ async def main(argv: list[str] | None = None) -> list[str]:
     return [
         "               direct      via router   ratio",
         f"TTFT p50       {dt * 1000:6.0f} ms   {rt * 1000:6.0f} ms    {rt / dt:5.2f}  "
-        f"(router adds {(rt - dt) * 1000:.0f} ms)",
+        f"(router: {(rt - dt) * 1000:+.1f} ms)",
         f"tokens/s p50   {ds:9.1f}   {rs:9.1f}      {rs / ds:5.2f}",
         f"router forwarding: {rate:,.0f} tokens/s streamed to 16 clients from 4 simulated "
         f"workers ({total:,} tokens)",
