@@ -18,6 +18,7 @@ import click
 from pichat import __version__
 from pichat.config import (
     DEFAULT_CLIENT_ENDPOINT,
+    DEFAULT_HEALTH_ENDPOINT,
     DEFAULT_WORKER_ENDPOINT,
     ClientConfig,
     RouterConfig,
@@ -60,6 +61,10 @@ max_message_option = _option("--max-message-bytes", env="MAX_MESSAGE_BYTES",
                                   "the connection.")
 heartbeat_option = _option("--heartbeat", env="HEARTBEAT", default=1.0,
                            type=click.FloatRange(0.05), help="Seconds between heartbeats.")
+health_bind_option = _option("--health-bind", env="HEALTH_BIND", default="",
+                             help="Answer `pichat health` on this endpoint, e.g. "
+                                  "ipc:///tmp/pichat-health.ipc [default: off].",
+                             show_default=False)
 liveness_option = _option("--liveness", env="LIVENESS", default=3, type=click.IntRange(1),
                           help="Missed heartbeats after which the peer counts as dead.")
 
@@ -100,11 +105,12 @@ def main() -> None:
 @heartbeat_option
 @liveness_option
 @max_message_option
+@health_bind_option
 @log_level_option
 def router(clients_bind: str, workers_bind: str, policy: str, affinity_wait: float,
            queue_limit: int, queue_timeout: float, request_timeout: float,
            drain_timeout: float, heartbeat: float, liveness: int, max_message_bytes: int,
-           log_level: str) -> None:
+           health_bind: str, log_level: str) -> None:
     """Run the router: the broker between clients and workers.
 
     \b
@@ -129,6 +135,7 @@ def router(clients_bind: str, workers_bind: str, policy: str, affinity_wait: flo
         liveness=liveness,
         max_message_bytes=max_message_bytes,
         drain_timeout=drain_timeout,
+        health_bind=health_bind,
     )
     try:
         asyncio.run(Router(config).run(handle_signals=True))
@@ -169,11 +176,13 @@ def router(clients_bind: str, workers_bind: str, policy: str, affinity_wait: flo
 @heartbeat_option
 @liveness_option
 @max_message_option
+@health_bind_option
 @log_level_option
 def worker(router: str, name: str | None, backend: str, model: str, slots: int,
            threads: int, ctx: int, cache_mb: int, chunk_tokens: int, chunk_interval: float,
            sim_prompt_tps: float, sim_gen_tps: float, sim_reply_tokens: int,
-           heartbeat: float, liveness: int, max_message_bytes: int, log_level: str) -> None:
+           heartbeat: float, liveness: int, max_message_bytes: int, health_bind: str,
+           log_level: str) -> None:
     """Run a worker: serve a model to the router.
 
     \b
@@ -200,6 +209,7 @@ def worker(router: str, name: str | None, backend: str, model: str, slots: int,
         chunk_tokens=chunk_tokens,
         chunk_interval=chunk_interval,
         max_message_bytes=max_message_bytes,
+        health_bind=health_bind,
         sim=SimConfig(prompt_tps=sim_prompt_tps, gen_tps=sim_gen_tps,
                       reply_tokens=sim_reply_tokens),
     )
@@ -340,6 +350,40 @@ def status(router: str, as_json: bool) -> None:
     except PichatError as exc:
         _fail(exc)
     click.echo(json.dumps(snapshot, indent=2) if as_json else format_status(snapshot))
+
+
+@main.command()
+@_option("--endpoint", env="HEALTH_BIND", default=DEFAULT_HEALTH_ENDPOINT,
+         help="The daemon's --health-bind endpoint.")
+@_option("--timeout", env="HEALTH_TIMEOUT", default=3.0, type=click.FloatRange(0.1),
+         help="Seconds to wait for the answer.")
+@_option("--json", "as_json", env="JSON", is_flag=True,
+         help="Print the daemon's whole answer as JSON.")
+def health(endpoint: str, timeout: float, as_json: bool) -> None:
+    """Ask a router or worker on this machine whether it is healthy (exit 0) or not (1).
+
+    A worker is healthy while it hears its router; a router while it serves. This is the
+    Docker image's HEALTHCHECK.
+
+    \b
+    Example:
+      pichat worker --health-bind ipc:///tmp/pichat-health.ipc &
+      pichat health --endpoint ipc:///tmp/pichat-health.ipc
+    """
+    from pichat.health import probe
+
+    try:
+        answer = asyncio.run(probe(endpoint, timeout))
+    except PichatError as exc:
+        click.echo(f"unhealthy: {exc}", err=True)
+        sys.exit(1)
+    healthy = bool(answer.get("healthy"))
+    if as_json:
+        click.echo(json.dumps(answer))
+    else:
+        details = ", ".join(f"{k} {v}" for k, v in answer.items() if k not in ("healthy",))
+        click.echo(f"{'healthy' if healthy else 'unhealthy'}: {details}")
+    sys.exit(0 if healthy else 1)
 
 
 # --- local cluster and models ---------------------------------------------------------

@@ -13,6 +13,7 @@ from pichat.router.scheduler import Policy, SchedulerConfig
 __all__ = [
     "DEFAULT_CLIENT_ENDPOINT",
     "DEFAULT_WORKER_ENDPOINT",
+    "DEFAULT_HEALTH_ENDPOINT",
     "Backend",
     "RouterConfig",
     "WorkerConfig",
@@ -25,6 +26,7 @@ DEFAULT_CLIENT_PORT = 5555
 DEFAULT_WORKER_PORT = 5556
 DEFAULT_CLIENT_ENDPOINT = f"tcp://127.0.0.1:{DEFAULT_CLIENT_PORT}"
 DEFAULT_WORKER_ENDPOINT = f"tcp://127.0.0.1:{DEFAULT_WORKER_PORT}"
+DEFAULT_HEALTH_ENDPOINT = "ipc:///tmp/pichat-health.ipc"
 
 Backend: TypeAlias = Literal["llama", "sim"]
 
@@ -45,6 +47,8 @@ class RouterConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     drain_timeout: float = 30.0
     """On the first SIGTERM/SIGINT, how long running requests may finish."""
+    health_bind: str = ""
+    """Where to answer `pichat health` (see pichat/health.py); empty: nowhere."""
 
     @property
     def policy(self) -> Policy:
@@ -83,6 +87,7 @@ class WorkerConfig:
     """A CHUNK goes out after this many tokens or this many seconds, whichever comes first
     (the first token always goes out at once)."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    health_bind: str = ""
     sim: SimConfig = field(default_factory=SimConfig)
 
 

@@ -272,3 +272,31 @@ async def test_chat_keeps_one_session_across_turns(cluster: Cluster):
     assert "new conversation" in err.decode()
     answers = [line.strip("> ") for line in out.decode().splitlines() if line.strip("> ")]
     assert len(answers) == 3 and all(len(a.split()) == 6 for a in answers)
+
+
+async def test_health_asks_the_process_itself(cluster: Cluster, tmp_path: Path):
+    router_health, worker_health = f"ipc://{tmp_path}/r.ipc", f"ipc://{tmp_path}/w.ipc"
+    router = cluster.router("--health-bind", router_health)
+    cluster.worker("w1", "--health-bind", worker_health)
+    await cluster.wait_workers(1)
+
+    async def health(endpoint: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pichat", "health", "--endpoint", endpoint, "--timeout", "2",
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        return proc.returncode, out.decode()
+
+    code, out = await health(router_health)
+    assert code == 0 and out.startswith("healthy: role router") and "workers 1" in out, out
+    code, out = await health(worker_health)
+    assert code == 0 and "role worker" in out and "connected True" in out, out
+    router.kill()
+    for _ in range(50):  # the worker notices its router is gone within 3 heartbeats
+        code, out = await health(worker_health)
+        if code:
+            break
+        await asyncio.sleep(0.1)
+    assert code == 1 and out.startswith("unhealthy") and "connected False" in out
+    code, out = await health(f"ipc://{tmp_path}/nobody.ipc")
+    assert code == 1 and "no answer" in out

@@ -23,6 +23,7 @@ import zmq
 from pichat import __version__
 from pichat.config import RouterConfig
 from pichat.errors import ErrorCode, ProtocolError
+from pichat.health import HealthEndpoint
 from pichat.protocol import (
     Cancel,
     Chunk,
@@ -104,6 +105,7 @@ class Router:
         clients = ctx.socket(zmq.ROUTER)
         workers = ctx.socket(zmq.ROUTER)
         stop = asyncio.Event()
+        health: HealthEndpoint | None = None
         try:
             for sock in (clients, workers):
                 configure(sock, max_message_bytes=self.config.max_message_bytes)
@@ -113,6 +115,8 @@ class Router:
             self.workers_endpoint = workers.getsockopt_string(zmq.LAST_ENDPOINT)
             self._clients = Channel(clients, self._on_client, loop)
             self._workers = Channel(workers, self._on_worker, loop)
+            if self.config.health_bind:
+                health = HealthEndpoint(ctx, self.config.health_bind, self._health, loop)
             if handle_signals:
                 self._install_signals(loop, stop)
             log.info("router %s: clients on %s, workers on %s, policy %s", __version__,
@@ -124,6 +128,8 @@ class Router:
                 await self._drain()
                 heartbeats.cancel()
         finally:
+            if health is not None:
+                health.close()
             if self._timer is not None:
                 self._timer.cancel()
             for channel in (self._clients, self._workers):
@@ -296,6 +302,7 @@ class Router:
                  ready.worker, ready.model, ready.backend, ready.slots, ready.ctx,
                  len(ready.sessions))
         self.workers[worker] = _WorkerInfo(ready, time.time(), Heartbeat(warm=len(ready.sessions)))
+        self._send_worker(worker, _HEARTBEAT)  # an acknowledgement: "I know you now"
         self._apply(self.scheduler.add_worker(worker, ready.model, ready.slots, now,
                                               ready.sessions))
 
@@ -417,6 +424,11 @@ class Router:
         return info.ready.worker if info else worker.hex()
 
     # --- status -----------------------------------------------------------------------
+
+    def _health(self) -> dict[str, Any]:
+        return {"role": "router", "healthy": self._accepting,
+                "workers": len(self.workers), "active": len(self.jobs),
+                "queue": self.scheduler.queue_depth}
 
     def snapshot(self) -> dict[str, Any]:
         """The cluster as `pichat status --json` shows it."""

@@ -23,6 +23,7 @@ import zmq
 from pichat import __version__
 from pichat.config import WorkerConfig
 from pichat.errors import ErrorCode, PichatError, ProtocolError
+from pichat.health import HealthEndpoint
 from pichat.protocol import (
     Cancel,
     Chunk,
@@ -75,6 +76,8 @@ class Worker:
         self._channel: Channel | None = None
         self._ctx: zmq.Context | None = None
         self._last_heard = 0.0
+        self._heard_on_this_connection = False
+        self._health: HealthEndpoint | None = None
         self._wake = asyncio.Event()
         self._stop_requested = False
         self._reregister = False
@@ -98,6 +101,8 @@ class Worker:
     async def run(self, *, handle_signals: bool = False) -> None:
         loop = asyncio.get_running_loop()
         self._ctx = zmq.Context()
+        if self.config.health_bind:
+            self._health = HealthEndpoint(self._ctx, self.config.health_bind, self.health, loop)
         if handle_signals:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, self._on_signal)
@@ -129,6 +134,8 @@ class Worker:
         await self._cancel_all()
         if self._channel is not None:
             self._channel.close(linger_ms=500)  # let the DISCONNECT out
+        if self._health is not None:
+            self._health.close()
         for executor in self._executors:
             executor.shutdown(wait=True)
         self.model.close()
@@ -144,6 +151,7 @@ class Worker:
         configure(sock, max_message_bytes=self.config.max_message_bytes)
         sock.connect(self.config.router)
         self._channel = Channel(sock, self._on_message, loop)
+        self._heard_on_this_connection = False
         self._send_ready()
         started = self._last_heard = loop.time()
         silence_limit = self.config.heartbeat_interval * self.config.liveness
@@ -179,6 +187,19 @@ class Worker:
             await asyncio.gather(*tasks, return_exceptions=True)
         self.jobs.clear()
 
+    def health(self) -> dict:
+        """This worker as `pichat health` shows it: healthy while it hears its router."""
+        silent = asyncio.get_running_loop().time() - self._last_heard
+        connected = (self._heard_on_this_connection and not self._stop_requested
+                     and silent <= self.config.heartbeat_interval * self.config.liveness)
+        return {
+            "role": "worker", "healthy": connected, "name": self.config.name,
+            "model": self.model.name, "backend": self.model.backend,
+            "router": self.config.router, "connected": connected,
+            "last_heard_s": round(silent, 2) if self._heard_on_this_connection else None,
+            "slots": self.config.slots, "busy": self.slots.busy,
+        }
+
     # --- messages ---------------------------------------------------------------------
 
     def _on_message(self, frames: list[bytes]) -> None:
@@ -190,6 +211,7 @@ class Worker:
                 self._send(encode(Error(exc.request_id, exc.code, str(exc))))
             return
         self._last_heard = asyncio.get_running_loop().time()
+        self._heard_on_this_connection = True
         self._handle(message)
 
     def _handle(self, message: Message) -> None:
