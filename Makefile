@@ -9,13 +9,29 @@ WORKERS ?= 2
 PROMPT ?= Hello, how are you?
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast lint bench clean help
+# Docker: `make build`, `make up` / `down` / `logs`, `make swarm-deploy` / `swarm-rm`.
+DOCKER ?= docker
+IMAGE ?= pichat:latest
+ARCH ?= $(shell uname -m | sed -e 's/x86_64/amd64/' -e 's/aarch64/arm64/')
+PLATFORM ?= linux/$(ARCH)
+BASE_IMAGE ?= python:3.11-slim-bookworm
+BUILD_IMAGE ?= $(BASE_IMAGE)
+DOCKER_BUILD_ARGS ?=
+STACK ?= pichat
+COMPOSE := scripts/compose.sh -f docker/compose.yml
+
+.PHONY: install run test test-fast lint bench install-systemd build up down logs swarm-deploy \
+	swarm-rm docker-e2e systemd-e2e clean help
 
 help:
 	@echo "make run      start a router + $(WORKERS) workers on the default model and answer a prompt"
 	@echo "make test     run the test suite"
 	@echo "make bench    run the benchmarks (affinity vs round-robin, router overhead)"
 	@echo "make install  only set up $(VENV): llama-cpp-python built for this CPU, pichat, the default model"
+	@echo "make install-systemd   (as root) pichat as systemd services in /opt/pichat"
+	@echo "make build / up / down / logs       the Docker image and a compose cluster"
+	@echo "make swarm-deploy / swarm-rm         the Swarm stack"
+	@echo "make docker-e2e / systemd-e2e        deployment end-to-end checks (minutes; root)"
 
 install: $(STAMP)
 
@@ -41,6 +57,36 @@ lint: install
 
 bench: install
 	$(PY) bench/run.py
+
+install-systemd:
+	scripts/install-systemd.sh
+
+build:
+	scripts/docker-wheelhouse.sh $(PLATFORM)
+	$(DOCKER) build $(DOCKER_BUILD_ARGS) -f docker/Dockerfile --build-arg TARGETARCH=$(ARCH) \
+		--build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg BUILD_IMAGE=$(BUILD_IMAGE) -t $(IMAGE) docker/
+
+up:
+	PICHAT_IMAGE=$(IMAGE) $(COMPOSE) up -d
+	@echo "pichat is starting (workers load the model first): ./scripts/send_prompt.sh \"Hello\""
+
+down:
+	$(COMPOSE) down
+
+logs:
+	$(COMPOSE) logs --follow --tail 100
+
+swarm-deploy:
+	PICHAT_IMAGE=$(IMAGE) $(DOCKER) stack deploy -c docker/stack.yml $(STACK)
+
+swarm-rm:
+	$(DOCKER) stack rm $(STACK)
+
+docker-e2e: install
+	scripts/docker-e2e.sh
+
+systemd-e2e: install
+	scripts/systemd-e2e.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

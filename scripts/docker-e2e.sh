@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The Docker paths end to end (`make docker-e2e`; needs root where no engine runs):
+#   1. a Docker engine (started here if none answers; stopped again at the end)
+#   2. base images: pulled if a registry answers, else made locally with debootstrap
+#   3. `make build` (offline: --network none), then `make up` with two workers
+#   4. a prompt through scripts/send_prompt.sh; kill one worker; a second prompt
+#   5. `make down`; then a one-node Swarm, `make swarm-deploy`, a prompt, `make swarm-rm`
+# The workers' model volume is seeded from this machine's model cache (no download).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+pichat=.venv/bin/pichat
+models=${PICHAT_MODEL_DIR:-$HOME/.cache/pichat/models}
+port=${PICHAT_E2E_PORT:-15555}
+started_engine=""
+swarm_started=""
+
+step() { printf '\n== %s\n' "$*"; }
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+cleanup() {
+    set +e
+    step "cleaning up"
+    PICHAT_PUBLISH="127.0.0.1:$port" scripts/compose.sh -f docker/compose.yml down --volumes >/dev/null 2>&1
+    docker stack rm pichat-e2e >/dev/null 2>&1
+    [ -n "$swarm_started" ] && docker swarm leave --force >/dev/null 2>&1
+    docker volume rm pichat_models pichat-e2e_models >/dev/null 2>&1
+    [ -n "$started_engine" ] && scripts/docker-engine.sh stop
+}
+trap cleanup EXIT
+
+step "Docker engine"
+docker info >/dev/null 2>&1 || started_engine=yes
+DOCKER_HOST=$(scripts/docker-engine.sh start)
+export DOCKER_HOST
+docker version --format 'client {{.Client.Version}}, server {{.Server.Version}}'
+
+step "base images"
+base=${BASE_IMAGE:-python:3.11-slim-bookworm}
+build=${BUILD_IMAGE:-$base}
+if ! docker image inspect "$base" >/dev/null 2>&1 && ! timeout 30 docker pull "$base" >/dev/null 2>&1; then
+    echo "no registry answers: making local base images with debootstrap"
+    scripts/docker-base-image.sh linux/amd64
+    base=local/debian-py:bookworm
+    build=local/debian-py-build:bookworm
+fi
+echo "base $base, build $build"
+
+step "make build"
+make --no-print-directory build BASE_IMAGE="$base" BUILD_IMAGE="$build" DOCKER_BUILD_ARGS="--network none"
+
+seed_volume() {  # volume: copy this machine's verified model into it
+    docker volume create "$1" >/dev/null
+    docker run --rm --user 0 --entrypoint sh -v "$1":/models -v "$models":/src:ro pichat:latest \
+        -c 'cp -a /src/*.gguf /src/*.sha256.json /models/ && chown -R 10001:10001 /models'
+}
+
+wait_workers() {  # endpoint, count
+    for _ in $(seq 180); do
+        n=$($pichat status --router "$1" --json 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["workers"]))' 2>/dev/null || echo 0)
+        [ "$n" -ge "$2" ] && return 0
+        sleep 1
+    done
+    return 1
+}
+
+ask() {  # endpoint, prompt: prints the answer, fails if empty
+    local answer
+    answer=$(PICHAT_ROUTER="$1" ./scripts/send_prompt.sh "$2" --max-tokens 60 --temperature 0 --stats)
+    echo "$answer"
+    [ -n "$(echo "$answer" | tr -d '[:space:]')" ] || fail "empty answer to: $2"
+}
+
+step "make up (compose: router + 2 workers)"
+seed_volume pichat_models
+PICHAT_PUBLISH="127.0.0.1:$port" make --no-print-directory up
+endpoint="tcp://127.0.0.1:$port"
+wait_workers "$endpoint" 2 || { scripts/compose.sh -f docker/compose.yml logs; fail "workers did not register"; }
+$pichat status --router "$endpoint"
+
+step "a prompt"
+ask "$endpoint" "Hello, how are you?"
+
+step "kill one worker; the other answers"
+victim=$(scripts/compose.sh -f docker/compose.yml ps -q worker | head -1)
+docker kill "$victim" >/dev/null
+ask "$endpoint" "What is the capital of France?"
+$pichat status --router "$endpoint"
+
+step "health checks"
+for c in $(scripts/compose.sh -f docker/compose.yml ps -q); do
+    docker exec "$c" pichat health || fail "container $c is not healthy"
+done
+
+step "make down"
+PICHAT_PUBLISH="127.0.0.1:$port" make --no-print-directory down
+
+step "Swarm (one node)"
+if [ "$(docker info --format '{{.Swarm.LocalNodeState}}')" != active ]; then
+    docker swarm init --advertise-addr 127.0.0.1 >/dev/null
+    swarm_started=yes
+fi
+seed_volume pichat-e2e_models
+PICHAT_PUBLISH_PORT=$port make --no-print-directory swarm-deploy STACK=pichat-e2e
+wait_workers "$endpoint" 1 || { docker service ps pichat-e2e_router pichat-e2e_worker --no-trunc; docker service logs pichat-e2e_worker; fail "swarm worker did not register"; }
+$pichat status --router "$endpoint"
+ask "$endpoint" "Name one planet."
+make --no-print-directory swarm-rm STACK=pichat-e2e
+
+step "docker-e2e passed"

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Install pichat as systemd services on this machine (a Raspberry Pi or any Linux box):
+#   a virtual environment in /opt/pichat/venv with llama-cpp-python built for this CPU,
+#   pichat and the default model's packages; the units in /etc/systemd/system; the
+#   configuration in /etc/pichat/pichat.env (kept if it exists).
+# Then: edit /etc/pichat/pichat.env and `systemctl enable --now pichat-worker` (and
+# pichat-router on the Pi that runs the router).
+#
+# Usage: sudo scripts/install-systemd.sh        (or: sudo make install-systemd)
+# Env:   PREFIX (default /opt/pichat), DESTDIR (stage into another root, for packaging),
+#        PICHAT_EXTRAS (default "default-model"; empty to skip the model's packages).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+prefix=${PREFIX:-/opt/pichat}
+root=${DESTDIR:-}
+extras=${PICHAT_EXTRAS-default-model}
+python=${PYTHON:-python3}
+
+if [ -z "$root" ] && [ "$(id -u)" != 0 ]; then
+    echo "install-systemd: run as root (sudo make install-systemd)" >&2
+    exit 1
+fi
+
+venv="$root$prefix/venv"
+echo "== virtual environment in $venv"
+"$python" -m venv "$venv"
+"$venv/bin/python" -m pip install --quiet --upgrade pip
+"$here/scripts/install-llama.sh" "$venv/bin/python"
+"$venv/bin/python" -m pip install --quiet "$here${extras:+[$extras]}"
+
+echo "== units and configuration"
+install -d "$root/etc/systemd/system" "$root/etc/pichat"
+install -m 0644 "$here/systemd/pichat-router.service" "$here/systemd/pichat-worker.service" \
+    "$root/etc/systemd/system/"
+if [ -e "$root/etc/pichat/pichat.env" ]; then
+    echo "keeping the existing $root/etc/pichat/pichat.env"
+else
+    install -m 0644 "$here/systemd/pichat.env" "$root/etc/pichat/pichat.env"
+fi
+if [ -z "$root" ] && [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+fi
+
+cat <<MSG
+
+pichat is installed. Next:
+  1. edit /etc/pichat/pichat.env (at least PICHAT_WORKER_ROUTER on the workers)
+  2. on the router's Pi:  systemctl enable --now pichat-router
+  3. on every worker Pi:  systemctl enable --now pichat-worker
+  logs: journalctl -u pichat-worker -f     health: $prefix/venv/bin/pichat health
+MSG

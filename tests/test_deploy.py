@@ -1,0 +1,151 @@
+"""Static checks of the deployment files (systemd units, Dockerfile, compose and Swarm
+files, shell scripts), and the systemd installer staged into a temporary root.
+
+The live paths (a Docker engine, a Swarm, systemd as PID 1) take minutes and root:
+`make docker-e2e` and `make systemd-e2e`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from pichat.cli import main
+
+VENV_BIN = Path(sys.executable).parent
+UNITS = ["pichat-router.service", "pichat-worker.service"]
+SECURITY_THRESHOLD = 15
+"""`systemd-analyze security` exposure, x10 (0 safest, 100 worst). Both units score 10
+(1.0 "OK"): what remains is inherent to a network daemon (IPv4/6 and local sockets, the
+host network, a root directory). 15 allows nothing else to be loosened unnoticed."""
+
+
+def run(*argv: str | Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, **kwargs)
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name, path=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
+    if found is None:
+        pytest.skip(f"{name} is not installed here")
+    return found
+
+
+@pytest.fixture(scope="module")
+def units(tmp_path_factory) -> Path:
+    """The units with ExecStart pointing at this checkout's pichat (verify wants it to exist)."""
+    out = tmp_path_factory.mktemp("units")
+    for unit in UNITS:
+        text = (ROOT / "systemd" / unit).read_text()
+        (out / unit).write_text(text.replace("/opt/pichat/venv/bin/pichat",
+                                             str(VENV_BIN / "pichat")))
+    return out
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_systemd_units_verify_without_warnings(units, unit):
+    done = run(tool("systemd-analyze"), "verify", units / unit)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_systemd_units_are_hardened(units, unit):
+    done = run(tool("systemd-analyze"), "security", "--offline=yes",
+               f"--threshold={SECURITY_THRESHOLD}", units / unit)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr
+    exposure = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", done.stdout)[1])
+    assert exposure * 10 <= SECURITY_THRESHOLD
+
+
+def test_units_run_as_a_dynamic_user_with_only_the_model_cache_writable():
+    worker = (ROOT / "systemd" / "pichat-worker.service").read_text()
+    router = (ROOT / "systemd" / "pichat-router.service").read_text()
+    for unit in (worker, router):
+        for line in ("DynamicUser=yes", "ProtectSystem=strict", "PrivateTmp=yes",
+                     "NoNewPrivileges=yes", "Restart=on-failure", "After=network-online.target",
+                     "EnvironmentFile=-/etc/pichat/pichat.env"):
+            assert line in unit
+    assert "StateDirectory=pichat" in worker and "StateDirectory" not in router
+    assert "PICHAT_MODEL_DIR=%S/pichat/models" in worker
+
+
+def option_envvars() -> set[str]:
+    names = set()
+    for command in main.commands.values():
+        for param in command.params:
+            if isinstance(param.envvar, str):
+                names.add(param.envvar)
+    return names | {"PICHAT_MODEL_DIR"}
+
+
+@pytest.mark.parametrize("path", ["systemd/pichat.env", "docker/compose.yml", "docker/stack.yml"])
+def test_configuration_files_only_name_real_options(path):
+    text = (ROOT / path).read_text()
+    used = set(re.findall(r"\b(PICHAT_[A-Z_]+)\s*[:=]", text))
+    assert used, path
+    unknown = used - option_envvars() - {"PICHAT_IMAGE", "PICHAT_PUBLISH", "PICHAT_PUBLISH_PORT",
+                                               "PICHAT_MODELS"}
+    assert not unknown, f"{path} sets variables no option reads: {unknown}"
+
+
+def test_dockerfile_passes_hadolint():
+    done = run(tool("hadolint"), "docker/Dockerfile")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dockerfile_runs_as_non_root_with_a_healthcheck_and_a_base_image_argument():
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    assert re.search(r"^USER 10001", text, re.M)
+    assert 'HEALTHCHECK' in text and '"pichat", "health"' in text
+    assert re.search(r"^ARG BASE_IMAGE=", text, re.M) and "FROM ${BASE_IMAGE}" in text
+    assert text.count("\nFROM ") == 2  # build stage + runtime stage
+
+
+def test_compose_file_is_valid():
+    tool("docker")
+    done = run(ROOT / "scripts" / "compose.sh", "-f", "docker/compose.yml", "config", "-q",
+               env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stderr
+
+
+def test_swarm_stack_file_is_valid_and_uses_dnsrr():
+    done = run(tool("docker"), "stack", "config", "-c", "docker/stack.yml")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("endpoint_mode: dnsrr") == 2
+    assert "mode: global" in done.stdout and "node.role == manager" in done.stdout
+
+
+def test_shell_scripts_pass_shellcheck():
+    scripts = sorted((ROOT / "scripts").glob("*.sh")) + [ROOT / "bin" / "pichat",
+                                                         ROOT / ".ci" / "run"]
+    done = run(tool("shellcheck"), *scripts)
+    assert done.returncode == 0, done.stdout
+
+
+def test_install_systemd_stages_a_working_installation(tmp_path):
+    """scripts/install-systemd.sh into a staging root (no root needed, nothing started)."""
+    done = run(ROOT / "scripts" / "install-systemd.sh",
+               env={**os.environ, "DESTDIR": str(tmp_path), "PICHAT_EXTRAS": ""})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for unit in UNITS:
+        assert (tmp_path / "etc/systemd/system" / unit).read_text() == (
+            ROOT / "systemd" / unit).read_text()
+    assert (tmp_path / "etc/pichat/pichat.env").is_file()
+    pichat = tmp_path / "opt/pichat/venv/bin/pichat"
+    assert run(pichat, "--version").stdout.startswith("pichat, version")
+    imported = run(tmp_path / "opt/pichat/venv/bin/python", "-c", "import llama_cpp, zmq")
+    assert imported.returncode == 0, imported.stderr
+    # A second run keeps the operator's configuration.
+    (tmp_path / "etc/pichat/pichat.env").write_text("PICHAT_SLOTS=2\n")
+    again = run(ROOT / "scripts" / "install-systemd.sh",
+                env={**os.environ, "DESTDIR": str(tmp_path), "PICHAT_EXTRAS": ""})
+    assert again.returncode == 0 and "keeping the existing" in again.stdout
+    assert (tmp_path / "etc/pichat/pichat.env").read_text() == "PICHAT_SLOTS=2\n"
