@@ -47,6 +47,7 @@ run: install
 	$(PICHAT) up --workers $(WORKERS) --prompt "$(PROMPT)"
 
 test: install
+	scripts/ensure-chromium.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install

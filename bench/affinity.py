@@ -19,7 +19,6 @@ from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import local_cluster, ms, p50  # noqa: E402
-
 from pichat.protocol import ChatMessage, Sampling  # noqa: E402
 
 SYSTEM = (

@@ -13,7 +13,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import local_cluster, p50  # noqa: E402
-
 from pichat.models import resolve  # noqa: E402
 from pichat.protocol import ChatMessage, Sampling  # noqa: E402
 from pichat.worker.llama import LlamaModel  # noqa: E402

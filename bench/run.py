@@ -1,7 +1,7 @@
 """`make bench`: every benchmark, side by side in one run, printed as ratios.
 
     python bench/run.py               # all
-    python bench/run.py affinity      # one (affinity | overhead)
+    python bench/run.py affinity      # one (affinity | http | overhead)
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import affinity  # noqa: E402
+import http_affinity  # noqa: E402
 import overhead  # noqa: E402
 
 BENCHMARKS = {
     "affinity": ("Session affinity vs round-robin: 4 users x 8 turns, 2 llama workers "
                  "(default model, 1 slot, 1 thread each)", affinity.main),
+    "http": ("Stateless OpenAI clients over HTTP: prefix affinity vs round-robin, 8 "
+             "conversations sharing a system prompt, 2 workers x 2 slots", http_affinity.main),
     "overhead": ("Router overhead: the default model direct vs through the router; "
                  "router forwarding rate", overhead.main),
 }

@@ -94,6 +94,10 @@ def main() -> None:
               "round-robin: the baseline.")
 @_option("--affinity-wait", env="AFFINITY_WAIT", default=5.0, type=click.FloatRange(0),
          help="Seconds a request waits for its busy warm worker before spilling to another.")
+@_option("--prefix-load-factor", env="PREFIX_LOAD_FACTOR", default=1.25,
+         type=click.FloatRange(1.0),
+         help="A worker holding a prefix that a new conversation shares (a common system "
+              "prompt) gets it while its load stays within this times the average.")
 @_option("--queue-limit", env="QUEUE_LIMIT", default=256, type=click.IntRange(0),
          help="Requests that may wait for a slot; beyond it clients get 'busy' at once.")
 @_option("--queue-timeout", env="QUEUE_TIMEOUT", default=120.0, type=click.FloatRange(0.001),
@@ -102,20 +106,33 @@ def main() -> None:
          type=click.FloatRange(0.001), help="Seconds a request may take in all.")
 @_option("--drain-timeout", env="DRAIN_TIMEOUT", default=30.0, type=click.FloatRange(0),
          help="On SIGTERM, seconds running requests may finish.")
+@_option("--http", env="HTTP", default="0.0.0.0:8080",
+         help="HOST:PORT of the HTTP face: OpenAI-compatible API (/v1), web chat page (/), "
+              "metrics (/metrics). 'off' disables it.")
+@_option("--api-key", "api_keys", env="API_KEYS", multiple=True, show_default=False,
+         help="Require `Authorization: Bearer KEY` on HTTP (repeatable; the variable splits "
+              "on spaces).")
+@_option("--api-key-file", env="API_KEY_FILE", default=None,
+         type=click.Path(exists=True, dir_okay=False),
+         help="A file of API keys, one per line (# comments).")
+@_option("--max-tokens", "http_max_tokens", env="HTTP_MAX_TOKENS", default=512,
+         type=click.IntRange(1), help="Longest answer for HTTP requests that do not say.")
 @heartbeat_option
 @liveness_option
 @max_message_option
 @health_bind_option
 @log_level_option
 def router(clients_bind: str, workers_bind: str, policy: str, affinity_wait: float,
-           queue_limit: int, queue_timeout: float, request_timeout: float,
-           drain_timeout: float, heartbeat: float, liveness: int, max_message_bytes: int,
-           health_bind: str, log_level: str) -> None:
+           prefix_load_factor: float, queue_limit: int, queue_timeout: float,
+           request_timeout: float, drain_timeout: float, http: str, api_keys: tuple[str, ...],
+           api_key_file: str | None, http_max_tokens: int, heartbeat: float, liveness: int,
+           max_message_bytes: int, health_bind: str, log_level: str) -> None:
     """Run the router: the broker between clients and workers.
 
     \b
     Example (on the Pi that runs the router):
       pichat router --clients-bind tcp://*:5555 --workers-bind tcp://*:5556
+      pichat router --http 0.0.0.0:8080 --api-key-file /etc/pichat/api-keys
     """
     from pichat.router.service import Router
 
@@ -126,6 +143,7 @@ def router(clients_bind: str, workers_bind: str, policy: str, affinity_wait: flo
         scheduler=SchedulerConfig(
             policy=policy,  # type: ignore[arg-type]
             affinity_wait=affinity_wait,
+            prefix_load_factor=prefix_load_factor,
             queue_limit=queue_limit,
             queue_timeout=queue_timeout,
             request_timeout=request_timeout,
@@ -136,11 +154,24 @@ def router(clients_bind: str, workers_bind: str, policy: str, affinity_wait: flo
         max_message_bytes=max_message_bytes,
         drain_timeout=drain_timeout,
         health_bind=health_bind,
+        http="" if http.lower() in ("", "off", "none") else http,
+        api_keys=tuple(api_keys) + _read_keys(api_key_file),
+        http_max_tokens=http_max_tokens,
     )
     try:
         asyncio.run(Router(config).run(handle_signals=True))
     except Exception as exc:  # bind failures and the like: say so plainly
         _fail(exc)
+
+
+def _read_keys(path: str | None) -> tuple[str, ...]:
+    if path is None:
+        return ()
+    with open(path) as f:
+        keys = tuple(k for k in (line.split("#", 1)[0].strip() for line in f) if k)
+    if not keys:
+        raise click.BadParameter(f"{path} holds no keys", param_hint="--api-key-file")
+    return keys
 
 
 # --- worker ---------------------------------------------------------------------------
@@ -405,6 +436,8 @@ def health(endpoint: str, timeout: float, as_json: bool) -> None:
          help="Where clients connect.")
 @_option("--workers-bind", env="WORKERS_BIND", default="tcp://127.0.0.1:5556",
          help="Where workers connect.")
+@_option("--http", env="HTTP", default="127.0.0.1:8080",
+         help="The router's HTTP face (OpenAI API, chat page); 'off' disables it.")
 @_option("--prompt", env="UP_PROMPT", default=None,
          help="Once the workers are up, ask this and print the answer.")
 @_option("--once", env="UP_ONCE", is_flag=True, help="Stop the cluster after answering --prompt.")
@@ -412,8 +445,8 @@ def health(endpoint: str, timeout: float, as_json: bool) -> None:
          type=click.Choice(["debug", "info", "warning", "error"]),
          help="How much the router and workers log.")
 def up(n_workers: int, backend: str, model: str, slots: int, threads: int | None, ctx: int,
-       policy: str, clients_bind: str, workers_bind: str, prompt: str | None, once: bool,
-       log_level: str) -> None:
+       policy: str, clients_bind: str, workers_bind: str, http: str, prompt: str | None,
+       once: bool, log_level: str) -> None:
     """Run a router and N workers on this machine. Ctrl-C stops them all.
 
     \b
@@ -427,7 +460,7 @@ def up(n_workers: int, backend: str, model: str, slots: int, threads: int | None
         workers=n_workers, backend=backend, model=model, slots=slots,  # type: ignore[arg-type]
         threads=threads or max(1, (os.cpu_count() or 1) // n_workers), ctx=ctx,
         policy=policy, clients_bind=clients_bind, workers_bind=workers_bind,  # type: ignore[arg-type]
-        log_level=log_level,
+        http=http, log_level=log_level,
     )
     try:
         code = asyncio.run(run_cluster(

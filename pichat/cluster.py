@@ -46,6 +46,7 @@ class ClusterConfig:
     policy: Policy = "affinity"
     clients_bind: str = "tcp://127.0.0.1:5555"
     workers_bind: str = "tcp://127.0.0.1:5556"
+    http: str = "off"
     log_level: Literal["debug", "info", "warning", "error"] | str = "warning"
     ready_timeout: float = 600.0
     worker_args: tuple[str, ...] = ()
@@ -87,7 +88,7 @@ class LocalCluster:
         base = [sys.executable, "-m", "pichat"]
         self.router = self._spawn(base + [
             "router", "--clients-bind", cfg.clients_bind, "--workers-bind", cfg.workers_bind,
-            "--policy", cfg.policy, "--log-level", cfg.log_level])
+            "--policy", cfg.policy, "--http", cfg.http, "--log-level", cfg.log_level])
         host = socket.gethostname()
         for i in range(cfg.workers):
             self.workers.append(self._spawn(base + [
@@ -157,8 +158,9 @@ async def run_cluster(config: ClusterConfig, *, prompt: str | None = None, once:
         cluster.start()
         async with Client(ClientConfig(router=cluster.client_endpoint)) as client:
             await cluster.wait_ready(client)
-            say(f"pichat: {config.workers} workers ready behind {cluster.client_endpoint}. Try "
-                "./scripts/send_prompt.sh \"Hello\" in another shell; Ctrl-C stops the cluster.")
+            web = f", web chat at http://{config.http}/" if config.http != "off" else ""
+            say(f"pichat: {config.workers} workers ready behind {cluster.client_endpoint}{web}. "
+                "Try ./scripts/send_prompt.sh \"Hello\" in another shell; Ctrl-C stops it all.")
             if prompt:
                 write(f"> {prompt}\n")
                 reply = await client.chat([ChatMessage("user", prompt)],

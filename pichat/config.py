@@ -49,6 +49,12 @@ class RouterConfig:
     """On the first SIGTERM/SIGINT, how long running requests may finish."""
     health_bind: str = ""
     """Where to answer `pichat health` (see pichat/health.py); empty: nowhere."""
+    http: str = "0.0.0.0:8080"
+    """HOST:PORT of the HTTP face (OpenAI API, web page, metrics); empty: none."""
+    api_keys: tuple[str, ...] = ()
+    """With keys, every HTTP route but /health needs `Authorization: Bearer KEY`."""
+    http_max_tokens: int = 512
+    """Longest answer for HTTP requests that do not say (max_tokens)."""
 
     @property
     def policy(self) -> Policy:

@@ -14,8 +14,8 @@ belongs to ZeroMQ, not to this protocol.)
                                         sessions (warm session ids, re-announced on reconnect)
     HEARTBEAT   worker <-> router,      worker -> router: busy, warm, evicted, tps;
                 router -> client        otherwise empty
-    REQUEST     client -> router        id, session?, messages, sampling, timeout?, model?
-                router -> worker
+    REQUEST     client -> router        id, session?, messages | prompt, sampling, timeout?,
+                router -> worker        model?  (prompt: plain text, no chat template)
     CHUNK       worker -> router        id, seq (0, 1, 2...), text
                 -> client
     DONE        worker -> router        id, worker, finish ("stop" | "length" |
@@ -337,15 +337,24 @@ class Request:
     """Seconds the client is willing to wait in all; the router may cap it."""
     model: str | None = None
     """Only workers serving this model may take the request; None: any."""
+    prompt: str | None = None
+    """Plain text to continue, without the chat template (instead of `messages`)."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Request:
         raw = f.data.get("messages")
-        if not isinstance(raw, (list, tuple)) or not 1 <= len(raw) <= MAX_MESSAGES:
+        prompt = f.str("prompt", max_chars=DEFAULT_MAX_MESSAGE_BYTES, required=False,
+                       default=None)
+        if prompt is None and (
+            not isinstance(raw, (list, tuple)) or not 1 <= len(raw) <= MAX_MESSAGES
+        ):
             raise ProtocolError(f"REQUEST: messages must be a list of 1 to {MAX_MESSAGES} maps")
+        if prompt is not None and raw:
+            raise ProtocolError("REQUEST: give messages or prompt, not both")
         return cls(
             id=RequestId(f.str("id", min_chars=1, max_chars=MAX_ID_CHARS)),
-            messages=tuple(ChatMessage.parse(m, i) for i, m in enumerate(raw)),
+            messages=tuple(ChatMessage.parse(m, i) for i, m in enumerate(raw or ())),
+            prompt=prompt,
             sampling=Sampling.parse(f.map("sampling", required=False)),
             session=f.str("session", min_chars=1, max_chars=MAX_ID_CHARS * 2,
                           required=False, default=None),
@@ -360,7 +369,7 @@ class Request:
             "messages": [{"role": m.role, "content": m.content} for m in self.messages],
             "sampling": self.sampling.to_body(),
         }
-        for key in ("session", "timeout", "model"):
+        for key in ("session", "timeout", "model", "prompt"):
             value = getattr(self, key)
             if value is not None:
                 body[key] = value

@@ -26,7 +26,29 @@ if [ "${2:-}" = systemd ]; then
     build=$runtime
     packages="$packages,systemd,systemd-sysv,dbus,make,procps"
 fi
+relabel() {  # tag: some engines ignore `docker import --platform`; set the architecture
+    local tag=$1 dir
+    [ "$($docker image inspect "$tag" --format '{{.Architecture}}')" = "$arch" ] && return
+    dir=$(mktemp -d)
+    $docker save "$tag" | tar -C "$dir" -x
+    python3 - "$dir" "$arch" <<'PY'
+import json, sys
+root, arch = sys.argv[1], sys.argv[2]
+manifest = json.load(open(f"{root}/manifest.json"))
+path = f"{root}/{manifest[0]['Config']}"
+config = json.load(open(path))
+config["architecture"] = arch
+if arch == "arm64":
+    config["variant"] = "v8"
+json.dump(config, open(path, "w"))
+PY
+    tar -C "$dir" -c . | $docker load >/dev/null
+    rm -rf "$dir"
+}
+
 if $docker image inspect "$runtime" "$build" >/dev/null 2>&1; then
+    relabel "$runtime"
+    relabel "$build"
     echo "$runtime and $build exist"
     exit 0
 fi
@@ -43,4 +65,6 @@ make_image() {  # tag, extra packages
 }
 $docker image inspect "$runtime" >/dev/null 2>&1 || make_image "$runtime" ""
 $docker image inspect "$build" >/dev/null 2>&1 || make_image "$build" ",g++,make,cmake"
+relabel "$runtime"
+relabel "$build"
 rmdir "$work" 2>/dev/null || true

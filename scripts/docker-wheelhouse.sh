@@ -28,14 +28,21 @@ rm -f "$out"/pichat-*.whl
 "${pip[@]}" wheel --quiet --no-deps --wheel-dir "$out" "$here"
 
 echo "== binary dependencies for $platform, CPython $py_version"
-# pichat's requirements (setup.cfg) and llama-cpp-python's, without llama-cpp-python
+# pichat's requirements (from setup.cfg) and llama-cpp-python's, without llama-cpp-python
 # itself (source only on PyPI), plus its build backend and the ninja it asks for, and
 # setuptools (to install pichat from source offline, as scripts/systemd-e2e.sh does).
+mapfile -t requirements < <("$python" -c '
+import configparser, sys
+cfg = configparser.ConfigParser()
+cfg.read(sys.argv[1])
+for line in cfg["options"]["install_requires"].split():
+    if line and not line.startswith("llama-cpp-python"):
+        print(line)' "$here/setup.cfg")
 "${pip[@]}" download --quiet --dest "$out" --only-binary=:all: \
     --python-version "$py_version" --implementation cp --abi "cp${py_version/./}" --abi abi3 --abi none \
     --platform "manylinux_2_28_$machine" --platform "manylinux_2_17_$machine" \
     --platform "manylinux2014_$machine" --platform any \
-    "pyzmq>=26" "msgpack>=1.0" "click>=8.1" \
+    "${requirements[@]}" \
     "numpy>=1.20" "jinja2>=2.11.3" "diskcache>=5.6.1" "typing-extensions>=4.5.0" \
     "scikit-build-core>=0.9.2" "ninja>=1.5" "setuptools>=68"
 

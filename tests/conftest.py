@@ -118,7 +118,8 @@ class Cluster:
     def router(self, *args: str, name: str = "router") -> Proc:
         return self.spawn(name, [
             "router", "--clients-bind", self.client_endpoint,
-            "--workers-bind", self.worker_endpoint, "--heartbeat", "0.5", *args])
+            "--workers-bind", self.worker_endpoint, "--heartbeat", "0.5",
+            "--http", "127.0.0.1:0", *args])
 
     def worker(self, name: str, *args: str, backend: str = "sim") -> Proc:
         return self.spawn(name, [

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 import zmq.asyncio
+
 from conftest import free_port
 from peers import Peer
-
 from pichat.client import Client
 from pichat.config import ClientConfig
 from pichat.errors import ErrorCode, ProtocolError, RequestFailed, RouterUnavailable

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
 
+from conftest import ROOT
 from pichat.cli import main
 
 VENV_BIN = Path(sys.executable).parent

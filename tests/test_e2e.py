@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import zmq
-from conftest import ROOT, Cluster, free_port
 
+from conftest import ROOT, Cluster, free_port
 from pichat.errors import ErrorCode, RequestFailed
 from pichat.protocol import ChatMessage, Sampling
 
@@ -225,7 +225,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 async def test_up_starts_a_cluster_and_a_signal_stops_all_of_it(cluster: Cluster, signum):
     port_c, port_w = free_port(), free_port()
-    up = cluster.spawn("up", ["up", "--workers", "2", "--backend", "sim",
+    up = cluster.spawn("up", ["up", "--workers", "2", "--backend", "sim", "--http", "off",
                               "--clients-bind", f"tcp://127.0.0.1:{port_c}",
                               "--workers-bind", f"tcp://127.0.0.1:{port_w}"])
     cluster.client_port = port_c
@@ -244,7 +244,7 @@ def test_up_once_answers_the_prompt_and_exits(tmp_path):
     port_c, port_w = free_port(), free_port()
     out = subprocess.run(
         [sys.executable, "-m", "pichat", "up", "--workers", "1", "--backend", "sim",
-         "--clients-bind", f"tcp://127.0.0.1:{port_c}", "--workers-bind",
+         "--http", "off", "--clients-bind", f"tcp://127.0.0.1:{port_c}", "--workers-bind",
          f"tcp://127.0.0.1:{port_w}", "--prompt", "Hello", "--once"],
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -6,13 +6,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from tiny_model import write_tiny_model
 
 from pichat.errors import BadRequest, PichatError
 from pichat.protocol import ChatMessage, Sampling
 from pichat.worker.backend import SavedState
 from pichat.worker.llama import LlamaModel
 from pichat.worker.textstream import TextStream
+from tiny_model import write_tiny_model
 
 GREEDY = Sampling(temperature=0.0, max_tokens=24)
 HELLO = (ChatMessage("user", "hello world, how are you?"),)

@@ -9,9 +9,9 @@ import msgpack
 import pytest
 import zmq
 import zmq.asyncio
+
 from conftest import free_port
 from peers import Peer, eventually
-
 from pichat.config import RouterConfig
 from pichat.errors import ErrorCode
 from pichat.protocol import (
@@ -74,7 +74,7 @@ async def h():
     harness = Harness()
     config = RouterConfig(
         clients_bind=harness.client_ep, workers_bind=harness.worker_ep,
-        heartbeat_interval=0.1, max_message_bytes=64 * 1024,
+        heartbeat_interval=0.1, max_message_bytes=64 * 1024, http="",
         scheduler=SchedulerConfig(worker_expiry=0.5, affinity_wait=0.3, queue_limit=2),
     )
     router = Router(config)

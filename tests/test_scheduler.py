@@ -6,6 +6,7 @@ must produce, written compactly:
     "worker A 1 m s1,s2"  ... and announcing warm sessions s1, s2
     "submit r1 s1 @3"     request r1 of session s1 at t=3 ("-" for no session)
     "submit r1 s1 m2 @3"  ... asking for model m2
+    "submit r1 - @3 >A"   ... preferring worker A (a shared prefix)
     "finish r1 @4"        the worker ended r1
     "chunk r1"            the first chunk of r1 arrived
     "cancel r1 @4"        the client cancelled r1
@@ -13,7 +14,8 @@ must produce, written compactly:
     "evict A s1"          A dropped s1 from its cache
     "tick @6"             time passes
 
-and the actions:  "r1->A" dispatch, "r1->A hit" (affinity), "r1->B spill", "r1->B retry",
+and the actions:  "r1->A" dispatch, "r1->A hit" (affinity), "r1->A prefix" (the preferred
+worker), "r1->B spill", "r1->B retry",
 "fail r1 busy", "cancel r1@A", "dead A".
 """
 
@@ -181,6 +183,25 @@ CASES: dict[str, tuple[dict, list[tuple[str, list[str]]]]] = {
         ("submit r1 - @0", ["r1->A"]),
         ("worker A 1", ["dead A", "r1->A retry"]),
     ]),
+    "a shared prefix prefers its worker, within a bounded load": ({}, [
+        ("worker A 4", []), ("worker B 4", []),
+        ("submit r1 - @0 >A", ["r1->A prefix"]),
+        ("submit r2 - @0 >A", ["r2->A prefix"]),
+        ("submit r3 - @0 >A", ["r3->B"]),         # A would hold 3 of 3: over 1.25 x its share
+        ("submit r4 - @0 >A", ["r4->A prefix"]),
+        ("submit r5 - @0 >A", ["r5->A prefix"]),
+        ("submit r6 - @0 >A", ["r6->B"]),
+    ]),
+    "a session's own worker beats a preferred one": ({}, [
+        ("worker A 2", []), ("worker B 2", []),
+        ("submit r1 s1 @0", ["r1->A"]), ("finish r1 @1", []),
+        ("submit r2 s1 @1 >B", ["r2->A hit"]),
+    ]),
+    "a preferred worker that is full is passed over without waiting": ({}, [
+        ("worker A 1", []), ("worker B 1", []),
+        ("submit r1 - @0 >A", ["r1->A prefix"]),
+        ("submit r2 - @0 >A", ["r2->B"]),
+    ]),
     "round-robin ignores sessions and takes turns": ({"policy": "round-robin"}, [
         ("worker A 2", []), ("worker B 2", []),
         ("submit r1 s1 @0", ["r1->A"]),
@@ -198,8 +219,8 @@ CASES: dict[str, tuple[dict, list[tuple[str, list[str]]]]] = {
 def _describe(action) -> str:
     match action:
         case Dispatch(job=j, worker=w):
-            tag = " hit" if action.affinity_hit else " spill" if action.spilled else (
-                " retry" if action.retry else "")
+            tag = (" hit" if action.affinity_hit else " prefix" if action.prefix_hit else
+                   " spill" if action.spilled else " retry" if action.retry else "")
             return f"{j}->{w.decode()}{tag}"
         case Fail(job=j, code=c):
             return f"fail {j} {c.value}"
@@ -212,6 +233,7 @@ def _describe(action) -> str:
 
 def _step(s: Scheduler, step: str) -> list[str]:
     words = step.split()
+    prefer = WorkerId(words.pop()[1:].encode()) if words[-1].startswith(">") else None
     at = float(words.pop()[1:]) if words[-1].startswith("@") else 0.0
     verb, *args = words
     W = lambda name: WorkerId(name.encode())  # noqa: E731
@@ -223,7 +245,7 @@ def _step(s: Scheduler, step: str) -> list[str]:
         case "submit":
             session = None if args[1] == "-" else SessionId(args[1])
             model = args[2] if len(args) > 2 else None
-            out = s.submit(RequestId(args[0]), session, at, model=model)
+            out = s.submit(RequestId(args[0]), session, at, model=model, prefer=prefer)
         case "finish":
             out = s.finished(RequestId(args[0]), at)
         case "chunk":

@@ -124,3 +124,16 @@ def test_prompt_longer_than_the_context_is_refused():
     h = Harness(n_ctx=8)
     with pytest.raises(ContextTooLong, match="context holds 8"):
         h.turn("s", "one two three four five six seven eight nine")
+
+
+def test_a_plain_prompt_skips_the_chat_template_and_an_empty_one_is_refused():
+    from pichat.errors import BadRequest
+
+    h = Harness()
+    slot = h.manager.acquire(None)
+    out = TextStream(lambda _: None)
+    result = h.manager.run(slot, Request(RequestId("p"), (), Sampling(temperature=0),
+                                         prompt="once upon a time"), out, threading.Event())
+    assert result.prompt_tokens == 4  # four words, no role markers
+    with pytest.raises(BadRequest, match="empty"):
+        h.manager.run(slot, Request(RequestId("q"), (), prompt=""), out, threading.Event())

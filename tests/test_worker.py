@@ -8,9 +8,9 @@ import asyncio
 import msgpack
 import pytest
 import zmq.asyncio
+
 from conftest import free_port
 from peers import Peer
-
 from pichat.config import SimConfig, WorkerConfig
 from pichat.errors import ErrorCode
 from pichat.protocol import (

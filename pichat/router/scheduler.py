@@ -11,7 +11,11 @@ Policy `affinity` (the default):
   arriving; after that it spills to the least-loaded worker, and the session's affinity
   moves with it. (Re-reading a long history on a cold worker can cost minutes on a Pi, so
   a short wait for the warm one usually wins.)
-- A new session goes to the worker with the most free slots (ties: fewer warm sessions).
+- A new session goes to the worker with the most free slots (ties: fewer warm sessions),
+  unless the request names a preferred worker (one that holds a prefix it shares, such as
+  a common system prompt): that one gets it while its load stays within
+  `prefix_load_factor` times the cluster's average ("bounded loads"), so a popular prefix
+  cannot pile every conversation onto one worker.
 
 Policy `round-robin` ignores sessions: the next worker in turn with a free slot. It is the
 baseline for benchmarks.
@@ -25,6 +29,7 @@ not streamed anything yet go back to the head of the queue; the others fail with
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Literal, NewType, TypeAlias
@@ -68,6 +73,9 @@ class SchedulerConfig:
     """A worker silent this long is dead (heartbeat interval x liveness)."""
     max_sessions: int = 100_000
     """Affinity entries remembered (least recently used forgotten first)."""
+    prefix_load_factor: float = 1.25
+    """A preferred worker (shared prefix) is used while its load, counting the new request,
+    is at most this times the average load of the workers that could serve it."""
 
 
 # --- actions: what the router must do -------------------------------------------------
@@ -80,6 +88,8 @@ class Dispatch:
     job: RequestId
     worker: WorkerId
     affinity_hit: bool = False
+    prefix_hit: bool = False
+    """Placed on the preferred worker (a shared prefix), within the load bound."""
     spilled: bool = False
     retry: bool = False
     """The request is being re-sent after its first worker died."""
@@ -123,6 +133,7 @@ class Job:
     queue_deadline: float
     deadline: float
     spill_at: float
+    prefer: WorkerId | None = None
     worker: WorkerId | None = None
     streamed: bool = False
     """The worker has sent at least one chunk: the request can no longer be re-run."""
@@ -201,7 +212,8 @@ class Scheduler:
     # --- requests ---------------------------------------------------------------------
 
     def submit(self, job_id: RequestId, session: SessionId | None, now: float, *,
-               model: str | None = None, timeout: float | None = None) -> list[Action]:
+               model: str | None = None, timeout: float | None = None,
+               prefer: WorkerId | None = None) -> list[Action]:
         """A new request. The caller guarantees `job_id` is not in use."""
         cfg = self.config
         deadline = now + min(timeout, cfg.request_timeout) if timeout else now + cfg.request_timeout
@@ -213,6 +225,7 @@ class Scheduler:
             queue_deadline=min(now + cfg.queue_timeout, deadline),
             deadline=deadline,
             spill_at=now + cfg.affinity_wait,
+            prefer=prefer,
         )
         if not any(model is None or w.model == model for w in self.workers.values()):
             what = f"serving model {model!r}" if model and self.workers else "connected"
@@ -321,6 +334,7 @@ class Scheduler:
             if placed is None:
                 continue
             worker, hit, spilled = placed
+            prefix_hit = not hit and worker == job.prefer
             self._unqueue(job_id)
             job.worker = worker
             job.attempts += 1
@@ -330,8 +344,8 @@ class Scheduler:
             view.jobs.add(job_id)
             if job.session is not None:
                 self._set_affinity(job.session, worker)
-            actions.append(Dispatch(job_id, worker, affinity_hit=hit, spilled=spilled,
-                                    retry=job.attempts > 1))
+            actions.append(Dispatch(job_id, worker, affinity_hit=hit, prefix_hit=prefix_hit,
+                                    spilled=spilled, retry=job.attempts > 1))
         return actions
 
     def _place(self, job: Job, now: float) -> tuple[WorkerId, bool, bool] | None:
@@ -356,8 +370,20 @@ class Scheduler:
             spilled = True
         if not free:
             return None
+        preferred = self.workers.get(job.prefer) if job.prefer is not None else None
+        if preferred is not None and preferred in free and self._within_bound(preferred, eligible):
+            return preferred.id, False, spilled
         best = min(free, key=lambda w: (-w.free, w.busy / w.slots, w.warm, w.order))
         return best.id, False, spilled
+
+    def _within_bound(self, view: WorkerView, eligible: list[WorkerView]) -> bool:
+        """Would one more request keep `view` within the load bound?"""
+        # Consistent hashing with bounded loads: a worker's share of the requests running
+        # (this one included) may exceed its share of the slots by the load factor.
+        total_busy = sum(w.busy for w in eligible) + 1
+        total_slots = sum(w.slots for w in eligible)
+        capacity = math.ceil(self.config.prefix_load_factor * total_busy * view.slots / total_slots)
+        return view.busy + 1 <= capacity
 
     def _drop_worker(self, worker: WorkerId, now: float, reason: str) -> list[Action]:
         view = self.workers.pop(worker)

@@ -1,11 +1,16 @@
 """The router daemon: two ROUTER sockets, the scheduler, and heartbeats.
 
-Clients connect to `clients_bind`, workers to `workers_bind`. Every decision about where a
-request runs is the scheduler's (pichat/router/scheduler.py); this module moves bytes,
-keeps the clients' side of each request, and turns the scheduler's actions into messages.
+Clients connect to `clients_bind`, workers to `workers_bind`; the HTTP face
+(pichat/router/http.py) submits requests in-process through `Router.submit`. Every
+decision about where a request runs is the scheduler's (pichat/router/scheduler.py);
+this module moves bytes, keeps each request's reply sink, and turns the scheduler's
+actions into messages.
 
-CHUNK and DONE frames from a worker are forwarded to the client as they arrived (after
-validation): the router never re-encodes the stream.
+Requests without a session id get one from the prefix index (pichat/router/prefix.py):
+the continuation of a conversation it has seen keeps that conversation's session.
+
+CHUNK and DONE frames from a worker are forwarded to a ZeroMQ client as they arrived
+(after validation): the router never re-encodes the stream.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ import logging
 import signal
 import time
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import zmq
+from aiohttp import web
 
 from pichat import __version__
 from pichat.config import RouterConfig
@@ -34,10 +40,13 @@ from pichat.protocol import (
     Ready,
     Request,
     RequestId,
+    SessionId,
     Status,
     decode,
     encode,
 )
+from pichat.router.metrics import RouterMetrics
+from pichat.router.prefix import PrefixIndex
 from pichat.router.scheduler import (
     Action,
     CancelOnWorker,
@@ -49,7 +58,7 @@ from pichat.router.scheduler import (
 )
 from pichat.transport import Channel, configure
 
-__all__ = ["Router"]
+__all__ = ["Router", "ReplySink"]
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +66,45 @@ _HEARTBEAT = encode(Heartbeat())
 _UNKNOWN_WORKER = encode(Disconnect("unknown worker: send READY"))
 
 
+class ReplySink(Protocol):
+    """Where a request's answer goes: a ZeroMQ client, or an HTTP response in this process."""
+
+    key: object
+    """Requests whose sinks share a key share one keepalive (one ZeroMQ client)."""
+
+    def deliver(self, message: Chunk | Done | Error, frames: list[bytes] | None) -> bool:
+        """Pass on one message (`frames`: its encoding, when the router has it). False if
+        the receiver is gone: the router then cancels the request."""
+
+    def keepalive(self) -> bool:
+        """Called every heartbeat interval while the request waits or runs."""
+
+
+class _ZmqSink:
+    __slots__ = ("router", "key")
+
+    def __init__(self, router: Router, client: bytes) -> None:
+        self.router = router
+        self.key = client
+
+    def deliver(self, message: Chunk | Done | Error, frames: list[bytes] | None) -> bool:
+        return self.router._send_client(self.key, frames or encode(message))
+
+    def keepalive(self) -> bool:
+        return self.router._send_client(self.key, _HEARTBEAT)
+
+
 @dataclass(slots=True)
 class _ClientJob:
-    client: bytes
+    sink: ReplySink
     request: Request
     frames: list[bytes]
-    """The REQUEST as received, forwarded to the worker unchanged."""
+    """The REQUEST as sent to the worker."""
     arrived: float
     worker: WorkerId | None = None
     first_chunk: float | None = None
+    text: list[str] = field(default_factory=list)
+    """The answer so far (recorded in the prefix index when it completes)."""
 
 
 @dataclass(slots=True)
@@ -85,9 +124,12 @@ class Router:
         self.jobs: dict[RequestId, _ClientJob] = {}
         self.workers: dict[WorkerId, _WorkerInfo] = {}
         self.counts: Counter[str] = Counter()
+        self.prefixes = PrefixIndex()
+        self.metrics = RouterMetrics(self.snapshot)
         self.started = time.time()
         self.clients_endpoint = ""
         self.workers_endpoint = ""
+        self.http_endpoint = ""
         self.ready = asyncio.Event()
         """Set once both sockets are bound (endpoints known)."""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -106,6 +148,7 @@ class Router:
         workers = ctx.socket(zmq.ROUTER)
         stop = asyncio.Event()
         health: HealthEndpoint | None = None
+        http: web.AppRunner | None = None
         try:
             for sock in (clients, workers):
                 configure(sock, max_message_bytes=self.config.max_message_bytes)
@@ -117,6 +160,8 @@ class Router:
             self._workers = Channel(workers, self._on_worker, loop)
             if self.config.health_bind:
                 health = HealthEndpoint(ctx, self.config.health_bind, self._health, loop)
+            if self.config.http:
+                http = await self._start_http()
             if handle_signals:
                 self._install_signals(loop, stop)
             log.info("router %s: clients on %s, workers on %s, policy %s", __version__,
@@ -128,6 +173,8 @@ class Router:
                 await self._drain()
                 heartbeats.cancel()
         finally:
+            if http is not None:
+                await http.cleanup()
             if health is not None:
                 health.close()
             if self._timer is not None:
@@ -139,6 +186,29 @@ class Router:
             workers.close(linger=0)
             ctx.term()
             log.info("router stopped")
+
+    async def _start_http(self) -> web.AppRunner:
+        from pichat.router.http import create_app
+
+        host, _, port = self.config.http.rpartition(":")
+        host = host.strip("[]") or "0.0.0.0"
+        runner = web.AppRunner(
+            create_app(self, api_keys=self.config.api_keys,
+                       max_body_bytes=self.config.max_message_bytes,
+                       default_max_tokens=self.config.http_max_tokens),
+            access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, int(port), backlog=1024)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        bound = runner.addresses[0]
+        self.http_endpoint = f"http://{bound[0]}:{bound[1]}"
+        log.info("HTTP on %s (OpenAI API at /v1, chat page at /, metrics at /metrics)%s",
+                 self.http_endpoint, ", API keys required" if self.config.api_keys else "")
+        return runner
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
         def on_signal(signum: int) -> None:
@@ -168,8 +238,10 @@ class Router:
             await asyncio.sleep(interval)
             for worker in list(self.workers):
                 self._send_worker(worker, _HEARTBEAT)
-            for client in {job.client for job in self.jobs.values()}:
-                self._send_client(client, _HEARTBEAT)
+            sinks = {job.sink.key: (job_id, job.sink) for job_id, job in self.jobs.items()}
+            for job_id, sink in sinks.values():
+                if not sink.keepalive():
+                    self.cancel(job_id)
 
     # --- clients ----------------------------------------------------------------------
 
@@ -186,7 +258,7 @@ class Router:
             return
         match message:
             case Request():
-                self._on_request(client, message, body)
+                self.submit(message, _ZmqSink(self, client), body)
             case Cancel():
                 self._on_cancel(client, message.id)
             case Status():
@@ -199,29 +271,50 @@ class Router:
                     "", ErrorCode.BAD_REQUEST,
                     f"{message.COMMAND.name} is not a client command")))
 
-    def _on_request(self, client: bytes, request: Request, frames: list[bytes]) -> None:
+    def submit(self, request: Request, sink: ReplySink,
+               frames: list[bytes] | None = None) -> None:
+        """Accept a request; its chunks, DONE or ERROR go to `sink`. `frames`: the request
+        as received, forwarded unchanged when the router adds nothing to it."""
         if request.id in self.jobs:
-            self.counts["rejected_bad_request"] += 1
-            self._send_client(client, encode(Error(
-                request.id, ErrorCode.BAD_REQUEST, f"request id {request.id!r} is already in use")))
+            self._count_failure(ErrorCode.BAD_REQUEST)
+            sink.deliver(Error(request.id, ErrorCode.BAD_REQUEST,
+                               f"request id {request.id!r} is already in use"), None)
             return
         if not self._accepting:
-            self._send_client(client, encode(Error(
-                request.id, ErrorCode.NO_WORKERS, "router shutting down")))
+            sink.deliver(Error(request.id, ErrorCode.NO_WORKERS, "router shutting down"), None)
             return
         now = self._now()
         self.counts["requests"] += 1
-        self.jobs[request.id] = _ClientJob(client, request, frames, now)
-        self._apply(self.scheduler.submit(
-            request.id, request.session, now, model=request.model, timeout=request.timeout))
+        prefer: WorkerId | None = None
+        if request.session is None and request.messages and self.config.policy == "affinity":
+            match = self.prefixes.lookup(request.messages)
+            if match.session is not None:
+                self.counts["prefix_continuations"] += 1
+                session = match.session
+            else:
+                session = SessionId(f"auto-{request.id}")
+                if match.shared is not None:
+                    prefer = self.scheduler.warm_worker(match.shared)
+            request = replace(request, session=session)
+            frames = None
+        self.jobs[request.id] = _ClientJob(sink, request, frames or encode(request), now)
+        self._apply(self.scheduler.submit(request.id, request.session, now, model=request.model,
+                                          timeout=request.timeout, prefer=prefer))
+
+    def cancel(self, job_id: RequestId) -> None:
+        """The submitter gave up on the request: stop it, send nothing more."""
+        if self.jobs.pop(job_id, None) is not None:
+            self.counts["cancelled"] += 1
+            self.metrics.requests.labels("cancelled").inc()
+            self._apply(self.scheduler.cancel(job_id, self._now()))
 
     def _on_cancel(self, client: bytes, job_id: RequestId) -> None:
         job = self.jobs.get(job_id)
-        if job is None or job.client != client:
+        if job is None or job.sink.key != client:
             return  # finished already, or not this client's: nothing to do
         log.info("req=%s cancelled by client", job_id)
-        self._fail_client(job_id, ErrorCode.CANCELLED, "cancelled by the client")
-        self._apply(self.scheduler.cancel(job_id, self._now()))
+        job.sink.deliver(Error(job_id, ErrorCode.CANCELLED, "cancelled by the client"), None)
+        self.cancel(job_id)
 
     def _send_client(self, client: bytes, frames: list[bytes]) -> bool:
         try:
@@ -229,21 +322,30 @@ class Router:
             return True
         except zmq.ZMQError as exc:
             # EHOSTUNREACH: the client disconnected; EAGAIN: it stopped reading.
-            gone = [jid for jid, job in self.jobs.items() if job.client == client]
+            gone = [jid for jid, job in self.jobs.items() if job.sink.key == client]
             log.info("client %s unreachable (%s): cancelling %d requests", client.hex(),
                      exc.strerror, len(gone))
             for job_id in gone:
                 self.counts["client_gone"] += 1
-                del self.jobs[job_id]
-                self._apply(self.scheduler.cancel(job_id, self._now()))
+                self.cancel(job_id)
             return False
+
+    def _deliver(self, job_id: RequestId, message: Chunk | Done | Error,
+                 frames: list[bytes] | None) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None and not job.sink.deliver(message, frames):
+            self.cancel(job_id)
 
     def _fail_client(self, job_id: RequestId, code: ErrorCode, message: str) -> None:
         job = self.jobs.pop(job_id, None)
         if job is None:
             return
+        self._count_failure(code)
+        job.sink.deliver(Error(job_id, code, message), None)
+
+    def _count_failure(self, code: ErrorCode) -> None:
         self.counts[f"failed_{code.value}"] += 1
-        self._send_client(job.client, encode(Error(job_id, code, message)))
+        self.metrics.requests.labels(code.value).inc()
 
     # --- workers ----------------------------------------------------------------------
 
@@ -323,14 +425,20 @@ class Router:
             return  # the client is gone or was answered; the worker is being cancelled
         if job.first_chunk is None:
             job.first_chunk = now
-        self._send_client(job.client, frames)
+            self.metrics.ttft.observe(now - job.arrived)
+        job.text.append(chunk.text)
+        self._deliver(chunk.id, chunk, frames)
 
     def _on_done(self, worker: WorkerId, done: Done, frames: list[bytes], now: float) -> None:
         if not self._owned(worker, done.id):
             return
-        job = self.jobs.pop(done.id, None)
+        job = self.jobs.get(done.id)
         if job is not None:
             self.counts["completed"] += 1
+            self.metrics.completed(done.usage)
+            request = job.request
+            if request.messages and request.session and done.finish != "cancelled":
+                self.prefixes.record(request.messages, "".join(job.text), request.session)
             self.counts["prompt_tokens"] += done.usage.prompt_tokens
             self.counts["cached_tokens"] += done.usage.cached_tokens
             self.counts["completion_tokens"] += done.usage.completion_tokens
@@ -340,7 +448,8 @@ class Router:
                      done.id, job.request.session, done.worker, done.finish,
                      done.usage.prompt_tokens, done.usage.cached_tokens,
                      done.usage.completion_tokens, (now - job.arrived) * 1000)
-            self._send_client(job.client, frames)
+            self._deliver(done.id, done, frames)
+            self.jobs.pop(done.id, None)
         self._apply(self.scheduler.finished(done.id, now))
 
     def _on_worker_error(self, worker: WorkerId, error: Error, frames: list[bytes],
@@ -352,10 +461,10 @@ class Router:
             return
         job = self.jobs.pop(RequestId(error.id), None)
         if job is not None:
-            self.counts[f"failed_{error.code.value}"] += 1
+            self._count_failure(error.code)
             log.info("req=%s worker=%s error %s: %s", error.id, self._name(worker),
                      error.code, error.message)
-            self._send_client(job.client, frames)
+            job.sink.deliver(error, frames)
         self._apply(self.scheduler.finished(RequestId(error.id), now))
 
     def _send_worker(self, worker: WorkerId, frames: list[bytes]) -> bool:
@@ -379,9 +488,13 @@ class Router:
                         self._apply(self.scheduler.finished(job_id, self._now()))
                         continue
                     job.worker = worker
+                    how = ("retry" if action.retry else "affinity" if action.affinity_hit else
+                           "prefix" if action.prefix_hit else "spill" if action.spilled else "load")
                     self.counts["affinity_hits"] += action.affinity_hit
+                    self.counts["prefix_hits"] += action.prefix_hit
                     self.counts["spills"] += action.spilled
                     self.counts["retries"] += action.retry
+                    self.metrics.placements.labels(how).inc()
                     log.debug("req=%s session=%s -> worker=%s%s", job_id, job.request.session,
                               self._name(worker), " (affinity)" if action.affinity_hit else "")
                     self._send_worker(worker, job.frames)
@@ -458,6 +571,7 @@ class Router:
                 "version": __version__,
                 "policy": self.config.policy,
                 "clients": self.clients_endpoint,
+                "http": self.http_endpoint,
                 "workers": self.workers_endpoint,
                 "up_s": round(time.time() - self.started, 1),
             },

@@ -67,6 +67,9 @@ class Model(Protocol):
         """The prompt for `messages` in the model's chat template, ending where the
         assistant's answer starts."""
 
+    def text_tokens(self, text: str) -> list[int]:
+        """The prompt for plain text (no chat template), as a completion continues it."""
+
     def new_context(self, threads: int) -> Context: ...
 
     def close(self) -> None: ...

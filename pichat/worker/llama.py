@@ -107,6 +107,9 @@ class LlamaModel:
             rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
         )
 
+    def text_tokens(self, text: str) -> list[int]:
+        return self._ref.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
     def new_context(self, threads: int) -> LlamaContext:
         llm, self._spare = self._spare, None
         if llm is None:

@@ -56,6 +56,9 @@ class SimModel:
         tokens.append(_MARKERS["assistant"])
         return tokens
 
+    def text_tokens(self, text: str) -> list[int]:
+        return [_word_id(w) for w in text.split()]
+
     def new_context(self, threads: int) -> SimContext:
         return SimContext(self)
 

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pichat.errors import ContextTooLong
+from pichat.errors import BadRequest, ContextTooLong
 from pichat.protocol import Request, SessionId
 from pichat.worker.backend import Context, Generation, Model, SavedState, common_prefix
 from pichat.worker.textstream import TextStream
@@ -129,7 +129,12 @@ class SlotManager:
             cancelled: threading.Event) -> Generation:
         """Generate `request` in `slot` (call from the slot's thread only)."""
         started = time.perf_counter()
-        prompt = self.model.chat_tokens(request.messages)
+        if request.prompt is not None:
+            prompt = self.model.text_tokens(request.prompt)
+        else:
+            prompt = self.model.chat_tokens(request.messages)
+        if not prompt:
+            raise BadRequest("the prompt is empty")
         if len(prompt) >= self.model.n_ctx:
             raise ContextTooLong(
                 f"the prompt is {len(prompt)} tokens but the model's context holds "

@@ -1,0 +1,243 @@
+"""The router's HTTP face (aiohttp), on the router's own event loop and request path.
+
+    GET  /                       the web chat page (static; it asks for a key if needed)
+    GET  /health                 liveness (never needs a key)
+    GET  /metrics                Prometheus
+    GET  /v1/cluster             the cluster snapshot (as `pichat status --json`)
+    GET  /v1/models              the models live workers serve
+    POST /v1/chat/completions    OpenAI-compatible chat, streaming (SSE) or not
+    POST /v1/completions         OpenAI-compatible plain completion
+
+A request goes straight into `Router.submit` with an `HttpSink`: no extra hop. With API
+keys configured, everything but `/health` and the page itself needs
+`Authorization: Bearer KEY`. Errors use OpenAI's error shape and status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from importlib.resources import files
+from typing import Any
+
+from aiohttp import web
+
+from pichat.client import new_id
+from pichat.protocol import Chunk, Done, Error
+from pichat.router import openai
+from pichat.router.metrics import CONTENT_TYPE
+from pichat.router.openai import ApiError, ChatCall
+
+__all__ = ["HttpSink", "create_app"]
+
+log = logging.getLogger(__name__)
+
+_KEEPALIVE = object()
+_GONE = object()
+_PUBLIC = frozenset({"/health", "/", "/index.html"})
+
+
+class HttpSink:
+    """Hands a request's messages to its HTTP handler through a queue. When the HTTP
+    client has gone, it says so (the router cancels the request) and wakes the handler."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.key = self
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._request = request
+
+    def _gone(self) -> bool:
+        transport = self._request.transport
+        if transport is None or transport.is_closing():
+            self.queue.put_nowait(_GONE)
+            return True
+        return False
+
+    def deliver(self, message: Chunk | Done | Error, frames: list[bytes] | None) -> bool:
+        if self._gone():
+            return False
+        self.queue.put_nowait(message)
+        return True
+
+    def keepalive(self) -> bool:
+        if self._gone():
+            return False
+        self.queue.put_nowait(_KEEPALIVE)
+        return True
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def create_app(router: Any, *, api_keys: tuple[str, ...] = (), max_body_bytes: int = 4 << 20,
+               default_max_tokens: int = 512) -> web.Application:
+    """The application for `router` (a pichat.router.service.Router)."""
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Callable[[web.Request],
+                                                              Awaitable[web.StreamResponse]]):
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return _error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            kind = "invalid_request_error" if exc.status < 500 else "server_error"
+            code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+            return _error_response(ApiError(exc.status, exc.reason or exc.text or "error",
+                                            kind, code.get(exc.status)))
+        except _ClientGone:
+            return web.Response(status=499)
+        except Exception:
+            log.exception("HTTP %s %s failed", request.method, request.path)
+            return _error_response(ApiError(500, "internal error", "server_error"))
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Callable[[web.Request],
+                                                            Awaitable[web.StreamResponse]]):
+        if api_keys and request.path not in _PUBLIC:
+            given = request.headers.get("Authorization", "")
+            token = given[7:].strip() if given[:7].lower() == "bearer " else ""
+            if not any(hmac.compare_digest(token.encode(), k.encode()) for k in api_keys):
+                raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                               "authentication_error", "invalid_api_key")
+        return await handler(request)
+
+    async def index(request: web.Request) -> web.Response:
+        page = files("pichat.router").joinpath("static", "index.html").read_text("utf-8")
+        return web.Response(text=page, content_type="text/html")
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "workers": len(router.workers)})
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=router.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def cluster(request: web.Request) -> web.Response:
+        return web.json_response(router.snapshot())
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response(openai.model_list(_served(router)))
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        call = openai.parse_chat(await _json(request), new_id(),
+                                 session=request.headers.get("X-Session-Id"),
+                                 default_max_tokens=default_max_tokens)
+        return await _answer(router, request, call)
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        call = openai.parse_completion(await _json(request), new_id(),
+                                       session=request.headers.get("X-Session-Id"),
+                                       default_max_tokens=default_max_tokens)
+        return await _answer(router, request, call)
+
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[errors, auth])
+    app.add_routes([
+        web.get("/", index),
+        web.get("/index.html", index),
+        web.get("/health", health),
+        web.get("/metrics", metrics),
+        web.get("/v1/cluster", cluster),
+        web.get("/v1/models", models),
+        web.post("/v1/chat/completions", chat),
+        web.post("/v1/completions", completions),
+    ])
+    return app
+
+
+def _served(router: Any) -> dict[str, float]:
+    models: dict[str, float] = {}
+    for info in router.workers.values():
+        joined = models.get(info.ready.model)
+        models[info.ready.model] = info.joined if joined is None else min(joined, info.joined)
+    return models
+
+
+async def _json(request: web.Request) -> Any:
+    raw = await request.read()  # aiohttp refuses bodies over client_max_size with 413
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+
+
+def _error_response(error: ApiError) -> web.Response:
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+    return web.json_response(openai.error_body(error), status=error.status, headers=headers)
+
+
+async def _next(sink: HttpSink, skip_keepalive: bool = True) -> Any:
+    while True:
+        item = await sink.queue.get()
+        if item is _GONE:
+            raise _ClientGone()
+        if item is _KEEPALIVE and skip_keepalive:
+            continue
+        return item
+
+
+async def _answer(router: Any, request: web.Request, call: ChatCall) -> web.StreamResponse:
+    served = _served(router)
+    if call.request.model is not None and served and call.request.model not in served:
+        raise ApiError(404, f"the model {call.request.model!r} is not served here; models: "
+                       f"{', '.join(sorted(served))}", "invalid_request_error", "model_not_found",
+                       "model")
+    sink = HttpSink(request)
+    router.submit(call.request, sink)
+    created = openai.now()
+    finished = False
+    try:
+        message = await _next(sink)
+        if isinstance(message, Error):
+            finished = True
+            raise openai.status_for(message.code, message.message)
+        if not call.stream:
+            parts: list[str] = []
+            while not isinstance(message, Done):
+                if isinstance(message, Error):
+                    finished = True
+                    raise openai.status_for(message.code, message.message)
+                parts.append(message.text)
+                message = await _next(sink)
+            finished = True
+            return web.json_response(openai.completion_object(call, "".join(parts), message,
+                                                              created),
+                                     headers={"X-Request-Id": call.request.id})
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no", "X-Request-Id": call.request.id})
+        await response.prepare(request)
+        if call.kind == "chat":
+            await _event(response, openai.chunk_object(call, created, first=True, text=""))
+        while True:
+            if message is _KEEPALIVE:
+                await response.write(b": keepalive\n\n")
+            elif isinstance(message, Chunk):
+                await _event(response, openai.chunk_object(call, created, text=message.text))
+            elif isinstance(message, Done):
+                await _event(response, openai.chunk_object(call, created, done=message))
+                if call.include_usage:
+                    await _event(response, openai.chunk_object(call, created, done=message,
+                                                               usage_only=True))
+                break
+            else:  # an ERROR after the stream started (e.g. the worker was lost)
+                error = openai.status_for(message.code, message.message)
+                await _event(response, openai.error_body(error))
+                break
+            message = await _next(sink, skip_keepalive=False)
+        finished = True
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+    finally:
+        if not finished:
+            router.cancel(call.request.id)
+
+
+async def _event(response: web.StreamResponse, payload: dict[str, Any]) -> None:
+    await response.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")

@@ -1,0 +1,86 @@
+"""The web chat page in a real headless browser (Debian's chromium driven by Playwright)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+
+from conftest import Cluster
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium here (make test installs Debian's chromium as root)")
+
+
+@pytest.fixture
+async def browser():
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield b
+        await b.close()
+
+
+async def test_chat_in_the_browser_streams_and_keeps_the_conversation(cluster: Cluster, browser):
+    cluster.router()
+    cluster.worker("w1", "--sim-reply-tokens", "12", "--sim-gen-tps", "60")
+    cluster.worker("w2", "--sim-reply-tokens", "12", "--sim-gen-tps", "60")
+    status = await cluster.wait_workers(2)
+    page = await browser.new_page(viewport={"width": 390, "height": 844})  # a phone
+    await page.goto(status["router"]["http"] + "/")
+    assert await page.title() == "pichat"
+
+    await page.fill("#input", "Hello from the browser")
+    await page.keyboard.press("Enter")
+    first = page.locator(".msg.assistant").nth(0)
+    await first.wait_for()
+    # Streaming: the answer grows before it is done.
+    await page.wait_for_function(
+        "() => { const m = document.querySelector('.msg.assistant');"
+        " return m && m.textContent.length > 0 && !m.dataset.done; }", timeout=10_000)
+    await page.wait_for_selector(".msg.assistant[data-done='1']", timeout=20_000)
+    assert len((await first.text_content()).split()) == 12
+    stats = page.locator(".stats").nth(0)
+    first_stats = await stats.text_content()
+    assert re.match(r"w[12] · TTFT \d+ ms · [\d.]+ tok/s · 12 tokens", first_stats), first_stats
+
+    await page.fill("#input", "And a second question")
+    await page.click("#send")
+    await page.wait_for_function(
+        "() => document.querySelectorAll('.msg.assistant')[1]?.dataset.done === '1'",
+        timeout=20_000)
+    second_stats = await page.locator(".stats").nth(1).text_content()
+    # Same conversation: same worker, and most of the prompt came from its cache.
+    assert second_stats.split(" · ")[0] == first_stats.split(" · ")[0]
+    cached, total = map(int, re.search(r"(\d+)/(\d+) prompt tokens cached", second_stats).groups())
+    assert cached > 0 and cached > total / 2
+    assert await page.locator(".msg.user").count() == 2
+
+    await page.click("#toggle-cluster")
+    await page.wait_for_selector("#cluster table")
+    assert "w1" in await page.text_content("#cluster") and "w2" in await page.text_content(
+        "#cluster")
+
+    await page.click("#new-chat")
+    assert await page.locator(".msg").count() == 0
+    # The page fits a phone screen: nothing wider than the viewport.
+    width = await page.evaluate("() => document.documentElement.scrollWidth")
+    assert width <= 390
+
+
+async def test_the_page_reports_errors(cluster: Cluster, browser):
+    cluster.router()  # no workers: the API answers 503
+    async with cluster.client() as zmq_client:
+        status = await zmq_client.status()
+    page = await browser.new_page()
+    await page.goto(status["router"]["http"] + "/")
+    await page.fill("#input", "anyone there?")
+    await page.keyboard.press("Enter")
+    await page.wait_for_selector(".msg.assistant.error", timeout=10_000)
+    assert "no worker" in await page.text_content(".msg.assistant.error")
