@@ -68,6 +68,7 @@ build:
 		--build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg BUILD_IMAGE=$(BUILD_IMAGE) -t $(IMAGE) docker/
 
 up:
+	IMAGE=$(IMAGE) scripts/docker-keys.sh volume pichat_keys
 	PICHAT_IMAGE=$(IMAGE) $(COMPOSE) up -d
 	@echo "pichat is starting (workers load the model first): ./scripts/send_prompt.sh \"Hello\""
 
@@ -78,6 +79,7 @@ logs:
 	$(COMPOSE) logs --follow --tail 100
 
 swarm-deploy:
+	IMAGE=$(IMAGE) scripts/docker-keys.sh secrets
 	PICHAT_IMAGE=$(IMAGE) $(DOCKER) stack deploy -c docker/stack.yml $(STACK)
 
 swarm-rm:

@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 
 from pichat.client import Client
 from pichat.cluster import ClusterConfig, LocalCluster
-from pichat.config import ClientConfig
 
 
 def free_port() -> int:
@@ -27,8 +26,7 @@ async def local_cluster(**kwargs) -> AsyncIterator[Client]:
     cluster = LocalCluster(config)
     cluster.start()
     try:
-        async with Client(ClientConfig(router=cluster.client_endpoint,
-                                       silence_timeout=60)) as client:
+        async with Client(cluster.client_config(silence_timeout=60)) as client:
             await cluster.wait_ready(client)
             yield client
     finally:

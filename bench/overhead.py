@@ -30,7 +30,7 @@ def direct(model_spec: str, threads: int) -> list[tuple[float, float]]:
     out = []
     for prompt in PROMPTS:
         first: list[float] = []
-        stream = TextStream(lambda _, first=first: first.append(time.perf_counter()))
+        stream = TextStream(lambda *_, first=first: first.append(time.perf_counter()))
         start = time.perf_counter()
         result = ctx.generate(model.chat_tokens([ChatMessage("user", prompt)]), SAMPLING, stream,
                               threading.Event())

@@ -7,10 +7,12 @@ so a systemd EnvironmentFile or a compose file can hold the whole configuration.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -29,6 +31,7 @@ from pichat.config import (
 from pichat.errors import PichatError
 from pichat.protocol import DEFAULT_MAX_MESSAGE_BYTES, Sampling
 from pichat.router.scheduler import POLICIES, SchedulerConfig
+from pichat.security import DEFAULT_KEYS_DIR, Keys, keygen, resolve_keys
 
 __all__ = ["main"]
 
@@ -65,6 +68,9 @@ health_bind_option = _option("--health-bind", env="HEALTH_BIND", default="",
                              help="Answer `pichat health` on this endpoint, e.g. "
                                   "ipc:///tmp/pichat-health.ipc [default: off].",
                              show_default=False)
+keys_option = _option("--keys", env="KEYS", default=None, show_default=False,
+                      help="CurveZMQ keys directory (`pichat keygen`) [default: "
+                           "~/.config/pichat/keys if it exists]; 'off' for none.")
 liveness_option = _option("--liveness", env="LIVENESS", default=3, type=click.IntRange(1),
                           help="Missed heartbeats after which the peer counts as dead.")
 
@@ -121,12 +127,18 @@ def main() -> None:
 @liveness_option
 @max_message_option
 @health_bind_option
+@keys_option
+@_option("--insecure", env="INSECURE", is_flag=True,
+         help="Allow binding beyond loopback without keys (a network you trust).")
+@_option("--max-prompt-chars", env="MAX_PROMPT_CHARS", default=1_000_000,
+         type=click.IntRange(1), help="Longest conversation a request may carry, characters.")
 @log_level_option
 def router(clients_bind: str, workers_bind: str, policy: str, affinity_wait: float,
            prefix_load_factor: float, queue_limit: int, queue_timeout: float,
            request_timeout: float, drain_timeout: float, http: str, api_keys: tuple[str, ...],
            api_key_file: str | None, http_max_tokens: int, heartbeat: float, liveness: int,
-           max_message_bytes: int, health_bind: str, log_level: str) -> None:
+           max_message_bytes: int, health_bind: str, keys: str | None, insecure: bool,
+           max_prompt_chars: int, log_level: str) -> None:
     """Run the router: the broker between clients and workers.
 
     \b
@@ -157,11 +169,22 @@ def router(clients_bind: str, workers_bind: str, policy: str, affinity_wait: flo
         http="" if http.lower() in ("", "off", "none") else http,
         api_keys=tuple(api_keys) + _read_keys(api_key_file),
         http_max_tokens=http_max_tokens,
+        keys=keys_or_fail(keys),
+        insecure=insecure,
+        max_prompt_chars=max_prompt_chars,
     )
     try:
         asyncio.run(Router(config).run(handle_signals=True))
     except Exception as exc:  # bind failures and the like: say so plainly
         _fail(exc)
+
+
+def keys_or_fail(option: str | None) -> Keys | None:
+    try:
+        return resolve_keys(option)
+    except PichatError as exc:
+        _fail(exc)
+        raise
 
 
 def _read_keys(path: str | None) -> tuple[str, ...]:
@@ -198,6 +221,8 @@ def _read_keys(path: str | None) -> tuple[str, ...]:
          help="Tokens per streamed chunk at most.")
 @_option("--chunk-interval", env="CHUNK_INTERVAL", default=0.05, type=click.FloatRange(0),
          help="Seconds a token may wait to be sent with others.")
+@_option("--drain-timeout", env="DRAIN_TIMEOUT", default=30.0, type=click.FloatRange(0),
+         help="On SIGTERM, seconds running requests may finish before the worker leaves.")
 @_option("--sim-prompt-tps", env="SIM_PROMPT_TPS", default=400.0, type=click.FloatRange(1),
          help="sim: prompt tokens evaluated per second.")
 @_option("--sim-gen-tps", env="SIM_GEN_TPS", default=40.0, type=click.FloatRange(0.1),
@@ -208,12 +233,16 @@ def _read_keys(path: str | None) -> tuple[str, ...]:
 @liveness_option
 @max_message_option
 @health_bind_option
+@keys_option
+@_option("--key-name", env="WORKER_KEY_NAME", default="worker",
+         help="This worker's key pair in the keys directory.")
 @log_level_option
 def worker(router: str, name: str | None, backend: str, model: str, slots: int,
            threads: int, ctx: int, cache_mb: int, chunk_tokens: int, chunk_interval: float,
+           drain_timeout: float,
            sim_prompt_tps: float, sim_gen_tps: float, sim_reply_tokens: int,
            heartbeat: float, liveness: int, max_message_bytes: int, health_bind: str,
-           log_level: str) -> None:
+           keys: str | None, key_name: str, log_level: str) -> None:
     """Run a worker: serve a model to the router.
 
     \b
@@ -239,8 +268,11 @@ def worker(router: str, name: str | None, backend: str, model: str, slots: int,
         liveness=liveness,
         chunk_tokens=chunk_tokens,
         chunk_interval=chunk_interval,
+        drain_timeout=drain_timeout,
         max_message_bytes=max_message_bytes,
         health_bind=health_bind,
+        keys=keys_or_fail(keys),
+        key_name=key_name,
         sim=SimConfig(prompt_tps=sim_prompt_tps, gen_tps=sim_gen_tps,
                       reply_tokens=sim_reply_tokens),
     )
@@ -257,8 +289,27 @@ def worker(router: str, name: str | None, backend: str, model: str, slots: int,
 
 # --- clients --------------------------------------------------------------------------
 
-router_option = _option("--router", env="ROUTER", default=DEFAULT_CLIENT_ENDPOINT,
-                        help="The router's client endpoint.")
+def _client_options(f: Any) -> Any:
+    """--router, --keys, --key-name, gathered into one `client` ClientConfig argument."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, router: str, keys: str | None, key_name: str, **kwargs: Any) -> Any:
+        try:
+            resolved = resolve_keys(keys)
+        except PichatError as exc:
+            _fail(exc)
+        return f(*args, client=ClientConfig(router=router, keys=resolved, key_name=key_name),
+                 **kwargs)
+
+    for decorator in reversed([
+        _option("--router", env="ROUTER", default=DEFAULT_CLIENT_ENDPOINT,
+                help="The router's client endpoint."),
+        keys_option,
+        _option("--key-name", env="CLIENT_KEY_NAME", default="client",
+                help="This client's key pair in the keys directory."),
+    ]):
+        wrapper = decorator(wrapper)
+    return wrapper
 timeout_option = _option("--timeout", env="TIMEOUT", default=None, type=click.FloatRange(0.001),
                          help="Seconds to wait for a whole answer [default: the router's].")
 
@@ -291,7 +342,7 @@ def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int | Non
 
 @main.command()
 @click.argument("prompt", required=False)
-@router_option
+@_client_options
 @_option("--session", env="SESSION", default=None,
          help="Conversation id: requests with the same one reuse a worker's KV cache.")
 @_option("--system", env="SYSTEM", default=None, help="A system prompt.")
@@ -301,7 +352,7 @@ def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int | Non
          help="Print the answer and its usage as JSON.")
 @_option("--stats", env="STATS", is_flag=True,
          help="Print worker, timings and cache use to stderr.")
-def ask(prompt: str | None, router: str, session: str | None, system: str | None,
+def ask(prompt: str | None, client: ClientConfig, session: str | None, system: str | None,
         max_tokens: int, temperature: float, top_p: float, seed: int | None,
         stop: tuple[str, ...], model: str | None, timeout: float | None, as_json: bool,
         stats: bool) -> None:
@@ -319,7 +370,7 @@ def ask(prompt: str | None, router: str, session: str | None, system: str | None
         raise click.UsageError("the prompt is empty")
     try:
         asyncio.run(ask_once(
-            ClientConfig(router=router), prompt, system=system, session=session,
+            client, prompt, system=system, session=session,
             sampling=_sampling(max_tokens, temperature, top_p, seed, stop), model=model,
             timeout=timeout, as_json=as_json, stats=stats))
     except PichatError as exc:
@@ -329,13 +380,13 @@ def ask(prompt: str | None, router: str, session: str | None, system: str | None
 
 
 @main.command()
-@router_option
+@_client_options
 @_option("--session", env="SESSION", default=None, help="Resume this conversation id "
          "[default: a new one].")
 @_option("--system", env="SYSTEM", default=None, help="A system prompt.")
 @_sampling_options
 @timeout_option
-def chat(router: str, session: str | None, system: str | None, max_tokens: int,
+def chat(client: ClientConfig, session: str | None, system: str | None, max_tokens: int,
          temperature: float, top_p: float, seed: int | None, stop: tuple[str, ...],
          model: str | None, timeout: float | None) -> None:
     """Chat interactively; the whole conversation is one session, so each turn reuses the
@@ -349,7 +400,7 @@ def chat(router: str, session: str | None, system: str | None, max_tokens: int,
 
     try:
         asyncio.run(chat_loop(
-            ClientConfig(router=router), session=session, system=system,
+            client, session=session, system=system,
             sampling=_sampling(max_tokens, temperature, top_p, seed, stop), model=model,
             timeout=timeout))
     except PichatError as exc:
@@ -359,9 +410,9 @@ def chat(router: str, session: str | None, system: str | None, max_tokens: int,
 
 
 @main.command()
-@router_option
+@_client_options
 @_option("--json", "as_json", env="JSON", is_flag=True, help="Print the raw snapshot as JSON.")
-def status(router: str, as_json: bool) -> None:
+def status(client: ClientConfig, as_json: bool) -> None:
     """Show the cluster: workers (model, slots busy/total, warm sessions, tokens/s) and
     the queue.
 
@@ -373,8 +424,8 @@ def status(router: str, as_json: bool) -> None:
     from pichat.console import format_status
 
     async def fetch() -> dict[str, Any]:
-        async with Client(ClientConfig(router=router)) as client:
-            return await client.status()
+        async with Client(client) as connection:
+            return await connection.status()
 
     try:
         snapshot = asyncio.run(fetch())
@@ -417,6 +468,35 @@ def health(endpoint: str, timeout: float, as_json: bool) -> None:
     sys.exit(0 if healthy else 1)
 
 
+@main.command(name="keygen")
+@_option("--keys", env="KEYS", default=str(DEFAULT_KEYS_DIR),
+         help="The keys directory to create or complete.")
+@_option("--worker", "workers", env="KEYGEN_WORKERS", multiple=True, show_default=False,
+         help="Also a key pair for a worker of this name, admitted by the router (repeatable).")
+@_option("--client", "clients", env="KEYGEN_CLIENTS", multiple=True, show_default=False,
+         help="Also a key pair for a client of this name, admitted by the router (repeatable).")
+def keygen_command(keys: str, workers: tuple[str, ...], clients: tuple[str, ...]) -> None:
+    """Create the CurveZMQ keys of a secured cluster (existing keys are kept): the router's,
+    a worker's and a client's key pairs, the router's allow-lists, and an HTTP API key.
+
+    \b
+    Example:
+      pichat keygen                          # ~/.config/pichat/keys
+      pichat keygen --worker pi2 --worker pi3
+    Then give every Pi the directory (the router needs router.key_secret and the
+    allow-lists; a worker its key pair and router.key; a client likewise) and use --keys.
+    """
+    directory = Path(keys).expanduser()
+    for name in (*workers, *clients):
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise click.BadParameter(f"{name!r}: use letters, digits, - and _")
+    written = keygen(directory, workers=workers, clients=clients)
+    for path in written:
+        click.echo(f"wrote {path}")
+    if not written:
+        click.echo(f"{directory} already holds every key asked for")
+
+
 # --- local cluster and models ---------------------------------------------------------
 
 
@@ -438,6 +518,9 @@ def health(endpoint: str, timeout: float, as_json: bool) -> None:
          help="Where workers connect.")
 @_option("--http", env="HTTP", default="127.0.0.1:8080",
          help="The router's HTTP face (OpenAI API, chat page); 'off' disables it.")
+@_option("--keys", env="KEYS", default=None, show_default=False,
+         help="CurveZMQ keys for every link [default: ~/.config/pichat/keys, created if "
+              "missing]; 'off' for none.")
 @_option("--prompt", env="UP_PROMPT", default=None,
          help="Once the workers are up, ask this and print the answer.")
 @_option("--once", env="UP_ONCE", is_flag=True, help="Stop the cluster after answering --prompt.")
@@ -445,8 +528,8 @@ def health(endpoint: str, timeout: float, as_json: bool) -> None:
          type=click.Choice(["debug", "info", "warning", "error"]),
          help="How much the router and workers log.")
 def up(n_workers: int, backend: str, model: str, slots: int, threads: int | None, ctx: int,
-       policy: str, clients_bind: str, workers_bind: str, http: str, prompt: str | None,
-       once: bool, log_level: str) -> None:
+       policy: str, clients_bind: str, workers_bind: str, http: str, keys: str | None,
+       prompt: str | None, once: bool, log_level: str) -> None:
     """Run a router and N workers on this machine. Ctrl-C stops them all.
 
     \b
@@ -456,11 +539,15 @@ def up(n_workers: int, backend: str, model: str, slots: int, threads: int | None
     from pichat.cluster import ClusterConfig, run_cluster
 
     _setup_logging(log_level, "up")
+    if keys is None:
+        keygen(DEFAULT_KEYS_DIR.expanduser())
+        keys = str(DEFAULT_KEYS_DIR.expanduser())
+    resolved = keys_or_fail(keys)
     config = ClusterConfig(
         workers=n_workers, backend=backend, model=model, slots=slots,  # type: ignore[arg-type]
         threads=threads or max(1, (os.cpu_count() or 1) // n_workers), ctx=ctx,
         policy=policy, clients_bind=clients_bind, workers_bind=workers_bind,  # type: ignore[arg-type]
-        http=http, log_level=log_level,
+        http=http, log_level=log_level, keys=str(resolved.directory) if resolved else "off",
     )
     try:
         code = asyncio.run(run_cluster(

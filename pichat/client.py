@@ -40,6 +40,7 @@ from pichat.protocol import (
     decode,
     encode,
 )
+from pichat.security import watch_handshakes
 from pichat.transport import Channel, configure
 
 __all__ = ["Client", "Reply", "new_id"]
@@ -79,6 +80,8 @@ class Client:
         self._pending: dict[str, asyncio.Queue] = {}
         self._status_waiters: deque[asyncio.Future] = deque()
         self._last_heard = 0.0
+        self._monitor: Channel | None = None
+        self._refused: str | None = None
 
     async def __aenter__(self) -> Client:
         self.connect()
@@ -92,10 +95,17 @@ class Client:
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.DEALER)
         configure(sock, max_message_bytes=self.config.max_message_bytes)
+        if self.config.keys is not None:
+            self.config.keys.secure_client(sock, self.config.key_name)
+            self._monitor = watch_handshakes(sock, loop, self._on_refused)
         sock.connect(self.config.router)
         self._channel = Channel(sock, self._on_message, loop)
 
     def close(self) -> None:
+        if self._monitor is not None and self._channel is not None:
+            self._channel.sock.disable_monitor()
+            self._monitor.close()
+            self._monitor = None
         if self._channel is not None:
             # A short linger lets a last CANCEL reach the router.
             self._channel.close(linger_ms=200)
@@ -126,8 +136,16 @@ class Client:
         try:
             self._send(encode(request))
             expected = 0
+            resends = self.config.resend_on_silence
             while True:
-                message = await self._next(queue)
+                try:
+                    message = await self._next(queue)
+                except RouterUnavailable:
+                    if expected or resends <= 0 or self._refused:
+                        raise
+                    resends -= 1  # nothing streamed yet: sending it again is safe
+                    self._send(encode(request))
+                    continue
                 match message:
                     case Chunk():
                         if message.seq != expected:
@@ -201,8 +219,15 @@ class Client:
                 continue
 
     def _silence_message(self) -> str:
+        if self._refused:
+            return (f"{self._refused}: the router at {self.config.router} does not accept "
+                    f"this client's key ({self.config.key_name}.key must be in the router's "
+                    "clients/ directory, and router.key must be the router's)")
         return (f"no answer from the router at {self.config.router} for "
                 f"{self.config.silence_timeout:.0f}s: is it running and reachable?")
+
+    def _on_refused(self, reason: str) -> None:
+        self._refused = reason
 
     def _send(self, frames: list[bytes]) -> None:
         if self._channel is None:
@@ -210,7 +235,11 @@ class Client:
         try:
             self._channel.send(frames)
         except zmq.Again:
-            raise RouterUnavailable(f"cannot queue a message for {self.config.router}") from None
+            if self._refused:
+                raise RouterUnavailable(self._silence_message()) from None
+            raise RouterUnavailable(
+                f"no connection to the router at {self.config.router}: is it running, and does "
+                "it need keys (--keys)?") from None
 
     def _on_message(self, frames: list[bytes]) -> None:
         self._last_heard = asyncio.get_running_loop().time()

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pichat.client import Client
 from pichat.config import Backend, ClientConfig
@@ -27,12 +27,14 @@ from pichat.console import format_stats
 from pichat.errors import PichatError
 from pichat.protocol import ChatMessage, Sampling
 from pichat.router.scheduler import Policy
+from pichat.security import resolve_keys
 
 __all__ = ["ClusterConfig", "LocalCluster", "run_cluster"]
 
 log = logging.getLogger(__name__)
 
-_GRACE = 10.0
+_GRACE = 45.0
+"""Workers drain (finish running requests) for up to 30 s on SIGTERM."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,8 @@ class ClusterConfig:
     clients_bind: str = "tcp://127.0.0.1:5555"
     workers_bind: str = "tcp://127.0.0.1:5556"
     http: str = "off"
+    keys: str = "off"
+    """The keys directory for every link ("off": none)."""
     log_level: Literal["debug", "info", "warning", "error"] | str = "warning"
     ready_timeout: float = 600.0
     worker_args: tuple[str, ...] = ()
@@ -77,6 +81,10 @@ class LocalCluster:
     def client_endpoint(self) -> str:
         return _connect_endpoint(self.config.clients_bind)
 
+    def client_config(self, **kwargs: Any) -> ClientConfig:
+        return ClientConfig(router=self.client_endpoint, keys=resolve_keys(self.config.keys),
+                            **kwargs)
+
     def start(self) -> None:
         cfg = self.config
         if cfg.backend == "llama":
@@ -88,14 +96,16 @@ class LocalCluster:
         base = [sys.executable, "-m", "pichat"]
         self.router = self._spawn(base + [
             "router", "--clients-bind", cfg.clients_bind, "--workers-bind", cfg.workers_bind,
-            "--policy", cfg.policy, "--http", cfg.http, "--log-level", cfg.log_level])
+            "--policy", cfg.policy, "--http", cfg.http, "--keys", cfg.keys,
+            "--log-level", cfg.log_level])
         host = socket.gethostname()
         for i in range(cfg.workers):
             self.workers.append(self._spawn(base + [
                 "worker", "--router", _connect_endpoint(cfg.workers_bind),
                 "--name", f"{host}-w{i + 1}", "--backend", cfg.backend, "--model", cfg.model,
                 "--slots", str(cfg.slots), "--threads", str(cfg.threads),
-                "--ctx", str(cfg.ctx), "--log-level", cfg.log_level, *cfg.worker_args]))
+                "--ctx", str(cfg.ctx), "--keys", cfg.keys, "--log-level", cfg.log_level,
+                *cfg.worker_args]))
 
     def _spawn(self, argv: list[str]) -> subprocess.Popen:
         return subprocess.Popen(argv, preexec_fn=_die_with_parent)
@@ -156,7 +166,7 @@ async def run_cluster(config: ClusterConfig, *, prompt: str | None = None, once:
     cluster = LocalCluster(config)
     try:
         cluster.start()
-        async with Client(ClientConfig(router=cluster.client_endpoint)) as client:
+        async with Client(cluster.client_config()) as client:
             await cluster.wait_ready(client)
             web = f", web chat at http://{config.http}/" if config.http != "off" else ""
             say(f"pichat: {config.workers} workers ready behind {cluster.client_endpoint}{web}. "

@@ -9,6 +9,7 @@ from typing import Literal, TypeAlias
 
 from pichat.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from pichat.router.scheduler import Policy, SchedulerConfig
+from pichat.security import Keys
 
 __all__ = [
     "DEFAULT_CLIENT_ENDPOINT",
@@ -55,6 +56,12 @@ class RouterConfig:
     """With keys, every HTTP route but /health needs `Authorization: Bearer KEY`."""
     http_max_tokens: int = 512
     """Longest answer for HTTP requests that do not say (max_tokens)."""
+    keys: Keys | None = None
+    """CurveZMQ keys (pichat/security.py); None: plain TCP, allowed on loopback only..."""
+    insecure: bool = False
+    """... unless the operator says so."""
+    max_prompt_chars: int = 1_000_000
+    """Longest conversation (all message texts) a request may carry."""
 
     @property
     def policy(self) -> Policy:
@@ -88,12 +95,17 @@ class WorkerConfig:
     liveness: int = 3
     reconnect_max: float = 30.0
     """Cap of the reconnect backoff, seconds."""
+    drain_timeout: float = 30.0
+    """On SIGTERM, how long running requests may finish before the worker leaves."""
     chunk_tokens: int = 16
     chunk_interval: float = 0.05
     """A CHUNK goes out after this many tokens or this many seconds, whichever comes first
     (the first token always goes out at once)."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     health_bind: str = ""
+    keys: Keys | None = None
+    key_name: str = "worker"
+    """Which key pair in the keys directory is this worker's."""
     sim: SimConfig = field(default_factory=SimConfig)
 
 
@@ -103,3 +115,8 @@ class ClientConfig:
     silence_timeout: float = 5.0
     """Give up on the router after hearing nothing from it this long while waiting."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    keys: Keys | None = None
+    key_name: str = "client"
+    resend_on_silence: int = 1
+    """Times a request that has received nothing yet is sent again when the router falls
+    silent (it may have restarted): safe, since nothing was streamed."""

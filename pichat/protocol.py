@@ -12,19 +12,20 @@ belongs to ZeroMQ, not to this protocol.)
     ---------   ---------------------   -----------------------------------------------
     READY       worker -> router        worker, model, backend, slots, ctx, version,
                                         sessions (warm session ids, re-announced on reconnect)
-    HEARTBEAT   worker <-> router,      worker -> router: busy, warm, evicted, tps;
+    HEARTBEAT   worker <-> router,      worker -> router: busy, warm, evicted, tps, draining;
                 router -> client        otherwise empty
     REQUEST     client -> router        id, session?, messages | prompt, sampling, timeout?,
-                router -> worker        model?  (prompt: plain text, no chat template)
-    CHUNK       worker -> router        id, seq (0, 1, 2...), text
+                router -> worker        model?, continuation?  (prompt: plain text, no chat
+                                        template; continuation: token ids already answered)
+    CHUNK       worker -> router        id, seq (0, 1, 2...), text, tokens (their ids)
                 -> client
     DONE        worker -> router        id, worker, finish ("stop" | "length" |
-                -> client               "cancelled"), usage
+                -> client               "cancelled"), usage, failovers?
     ERROR       any direction           id ("" when no request is concerned), code, message
     CANCEL      client -> router        id
                 router -> worker
     DISCONNECT  router <-> worker       reason (router: "I do not know you, send READY";
-                                        worker: "I am leaving")
+                                        worker: "I am leaving"), sessions? (its warm ones)
     STATUS      client -> router        empty; the reply (router -> client) is a snapshot
                 router -> client        of the cluster (see `Status`)
 
@@ -174,6 +175,14 @@ class _Fields:
             raise self._fail(key, f"a list of at most {max_items} strings")
         return tuple(value)
 
+    def int_list(self, key: str, *, max_items: int, hi: int = (1 << 31) - 1) -> tuple[int, ...]:
+        value = self._get(key, [], False)
+        if not isinstance(value, (list, tuple)) or len(value) > max_items or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= hi for v in value
+        ):
+            raise self._fail(key, f"a list of at most {max_items} token ids")
+        return tuple(value)
+
     def map(self, key: str, *, required: bool = True) -> Mapping[str, Any]:
         value = self._get(key, {}, required)
         if not isinstance(value, Mapping):
@@ -306,14 +315,20 @@ class Heartbeat:
     """Sessions the worker dropped from its KV cache since its last heartbeat."""
     tps: float = 0.0
     """Recent generation speed, tokens per second."""
+    draining: bool = False
+    """The worker is stopping: it finishes what it has and takes nothing new."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Heartbeat:
+        draining = f.data.get("draining", False)
+        if not isinstance(draining, bool):
+            raise ProtocolError("HEARTBEAT: field 'draining' must be a boolean")
         return cls(
             busy=f.int("busy", hi=1024, required=False),
             warm=f.int("warm", required=False),
             evicted=f.str_list("evicted", max_items=1_000_000, max_chars=MAX_ID_CHARS * 2),
             tps=f.float("tps", hi=1e9, required=False),
+            draining=draining,
         )
 
     def to_body(self) -> dict[str, Any]:
@@ -339,6 +354,8 @@ class Request:
     """Only workers serving this model may take the request; None: any."""
     prompt: str | None = None
     """Plain text to continue, without the chat template (instead of `messages`)."""
+    continuation: tuple[int, ...] = ()
+    """Token ids of an answer already begun elsewhere (failover): continue after them."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Request:
@@ -355,6 +372,7 @@ class Request:
             id=RequestId(f.str("id", min_chars=1, max_chars=MAX_ID_CHARS)),
             messages=tuple(ChatMessage.parse(m, i) for i, m in enumerate(raw or ())),
             prompt=prompt,
+            continuation=f.int_list("continuation", max_items=MAX_TOKENS_LIMIT),
             sampling=Sampling.parse(f.map("sampling", required=False)),
             session=f.str("session", min_chars=1, max_chars=MAX_ID_CHARS * 2,
                           required=False, default=None),
@@ -373,6 +391,8 @@ class Request:
             value = getattr(self, key)
             if value is not None:
                 body[key] = value
+        if self.continuation:
+            body["continuation"] = list(self.continuation)
         return body
 
 
@@ -382,6 +402,9 @@ class Chunk:
     id: RequestId
     seq: int
     text: str
+    tokens: tuple[int, ...] = ()
+    """The ids of the tokens this text is made of (exactly: a chunk ends on a token
+    boundary), so that another worker can continue the answer token for token."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Chunk:
@@ -389,10 +412,14 @@ class Chunk:
             id=RequestId(f.str("id", min_chars=1, max_chars=MAX_ID_CHARS)),
             seq=f.int("seq"),
             text=f.str("text", max_chars=DEFAULT_MAX_MESSAGE_BYTES),
+            tokens=f.int_list("tokens", max_items=MAX_TOKENS_LIMIT),
         )
 
     def to_body(self) -> dict[str, Any]:
-        return {"id": self.id, "seq": self.seq, "text": self.text}
+        body: dict[str, Any] = {"id": self.id, "seq": self.seq, "text": self.text}
+        if self.tokens:
+            body["tokens"] = list(self.tokens)
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +429,8 @@ class Done:
     worker: str
     finish: Finish
     usage: Usage
+    failovers: int = 0
+    """Times the router moved this answer to another worker mid-stream."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Done:
@@ -413,11 +442,15 @@ class Done:
             worker=f.str("worker"),
             finish=finish,
             usage=Usage.parse(f.map("usage")),
+            failovers=f.int("failovers", hi=1000, required=False),
         )
 
     def to_body(self) -> dict[str, Any]:
-        return {"id": self.id, "worker": self.worker, "finish": self.finish,
+        body = {"id": self.id, "worker": self.worker, "finish": self.finish,
                 "usage": asdict(self.usage)}
+        if self.failovers:
+            body["failovers"] = self.failovers
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,13 +494,20 @@ class Cancel:
 class Disconnect:
     COMMAND: ClassVar[Command] = Command.DISCONNECT
     reason: str = ""
+    sessions: tuple[str, ...] = ()
+    """A leaving worker's warm sessions: the router forgets that they were warm there."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Disconnect:
-        return cls(reason=f.str("reason", max_chars=1024, required=False))
+        return cls(reason=f.str("reason", max_chars=1024, required=False),
+                   sessions=f.str_list("sessions", max_items=1_000_000,
+                                       max_chars=MAX_ID_CHARS * 2))
 
     def to_body(self) -> dict[str, Any]:
-        return {"reason": self.reason}
+        body: dict[str, Any] = {"reason": self.reason}
+        if self.sessions:
+            body["sessions"] = list(self.sessions)
+        return body
 
 
 @dataclass(frozen=True, slots=True)

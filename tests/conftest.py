@@ -22,6 +22,10 @@ from tiny_model import write_tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Hermetic: no test picks up the keys of whoever runs it (~/.config/pichat/keys); the
+# security tests make their own.
+os.environ["PICHAT_KEYS"] = "off"
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -70,10 +70,23 @@ async def test_router_heartbeats_keep_a_slow_request_alive_and_silence_ends_it(p
         await router.send(Heartbeat())
         await asyncio.sleep(0.1)
     assert not task.done()
+    # Silence: nothing was streamed yet, so the client sends the request again once (the
+    # router may have restarted), then gives up.
+    await router.expect(Request, id=req.id)
     with pytest.raises(RouterUnavailable, match="no answer from the router"):
         await task
     # The client gave up, so it tells the router to cancel.
     await router.expect(Cancel, id=req.id)
+
+
+async def test_nothing_is_sent_again_once_the_answer_has_begun(pair):
+    router, client = pair
+    task = asyncio.create_task(client.chat(HI))
+    req = await router.expect(Request)
+    await router.send(Chunk(req.id, 0, "partial"))
+    with pytest.raises(RouterUnavailable):
+        await task
+    await router.expect(Cancel, id=req.id)  # not a second Request
 
 
 async def test_no_router_at_all_is_a_clear_error_not_a_hang():

@@ -92,7 +92,8 @@ def test_configuration_files_only_name_real_options(path):
     used = set(re.findall(r"\b(PICHAT_[A-Z_]+)\s*[:=]", text))
     assert used, path
     unknown = used - option_envvars() - {"PICHAT_IMAGE", "PICHAT_PUBLISH", "PICHAT_PUBLISH_PORT",
-                                               "PICHAT_MODELS"}
+                                               "PICHAT_MODELS", "PICHAT_PUBLISH_HTTP",
+                                               "PICHAT_PUBLISH_HTTP_PORT"}
     assert not unknown, f"{path} sets variables no option reads: {unknown}"
 
 

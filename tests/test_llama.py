@@ -27,7 +27,7 @@ def model(tiny_model):
 
 def generate(ctx, prompt, sampling=GREEDY, cancelled=None, stop=()):
     sent: list[str] = []
-    out = TextStream(sent.append, stop=stop, flush_tokens=1)
+    out = TextStream(lambda text, _: sent.append(text), stop=stop, flush_tokens=1)
     result = ctx.generate(prompt, sampling, out, cancelled or threading.Event())
     out.close()
     return result, "".join(sent)

@@ -154,13 +154,19 @@ async def test_no_workers_is_an_immediate_error(h):
     await client.expect(Error, id="r1", code=ErrorCode.NO_WORKERS)
 
 
-async def test_duplicate_request_id_is_refused(h):
-    await h.worker("w1", slots=2)
+async def test_a_request_id_in_use_by_another_client_is_refused(h):
+    worker = await h.worker("w1", slots=2)
     await workers_known(h, 1)
-    client = h.client()
+    client, other = h.client(), h.client()
     await client.send(request("same"))
+    await other.send(request("same"))
+    await other.expect(Error, id="same", code=ErrorCode.BAD_REQUEST)
+    # The same client sending it again (it thought the router gone) is not an error,
+    # and the request is not run twice.
     await client.send(request("same"))
-    await client.expect(Error, id="same", code=ErrorCode.BAD_REQUEST)
+    await worker.expect(Request, id="same")
+    await worker.silent(0.3)
+    await client.silent(0.1)
 
 
 async def test_queue_full_is_busy_at_once(h):

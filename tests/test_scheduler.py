@@ -8,14 +8,16 @@ must produce, written compactly:
     "submit r1 s1 m2 @3"  ... asking for model m2
     "submit r1 - @3 >A"   ... preferring worker A (a shared prefix)
     "finish r1 @4"        the worker ended r1
-    "chunk r1"            the first chunk of r1 arrived
+    "chunk r1"            the first chunk of r1 arrived ("chunk r1 plain": without token ids)
+    "bounce r1 @4"        the worker refused r1 before starting it
+    "drain A"             A is draining
     "cancel r1 @4"        the client cancelled r1
     "beat A @2"           a heartbeat from A
     "evict A s1"          A dropped s1 from its cache
     "tick @6"             time passes
 
 and the actions:  "r1->A" dispatch, "r1->A hit" (affinity), "r1->A prefix" (the preferred
-worker), "r1->B spill", "r1->B retry",
+worker), "r1->B spill", "r1->B retry", "r1->B failover" (continue a streamed answer),
 "fail r1 busy", "cancel r1@A", "dead A".
 """
 
@@ -132,12 +134,52 @@ CASES: dict[str, tuple[dict, list[tuple[str, list[str]]]]] = {
         ("tick @3", ["dead A", "r1->B retry"]),
         ("submit r2 s1 @3", []),  # affinity moved to B with the retry
     ]),
-    "dead worker: streamed requests fail with worker_lost": ({}, [
+    "dead worker: a streamed answer continues on another worker": ({}, [
         ("worker A 1", []), ("worker B 1", []),
         ("submit r1 s1 @0", ["r1->A"]), ("chunk r1", []),
         ("beat B @2", []),
+        ("tick @3", ["dead A", "r1->B failover"]),
+    ]),
+    "dead worker: an answer without token ids cannot continue: worker_lost": ({}, [
+        ("worker A 1", []), ("worker B 1", []),
+        ("submit r1 s1 @0", ["r1->A"]), ("chunk r1 plain", []),
+        ("beat B @2", []),
         ("tick @3", ["dead A", "fail r1 worker_lost"]),
         ("submit r2 s1 @3", ["r2->B"]),  # no stale affinity to the dead worker
+    ]),
+    "failovers are bounded": ({"max_failovers": 1}, [
+        ("worker A 1", []), ("worker B 1", []),
+        ("submit r1 - @0", ["r1->A"]), ("chunk r1", []),
+        ("beat B @2", []),
+        ("tick @3", ["dead A", "r1->B failover"]),
+        ("chunk r1", []),
+        ("worker C 1 @4", []),
+        ("beat C @6", []),
+        ("tick @6", ["dead B", "fail r1 worker_lost"]),
+    ]),
+    "a draining worker finishes its work but gets nothing new": ({}, [
+        ("worker A 2", []), ("worker B 1", []),
+        ("submit r1 - @0", ["r1->A"]),
+        ("drain A", []),
+        ("submit r2 - @0", ["r2->B"]),
+        ("submit r3 - @0", []),            # A has a free slot, but drains
+        ("finish r2 @1", ["r3->B"]),
+        ("drain B", []),
+        ("submit r4 - @1", ["fail r4 no_workers"]),
+    ]),
+    "a refused request goes back to the queue": ({}, [
+        ("worker A 1", []), ("worker B 1", []),
+        ("submit r1 - @0", ["r1->A"]),
+        ("drain A", []),
+        ("bounce r1 @1", ["r1->B retry"]),
+    ]),
+    "a request refused again and again fails with busy": ({}, [
+        ("worker A 1", []),
+        ("submit r1 - @0", ["r1->A"]),
+        ("bounce r1 @1", ["r1->A retry"]),
+        ("bounce r1 @1", ["r1->A retry"]),
+        ("bounce r1 @1", ["r1->A retry"]),
+        ("bounce r1 @1", ["fail r1 busy"]),
     ]),
     "dead worker's re-dispatched request waits for a slot at the head of the queue": ({}, [
         ("worker A 1", []), ("worker B 1", []),
@@ -219,8 +261,9 @@ CASES: dict[str, tuple[dict, list[tuple[str, list[str]]]]] = {
 def _describe(action) -> str:
     match action:
         case Dispatch(job=j, worker=w):
-            tag = (" hit" if action.affinity_hit else " prefix" if action.prefix_hit else
-                   " spill" if action.spilled else " retry" if action.retry else "")
+            tag = (" failover" if action.failover else " hit" if action.affinity_hit else
+                   " prefix" if action.prefix_hit else " spill" if action.spilled else
+                   " retry" if action.retry else "")
             return f"{j}->{w.decode()}{tag}"
         case Fail(job=j, code=c):
             return f"fail {j} {c.value}"
@@ -249,7 +292,12 @@ def _step(s: Scheduler, step: str) -> list[str]:
         case "finish":
             out = s.finished(RequestId(args[0]), at)
         case "chunk":
-            s.chunk_seen(RequestId(args[0]))
+            s.chunk_seen(RequestId(args[0]), resumable=args[1:] != ["plain"])
+            out = []
+        case "bounce":
+            out = s.bounce(RequestId(args[0]), at)
+        case "drain":
+            s.set_draining(W(args[0]))
             out = []
         case "cancel":
             out = s.cancel(RequestId(args[0]), at)

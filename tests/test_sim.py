@@ -16,7 +16,7 @@ GREEDY = Sampling(temperature=0)
 
 
 def generate(ctx, prompt, sampling=GREEDY, cancelled=None, stop=()):
-    out = TextStream(lambda _: None, stop=stop)
+    out = TextStream(lambda *_: None, stop=stop)
     result = ctx.generate(prompt, sampling, out, cancelled or threading.Event())
     out.close()
     return result, out.text

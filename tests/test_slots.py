@@ -59,7 +59,7 @@ class Harness:
                           session=SessionId(session) if session else None)
         slot = self.manager.acquire(request.session)
         assert slot is not None
-        out = TextStream(lambda _: None)
+        out = TextStream(lambda *_: None)
         try:
             result = self.manager.run(slot, request, out, threading.Event())
         finally:
@@ -131,7 +131,7 @@ def test_a_plain_prompt_skips_the_chat_template_and_an_empty_one_is_refused():
 
     h = Harness()
     slot = h.manager.acquire(None)
-    out = TextStream(lambda _: None)
+    out = TextStream(lambda *_: None)
     result = h.manager.run(slot, Request(RequestId("p"), (), Sampling(temperature=0),
                                          prompt="once upon a time"), out, threading.Event())
     assert result.prompt_tokens == 4  # four words, no role markers

@@ -22,9 +22,10 @@ baseline for benchmarks.
 
 Both policies queue requests when no suitable slot is free, up to `queue_limit`; past it a
 request fails at once with `busy`. Every request has a deadline in the queue and one in
-all. A worker not heard from for `worker_expiry` seconds is dead: its requests that have
-not streamed anything yet go back to the head of the queue; the others fail with
-`worker_lost`.
+all. A worker not heard from for `worker_expiry` seconds is dead: its requests go back to
+the head of the queue, those that had streamed part of an answer as continuations
+(failover: the router has the delivered tokens; at most `max_failovers` times), the
+rest fail with `worker_lost`. A draining worker gets no new requests.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class SchedulerConfig:
     """A worker silent this long is dead (heartbeat interval x liveness)."""
     max_sessions: int = 100_000
     """Affinity entries remembered (least recently used forgotten first)."""
+    max_failovers: int = 2
+    """Times one answer may move to another worker mid-stream."""
     prefix_load_factor: float = 1.25
     """A preferred worker (shared prefix) is used while its load, counting the new request,
     is at most this times the average load of the workers that could serve it."""
@@ -93,6 +96,8 @@ class Dispatch:
     spilled: bool = False
     retry: bool = False
     """The request is being re-sent after its first worker died."""
+    failover: bool = False
+    """... and it had streamed part of its answer: send it as a continuation."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +141,11 @@ class Job:
     prefer: WorkerId | None = None
     worker: WorkerId | None = None
     streamed: bool = False
-    """The worker has sent at least one chunk: the request can no longer be re-run."""
+    """The worker has sent at least one chunk: the request can only be continued."""
+    resumable: bool = True
+    """Every chunk so far carried its token ids, so another worker can continue it."""
+    failovers: int = 0
+    bounces: int = 0
     abandoned: bool = False
     """The client was answered (cancel, timeout); only the worker's slot is still held."""
     attempts: int = 0
@@ -151,6 +160,7 @@ class WorkerView:
     busy: int = 0
     warm: int = 0
     """Sessions whose affinity points here."""
+    draining: bool = False
     order: int = 0
     jobs: set[RequestId] = field(default_factory=set)
 
@@ -203,6 +213,12 @@ class Scheduler:
             if self.affinity.get(SessionId(session)) == worker:
                 self._drop_affinity(SessionId(session))
 
+    def set_draining(self, worker: WorkerId) -> None:
+        """The worker finishes what it has and takes nothing new."""
+        view = self.workers.get(worker)
+        if view is not None:
+            view.draining = True
+
     def remove_worker(self, worker: WorkerId, now: float, reason: str) -> list[Action]:
         """The worker left (DISCONNECT) or was found dead."""
         if worker not in self.workers:
@@ -227,7 +243,8 @@ class Scheduler:
             spill_at=now + cfg.affinity_wait,
             prefer=prefer,
         )
-        if not any(model is None or w.model == model for w in self.workers.values()):
+        if not any((model is None or w.model == model) and not w.draining
+                   for w in self.workers.values()):
             what = f"serving model {model!r}" if model and self.workers else "connected"
             return [Fail(job_id, ErrorCode.NO_WORKERS, f"no worker {what}")]
         if len(self.queue) >= cfg.queue_limit and self._place(job, now) is None:
@@ -237,10 +254,29 @@ class Scheduler:
         self.queue.append(job_id)
         return self._pump(now)
 
-    def chunk_seen(self, job_id: RequestId) -> None:
+    def chunk_seen(self, job_id: RequestId, resumable: bool = True) -> None:
         job = self.jobs.get(job_id)
         if job is not None:
             job.streamed = True
+            job.resumable = job.resumable and resumable
+
+    def bounce(self, job_id: RequestId, now: float) -> list[Action]:
+        """The worker refused the request (full, or draining) before starting it: queue it
+        again, at the head; after three refusals it fails with `busy`."""
+        job = self.jobs.get(job_id)
+        if job is None or job.worker is None or job.streamed:
+            return self.finished(job_id, now)
+        view = self.workers.get(job.worker)
+        if view is not None:
+            view.busy -= 1
+            view.jobs.discard(job_id)
+        job.worker = None
+        job.bounces += 1
+        if job.bounces > 3:
+            del self.jobs[job_id]
+            return [Fail(job_id, ErrorCode.BUSY, "workers refused the request; retry later")]
+        self.queue.appendleft(job_id)
+        return self._pump(now)
 
     def finished(self, job_id: RequestId, now: float) -> list[Action]:
         """The worker ended the request (DONE or ERROR): its slot is free again."""
@@ -327,7 +363,7 @@ class Scheduler:
         """Dispatch queued requests, oldest first, while slots are free."""
         actions: list[Action] = []
         for job_id in list(self.queue):
-            if not any(w.free > 0 for w in self.workers.values()):
+            if not any(w.free > 0 and not w.draining for w in self.workers.values()):
                 break
             job = self.jobs[job_id]
             placed = self._place(job, now)
@@ -345,12 +381,14 @@ class Scheduler:
             if job.session is not None:
                 self._set_affinity(job.session, worker)
             actions.append(Dispatch(job_id, worker, affinity_hit=hit, prefix_hit=prefix_hit,
-                                    spilled=spilled, retry=job.attempts > 1))
+                                    spilled=spilled, retry=job.attempts > 1,
+                                    failover=job.streamed))
         return actions
 
     def _place(self, job: Job, now: float) -> tuple[WorkerId, bool, bool] | None:
         """(worker, affinity hit, spilled) for `job` now, or None to keep it waiting."""
-        eligible = [w for w in self.workers.values() if job.model is None or w.model == job.model]
+        eligible = [w for w in self.workers.values()
+                    if not w.draining and (job.model is None or w.model == job.model)]
         free = [w for w in eligible if w.free > 0]
         if self.config.policy == "round-robin":
             if not free:
@@ -360,9 +398,7 @@ class Scheduler:
             return pick.id, False, False
         home = self.affinity.get(job.session) if job.session is not None else None
         spilled = False
-        if home is not None and home in self.workers and (
-            job.model is None or self.workers[home].model == job.model
-        ):
+        if home is not None and home in self.workers and self.workers[home] in eligible:
             if self.workers[home].free > 0:
                 return home, True, False
             if now < job.spill_at:
@@ -395,11 +431,14 @@ class Scheduler:
             job = self.jobs[job_id]
             if job.abandoned:
                 del self.jobs[job_id]
-            elif job.streamed:
+            elif job.streamed and not (
+                job.resumable and job.failovers < self.config.max_failovers
+            ):
                 del self.jobs[job_id]
                 actions.append(Fail(job_id, ErrorCode.WORKER_LOST,
                                     f"the worker was lost mid-answer ({reason})"))
             else:
+                job.failovers += job.streamed
                 job.worker = None
                 requeue.append(job_id)
         # Re-dispatched requests go first: they have waited longest.

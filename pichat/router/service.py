@@ -28,7 +28,7 @@ from aiohttp import web
 
 from pichat import __version__
 from pichat.config import RouterConfig
-from pichat.errors import ErrorCode, ProtocolError
+from pichat.errors import ErrorCode, PichatError, ProtocolError
 from pichat.health import HealthEndpoint
 from pichat.protocol import (
     Cancel,
@@ -56,6 +56,7 @@ from pichat.router.scheduler import (
     WorkerDead,
     WorkerId,
 )
+from pichat.security import Gatekeeper, is_loopback
 from pichat.transport import Channel, configure
 
 __all__ = ["Router", "ReplySink"]
@@ -105,6 +106,15 @@ class _ClientJob:
     first_chunk: float | None = None
     text: list[str] = field(default_factory=list)
     """The answer so far (recorded in the prefix index when it completes)."""
+    tokens: list[int] = field(default_factory=list)
+    """The token ids of the answer delivered so far (a failover continues after them)."""
+    chunks: int = 0
+    """Chunks delivered to the client."""
+    seq_base: int = 0
+    """Chunks delivered before the current worker took over (its seq 0 is this one)."""
+    resumed: int = 0
+    """Tokens the current worker was given as a continuation."""
+    failovers: int = 0
 
 
 @dataclass(slots=True)
@@ -137,11 +147,13 @@ class Router:
         self._workers: Channel | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._told_to_register: dict[WorkerId, float] = {}
+        self.gatekeeper: Gatekeeper | None = None
         self._accepting = True
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def run(self, *, handle_signals: bool = False) -> None:
+        self._check_exposure()
         loop = self._loop = asyncio.get_running_loop()
         ctx = zmq.Context()
         clients = ctx.socket(zmq.ROUTER)
@@ -149,9 +161,15 @@ class Router:
         stop = asyncio.Event()
         health: HealthEndpoint | None = None
         http: web.AppRunner | None = None
+        keys = self.config.keys
         try:
             for sock in (clients, workers):
                 configure(sock, max_message_bytes=self.config.max_message_bytes)
+            if keys is not None:
+                self.gatekeeper = Gatekeeper(ctx, keys)
+                self.gatekeeper.start()
+                keys.secure_server(clients, "clients")
+                keys.secure_server(workers, "workers")
             clients.bind(self.config.clients_bind)
             workers.bind(self.config.workers_bind)
             self.clients_endpoint = clients.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -173,6 +191,8 @@ class Router:
                 await self._drain()
                 heartbeats.cancel()
         finally:
+            if self.gatekeeper is not None:
+                self.gatekeeper.stop()
             if http is not None:
                 await http.cleanup()
             if health is not None:
@@ -186,6 +206,25 @@ class Router:
             workers.close(linger=0)
             ctx.term()
             log.info("router stopped")
+
+    def _check_exposure(self) -> None:
+        """Secure by default: no open port beyond this machine without keys."""
+        cfg = self.config
+        if cfg.insecure:
+            return
+        if cfg.keys is None:
+            for endpoint in (cfg.clients_bind, cfg.workers_bind):
+                if not is_loopback(endpoint):
+                    raise PichatError(
+                        f"refusing to bind {endpoint} without keys: anyone on the network "
+                        "could use or impersonate workers. Create keys with `pichat keygen` "
+                        "(then --keys DIR, default ~/.config/pichat/keys) and copy them to "
+                        "the workers, or pass --insecure on a network you trust.")
+        if cfg.http and not is_loopback(cfg.http) and not cfg.api_keys:
+            raise PichatError(
+                f"refusing to serve HTTP on {cfg.http} without an API key: pass --api-key or "
+                "--api-key-file (`pichat keygen` writes KEYS/api-keys), bind --http "
+                "127.0.0.1:8080, or pass --insecure on a network you trust.")
 
     async def _start_http(self) -> web.AppRunner:
         from pichat.router.http import create_app
@@ -276,12 +315,22 @@ class Router:
         """Accept a request; its chunks, DONE or ERROR go to `sink`. `frames`: the request
         as received, forwarded unchanged when the router adds nothing to it."""
         if request.id in self.jobs:
+            if self.jobs[request.id].sink.key == sink.key:
+                return  # the client sent it again (it thought us gone): already on it
             self._count_failure(ErrorCode.BAD_REQUEST)
             sink.deliver(Error(request.id, ErrorCode.BAD_REQUEST,
                                f"request id {request.id!r} is already in use"), None)
             return
         if not self._accepting:
             sink.deliver(Error(request.id, ErrorCode.NO_WORKERS, "router shutting down"), None)
+            return
+        size = sum(len(m.content) for m in request.messages) + len(request.prompt or "")
+        if size > self.config.max_prompt_chars:
+            self.counts["rejected_prompt_too_large"] += 1
+            self._count_failure(ErrorCode.BAD_REQUEST)
+            sink.deliver(Error(request.id, ErrorCode.BAD_REQUEST,
+                               f"the conversation is {size} characters; this router accepts "
+                               f"at most {self.config.max_prompt_chars}"), None)
             return
         now = self._now()
         self.counts["requests"] += 1
@@ -297,7 +346,15 @@ class Router:
                     prefer = self.scheduler.warm_worker(match.shared)
             request = replace(request, session=session)
             frames = None
-        self.jobs[request.id] = _ClientJob(sink, request, frames or encode(request), now)
+        frames = frames or encode(request)
+        if sum(map(len, frames)) > self.config.max_message_bytes - 256:
+            self.counts["rejected_too_large"] += 1
+            self._count_failure(ErrorCode.BAD_REQUEST)
+            sink.deliver(Error(request.id, ErrorCode.BAD_REQUEST,
+                               "the request is larger than a worker accepts "
+                               f"(--max-message-bytes {self.config.max_message_bytes})"), None)
+            return
+        self.jobs[request.id] = _ClientJob(sink, request, frames, now)
         self._apply(self.scheduler.submit(request.id, request.session, now, model=request.model,
                                           timeout=request.timeout, prefer=prefer))
 
@@ -371,7 +428,11 @@ class Router:
             return
         match message:
             case Heartbeat():
-                self.workers[worker].heartbeat = message
+                info = self.workers[worker]
+                if message.draining and not info.heartbeat.draining:
+                    log.info("worker %s is draining: no new requests for it", self._name(worker))
+                    self.scheduler.set_draining(worker)
+                info.heartbeat = message
                 if message.evicted:
                     self.scheduler.forget_sessions(worker, message.evicted)
             case Chunk():
@@ -381,7 +442,9 @@ class Router:
             case Error():
                 self._on_worker_error(worker, message, body, now)
             case Disconnect():
-                log.info("worker %s leaving: %s", self._name(worker), message.reason)
+                log.info("worker %s leaving: %s; %d warm sessions handed back",
+                         self._name(worker), message.reason, len(message.sessions))
+                self.scheduler.forget_sessions(worker, message.sessions)
                 self.workers.pop(worker, None)
                 self._apply(self.scheduler.remove_worker(worker, now, "worker left"))
             case _:
@@ -419,7 +482,7 @@ class Router:
     def _on_chunk(self, worker: WorkerId, chunk: Chunk, frames: list[bytes], now: float) -> None:
         if not self._owned(worker, chunk.id):
             return
-        self.scheduler.chunk_seen(chunk.id)
+        self.scheduler.chunk_seen(chunk.id, resumable=bool(chunk.tokens) or not chunk.text)
         job = self.jobs.get(chunk.id)
         if job is None:
             return  # the client is gone or was answered; the worker is being cancelled
@@ -427,6 +490,11 @@ class Router:
             job.first_chunk = now
             self.metrics.ttft.observe(now - job.arrived)
         job.text.append(chunk.text)
+        job.tokens.extend(chunk.tokens)
+        if job.seq_base:  # after a failover: number the new worker's chunks on
+            chunk = replace(chunk, seq=job.seq_base + chunk.seq)
+            frames = encode(chunk)
+        job.chunks += 1
         self._deliver(chunk.id, chunk, frames)
 
     def _on_done(self, worker: WorkerId, done: Done, frames: list[bytes], now: float) -> None:
@@ -434,6 +502,8 @@ class Router:
             return
         job = self.jobs.get(done.id)
         if job is not None:
+            if job.failovers:
+                done, frames = self._after_failover(job, done), None
             self.counts["completed"] += 1
             self.metrics.completed(done.usage)
             request = job.request
@@ -452,12 +522,28 @@ class Router:
             self.jobs.pop(done.id, None)
         self._apply(self.scheduler.finished(done.id, now))
 
+    @staticmethod
+    def _after_failover(job: _ClientJob, done: Done) -> Done:
+        """The DONE as if one worker had answered: the continuation it was given counts
+        as generated, not as prompt; and it says how many failovers there were."""
+        u = done.usage
+        prompt = max(0, u.prompt_tokens - job.resumed)
+        usage = replace(u, prompt_tokens=prompt, cached_tokens=min(u.cached_tokens, prompt),
+                        completion_tokens=u.completion_tokens + job.resumed)
+        return replace(done, usage=usage, failovers=job.failovers)
+
     def _on_worker_error(self, worker: WorkerId, error: Error, frames: list[bytes],
                          now: float) -> None:
         if not error.id:
             log.warning("worker %s reports: %s: %s", self._name(worker), error.code, error.message)
             return
         if not self._owned(worker, RequestId(error.id)):
+            return
+        if error.code is ErrorCode.BUSY and RequestId(error.id) in self.jobs:
+            # Refused before it started (draining, or full): place it again.
+            log.info("req=%s refused by worker %s (%s); placing it again", error.id,
+                     self._name(worker), error.message)
+            self._apply(self.scheduler.bounce(RequestId(error.id), now))
             return
         job = self.jobs.pop(RequestId(error.id), None)
         if job is not None:
@@ -488,8 +574,11 @@ class Router:
                         self._apply(self.scheduler.finished(job_id, self._now()))
                         continue
                     job.worker = worker
-                    how = ("retry" if action.retry else "affinity" if action.affinity_hit else
-                           "prefix" if action.prefix_hit else "spill" if action.spilled else "load")
+                    if action.failover:
+                        self._continue_elsewhere(job, worker)
+                    how = ("failover" if action.failover else "retry" if action.retry else
+                           "affinity" if action.affinity_hit else "prefix" if action.prefix_hit
+                           else "spill" if action.spilled else "load")
                     self.counts["affinity_hits"] += action.affinity_hit
                     self.counts["prefix_hits"] += action.prefix_hit
                     self.counts["spills"] += action.spilled
@@ -510,6 +599,22 @@ class Router:
                         # If it is only slow (stopped, partitioned) it must re-register.
                         self._tell_to_register(worker, self._now())
         self._arm_timer()
+
+    def _continue_elsewhere(self, job: _ClientJob, worker: WorkerId) -> None:
+        """Mid-stream failover: `worker` continues the answer after the tokens the client
+        already has, so the client sees one stream with nothing lost or repeated."""
+        request = job.request
+        resumed = tuple(job.tokens)
+        job.frames = encode(replace(
+            request, continuation=resumed,
+            sampling=replace(request.sampling,
+                             max_tokens=max(1, request.sampling.max_tokens - len(resumed)))))
+        job.seq_base = job.chunks
+        job.resumed = len(resumed)
+        job.failovers += 1
+        self.counts["failovers"] += 1
+        log.warning("req=%s failover: continuing on worker %s after %d tokens (%d chunks)",
+                    request.id, self._name(worker), len(resumed), job.chunks)
 
     def _tick(self) -> None:
         self._timer = None
@@ -562,6 +667,7 @@ class Router:
                 "warm_sessions": info.heartbeat.warm,
                 "tokens_per_s": round(info.heartbeat.tps, 1),
                 "served": info.served,
+                "draining": info.heartbeat.draining,
                 "last_seen_s": round(now - view.last_seen, 2) if view else None,
                 "up_s": round(time.time() - info.joined, 1),
             })
@@ -576,6 +682,11 @@ class Router:
                 "up_s": round(time.time() - self.started, 1),
             },
             "queue": {"depth": sched.queue_depth, "limit": self.config.scheduler.queue_limit},
+            "security": {
+                "curve": self.config.keys is not None,
+                "api_keys": bool(self.config.api_keys),
+                "refused": dict(self.gatekeeper.refused) if self.gatekeeper else {},
+            },
             "requests": {
                 "active": len(self.jobs),
                 **{k: v for k, v in sorted(self.counts.items())},

@@ -52,10 +52,11 @@ class Context(Protocol):
     def clear(self) -> None: ...
 
     def generate(self, prompt: Sequence[int], sampling: Sampling, out: TextStream,
-                 cancelled: threading.Event) -> Generation:
+                 cancelled: threading.Event, resume: int = 0) -> Generation:
         """Evaluate the part of `prompt` not already held (the common prefix is reused),
         then sample until a stop, `sampling.max_tokens`, the context's end, or
-        `cancelled`. Text goes to `out` as it is generated."""
+        `cancelled`. Text goes to `out` as it is generated. The last `resume` tokens of
+        `prompt` are an answer already begun (a failover): generation continues it."""
 
 
 class Model(Protocol):

@@ -163,7 +163,9 @@ class LlamaContext:
         self.llm.n_tokens = 0
 
     def generate(self, prompt: Sequence[int], sampling: Sampling, out: TextStream,
-                 cancelled: threading.Event) -> Generation:
+                 cancelled: threading.Event, resume: int = 0) -> Generation:
+        """`resume`: how many of the prompt's last tokens are an answer begun elsewhere;
+        the model simply continues after them."""
         llm = self.llm
         t0 = time.perf_counter()
         cached = min(common_prefix(self.tokens(), prompt), len(prompt) - 1)
@@ -198,7 +200,7 @@ class LlamaContext:
                 finish = "stop"
                 break
             n += 1
-            if out.push(self._piece(token)):
+            if out.push(self._piece(token), token):
                 finish = "stop"
                 break
             if n >= limit:

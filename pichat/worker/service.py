@@ -39,6 +39,7 @@ from pichat.protocol import (
     decode,
     encode,
 )
+from pichat.security import watch_handshakes
 from pichat.transport import Channel, configure
 from pichat.worker.backend import Generation, Model
 from pichat.worker.slots import Slot, SlotManager
@@ -78,8 +79,11 @@ class Worker:
         self._last_heard = 0.0
         self._heard_on_this_connection = False
         self._health: HealthEndpoint | None = None
+        self._monitor: Channel | None = None
         self._wake = asyncio.Event()
         self._stop_requested = False
+        self._draining = False
+        self._drain_task: asyncio.Task | None = None
         self._reregister = False
         self._stopping = False
 
@@ -90,13 +94,33 @@ class Worker:
         self._stop_requested = True
         self._wake.set()
 
+    def drain(self) -> None:
+        """Stop taking new work, finish what is running (up to the drain timeout), then
+        leave, handing the warm sessions back to the router."""
+        if self._draining:
+            return
+        self._draining = True
+        log.info("draining %d running requests (up to %.0fs); signal again to exit at once",
+                 len(self.jobs), self.config.drain_timeout)
+        self._send_heartbeat()  # the router stops sending us work now
+        self._drain_task = asyncio.get_running_loop().create_task(self._finish_then_stop(),
+                                                                    name="drain")
+
+    async def _finish_then_stop(self) -> None:
+        deadline = asyncio.get_running_loop().time() + self.config.drain_timeout
+        while self.jobs and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.jobs:
+            log.warning("drain timeout: %d requests still running move to other workers",
+                        len(self.jobs))
+        self.stop()
+
     def _on_signal(self) -> None:
-        if self._stop_requested:
+        if self._draining or self._stop_requested:
             # Second signal: a generation thread may be deep in a long prompt; do not wait.
             log.warning("second signal: exiting now")
             os._exit(1)
-        log.info("stopping (signal again to exit at once)")
-        self.stop()
+        self.drain()
 
     async def run(self, *, handle_signals: bool = False) -> None:
         loop = asyncio.get_running_loop()
@@ -130,10 +154,11 @@ class Worker:
     async def _shutdown(self) -> None:
         self._stopping = True
         if self._channel is not None and not self._channel.closed:
-            self._send(encode(Disconnect("worker shutting down")))
+            self._send(encode(Disconnect("worker shutting down",
+                                         sessions=tuple(self.slots.warm_sessions()))))
         await self._cancel_all()
         if self._channel is not None:
-            self._channel.close(linger_ms=500)  # let the DISCONNECT out
+            self._close_channel(linger_ms=500)  # let the DISCONNECT out
         if self._health is not None:
             self._health.close()
         for executor in self._executors:
@@ -149,6 +174,9 @@ class Worker:
         self.epoch += 1
         sock = self._ctx.socket(zmq.DEALER)
         configure(sock, max_message_bytes=self.config.max_message_bytes)
+        if self.config.keys is not None:
+            self.config.keys.secure_client(sock, self.config.key_name)
+            self._monitor = watch_handshakes(sock, loop, self._on_refused)
         sock.connect(self.config.router)
         self._channel = Channel(sock, self._on_message, loop)
         self._heard_on_this_connection = False
@@ -174,8 +202,21 @@ class Worker:
         finally:
             if not self._stop_requested:  # on stop, _shutdown says goodbye on this socket
                 await self._cancel_all()
-                self._channel.close()
+                self._close_channel()
         return self._last_heard > started
+
+    def _close_channel(self, linger_ms: int = 0) -> None:
+        if self._monitor is not None:
+            self._channel.sock.disable_monitor()
+            self._monitor.close()
+            self._monitor = None
+        self._channel.close(linger_ms)
+
+    def _on_refused(self, reason: str) -> None:
+        log.error("%s: the router at %s does not accept this worker's key; add %s/%s.key to "
+                  "the router's workers/ directory", reason, self.config.router,
+                  self.config.keys.directory if self.config.keys else "KEYS",
+                  self.config.key_name)
 
     async def _cancel_all(self) -> None:
         """Stop every generation and forget it: nobody is waiting for its results."""
@@ -236,8 +277,8 @@ class Worker:
                 log.warning("unexpected %s from the router; ignored", message.COMMAND.name)
 
     def _on_request(self, request: Request) -> None:
-        if self._stopping:
-            self._send(encode(Error(request.id, ErrorCode.BUSY, "worker shutting down")))
+        if self._stopping or self._draining:
+            self._send(encode(Error(request.id, ErrorCode.BUSY, "worker draining")))
             return
         if request.id in self.jobs:
             self._send(encode(Error(request.id, ErrorCode.BAD_REQUEST,
@@ -256,7 +297,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         request = job.request
         out = TextStream(
-            lambda text: loop.call_soon_threadsafe(self._send_chunk, job, text),
+            lambda text, tokens: loop.call_soon_threadsafe(self._send_chunk, job, text, tokens),
             stop=request.sampling.stop,
             flush_tokens=self.config.chunk_tokens,
             flush_interval=self.config.chunk_interval,
@@ -289,8 +330,8 @@ class Worker:
             if self.jobs.get(request.id) is job:
                 del self.jobs[request.id]
 
-    def _send_chunk(self, job: _Job, text: str) -> None:
-        self._send_for(job, encode(Chunk(job.request.id, job.seq, text)))
+    def _send_chunk(self, job: _Job, text: str, tokens: tuple[int, ...]) -> None:
+        self._send_for(job, encode(Chunk(job.request.id, job.seq, text, tokens)))
         job.seq += 1
 
     def _send_for(self, job: _Job, frames: list[bytes]) -> None:
@@ -329,4 +370,5 @@ class Worker:
             warm=len(self.slots.warm_sessions()),
             evicted=tuple(self.slots.take_evicted()),
             tps=self.tps,
+            draining=self._draining,
         )))

@@ -86,7 +86,7 @@ class SimContext:
         self._tokens = []
 
     def generate(self, prompt: Sequence[int], sampling: Sampling, out: TextStream,
-                 cancelled: threading.Event) -> Generation:
+                 cancelled: threading.Event, resume: int = 0) -> Generation:
         cfg = self.model.config
         t0 = time.perf_counter()
         cached = min(common_prefix(self._tokens, prompt), len(prompt) - 1)
@@ -98,18 +98,25 @@ class SimContext:
         self._tokens.extend(prompt[cached:])
         t1 = time.perf_counter()
 
+        # The answer is a function of the prompt without the part already answered
+        # (`resume` tokens, a failover's continuation), so a continued answer goes on
+        # exactly as the original would have.
+        base = prompt[: len(prompt) - resume]
         if sampling.seed is not None:
             rng = random.Random(sampling.seed)
         elif sampling.temperature == 0:
-            rng = random.Random(zlib.crc32(repr(list(prompt)).encode()))
+            rng = random.Random(zlib.crc32(repr(list(base)).encode()))
         else:
             rng = random.Random()
+        for _ in range(resume):
+            rng.choice(_WORDS)
         room = self.model.n_ctx - len(prompt)
         limit = min(sampling.max_tokens, room)
-        finish = "stop" if cfg.reply_tokens <= limit else "length"
+        wanted = max(0, cfg.reply_tokens - resume)
+        finish = "stop" if wanted <= limit else "length"
         n = 0
-        for i in range(min(cfg.reply_tokens, limit)):
-            if i and cancelled.wait(1.0 / cfg.gen_tps):
+        for i in range(resume, resume + min(wanted, limit)):
+            if n and cancelled.wait(1.0 / cfg.gen_tps):
                 finish = "cancelled"
                 break
             if cancelled.is_set():
@@ -118,7 +125,7 @@ class SimContext:
             word = rng.choice(_WORDS)
             n += 1
             self._tokens.append(_word_id(word))
-            if out.push(((" " if i else "") + word).encode()):
+            if out.push(((" " if i else "") + word).encode(), _word_id(word)):
                 finish = "stop"
                 break
         if finish != "stop" and n:

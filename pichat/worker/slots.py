@@ -133,6 +133,7 @@ class SlotManager:
             prompt = self.model.text_tokens(request.prompt)
         else:
             prompt = self.model.chat_tokens(request.messages)
+        prompt = [*prompt, *request.continuation]
         if not prompt:
             raise BadRequest("the prompt is empty")
         if len(prompt) >= self.model.n_ctx:
@@ -142,7 +143,8 @@ class SlotManager:
             )
         self._bring_in(slot, request.session, prompt)
         try:
-            result = slot.context.generate(prompt, request.sampling, out, cancelled)
+            result = slot.context.generate(prompt, request.sampling, out, cancelled,
+                                           resume=len(request.continuation))
             out.close()
         except Exception:
             slot.context.clear()

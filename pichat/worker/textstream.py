@@ -1,12 +1,16 @@
-"""From generated token bytes to the CHUNK texts a worker sends.
+"""From generated tokens to the CHUNKs a worker sends.
 
-Three jobs, in order:
+Four jobs, in order:
 1. decode UTF-8 incrementally (a character may span several tokens);
 2. find the request's stop strings, holding back any tail that could be the start of
    one, so a stop string is never sent, even in part;
 3. coalesce: the first text goes out at once (time to first token), then a chunk every
    `flush_tokens` tokens or `flush_interval` seconds, whichever comes first. Per-message
-   cost dominates a broker's work, so fewer, larger chunks carry far more tokens.
+   cost dominates a broker's work, so fewer, larger chunks carry far more tokens;
+4. keep text and tokens aligned: a chunk is cut only where every token pushed so far is
+   wholly in the text sent (no half character buffered, nothing held back), and carries
+   those tokens' ids. If the worker dies, another can continue the answer from exactly the
+   tokens the client has, none lost or repeated.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ __all__ = ["TextStream"]
 
 
 class TextStream:
-    """Not thread-safe: one generation thread pushes, `emit` is called from it."""
+    """Not thread-safe: one generation thread pushes, `emit(text, tokens)` is called from it."""
 
-    def __init__(self, emit: Callable[[str], None], *, stop: Sequence[str] = (),
-                 flush_tokens: int = 16, flush_interval: float = 0.05,
+    def __init__(self, emit: Callable[[str, tuple[int, ...]], None], *,
+                 stop: Sequence[str] = (), flush_tokens: int = 16, flush_interval: float = 0.05,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._emit = emit
         self._stop = tuple(s for s in stop if s)
@@ -32,10 +36,11 @@ class TextStream:
         self._clock = clock
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""
-        """Decoded text not yet checked against stop strings' possible starts."""
+        """Decoded text held back: it could be the start of a stop string."""
         self._ready: list[str] = []
         """Text cleared for sending, waiting for the next flush."""
-        self._tokens_since_flush = 0
+        self._tokens: list[int] = []
+        """Ids of the tokens pushed since the last flush."""
         self._last_flush: float | None = None
         self._sent: list[str] = []
         self.stopped = False
@@ -45,12 +50,13 @@ class TextStream:
         """Everything emitted so far."""
         return "".join(self._sent)
 
-    def push(self, piece: bytes) -> bool:
-        """Add one token's bytes. True when a stop string was found: generation must end."""
+    def push(self, piece: bytes, token: int = 0) -> bool:
+        """Add one token (its bytes and id). True when a stop string was found:
+        generation must end."""
         if self.stopped:
             return True
+        self._tokens.append(token)
         self._pending += self._decoder.decode(piece)
-        self._tokens_since_flush += 1
         if self._stop:
             self._check_stop()
         else:
@@ -90,12 +96,12 @@ class TextStream:
         self._pending = text[len(text) - keep:]
 
     def _maybe_flush(self) -> None:
-        if self.stopped:
-            return
+        if self.stopped or self._pending or self._decoder.getstate()[0]:
+            return  # not on a clean token boundary: some token's text is not out yet
         now = self._clock()
         if (
             self._last_flush is None
-            or self._tokens_since_flush >= self._flush_tokens
+            or len(self._tokens) >= self._flush_tokens
             or now - self._last_flush >= self._flush_interval
         ):
             if self._flush():
@@ -104,9 +110,9 @@ class TextStream:
     def _flush(self) -> bool:
         text = "".join(self._ready)
         self._ready.clear()
-        if not text:
+        if not text and not self._tokens:
             return False
-        self._tokens_since_flush = 0
+        tokens, self._tokens = tuple(self._tokens), []
         self._sent.append(text)
-        self._emit(text)
+        self._emit(text, tokens)
         return True
