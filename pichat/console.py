@@ -23,8 +23,10 @@ def _write(text: str) -> None:
 def format_stats(reply: Reply) -> str:
     u = reply.usage
     rate = f", {u.tokens_per_s:.1f} tok/s" if u.tokens_per_s else ""
+    moved = f", {reply.done.failovers} failover" if reply.done.failovers else ""
     return (f"[{reply.worker}: TTFT {reply.ttft * 1000:.0f} ms, {u.completion_tokens} tokens"
-            f"{rate}, prompt {u.prompt_tokens} ({u.cached_tokens} cached), {reply.finish}]")
+            f"{rate}, prompt {u.prompt_tokens} ({u.cached_tokens} cached), {reply.finish}"
+            f"{moved}]")
 
 
 async def ask_once(config: ClientConfig, prompt: str, *, system: str | None,

@@ -255,7 +255,8 @@ def _pichat(done: Done) -> dict[str, Any]:
     """pichat's own fields (OpenAI clients ignore unknown ones)."""
     u = done.usage
     return {"worker": done.worker, "prompt_ms": u.prompt_ms, "generate_ms": u.generate_ms,
-            "tokens_per_s": round(u.tokens_per_s, 2), "finish": done.finish}
+            "tokens_per_s": round(u.tokens_per_s, 2), "finish": done.finish,
+            "failovers": done.failovers}
 
 
 def _finish(done: Done) -> str:

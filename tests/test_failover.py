@@ -1,0 +1,175 @@
+"""No request lost: mid-stream failover, hung workers, draining, router restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import pytest
+import zmq.asyncio
+
+from conftest import Cluster, free_port
+from peers import Peer, eventually
+from pichat.config import RouterConfig
+from pichat.protocol import (
+    ChatMessage,
+    Chunk,
+    Disconnect,
+    Done,
+    Ready,
+    Request,
+    RequestId,
+    Sampling,
+    Usage,
+)
+from pichat.router.service import Router
+
+GREEDY = Sampling(temperature=0, max_tokens=60)
+STORY = [ChatMessage("user", "tell me a long story")]
+
+
+async def test_the_router_continues_a_stream_on_another_worker_token_for_token():
+    ctx = zmq.asyncio.Context()
+    client_ep, worker_ep = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    router = Router(RouterConfig(clients_bind=client_ep, workers_bind=worker_ep, http=""))
+    task = asyncio.create_task(router.run())
+    await router.ready.wait()
+    first, second, client = Peer(ctx, worker_ep), Peer(ctx, worker_ep), Peer(ctx, client_ep)
+    try:
+        await first.send(Ready("first", "m", "sim", 1, 4096, "t"))
+        await eventually(lambda: len(router.workers) == 1)
+        await second.send(Ready("second", "m", "sim", 1, 4096, "t"))
+        await eventually(lambda: len(router.workers) == 2)
+        await client.send(Request(RequestId("r1"), tuple(STORY), GREEDY))
+        got = await first.expect(Request, id="r1")
+        assert got.continuation == ()
+        await first.send(Chunk(RequestId("r1"), 0, "Once upon", (11, 12)))
+        await first.send(Chunk(RequestId("r1"), 1, " a time", (13, 14)))
+        await client.expect(Chunk, seq=0, text="Once upon")
+        await client.expect(Chunk, seq=1, text=" a time")
+        await first.send(Disconnect("gone"))  # dies mid-answer
+        resumed = await second.expect(Request, id="r1")
+        assert resumed.continuation == (11, 12, 13, 14)
+        assert resumed.sampling.max_tokens == GREEDY.max_tokens - 4
+        assert resumed.messages == tuple(STORY)
+        await second.send(Chunk(RequestId("r1"), 0, " there was", (15, 16)))
+        await second.send(Done(RequestId("r1"), "second", "stop", Usage(9 + 4, 0, 2, 1.0, 1.0)))
+        # The client sees one stream: numbering goes on, usage as if one worker answered.
+        await client.expect(Chunk, seq=2, text=" there was")
+        done = await client.expect(Done, worker="second", failovers=1)
+        assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (9, 6)
+        assert router.counts["failovers"] == 1
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for peer in (first, second, client):
+            peer.close()
+        ctx.term()
+
+
+async def undisturbed(cluster: Cluster, messages, sampling) -> str:
+    async with cluster.client() as client:
+        return (await client.chat(messages, sampling=sampling)).text
+
+
+async def streaming_worker(client, timeout: float = 10.0) -> str:
+    for _ in range(int(timeout / 0.02)):
+        busy = [w["name"] for w in (await client.status())["workers"] if w["busy"]]
+        if busy:
+            return busy[0]
+        await asyncio.sleep(0.02)
+    raise AssertionError("nothing was dispatched")
+
+
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+async def test_a_worker_lost_mid_answer_is_invisible_to_the_client(cluster: Cluster, fault):
+    cluster.router()
+    workers = {name: cluster.worker(name, "--sim-gen-tps", "25", "--sim-reply-tokens", "50",
+                                    "--chunk-tokens", "1") for name in ("w1", "w2")}
+    await cluster.wait_workers(2)
+    expected = await undisturbed(cluster, STORY, GREEDY)
+    assert len(expected.split()) == 50
+    async with cluster.client(silence_timeout=10) as client:
+        chunks: list[str] = []
+        task = asyncio.create_task(client.chat(STORY, sampling=GREEDY, on_text=chunks.append))
+        victim = await streaming_worker(client)
+        while len(chunks) < 10:  # well into the answer
+            await asyncio.sleep(0.02)
+        workers[victim].signal(getattr(signal, fault))
+        reply = await asyncio.wait_for(task, 30)
+        assert reply.text == expected  # nothing lost, nothing repeated
+        assert reply.done.failovers == 1 and reply.worker != victim
+        assert reply.usage.completion_tokens == 50
+        status = await client.status()
+        assert status["requests"]["failovers"] == 1
+        if fault == "SIGSTOP":
+            # It comes back: its stale chunks are dropped and it registers again.
+            workers[victim].signal(signal.SIGCONT)
+            await cluster.wait_workers(2, names={"w1", "w2"})
+            again = await client.chat(STORY, sampling=GREEDY)
+            assert again.text == expected
+
+
+@pytest.mark.slow
+async def test_failover_with_the_default_model_gives_the_undisturbed_answer(
+        cluster: Cluster, default_model: Path):
+    cluster.router()
+    workers = {name: cluster.worker(name, "--ctx", "1024", "--chunk-tokens", "1",
+                                    backend="llama") for name in ("w1", "w2")}
+    await cluster.wait_workers(2, timeout=120)
+    question = [ChatMessage("user", "Explain in about 120 words how a Raspberry Pi boots.")]
+    sampling = Sampling(temperature=0, max_tokens=160)
+    expected = await undisturbed(cluster, question, sampling)
+    async with cluster.client(silence_timeout=30) as client:
+        chunks: list[str] = []
+        task = asyncio.create_task(client.chat(question, sampling=sampling,
+                                               on_text=chunks.append))
+        victim = await streaming_worker(client, 60)
+        while len(chunks) < 20:
+            await asyncio.sleep(0.02)
+        workers[victim].kill()
+        reply = await asyncio.wait_for(task, 120)
+    assert reply.done.failovers == 1
+    assert reply.text == expected
+
+
+async def test_a_draining_worker_finishes_its_answer_and_gets_nothing_new(cluster: Cluster):
+    cluster.router()
+    slow = cluster.worker("slow", "--sim-gen-tps", "20", "--sim-reply-tokens", "40")
+    await cluster.wait_workers(1)
+    async with cluster.client() as client:
+        long = asyncio.create_task(client.chat(STORY, sampling=GREEDY, session="s-long"))
+        assert await streaming_worker(client) == "slow"
+        cluster.worker("other", "--sim-reply-tokens", "5")
+        await cluster.wait_workers(2)
+        slow.signal(signal.SIGTERM)
+        for _ in range(100):
+            status = await client.status()
+            if any(w["draining"] for w in status["workers"]):
+                break
+            await asyncio.sleep(0.05)
+        assert [w["name"] for w in status["workers"] if w["draining"]] == ["slow"]
+        short = await client.chat([ChatMessage("user", "quick")], sampling=GREEDY)
+        assert short.worker == "other"
+        reply = await long
+        assert reply.worker == "slow" and reply.done.failovers == 0
+        assert len(reply.text.split()) == 40
+        assert slow.popen.wait(15) == 0
+        await cluster.wait_workers(1, names={"other"})
+    assert "1 warm sessions handed back" in cluster.procs[0].output()
+
+
+async def test_a_waiting_client_survives_a_router_restart(cluster: Cluster):
+    router = cluster.router()
+    cluster.worker("w1", "--sim-prompt-tps", "20", "--sim-reply-tokens", "5")
+    await cluster.wait_workers(1)
+    async with cluster.client(silence_timeout=2.0) as client:
+        task = asyncio.create_task(client.chat([ChatMessage("user", "word " * 60)],
+                                               sampling=GREEDY))
+        await streaming_worker(client)  # being read (3 s of prompt), nothing streamed yet
+        router.kill()
+        cluster.router(name="router2")
+        reply = await asyncio.wait_for(task, 30)
+    assert len(reply.text.split()) == 5
