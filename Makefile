@@ -21,7 +21,7 @@ STACK ?= pichat
 COMPOSE := scripts/compose.sh -f docker/compose.yml
 
 .PHONY: install run test test-fast lint bench install-systemd build up down logs swarm-deploy \
-	swarm-rm docker-e2e systemd-e2e clean help
+	swarm-rm docker-e2e systemd-e2e fault-lab soak clean help
 
 help:
 	@echo "make run      start a router + $(WORKERS) workers on the default model and answer a prompt"
@@ -32,6 +32,8 @@ help:
 	@echo "make build / up / down / logs       the Docker image and a compose cluster"
 	@echo "make swarm-deploy / swarm-rm         the Swarm stack"
 	@echo "make docker-e2e / systemd-e2e        deployment end-to-end checks (minutes; root)"
+	@echo "make fault-lab                       faults on hosts in network namespaces (root)"
+	@echo "make soak                            1000 clients, 3 minutes, workers killed at random"
 
 install: $(STAMP)
 
@@ -84,6 +86,12 @@ swarm-deploy:
 
 swarm-rm:
 	$(DOCKER) stack rm $(STACK)
+
+fault-lab: install
+	$(PY) tests/faultlab/lab.py
+
+soak: install
+	$(PY) tests/faultlab/soak.py --clients 1000 --minutes 3
 
 docker-e2e: install
 	scripts/docker-e2e.sh

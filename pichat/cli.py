@@ -120,7 +120,8 @@ def main() -> None:
               "on spaces).")
 @_option("--api-key-file", env="API_KEY_FILE", default=None,
          type=click.Path(exists=True, dir_okay=False),
-         help="A file of API keys, one per line (# comments).")
+         help="A file of API keys, one per line (# comments) [default: KEYS/api-keys when "
+              "the keys directory has one].")
 @_option("--max-tokens", "http_max_tokens", env="HTTP_MAX_TOKENS", default=512,
          type=click.IntRange(1), help="Longest answer for HTTP requests that do not say.")
 @heartbeat_option
@@ -149,6 +150,7 @@ def router(clients_bind: str, workers_bind: str, policy: str, affinity_wait: flo
     from pichat.router.service import Router
 
     _setup_logging(log_level, "router")
+    resolved_keys = keys_or_fail(keys)
     config = RouterConfig(
         clients_bind=clients_bind,
         workers_bind=workers_bind,
@@ -167,9 +169,9 @@ def router(clients_bind: str, workers_bind: str, policy: str, affinity_wait: flo
         drain_timeout=drain_timeout,
         health_bind=health_bind,
         http="" if http.lower() in ("", "off", "none") else http,
-        api_keys=tuple(api_keys) + _read_keys(api_key_file),
+        api_keys=_api_keys(api_keys, api_key_file, resolved_keys),
         http_max_tokens=http_max_tokens,
-        keys=keys_or_fail(keys),
+        keys=resolved_keys,
         insecure=insecure,
         max_prompt_chars=max_prompt_chars,
     )
@@ -185,6 +187,14 @@ def keys_or_fail(option: str | None) -> Keys | None:
     except PichatError as exc:
         _fail(exc)
         raise
+
+
+def _api_keys(given: tuple[str, ...], path: str | None, keys: Keys | None) -> tuple[str, ...]:
+    """--api-key and --api-key-file; else the keys directory's api-keys, if any."""
+    found = tuple(given) + _read_keys(path)
+    if not found and keys is not None and (keys.directory / "api-keys").is_file():
+        found = _read_keys(str(keys.directory / "api-keys"))
+    return found
 
 
 def _read_keys(path: str | None) -> tuple[str, ...]:

@@ -73,8 +73,12 @@ class Reply:
 
 
 class Client:
-    def __init__(self, config: ClientConfig | None = None) -> None:
+    def __init__(self, config: ClientConfig | None = None, *,
+                 context: zmq.Context | None = None) -> None:
+        """`context`: a ZeroMQ context to share (many clients in one process); by default
+        the client makes and ends its own."""
         self.config = config or ClientConfig()
+        self._shared_ctx = context
         self._ctx: zmq.Context | None = None
         self._channel: Channel | None = None
         self._pending: dict[str, asyncio.Queue] = {}
@@ -92,7 +96,7 @@ class Client:
 
     def connect(self) -> None:
         loop = asyncio.get_running_loop()
-        self._ctx = zmq.Context()
+        self._ctx = self._shared_ctx or zmq.Context()
         sock = self._ctx.socket(zmq.DEALER)
         configure(sock, max_message_bytes=self.config.max_message_bytes)
         if self.config.keys is not None:
@@ -110,9 +114,9 @@ class Client:
             # A short linger lets a last CANCEL reach the router.
             self._channel.close(linger_ms=200)
             self._channel = None
-        if self._ctx is not None:
+        if self._ctx is not None and self._shared_ctx is None:
             self._ctx.term()
-            self._ctx = None
+        self._ctx = None
 
     # --- requests ---------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ cd "$here"
 cache=${PICHAT_WHEEL_CACHE:-$HOME/.cache/pichat/wheels}/linux-arm64
 started_engine=""
 step() { printf '\n== %s\n' "$*"; }
-cleanup() { [ -n "$started_engine" ] && scripts/docker-engine.sh stop; }
+cleanup() { if [ -n "$started_engine" ]; then scripts/docker-engine.sh stop; fi; }
 trap cleanup EXIT
 
 step "qemu-user for arm64"
@@ -49,7 +49,7 @@ docker run --rm --platform linux/arm64 \
     /venv/bin/pip install --quiet --no-index --find-links /cache --find-links /wheelhouse pichat
     /venv/bin/pichat --version
     pichat=/venv/bin/pichat
-    $pichat router --clients-bind tcp://127.0.0.1:5555 --workers-bind tcp://127.0.0.1:5556 --log-level warning &
+    $pichat router --clients-bind tcp://127.0.0.1:5555 --workers-bind tcp://127.0.0.1:5556 --http 127.0.0.1:8080 --log-level warning &
     $pichat worker --backend sim --name arm64-sim --log-level warning &
     $pichat worker --backend llama --model /work/tiny.gguf --ctx 512 --threads 1 --name arm64-llama --log-level warning &
     for _ in $(seq 120); do

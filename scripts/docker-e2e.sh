@@ -26,7 +26,7 @@ cleanup() {
     docker stack rm pichat-e2e >/dev/null 2>&1
     [ -n "$swarm_started" ] && docker swarm leave --force >/dev/null 2>&1
     docker volume rm pichat_models pichat-e2e_models >/dev/null 2>&1
-    [ -n "$started_engine" ] && scripts/docker-engine.sh stop
+    if [ -n "$started_engine" ]; then scripts/docker-engine.sh stop; fi
 }
 trap cleanup EXIT
 

@@ -2,7 +2,8 @@
 # Install pichat as systemd services on this machine (a Raspberry Pi or any Linux box):
 #   a virtual environment in /opt/pichat/venv with llama-cpp-python built for this CPU,
 #   pichat and the default model's packages; the units in /etc/systemd/system; the
-#   configuration in /etc/pichat/pichat.env (kept if it exists).
+#   configuration in /etc/pichat/pichat.env and CurveZMQ keys in /etc/pichat/keys (both
+#   kept if they exist).
 # Then: edit /etc/pichat/pichat.env and `systemctl enable --now pichat-worker` (and
 # pichat-router on the Pi that runs the router).
 #
@@ -38,6 +39,16 @@ if [ -e "$root/etc/pichat/pichat.env" ]; then
 else
     install -m 0644 "$here/systemd/pichat.env" "$root/etc/pichat/pichat.env"
 fi
+keys="$root/etc/pichat/keys"
+if [ ! -f "$keys/router.key" ]; then
+    "$venv/bin/pichat" keygen --keys "$keys"
+fi
+if [ -z "$root" ]; then
+    # The services run as dynamic users in group pichat: let that group read the keys.
+    getent group pichat >/dev/null || groupadd --system pichat
+    chgrp -R pichat "$keys"
+    chmod -R g+rX,g-w,o-rwx "$keys"
+fi
 if [ -z "$root" ] && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
 fi
@@ -45,7 +56,8 @@ fi
 cat <<MSG
 
 pichat is installed. Next:
-  1. edit /etc/pichat/pichat.env (at least PICHAT_WORKER_ROUTER on the workers)
+  1. edit /etc/pichat/pichat.env (at least PICHAT_WORKER_ROUTER on the workers), and give
+     every Pi the same /etc/pichat/keys (copy it from the router's Pi, group pichat)
   2. on the router's Pi:  systemctl enable --now pichat-router
   3. on every worker Pi:  systemctl enable --now pichat-worker
   logs: journalctl -u pichat-worker -f     health: $prefix/venv/bin/pichat health

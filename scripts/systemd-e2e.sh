@@ -19,7 +19,7 @@ fail() { echo "FAIL: $*" >&2; docker exec "$name" journalctl -u 'pichat-*' --no-
 cleanup() {
     set +e
     docker rm -f "$name" >/dev/null 2>&1
-    [ -n "$started_engine" ] && scripts/docker-engine.sh stop
+    if [ -n "$started_engine" ]; then scripts/docker-engine.sh stop; fi
 }
 trap cleanup EXIT
 
@@ -38,7 +38,7 @@ docker run -d --name "$name" --cap-add ALL --cap-drop SYS_RESOURCE \
     -v /sys/fs/cgroup:/sys/fs/cgroup:rw --tmpfs /run --tmpfs /run/lock \
     -v "$here":/src:ro -v "$wheels":/wheels:ro -v "$models":/seed:ro \
     local/debian-systemd:bookworm /lib/systemd/systemd >/dev/null
-ctr() { docker exec "$name" "$@"; }
+ctr() { docker exec -e PICHAT_KEYS=/etc/pichat/keys "$name" "$@"; }
 for _ in $(seq 60); do
     state=$(ctr systemctl is-system-running 2>/dev/null || true)
     case "$state" in running|degraded) break ;; esac

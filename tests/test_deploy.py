@@ -140,6 +140,8 @@ def test_install_systemd_stages_a_working_installation(tmp_path):
         assert (tmp_path / "etc/systemd/system" / unit).read_text() == (
             ROOT / "systemd" / unit).read_text()
     assert (tmp_path / "etc/pichat/pichat.env").is_file()
+    assert (tmp_path / "etc/pichat/keys/router.key_secret").is_file()
+    assert (tmp_path / "etc/pichat/keys/workers/worker.key").is_file()
     pichat = tmp_path / "opt/pichat/venv/bin/pichat"
     assert run(pichat, "--version").stdout.startswith("pichat, version")
     imported = run(tmp_path / "opt/pichat/venv/bin/python", "-c", "import llama_cpp, zmq")

@@ -167,18 +167,27 @@ CASES: dict[str, tuple[dict, list[tuple[str, list[str]]]]] = {
         ("drain B", []),
         ("submit r4 - @1", ["fail r4 no_workers"]),
     ]),
-    "a refused request goes back to the queue": ({}, [
+    "a refused request goes to another worker": ({}, [
         ("worker A 1", []), ("worker B 1", []),
         ("submit r1 - @0", ["r1->A"]),
         ("drain A", []),
         ("bounce r1 @1", ["r1->B retry"]),
     ]),
+    "a refused request avoids that worker until it registers again": ({}, [
+        ("worker A 1", []),
+        ("submit r1 - @0", ["r1->A"]),
+        ("bounce r1 @1", []),              # A refused it: it waits for another worker
+        ("worker A 1 @2", ["dead A", "r1->A retry"]),  # A registered afresh: it may now
+    ]),
     "a request refused again and again fails with busy": ({}, [
         ("worker A 1", []),
         ("submit r1 - @0", ["r1->A"]),
-        ("bounce r1 @1", ["r1->A retry"]),
-        ("bounce r1 @1", ["r1->A retry"]),
-        ("bounce r1 @1", ["r1->A retry"]),
+        ("bounce r1 @1", []),
+        ("worker A 1 @1", ["dead A", "r1->A retry"]),
+        ("bounce r1 @1", []),
+        ("worker A 1 @1", ["dead A", "r1->A retry"]),
+        ("bounce r1 @1", []),
+        ("worker A 1 @1", ["dead A", "r1->A retry"]),
         ("bounce r1 @1", ["fail r1 busy"]),
     ]),
     "dead worker's re-dispatched request waits for a slot at the head of the queue": ({}, [

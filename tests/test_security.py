@@ -186,3 +186,29 @@ async def test_an_oversized_conversation_is_refused_and_counted(cluster: Cluster
         assert (await c.chat([ChatMessage("user", "x" * 50)])).text
         status = await c.status()
     assert status["requests"]["rejected_prompt_too_large"] == 1
+
+
+async def test_keygen_then_router_is_secure_on_every_interface(cluster: Cluster, keys: Path):
+    """`pichat keygen` + `pichat router` on all interfaces: CURVE for ZeroMQ, and the
+    HTTP face takes its API key from the keys directory."""
+    import aiohttp
+
+    http_port = free_port()
+    cluster.spawn("router", [
+        "router", "--clients-bind", f"tcp://0.0.0.0:{cluster.client_port}",
+        "--workers-bind", f"tcp://0.0.0.0:{cluster.worker_port}", "--http",
+        f"0.0.0.0:{http_port}", "--keys", str(keys)])
+    cluster.worker("w1", "--keys", str(keys))
+    api_key = (keys / "api-keys").read_text().split()[-1]
+    async with client(cluster, keys) as c:
+        for _ in range(100):
+            if (await c.status())["workers"]:
+                break
+            await asyncio.sleep(0.1)
+        assert (await c.chat(HI)).text
+    async with aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{http_port}/v1/models"
+        async with http.get(url) as r:
+            assert r.status == 401
+        async with http.get(url, headers={"Authorization": f"Bearer {api_key}"}) as r:
+            assert r.status == 200

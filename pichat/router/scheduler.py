@@ -146,6 +146,8 @@ class Job:
     """Every chunk so far carried its token ids, so another worker can continue it."""
     failovers: int = 0
     bounces: int = 0
+    avoid: set[WorkerId] = field(default_factory=set)
+    """Workers that refused this request (until they register again)."""
     abandoned: bool = False
     """The client was answered (cancel, timeout); only the worker's slot is still held."""
     attempts: int = 0
@@ -194,6 +196,8 @@ class Scheduler:
             actions += self._drop_worker(worker, now, "worker re-registered")
         self._registrations += 1
         self.workers[worker] = WorkerView(worker, model, slots, now, order=self._registrations)
+        for job in self.jobs.values():  # a fresh registration: it may take them now
+            job.avoid.discard(worker)
         for session in sessions:
             self._set_affinity(SessionId(session), worker)
         actions += self._pump(now)
@@ -261,15 +265,17 @@ class Scheduler:
             job.resumable = job.resumable and resumable
 
     def bounce(self, job_id: RequestId, now: float) -> list[Action]:
-        """The worker refused the request (full, or draining) before starting it: queue it
-        again, at the head; after three refusals it fails with `busy`."""
+        """The worker refused the request (full, draining, resetting) before starting it:
+        queue it again, at the head (a streamed one as a continuation, as before); after
+        three refusals it fails with `busy`."""
         job = self.jobs.get(job_id)
-        if job is None or job.worker is None or job.streamed:
-            return self.finished(job_id, now)
+        if job is None or job.worker is None:
+            return []
         view = self.workers.get(job.worker)
         if view is not None:
             view.busy -= 1
             view.jobs.discard(job_id)
+        job.avoid.add(job.worker)
         job.worker = None
         job.bounces += 1
         if job.bounces > 3:
@@ -388,7 +394,8 @@ class Scheduler:
     def _place(self, job: Job, now: float) -> tuple[WorkerId, bool, bool] | None:
         """(worker, affinity hit, spilled) for `job` now, or None to keep it waiting."""
         eligible = [w for w in self.workers.values()
-                    if not w.draining and (job.model is None or w.model == job.model)]
+                    if not w.draining and w.id not in job.avoid
+                    and (job.model is None or w.model == job.model)]
         free = [w for w in eligible if w.free > 0]
         if self.config.policy == "round-robin":
             if not free:

@@ -466,10 +466,16 @@ class Router:
         log.info("worker %s ready: model %s (%s), %d slots, ctx %d, %d warm sessions",
                  ready.worker, ready.model, ready.backend, ready.slots, ready.ctx,
                  len(ready.sessions))
+        actions = self.scheduler.add_worker(worker, ready.model, ready.slots, now, ready.sessions)
+        if worker in self.workers:
+            # It registers afresh (it reset itself): what it ran is requeued; no DISCONNECT.
+            log.info("worker %s registered again; its running requests are placed again",
+                     ready.worker)
+            self.workers.pop(worker)
+            actions = [a for a in actions if not isinstance(a, WorkerDead)]
         self.workers[worker] = _WorkerInfo(ready, time.time(), Heartbeat(warm=len(ready.sessions)))
         self._send_worker(worker, _HEARTBEAT)  # an acknowledgement: "I know you now"
-        self._apply(self.scheduler.add_worker(worker, ready.model, ready.slots, now,
-                                              ready.sessions))
+        self._apply(actions)
 
     def _owned(self, worker: WorkerId, job_id: RequestId) -> bool:
         """Results count only from the worker the request is assigned to now: anything

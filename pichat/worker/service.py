@@ -83,6 +83,7 @@ class Worker:
         self._wake = asyncio.Event()
         self._stop_requested = False
         self._draining = False
+        self._resetting = False
         self._drain_task: asyncio.Task | None = None
         self._reregister = False
         self._stopping = False
@@ -180,6 +181,7 @@ class Worker:
         sock.connect(self.config.router)
         self._channel = Channel(sock, self._on_message, loop)
         self._heard_on_this_connection = False
+        self._reregister = False  # this connection's READY supersedes any earlier request
         self._send_ready()
         started = self._last_heard = loop.time()
         silence_limit = self.config.heartbeat_interval * self.config.liveness
@@ -219,14 +221,23 @@ class Worker:
                   self.config.key_name)
 
     async def _cancel_all(self) -> None:
-        """Stop every generation and forget it: nobody is waiting for its results."""
+        """Stop every generation and wait for it: nobody is waiting for their results.
+        Requests that arrive meanwhile are refused (the router places them again), so the
+        slots are all free, and the router's view right, when we say READY next."""
         self.epoch += 1  # nothing from the old jobs may be sent any more
-        tasks = [job.task for job in self.jobs.values() if job.task is not None]
-        for job in self.jobs.values():
-            job.cancelled.set()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        self.jobs.clear()
+        self._resetting = True
+        try:
+            while self.jobs:
+                jobs = list(self.jobs.values())
+                for job in jobs:
+                    job.cancelled.set()
+                await asyncio.gather(*(j.task for j in jobs if j.task is not None),
+                                     return_exceptions=True)
+                for job in jobs:  # each task removes its own job; make sure
+                    if self.jobs.get(job.request.id) is job:
+                        del self.jobs[job.request.id]
+        finally:
+            self._resetting = False
 
     def health(self) -> dict:
         """This worker as `pichat health` shows it: healthy while it hears its router."""
@@ -277,12 +288,15 @@ class Worker:
                 log.warning("unexpected %s from the router; ignored", message.COMMAND.name)
 
     def _on_request(self, request: Request) -> None:
-        if self._stopping or self._draining:
-            self._send(encode(Error(request.id, ErrorCode.BUSY, "worker draining")))
+        if self._stopping or self._draining or self._resetting:
+            reason = "worker resetting" if self._resetting else "worker draining"
+            self._send(encode(Error(request.id, ErrorCode.BUSY, reason)))
             return
         if request.id in self.jobs:
-            self._send(encode(Error(request.id, ErrorCode.BAD_REQUEST,
-                                    f"request id {request.id!r} is already running here")))
+            # The router sent it again: a copy crossed our READY on the wire (the router
+            # requeued what it had sent to our previous registration). It is the same
+            # request and it is running: its results count.
+            log.debug("req=%s already running here; duplicate ignored", request.id)
             return
         slot = self.slots.acquire(request.session)
         if slot is None:

@@ -1,0 +1,116 @@
+"""The fault lab's client host: concurrent streaming requests, each checked against the
+answer the simulated model must give, and a watch on the router's view of the workers.
+
+Writes JSON: {"counts": {...}, "timeline": [[unix time, [worker names], router start], ...]}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from pichat.client import Client  # noqa: E402
+from pichat.config import ClientConfig, SimConfig  # noqa: E402
+from pichat.errors import PichatError, ProtocolError  # noqa: E402
+from pichat.protocol import ChatMessage, Sampling  # noqa: E402
+from pichat.worker.sim import SimModel  # noqa: E402
+from pichat.worker.textstream import TextStream  # noqa: E402
+
+SAMPLING = Sampling(temperature=0, max_tokens=100)
+EXPECTED_MODEL = SimModel(SimConfig(prompt_tps=1e9, gen_tps=1e9, reply_tokens=40), 4096)
+
+
+def expected(messages: list[ChatMessage]) -> str:
+    out = TextStream(lambda *_: None)
+    EXPECTED_MODEL.new_context(1).generate(EXPECTED_MODEL.chat_tokens(messages), SAMPLING, out,
+                                           threading.Event())
+    out.close()
+    return out.text
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--router", required=True)
+    parser.add_argument("--duration", type=float, default=14.0)
+    parser.add_argument("--concurrency", type=int, default=12)
+    parser.add_argument("--workers", default="w1,w2,w3")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    want = set(args.workers.split(","))
+    counts: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    timeline: list[tuple[float, list[str], int | None]] = []
+
+    async with Client(ClientConfig(router=args.router, silence_timeout=1.5)) as watch:
+        while True:  # wait for the cluster
+            try:
+                names = {w["name"] for w in (await watch.status())["workers"]}
+                if names == want:
+                    break
+            except PichatError:
+                pass
+            await asyncio.sleep(0.1)
+        Path(args.out + ".ready").touch()
+        stop_at = time.monotonic() + args.duration
+
+        async def watcher() -> None:
+            last = None
+            while True:
+                try:
+                    status = await watch.status()
+                    names = sorted(w["name"] for w in status["workers"])
+                    started = round(time.time() - status["router"]["up_s"])
+                except PichatError:
+                    names, started = [], None
+                if (names, started) != last:
+                    timeline.append((time.time(), names, started))
+                    last = (names, started)
+                await asyncio.sleep(0.1)
+
+        async with Client(ClientConfig(router=args.router, silence_timeout=3.0)) as client:
+            async def loop(i: int) -> None:
+                n = 0
+                while time.monotonic() < stop_at:
+                    n += 1
+                    messages = [ChatMessage("user", f"question {i} {n} from the fault lab")]
+                    counts["sent"] += 1
+                    try:
+                        reply = await asyncio.wait_for(
+                            client.chat(messages, sampling=SAMPLING), 90)
+                    except TimeoutError:
+                        counts["lost"] += 1
+                        continue
+                    except ProtocolError as exc:  # e.g. a gap in the chunk numbering
+                        counts["corrupted"] += 1
+                        errors[str(exc)[:80]] += 1
+                        continue
+                    except PichatError as exc:
+                        counts["failed"] += 1
+                        errors[f"{exc.code.value}: {str(exc)[:60]}"] += 1
+                        continue
+                    if reply.text == expected(messages):
+                        counts["completed"] += 1
+                    else:
+                        counts["corrupted"] += 1
+                    counts["failovers"] += reply.done.failovers
+
+            watching = asyncio.create_task(watcher())
+            await asyncio.gather(*[loop(i) for i in range(args.concurrency)])
+            watching.cancel()
+    result = {"counts": {k: counts[k] for k in ("sent", "completed", "failed", "lost",
+                                                 "corrupted", "failovers")}
+              | {"errors": dict(errors)},
+              "timeline": timeline}
+    Path(args.out).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
