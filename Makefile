@@ -49,7 +49,7 @@ run: install
 	$(PICHAT) up --workers $(WORKERS) --prompt "$(PROMPT)"
 
 test: install
-	scripts/ensure-chromium.sh
+	scripts/ensure-test-tools.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install

@@ -104,6 +104,9 @@ def main() -> None:
          type=click.FloatRange(1.0),
          help="A worker holding a prefix that a new conversation shares (a common system "
               "prompt) gets it while its load stays within this times the average.")
+@_option("--max-sessions", env="MAX_SESSIONS", default=20_000, type=click.IntRange(1),
+         help="Conversations whose worker the router remembers (least recently used "
+              "forgotten first; ~1 KB each with their prefixes).")
 @_option("--queue-limit", env="QUEUE_LIMIT", default=256, type=click.IntRange(0),
          help="Requests that may wait for a slot; beyond it clients get 'busy' at once.")
 @_option("--queue-timeout", env="QUEUE_TIMEOUT", default=120.0, type=click.FloatRange(0.001),
@@ -135,7 +138,8 @@ def main() -> None:
          type=click.IntRange(1), help="Longest conversation a request may carry, characters.")
 @log_level_option
 def router(clients_bind: str, workers_bind: str, policy: str, affinity_wait: float,
-           prefix_load_factor: float, queue_limit: int, queue_timeout: float,
+           prefix_load_factor: float, max_sessions: int, queue_limit: int,
+           queue_timeout: float,
            request_timeout: float, drain_timeout: float, http: str, api_keys: tuple[str, ...],
            api_key_file: str | None, http_max_tokens: int, heartbeat: float, liveness: int,
            max_message_bytes: int, health_bind: str, keys: str | None, insecure: bool,
@@ -158,6 +162,7 @@ def router(clients_bind: str, workers_bind: str, policy: str, affinity_wait: flo
             policy=policy,  # type: ignore[arg-type]
             affinity_wait=affinity_wait,
             prefix_load_factor=prefix_load_factor,
+            max_sessions=max_sessions,
             queue_limit=queue_limit,
             queue_timeout=queue_timeout,
             request_timeout=request_timeout,

@@ -40,8 +40,8 @@ from pichat.protocol import (
     decode,
     encode,
 )
-from pichat.security import watch_handshakes
-from pichat.transport import Channel, configure
+from pichat.security import Link
+from pichat.transport import Channel
 
 __all__ = ["Client", "Reply", "new_id"]
 
@@ -84,7 +84,7 @@ class Client:
         self._pending: dict[str, asyncio.Queue] = {}
         self._status_waiters: deque[asyncio.Future] = deque()
         self._last_heard = 0.0
-        self._monitor: Channel | None = None
+        self._link: Link | None = None
         self._refused: str | None = None
 
     async def __aenter__(self) -> Client:
@@ -95,24 +95,19 @@ class Client:
         self.close()
 
     def connect(self) -> None:
-        loop = asyncio.get_running_loop()
         self._ctx = self._shared_ctx or zmq.Context()
-        sock = self._ctx.socket(zmq.DEALER)
-        configure(sock, max_message_bytes=self.config.max_message_bytes)
-        if self.config.keys is not None:
-            self.config.keys.secure_client(sock, self.config.key_name)
-            self._monitor = watch_handshakes(sock, loop, self._on_refused)
-        sock.connect(self.config.router)
-        self._channel = Channel(sock, self._on_message, loop)
+        cfg = self.config
+        self._link = Link(self._ctx, cfg.router, keys=cfg.keys, key_name=cfg.key_name,
+                          max_message_bytes=cfg.max_message_bytes,
+                          loop=asyncio.get_running_loop(), on_message=self._on_message,
+                          on_refused=self._on_refused)
+        self._channel = self._link.channel
 
     def close(self) -> None:
-        if self._monitor is not None and self._channel is not None:
-            self._channel.sock.disable_monitor()
-            self._monitor.close()
-            self._monitor = None
-        if self._channel is not None:
+        if self._link is not None:
             # A short linger lets a last CANCEL reach the router.
-            self._channel.close(linger_ms=200)
+            self._link.close(linger_ms=200)
+            self._link = None
             self._channel = None
         if self._ctx is not None and self._shared_ctx is None:
             self._ctx.term()

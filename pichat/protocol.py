@@ -540,7 +540,10 @@ _BY_BYTE: dict[bytes, Command] = {v: k for k, v in _COMMAND_BYTES.items()}
 
 def encode(message: Message) -> list[bytes]:
     """The frames of `message` (without any routing id)."""
-    return [TAG, _COMMAND_BYTES[message.COMMAND], msgpack.packb(message.to_body())]
+    # A small first buffer: msgpack's default (256 KiB per call) made the router's heap
+    # grow under load (allocated and freed for every message); it grows when needed.
+    body = msgpack.packb(message.to_body(), buf_size=1024)
+    return [TAG, _COMMAND_BYTES[message.COMMAND], body]
 
 
 def decode(frames: Sequence[bytes]) -> Message:

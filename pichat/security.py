@@ -34,7 +34,7 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from pichat.errors import PichatError
-from pichat.transport import Channel
+from pichat.transport import Channel, configure
 
 __all__ = [
     "DEFAULT_KEYS_DIR",
@@ -43,6 +43,7 @@ __all__ = [
     "keygen",
     "Gatekeeper",
     "watch_handshakes",
+    "Link",
     "is_loopback",
 ]
 
@@ -220,6 +221,31 @@ def watch_handshakes(sock: zmq.Socket, loop: asyncio.AbstractEventLoop,
             on_failure(f"{reason} (endpoint {event['endpoint'].decode(errors='replace')})")
 
     return Channel(monitor, handle, loop)
+
+
+class Link:
+    """A worker's or client's DEALER connection to the router: a `Channel`, secured with
+    `keys` when given, and watched for refused handshakes."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, *, keys: Keys | None, key_name: str,
+                 max_message_bytes: int, loop: asyncio.AbstractEventLoop,
+                 on_message: Callable[[list[bytes]], None],
+                 on_refused: Callable[[str], None]) -> None:
+        sock = ctx.socket(zmq.DEALER)
+        configure(sock, max_message_bytes=max_message_bytes)
+        self._monitor: Channel | None = None
+        if keys is not None:
+            keys.secure_client(sock, key_name)
+            self._monitor = watch_handshakes(sock, loop, on_refused)
+        sock.connect(endpoint)
+        self.channel = Channel(sock, on_message, loop)
+
+    def close(self, linger_ms: int = 0) -> None:
+        if self._monitor is not None:
+            self.channel.sock.disable_monitor()
+            self._monitor.close()
+            self._monitor = None
+        self.channel.close(linger_ms)
 
 
 def is_loopback(endpoint: str) -> bool:

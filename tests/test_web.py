@@ -82,5 +82,5 @@ async def test_the_page_reports_errors(cluster: Cluster, browser):
     await page.goto(status["router"]["http"] + "/")
     await page.fill("#input", "anyone there?")
     await page.keyboard.press("Enter")
-    await page.wait_for_selector(".msg.assistant.error", timeout=10_000)
+    await page.wait_for_selector(".msg.assistant.error", timeout=30_000)
     assert "no worker" in await page.text_content(".msg.assistant.error")

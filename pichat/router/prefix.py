@@ -53,8 +53,10 @@ class _Entry:
 
 
 class PrefixIndex:
-    def __init__(self, max_entries: int = 200_000) -> None:
+    def __init__(self, max_entries: int = 80_000) -> None:
         self.max_entries = max_entries
+        """About 200 bytes each."""
+        self.dropped = 0
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
 
     def __len__(self) -> int:
@@ -93,3 +95,4 @@ class PrefixIndex:
         self._entries.move_to_end(hashes[-1])
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+            self.dropped += 1

@@ -72,8 +72,8 @@ class SchedulerConfig:
     """Seconds a request may take in all (queue + generation) unless the client asks less."""
     worker_expiry: float = 3.0
     """A worker silent this long is dead (heartbeat interval x liveness)."""
-    max_sessions: int = 100_000
-    """Affinity entries remembered (least recently used forgotten first)."""
+    max_sessions: int = 20_000
+    """Affinity entries remembered (least recently used forgotten first): ~170 bytes each."""
     max_failovers: int = 2
     """Times one answer may move to another worker mid-stream."""
     prefix_load_factor: float = 1.25
@@ -184,6 +184,8 @@ class Scheduler:
         self.affinity: OrderedDict[SessionId, WorkerId] = OrderedDict()
         self._registrations = 0
         self._rr_next = 0
+        self.sessions_forgotten = 0
+        """Sessions dropped from the affinity map to keep it within `max_sessions`."""
 
     # --- workers ----------------------------------------------------------------------
 
@@ -468,6 +470,7 @@ class Scheduler:
         self.workers[worker].warm += 1
         while len(self.affinity) > self.config.max_sessions:
             self._drop_affinity(next(iter(self.affinity)))
+            self.sessions_forgotten += 1
 
     def _drop_affinity(self, session: SessionId) -> None:
         worker = self.affinity.pop(session)

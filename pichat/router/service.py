@@ -20,8 +20,8 @@ import logging
 import signal
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from dataclasses import dataclass, replace
+from typing import Any
 
 import zmq
 from aiohttp import web
@@ -45,6 +45,7 @@ from pichat.protocol import (
     decode,
     encode,
 )
+from pichat.router.jobs import ClientJob, ReplySink
 from pichat.router.metrics import RouterMetrics
 from pichat.router.prefix import PrefixIndex
 from pichat.router.scheduler import (
@@ -59,26 +60,12 @@ from pichat.router.scheduler import (
 from pichat.security import Gatekeeper, is_loopback
 from pichat.transport import Channel, configure
 
-__all__ = ["Router", "ReplySink"]
+__all__ = ["Router"]
 
 log = logging.getLogger(__name__)
 
 _HEARTBEAT = encode(Heartbeat())
 _UNKNOWN_WORKER = encode(Disconnect("unknown worker: send READY"))
-
-
-class ReplySink(Protocol):
-    """Where a request's answer goes: a ZeroMQ client, or an HTTP response in this process."""
-
-    key: object
-    """Requests whose sinks share a key share one keepalive (one ZeroMQ client)."""
-
-    def deliver(self, message: Chunk | Done | Error, frames: list[bytes] | None) -> bool:
-        """Pass on one message (`frames`: its encoding, when the router has it). False if
-        the receiver is gone: the router then cancels the request."""
-
-    def keepalive(self) -> bool:
-        """Called every heartbeat interval while the request waits or runs."""
 
 
 class _ZmqSink:
@@ -96,28 +83,6 @@ class _ZmqSink:
 
 
 @dataclass(slots=True)
-class _ClientJob:
-    sink: ReplySink
-    request: Request
-    frames: list[bytes]
-    """The REQUEST as sent to the worker."""
-    arrived: float
-    worker: WorkerId | None = None
-    first_chunk: float | None = None
-    text: list[str] = field(default_factory=list)
-    """The answer so far (recorded in the prefix index when it completes)."""
-    tokens: list[int] = field(default_factory=list)
-    """The token ids of the answer delivered so far (a failover continues after them)."""
-    chunks: int = 0
-    """Chunks delivered to the client."""
-    seq_base: int = 0
-    """Chunks delivered before the current worker took over (its seq 0 is this one)."""
-    resumed: int = 0
-    """Tokens the current worker was given as a continuation."""
-    failovers: int = 0
-
-
-@dataclass(slots=True)
 class _WorkerInfo:
     ready: Ready
     joined: float
@@ -131,10 +96,10 @@ class Router:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self.scheduler = Scheduler(config.scheduler)
-        self.jobs: dict[RequestId, _ClientJob] = {}
+        self.jobs: dict[RequestId, ClientJob] = {}
         self.workers: dict[WorkerId, _WorkerInfo] = {}
         self.counts: Counter[str] = Counter()
-        self.prefixes = PrefixIndex()
+        self.prefixes = PrefixIndex(max_entries=4 * config.scheduler.max_sessions)
         self.metrics = RouterMetrics(self.snapshot)
         self.started = time.time()
         self.clients_endpoint = ""
@@ -313,7 +278,7 @@ class Router:
     def submit(self, request: Request, sink: ReplySink,
                frames: list[bytes] | None = None) -> None:
         """Accept a request; its chunks, DONE or ERROR go to `sink`. `frames`: the request
-        as received, forwarded unchanged when the router adds nothing to it."""
+        as received, to check its size without encoding it again."""
         if request.id in self.jobs:
             if self.jobs[request.id].sink.key == sink.key:
                 return  # the client sent it again (it thought us gone): already on it
@@ -354,7 +319,7 @@ class Router:
                                "the request is larger than a worker accepts "
                                f"(--max-message-bytes {self.config.max_message_bytes})"), None)
             return
-        self.jobs[request.id] = _ClientJob(sink, request, frames, now)
+        self.jobs[request.id] = ClientJob(sink, request, frames, now)
         self._apply(self.scheduler.submit(request.id, request.session, now, model=request.model,
                                           timeout=request.timeout, prefer=prefer))
 
@@ -495,12 +460,9 @@ class Router:
         if job.first_chunk is None:
             job.first_chunk = now
             self.metrics.ttft.observe(now - job.arrived)
-        job.text.append(chunk.text)
-        job.tokens.extend(chunk.tokens)
-        if job.seq_base:  # after a failover: number the new worker's chunks on
-            chunk = replace(chunk, seq=job.seq_base + chunk.seq)
-            frames = encode(chunk)
-        job.chunks += 1
+        renumbered = job.delivered(chunk)
+        if renumbered is not None:  # after a failover
+            chunk, frames = renumbered, encode(renumbered)
         self._deliver(chunk.id, chunk, frames)
 
     def _on_done(self, worker: WorkerId, done: Done, frames: list[bytes], now: float) -> None:
@@ -508,8 +470,8 @@ class Router:
             return
         job = self.jobs.get(done.id)
         if job is not None:
-            if job.failovers:
-                done, frames = self._after_failover(job, done), None
+            if (final := job.final(done)) is not None:
+                done, frames = final, None
             self.counts["completed"] += 1
             self.metrics.completed(done.usage)
             request = job.request
@@ -527,16 +489,6 @@ class Router:
             self._deliver(done.id, done, frames)
             self.jobs.pop(done.id, None)
         self._apply(self.scheduler.finished(done.id, now))
-
-    @staticmethod
-    def _after_failover(job: _ClientJob, done: Done) -> Done:
-        """The DONE as if one worker had answered: the continuation it was given counts
-        as generated, not as prompt; and it says how many failovers there were."""
-        u = done.usage
-        prompt = max(0, u.prompt_tokens - job.resumed)
-        usage = replace(u, prompt_tokens=prompt, cached_tokens=min(u.cached_tokens, prompt),
-                        completion_tokens=u.completion_tokens + job.resumed)
-        return replace(done, usage=usage, failovers=job.failovers)
 
     def _on_worker_error(self, worker: WorkerId, error: Error, frames: list[bytes],
                          now: float) -> None:
@@ -579,9 +531,12 @@ class Router:
                     if job is None:  # answered meanwhile: never sent, so free the slot
                         self._apply(self.scheduler.finished(job_id, self._now()))
                         continue
-                    job.worker = worker
                     if action.failover:
-                        self._continue_elsewhere(job, worker)
+                        job.continue_elsewhere()
+                        self.counts["failovers"] += 1
+                        log.warning("req=%s failover: continuing on worker %s after %d tokens "
+                                    "(%d chunks)", job_id, self._name(worker), job.resumed,
+                                    job.chunks)
                     how = ("failover" if action.failover else "retry" if action.retry else
                            "affinity" if action.affinity_hit else "prefix" if action.prefix_hit
                            else "spill" if action.spilled else "load")
@@ -605,22 +560,6 @@ class Router:
                         # If it is only slow (stopped, partitioned) it must re-register.
                         self._tell_to_register(worker, self._now())
         self._arm_timer()
-
-    def _continue_elsewhere(self, job: _ClientJob, worker: WorkerId) -> None:
-        """Mid-stream failover: `worker` continues the answer after the tokens the client
-        already has, so the client sees one stream with nothing lost or repeated."""
-        request = job.request
-        resumed = tuple(job.tokens)
-        job.frames = encode(replace(
-            request, continuation=resumed,
-            sampling=replace(request.sampling,
-                             max_tokens=max(1, request.sampling.max_tokens - len(resumed)))))
-        job.seq_base = job.chunks
-        job.resumed = len(resumed)
-        job.failovers += 1
-        self.counts["failovers"] += 1
-        log.warning("req=%s failover: continuing on worker %s after %d tokens (%d chunks)",
-                    request.id, self._name(worker), len(resumed), job.chunks)
 
     def _tick(self) -> None:
         self._timer = None
@@ -697,6 +636,10 @@ class Router:
                 "active": len(self.jobs),
                 **{k: v for k, v in sorted(self.counts.items())},
                 "cache_hit_share": round(cached / prompt, 4) if prompt else 0.0,
+                "sessions_remembered": len(sched.affinity),
+                "sessions_forgotten": sched.sessions_forgotten,
+                "prefixes_remembered": len(self.prefixes),
+                "prefixes_forgotten": self.prefixes.dropped,
             },
             "workers": sorted(workers, key=lambda w: w["name"]),
         }

@@ -39,8 +39,8 @@ from pichat.protocol import (
     decode,
     encode,
 )
-from pichat.security import watch_handshakes
-from pichat.transport import Channel, configure
+from pichat.security import Link
+from pichat.transport import Channel
 from pichat.worker.backend import Generation, Model
 from pichat.worker.slots import Slot, SlotManager
 from pichat.worker.textstream import TextStream
@@ -79,7 +79,7 @@ class Worker:
         self._last_heard = 0.0
         self._heard_on_this_connection = False
         self._health: HealthEndpoint | None = None
-        self._monitor: Channel | None = None
+        self._link: Link | None = None
         self._wake = asyncio.Event()
         self._stop_requested = False
         self._draining = False
@@ -173,13 +173,11 @@ class Worker:
         """One connection to the router. Returns whether the router ever answered."""
         loop = asyncio.get_running_loop()
         self.epoch += 1
-        sock = self._ctx.socket(zmq.DEALER)
-        configure(sock, max_message_bytes=self.config.max_message_bytes)
-        if self.config.keys is not None:
-            self.config.keys.secure_client(sock, self.config.key_name)
-            self._monitor = watch_handshakes(sock, loop, self._on_refused)
-        sock.connect(self.config.router)
-        self._channel = Channel(sock, self._on_message, loop)
+        cfg = self.config
+        self._link = Link(self._ctx, cfg.router, keys=cfg.keys, key_name=cfg.key_name,
+                          max_message_bytes=cfg.max_message_bytes, loop=loop,
+                          on_message=self._on_message, on_refused=self._on_refused)
+        self._channel = self._link.channel
         self._heard_on_this_connection = False
         self._reregister = False  # this connection's READY supersedes any earlier request
         self._send_ready()
@@ -208,11 +206,8 @@ class Worker:
         return self._last_heard > started
 
     def _close_channel(self, linger_ms: int = 0) -> None:
-        if self._monitor is not None:
-            self._channel.sock.disable_monitor()
-            self._monitor.close()
-            self._monitor = None
-        self._channel.close(linger_ms)
+        if self._link is not None:
+            self._link.close(linger_ms)
 
     def _on_refused(self, reason: str) -> None:
         log.error("%s: the router at %s does not accept this worker's key; add %s/%s.key to "

@@ -69,7 +69,9 @@ async def soak(clients: int, seconds: float, workers: int, restart_every: float,
     log = open(log_path, "ab")
     router = pichat("router", "--clients-bind", f"tcp://127.0.0.1:{cport}", "--workers-bind",
                     f"tcp://127.0.0.1:{wport}", "--http", "off", "--queue-limit", "4096",
-                    "--log-level", "warning", log=log)
+                    # Small enough that the router's bounded memory (sessions, prefixes)
+                    # fills in the first minute: after that its memory must stay flat.
+                    "--max-sessions", "5000", "--log-level", "warning", log=log)
 
     def start_worker(i: int) -> subprocess.Popen:
         return pichat("worker", "--router", f"tcp://127.0.0.1:{wport}", "--name", f"w{i}",
@@ -136,21 +138,25 @@ async def soak(clients: int, seconds: float, workers: int, restart_every: float,
         await asyncio.gather(*[user(i) for i in range(clients)])
         for task in background:
             task.cancel()
+        async with Client(config, context=ctx) as probe:
+            requests = (await probe.status())["requests"]
+        caches = {k: requests.get(k, 0) for k in ("sessions_remembered", "sessions_forgotten",
+                                                   "prefixes_remembered")}
     finally:
         for proc in [router, *procs.values()]:
             proc.kill()
             proc.wait()
         ctx.term()
         log.close()
-    return {"counts": counts, "errors": errors, "memory": memory, "router_alive": True}
+    return {"counts": counts, "errors": errors, "memory": memory, "caches": caches}
 
 
 def summary(result: dict, clients: int, seconds: float) -> list[str]:
     c = result["counts"]
     mem = result["memory"]
     third = max(1, len(mem) // 3)
-    early = sum(m for _, m in mem[:third]) / third
-    late = sum(m for _, m in mem[-third:]) / third
+    thirds = [mem[:third], mem[third:-third] or mem[:third], mem[-third:]]
+    first, middle, last = (sum(m for _, m in part) / len(part) for part in thirds)
     restarts = sum(v for k, v in c.items() if k.startswith("restarts_"))
     return [
         f"soak: {clients} clients for {seconds:.0f}s, {restarts} worker kills/stops "
@@ -158,8 +164,11 @@ def summary(result: dict, clients: int, seconds: float) -> list[str]:
         f"requests: sent {c['sent']}, completed {c['completed']}, failed {c['failed']} "
         f"{dict(result['errors'])}, lost {c['lost']}, corrupted {c['corrupted']}, "
         f"failovers {c['failovers']}",
-        f"router memory: first third {early:.1f} MB, last third {late:.1f} MB, "
-        f"max {max(m for _, m in mem):.1f} MB ({len(mem)} samples)",
+        f"router memory (RSS, mean per third of the run): {first:.1f} / {middle:.1f} / "
+        f"{last:.1f} MB, max {max(m for _, m in mem):.1f} MB ({len(mem)} samples); "
+        f"router caches at the end: {result['caches']}",
+        "router memory by minute (MB): " + ", ".join(
+            f"{m:.0f}" for t, m in mem if int(t) % 60 < 2 and t > 1),
     ]
 
 
