@@ -165,6 +165,8 @@ async def test_bad_http_input_gets_the_right_error_and_the_router_keeps_serving(
         async with http.post(base + "/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": "still there?"}], "max_tokens": 3}) as r:
             assert r.status == 200
+        async with http.get(base + "/metrics") as r:
+            assert f'pichat_http_errors_total{{status="{status}"}} 1.0' in await r.text()
 
 
 async def test_no_workers_is_503_with_retry_after(cluster: Cluster):

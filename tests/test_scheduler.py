@@ -243,6 +243,16 @@ CASES: dict[str, tuple[dict, list[tuple[str, list[str]]]]] = {
         ("submit r5 - @0 >A", ["r5->A prefix"]),
         ("submit r6 - @0 >A", ["r6->B"]),
     ]),
+    "conversations sharing a prefix spread even when its worker is idle": ({}, [
+        ("worker A 2", []), ("worker B 2", []),
+        ("submit r1 s1 @0 >A", ["r1->A prefix"]), ("finish r1 @0", []),
+        ("submit r2 s2 @0 >A", ["r2->A prefix"]), ("finish r2 @0", []),
+        ("submit r3 s3 @0 >A", ["r3->B"]),  # A holds 2 of 3 conversations: its bound
+        ("finish r3 @0", []),
+        ("submit r4 s4 @0 >A", ["r4->A prefix"]), ("finish r4 @0", []),
+        ("submit r5 s5 @0 >A", ["r5->A prefix"]), ("finish r5 @0", []),
+        ("submit r6 s6 @0 >A", ["r6->B"]),
+    ]),
     "a session's own worker beats a preferred one": ({}, [
         ("worker A 2", []), ("worker B 2", []),
         ("submit r1 s1 @0", ["r1->A"]), ("finish r1 @1", []),

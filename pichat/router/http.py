@@ -83,19 +83,22 @@ def create_app(router: Any, *, api_keys: tuple[str, ...] = (), max_body_bytes: i
         try:
             return await handler(request)
         except ApiError as exc:
-            return _error_response(exc)
+            error = exc
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             kind = "invalid_request_error" if exc.status < 500 else "server_error"
             code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-            return _error_response(ApiError(exc.status, exc.reason or exc.text or "error",
-                                            kind, code.get(exc.status)))
+            error = ApiError(exc.status, exc.reason or exc.text or "error", kind,
+                             code.get(exc.status))
         except _ClientGone:
-            return web.Response(status=499)
+            error = ApiError(499, "the client went away", "cancelled")
         except Exception:
             log.exception("HTTP %s %s failed", request.method, request.path)
-            return _error_response(ApiError(500, "internal error", "server_error"))
+            error = ApiError(500, "internal error", "server_error")
+        router.metrics.http_errors.labels(str(error.status)).inc()
+        router.counts[f"http_{error.status}"] += 1
+        return _error_response(error)
 
     @web.middleware
     async def auth(request: web.Request, handler: Callable[[web.Request],

@@ -75,6 +75,9 @@ class RouterMetrics:
         self.placements = Counter("pichat_placements", "How requests were placed: affinity "
                                   "(warm worker), prefix (shared-prefix worker), load, spill, "
                                   "retry.", ["how"], registry=r)
+        self.http_errors = Counter("pichat_http_errors", "HTTP requests refused or failed, by "
+                                   "status (400 invalid, 401 key, 404, 413 too large, 429 "
+                                   "busy, 503 no worker...).", ["status"], registry=r)
         r.register(_ClusterCollector(snapshot))
 
     def completed(self, usage: Usage) -> None:

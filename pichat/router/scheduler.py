@@ -13,9 +13,9 @@ Policy `affinity` (the default):
   a short wait for the warm one usually wins.)
 - A new session goes to the worker with the most free slots (ties: fewer warm sessions),
   unless the request names a preferred worker (one that holds a prefix it shares, such as
-  a common system prompt): that one gets it while its load stays within
-  `prefix_load_factor` times the cluster's average ("bounded loads"), so a popular prefix
-  cannot pile every conversation onto one worker.
+  a common system prompt): that one gets it while its load, in running requests and in
+  conversations held, stays within `prefix_load_factor` times its share ("bounded
+  loads"), so a popular prefix cannot pile every conversation onto one worker.
 
 Policy `round-robin` ignores sessions: the next worker in turn with a free slot. It is the
 baseline for benchmarks.
@@ -422,13 +422,16 @@ class Scheduler:
         return best.id, False, spilled
 
     def _within_bound(self, view: WorkerView, eligible: list[WorkerView]) -> bool:
-        """Would one more request keep `view` within the load bound?"""
+        """Would one more conversation keep `view` within the load bound?"""
         # Consistent hashing with bounded loads: a worker's share of the requests running
-        # (this one included) may exceed its share of the slots by the load factor.
-        total_busy = sum(w.busy for w in eligible) + 1
+        # and of the conversations it holds (this one included) may exceed its share of
+        # the slots by the load factor. Without the second, conversations arriving while
+        # a worker happens to be idle would all make it their home.
         total_slots = sum(w.slots for w in eligible)
-        capacity = math.ceil(self.config.prefix_load_factor * total_busy * view.slots / total_slots)
-        return view.busy + 1 <= capacity
+        factor = self.config.prefix_load_factor * view.slots / total_slots
+        busy_cap = math.ceil(factor * (sum(w.busy for w in eligible) + 1))
+        warm_cap = math.ceil(factor * (sum(w.warm for w in eligible) + 1))
+        return view.busy + 1 <= busy_cap and view.warm + 1 <= warm_cap
 
     def _drop_worker(self, worker: WorkerId, now: float, reason: str) -> list[Action]:
         view = self.workers.pop(worker)
