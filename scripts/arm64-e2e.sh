@@ -4,7 +4,8 @@
 # from docker/wheelhouse/linux-arm64; llama-cpp-python compiled there, portably, once),
 # then a router, a simulated worker and a llama.cpp worker (a tiny GGUF) answer prompts.
 # The compiled llama-cpp-python wheel is kept (~/.cache/pichat/wheels/linux-arm64) and
-# added to the wheelhouse, so `make build PLATFORM=linux/arm64` reuses it.
+# added to the wheelhouse, so `make build PLATFORM=linux/arm64` reuses it; then the arm64
+# Docker image is built that way and its llama.cpp worker answers too.
 # Needs root (binfmt_misc, a Docker engine); the first run compiles llama.cpp under
 # emulation (tens of minutes), later runs take a few minutes.
 set -euo pipefail
@@ -61,6 +62,24 @@ docker run --rm --platform linux/arm64 \
     echo "-- llama worker:"; $pichat ask "Hello from a Pi" --model tiny --max-tokens 8 --temperature 0 --stats
     kill %1 %2 %3; wait
 '
-rm -rf "$work"
 cp -n "$cache"/llama_cpp_python-*.whl docker/wheelhouse/linux-arm64/ 2>/dev/null || true
+
+step "the arm64 Docker image (classic builder under emulation, the wheel above reused)"
+make build PLATFORM=linux/arm64 ARCH=arm64 IMAGE=pichat:arm64-e2e \
+    BASE_IMAGE=local/debian-py:bookworm-arm64 BUILD_IMAGE=local/debian-py-build:bookworm-arm64 >/dev/null
+docker image inspect pichat:arm64-e2e --format 'image: {{.Os}}/{{.Architecture}}, {{.Size}} bytes'
+chmod -R a+rX "$work"
+docker run --rm --platform linux/arm64 -e PICHAT_KEYS=off -v "$work":/work:ro \
+    --entrypoint bash pichat:arm64-e2e -euo pipefail -c '
+    echo "machine: $(uname -m)"
+    pichat router --insecure --http off --log-level warning &
+    pichat worker --backend llama --model /work/tiny.gguf --ctx 512 --threads 1 --name image-llama --log-level warning &
+    for _ in $(seq 120); do
+        timeout 5 pichat status --json 2>/dev/null | grep -q image-llama && break; sleep 1
+    done
+    pichat ask "Hello from the image" --max-tokens 8 --temperature 0 --stats
+    kill %1 %2; wait || true
+'
+docker rmi pichat:arm64-e2e >/dev/null
+rm -rf "$work"
 step "arm64-e2e passed"
