@@ -42,6 +42,21 @@ def test_model_reads_name_context_and_template(model, tiny_model):
     assert tokens[-2:] != tokens[:2]
 
 
+def test_a_continuation_outside_the_vocabulary_is_refused_before_llama_cpp_sees_it(model):
+    from pichat.protocol import Request, RequestId
+    from pichat.worker.slots import SlotManager
+
+    manager = SlotManager(model, 1, threads=1, cache_bytes=1 << 20)
+    slot = manager.acquire(None)
+    out = TextStream(lambda *_: None)
+    with pytest.raises(BadRequest, match=f"vocabulary \\({model.n_vocab} tokens"):
+        manager.run(slot, Request(RequestId("a"), HELLO, GREEDY, continuation=(model.n_vocab,)),
+                    out, threading.Event())
+    result = manager.run(slot, Request(RequestId("b"), HELLO, GREEDY,
+                                       continuation=(model.n_vocab - 1,)), out, threading.Event())
+    assert result.prompt_tokens == len(model.chat_tokens(HELLO)) + 1
+
+
 def test_greedy_generation_is_deterministic_across_contexts(model):
     prompt = model.chat_tokens(HELLO)
     first, text1 = generate(model.new_context(1), prompt)

@@ -137,3 +137,18 @@ def test_a_plain_prompt_skips_the_chat_template_and_an_empty_one_is_refused():
     assert result.prompt_tokens == 4  # four words, no role markers
     with pytest.raises(BadRequest, match="empty"):
         h.manager.run(slot, Request(RequestId("q"), (), prompt=""), out, threading.Event())
+
+
+def test_a_continuation_outside_the_vocabulary_is_refused_and_the_slot_still_works():
+    from pichat.errors import BadRequest
+
+    h = Harness()
+    slot = h.manager.acquire(None)
+    out = TextStream(lambda *_: None)
+    bad = Request(RequestId("c"), (ChatMessage("user", "hi"),),
+                  continuation=(200, h.manager.model.n_vocab))
+    with pytest.raises(BadRequest, match="outside the model's vocabulary"):
+        h.manager.run(slot, bad, out, threading.Event())
+    good = Request(RequestId("d"), (ChatMessage("user", "hi"),), Sampling(temperature=0),
+                   continuation=(h.manager.model.n_vocab - 1,))
+    assert h.manager.run(slot, good, out, threading.Event()).prompt_tokens == 5

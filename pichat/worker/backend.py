@@ -63,6 +63,8 @@ class Model(Protocol):
     name: str
     backend: str
     n_ctx: int
+    n_vocab: int
+    """Token ids are below this (a continuation from the router is checked against it)."""
 
     def chat_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
         """The prompt for `messages` in the model's chat template, ending where the

@@ -69,6 +69,7 @@ class LlamaModel:
         self._spare: Any = first
         self._ref = first
         self.n_ctx = first.n_ctx()
+        self.n_vocab = first.n_vocab()
         meta = first.metadata
         self.name = name or meta.get("general.name") or Path(path).stem
         template = meta.get("tokenizer.chat_template")

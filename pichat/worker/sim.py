@@ -35,12 +35,16 @@ _WORDS = (
 ).split()
 
 
+_VOCAB = 1_000_000
+
+
 def _word_id(word: str) -> int:
-    return 100 + zlib.crc32(word.encode()) % 1_000_000
+    return 100 + zlib.crc32(word.encode()) % _VOCAB
 
 
 class SimModel:
     backend = "sim"
+    n_vocab = 100 + _VOCAB
 
     def __init__(self, config: SimConfig, n_ctx: int, name: str = "sim") -> None:
         self.config = config

@@ -133,6 +133,10 @@ class SlotManager:
             prompt = self.model.text_tokens(request.prompt)
         else:
             prompt = self.model.chat_tokens(request.messages)
+        outside = next((t for t in request.continuation if t >= self.model.n_vocab), None)
+        if outside is not None:
+            raise BadRequest(f"continuation token {outside} is outside the model's vocabulary "
+                             f"({self.model.n_vocab} tokens)")
         prompt = [*prompt, *request.continuation]
         if not prompt:
             raise BadRequest("the prompt is empty")
