@@ -1,7 +1,7 @@
 """`make bench`: every benchmark, side by side in one run, printed as ratios.
 
     python bench/run.py               # all
-    python bench/run.py affinity      # one (affinity | http | overhead)
+    python bench/run.py affinity      # one (affinity | http | overhead | connections)
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import affinity  # noqa: E402
+import connections  # noqa: E402
 import http_affinity  # noqa: E402
 import overhead  # noqa: E402
 
@@ -24,6 +25,8 @@ BENCHMARKS = {
              "conversations sharing a system prompt, 2 workers x 2 slots", http_affinity.main),
     "overhead": ("Router overhead: the default model direct vs through the router; "
                  "router forwarding rate", overhead.main),
+    "connections": ("Router memory per client connection, as the messages it carried grow "
+                    "(libzmq's pipes; explains the soak's memory curve)", connections.main),
 }
 
 

@@ -98,7 +98,8 @@ def format_status(snapshot: dict[str, Any]) -> str:
     workers = snapshot.get("workers", [])
     lines = [
         f"router {router.get('version', '?')} on {router.get('clients', '?')}, "
-        f"policy {router.get('policy', '?')}, up {router.get('up_s', 0):.0f}s",
+        f"policy {router.get('policy', '?')}, up {router.get('up_s', 0):.0f}s"
+        + (f", {rss:.0f} MB" if (rss := router.get("memory", {}).get("rss_mb")) else ""),
         f"queue {queue.get('depth', 0)}/{queue.get('limit', 0)}, "
         f"active {requests.get('active', 0)}, completed {requests.get('completed', 0)}, "
         f"cache hit {requests.get('cache_hit_share', 0.0) * 100:.0f}% of prompt tokens",

@@ -232,9 +232,12 @@ async def test_metrics_health_and_cluster(cluster: Cluster):
                  "pichat_generation_tokens_per_second_bucket", "pichat_prompt_tokens_total",
                  "pichat_prompt_tokens_cached_total", "pichat_workers_alive 2.0",
                  'pichat_worker_slots{model="sim",worker="w1"} 1.0',
-                 'pichat_worker_slots_busy{model="sim",worker="w2"} 0.0'):
+                 'pichat_worker_slots_busy{model="sim",worker="w2"} 0.0',
+                 "process_resident_memory_bytes"):
         assert name in text, name
     assert {w["name"] for w in snap["workers"]} == {"w1", "w2"}
+    memory = snap["router"]["memory"]
+    assert 5 < memory["rss_mb"] < 4096 and memory["python_blocks"] > 1000
 
 
 async def test_conversations_sharing_a_system_prompt_spread_but_each_stays_put(cluster: Cluster):

@@ -12,7 +12,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -79,6 +85,7 @@ class RouterMetrics:
                                    "status (400 invalid, 401 key, 404, 413 too large, 429 "
                                    "busy, 503 no worker...).", ["status"], registry=r)
         r.register(_ClusterCollector(snapshot))
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu, open fds
 
     def completed(self, usage: Usage) -> None:
         self.requests.labels("completed").inc()

@@ -1,6 +1,9 @@
 """Soak: many concurrent clients (each its own ZeroMQ connection) against a router and
 simulated workers for minutes, with random worker kills and restarts. Reports requests
-sent / completed / failed / lost / corrupted and the router's memory over time.
+sent / completed / failed / lost / corrupted and the router's memory over time: its RSS,
+and its Python heap (allocated blocks). The RSS also holds libzmq's per-connection queues,
+which grow until each connection has carried ~512 messages each way and are flat from then
+on (`python bench/run.py connections`); the Python heap holds the router's own state.
 
     python tests/faultlab/soak.py --clients 1000 --minutes 3     (make soak)
 """
@@ -9,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import os
 import random
 import signal
@@ -82,6 +87,7 @@ async def soak(clients: int, seconds: float, workers: int, restart_every: float,
     counts: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     memory: list[tuple[float, float]] = []
+    objects: list[tuple[float, int]] = []
     ctx = zmq.Context()
     ctx.setsockopt(zmq.MAX_SOCKETS, clients + 64)
     config = ClientConfig(router=f"tcp://127.0.0.1:{cport}", silence_timeout=10)
@@ -130,9 +136,15 @@ async def soak(clients: int, seconds: float, workers: int, restart_every: float,
                 procs[i] = start_worker(i)
 
         async def sample() -> None:
-            while True:
-                memory.append((time.monotonic() - start, rss_mb(router.pid)))
-                await asyncio.sleep(2.0)
+            async with Client(config, context=ctx) as probe:
+                for n in itertools.count():
+                    t = time.monotonic() - start
+                    memory.append((t, rss_mb(router.pid)))
+                    if n % 5 == 0:  # what the router's Python holds, in allocated blocks
+                        with contextlib.suppress(PichatError):
+                            status = await probe.status()
+                            objects.append((t, status["router"]["memory"]["python_blocks"]))
+                    await asyncio.sleep(2.0)
 
         background = [asyncio.create_task(chaos()), asyncio.create_task(sample())]
         await asyncio.gather(*[user(i) for i in range(clients)])
@@ -148,7 +160,8 @@ async def soak(clients: int, seconds: float, workers: int, restart_every: float,
             proc.wait()
         ctx.term()
         log.close()
-    return {"counts": counts, "errors": errors, "memory": memory, "caches": caches}
+    return {"counts": counts, "errors": errors, "memory": memory, "objects": objects,
+            "caches": caches}
 
 
 def summary(result: dict, clients: int, seconds: float) -> list[str]:
@@ -168,8 +181,21 @@ def summary(result: dict, clients: int, seconds: float) -> list[str]:
         f"{last:.1f} MB, max {max(m for _, m in mem):.1f} MB ({len(mem)} samples); "
         f"router caches at the end: {result['caches']}",
         "router memory by minute (MB): " + ", ".join(
-            f"{m:.0f}" for t, m in mem if int(t) % 60 < 2 and t > 1),
+            f"{m:.0f}" for m in by_minute(mem)),
+        "router Python heap by minute (thousands of allocated blocks): " + ", ".join(
+            f"{b / 1000:.0f}" for b in by_minute(result["objects"])),
     ]
+
+
+def by_minute(series: list[tuple[float, float]]) -> list[float]:
+    """The first sample of each minute after the start, and the last one."""
+    picked: dict[int, float] = {}
+    for t, value in series:
+        picked.setdefault(int(t // 60), value)
+    values = [v for minute, v in sorted(picked.items()) if minute > 0]
+    if series:
+        values.append(series[-1][1])
+    return values
 
 
 if __name__ == "__main__":
