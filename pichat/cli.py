@@ -111,6 +111,10 @@ def main() -> None:
          help="Requests that may wait for a slot; beyond it clients get 'busy' at once.")
 @_option("--queue-timeout", env="QUEUE_TIMEOUT", default=120.0, type=click.FloatRange(0.001),
          help="Seconds a request may wait for a slot.")
+@_option("--startup-grace", env="STARTUP_GRACE", default=10.0, type=click.FloatRange(0),
+         help="Seconds after the router starts in which requests wait for workers to "
+              "register (they come back by themselves after a restart) instead of failing "
+              "with 'no workers' at once.")
 @_option("--request-timeout", env="REQUEST_TIMEOUT", default=600.0,
          type=click.FloatRange(0.001), help="Seconds a request may take in all.")
 @_option("--drain-timeout", env="DRAIN_TIMEOUT", default=30.0, type=click.FloatRange(0),
@@ -139,7 +143,7 @@ def main() -> None:
 @log_level_option
 def router(clients_bind: str, workers_bind: str, policy: str, affinity_wait: float,
            prefix_load_factor: float, max_sessions: int, queue_limit: int,
-           queue_timeout: float,
+           queue_timeout: float, startup_grace: float,
            request_timeout: float, drain_timeout: float, http: str, api_keys: tuple[str, ...],
            api_key_file: str | None, http_max_tokens: int, heartbeat: float, liveness: int,
            max_message_bytes: int, health_bind: str, keys: str | None, insecure: bool,
@@ -165,6 +169,7 @@ def router(clients_bind: str, workers_bind: str, policy: str, affinity_wait: flo
             max_sessions=max_sessions,
             queue_limit=queue_limit,
             queue_timeout=queue_timeout,
+            startup_grace=startup_grace,
             request_timeout=request_timeout,
             worker_expiry=heartbeat * liveness,
         ),

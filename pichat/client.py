@@ -2,7 +2,9 @@
 
 One DEALER socket carries any number of concurrent requests; replies are routed to each
 request's queue by id. While a request waits, the router heartbeats the client; if the
-router falls silent for `silence_timeout` (it died or restarted), the request fails with
+router falls silent for `silence_timeout` (it died or restarted), the request is sent
+again (`resend_on_silence` times; an answer already streaming goes on as a continuation
+after the tokens received, so nothing is lost or repeated), then fails with
 `RouterUnavailable` instead of hanging. Leaving a stream early (break, Ctrl-C, an
 exception) sends CANCEL so the worker's slot frees at once.
 
@@ -14,11 +16,12 @@ exception) sends CANCEL so the worker's slot frees at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import zmq
@@ -131,38 +134,69 @@ class Client:
         )
         queue: asyncio.Queue = asyncio.Queue()
         self._pending[request.id] = queue
+        current = request  # what the router was last sent
         finished = False
         try:
-            self._send(encode(request))
-            expected = 0
+            self._send(encode(current))
+            expected = 0  # chunks yielded
+            base = 0  # of those, yielded before `current` was sent
+            tokens: list[int] = []  # the token ids of the text yielded
+            resumable = True  # every chunk so far said which tokens it holds
+            resumes = 0
             resends = self.config.resend_on_silence
             while True:
                 try:
                     message = await self._next(queue)
                 except RouterUnavailable:
-                    if expected or resends <= 0 or self._refused:
+                    if resends <= 0 or self._refused or not resumable or (
+                            len(tokens) >= request.sampling.max_tokens):
                         raise
-                    resends -= 1  # nothing streamed yet: sending it again is safe
-                    self._send(encode(request))
+                    # The router fell silent: it may have restarted and forgotten the
+                    # request. If nothing has streamed yet, send it again as it was; else
+                    # ask for the rest of the answer.
+                    resends -= 1
+                    if expected:
+                        current = self._continuation(request, current, tokens, queue)
+                        base = expected
+                        resumes += 1
+                    self._send(encode(current))
                     continue
                 match message:
                     case Chunk():
-                        if message.seq != expected:
-                            raise ProtocolError(
-                                f"chunk {message.seq} arrived where {expected} was due")
+                        if base + message.seq != expected:
+                            raise ProtocolError(f"chunk {base + message.seq} arrived where "
+                                                f"{expected} was due")
                         expected += 1
-                        yield message
+                        tokens.extend(message.tokens)
+                        resumable = resumable and (bool(message.tokens) or not message.text)
+                        yield message if not base else replace(message, seq=expected - 1)
                     case Done():
                         finished = True
-                        yield message
+                        resumed = len(current.continuation) - len(request.continuation)
+                        yield message.continued(resumed, resumes) if resumes else message
                         return
                     case Error():
                         finished = True
                         raise RequestFailed(message.message, message.code)
         finally:
-            del self._pending[request.id]
+            del self._pending[current.id]
             if not finished and self._channel is not None:
-                self._send(encode(Cancel(request.id)))
+                self._send(encode(Cancel(current.id)))
+
+    def _continuation(self, request: Request, current: Request, tokens: list[int],
+                      queue: asyncio.Queue) -> Request:
+        """The rest of a partly streamed answer, under a new id: a continuation after the
+        tokens already delivered (what the router itself does when a worker dies
+        mid-answer), so the answer goes on with no token lost or repeated."""
+        with contextlib.suppress(RouterUnavailable):
+            self._send(encode(Cancel(current.id)))  # in case the old router lives on
+        sampling = request.sampling
+        resumed = replace(request, id=RequestId(new_id()),
+                          continuation=request.continuation + tuple(tokens),
+                          sampling=replace(sampling, max_tokens=sampling.max_tokens - len(tokens)))
+        del self._pending[current.id]
+        self._pending[resumed.id] = queue
+        return resumed
 
     async def chat(self, messages: Sequence[ChatMessage], *,
                    on_text: Callable[[str], None] | None = None, **kwargs: Any) -> Reply:

@@ -118,5 +118,6 @@ class ClientConfig:
     keys: Keys | None = None
     key_name: str = "client"
     resend_on_silence: int = 1
-    """Times a request that has received nothing yet is sent again when the router falls
-    silent (it may have restarted): safe, since nothing was streamed."""
+    """Times a request is sent again when the router falls silent (it may have restarted):
+    as it was if nothing has streamed yet, else as a continuation after the tokens
+    received (safe either way: nothing is delivered twice)."""

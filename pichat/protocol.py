@@ -16,7 +16,8 @@ belongs to ZeroMQ, not to this protocol.)
                 router -> client        otherwise empty
     REQUEST     client -> router        id, session?, messages | prompt, sampling, timeout?,
                 router -> worker        model?, continuation?  (prompt: plain text, no chat
-                                        template; continuation: token ids already answered)
+                                        template; continuation: token ids already answered,
+                                        which the answer goes on from)
     CHUNK       worker -> router        id, seq (0, 1, 2...), text, tokens (their ids)
                 -> client
     DONE        worker -> router        id, worker, finish ("stop" | "length" |
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import IntEnum
 from typing import Any, ClassVar, Literal, NewType, TypeAlias
 
@@ -451,6 +452,15 @@ class Done:
         if self.failovers:
             body["failovers"] = self.failovers
         return body
+
+    def continued(self, resumed: int, failovers: int) -> Done:
+        """This DONE of a continuation (given `resumed` answer tokens to go on from) as if
+        one worker had answered it all: those tokens count as generated, not as prompt."""
+        u = self.usage
+        prompt = max(0, u.prompt_tokens - resumed)
+        usage = replace(u, prompt_tokens=prompt, cached_tokens=min(u.cached_tokens, prompt),
+                        completion_tokens=u.completion_tokens + resumed)
+        return replace(self, usage=usage, failovers=self.failovers + failovers)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from pichat.protocol import (
     Error,
     Heartbeat,
     Request,
+    Sampling,
     Status,
     Usage,
 )
@@ -79,11 +80,43 @@ async def test_router_heartbeats_keep_a_slow_request_alive_and_silence_ends_it(p
     await router.expect(Cancel, id=req.id)
 
 
-async def test_nothing_is_sent_again_once_the_answer_has_begun(pair):
+async def test_an_answer_cut_by_router_silence_goes_on_as_a_continuation(pair):
+    router, client = pair
+    seen: list[int] = []
+
+    async def collect():
+        reply = None
+        async for event in client.stream(HI, sampling=Sampling(temperature=0, max_tokens=10)):
+            if isinstance(event, Chunk):
+                seen.append(event.seq)
+            reply = event
+        return reply
+
+    task = asyncio.create_task(collect())
+    req = await router.expect(Request)
+    await router.send(Chunk(req.id, 0, "Hel", tokens=(7, 8)))
+    # Silence (the router restarted and forgot it): the client drops the old request and
+    # asks for the rest, after the tokens it has, with the token budget left.
+    await router.expect(Cancel, id=req.id)
+    rest = await router.expect(Request)
+    assert rest.id != req.id and rest.messages == req.messages
+    assert rest.continuation == (7, 8) and rest.sampling.max_tokens == 8
+    await router.send(Chunk(req.id, 1, "stale"))  # the old request's: never delivered
+    await router.send(Chunk(rest.id, 0, "lo", tokens=(9,)))
+    await router.send(Chunk(rest.id, 1, "!", tokens=(10,)))
+    await router.send(Done(rest.id, "w2", "stop", Usage(prompt_tokens=12, completion_tokens=2)))
+    done = await task
+    assert seen == [0, 1, 2]  # one stream, numbered on
+    assert done.failovers == 1
+    # As if one worker had answered: the continuation counts as generated, not as prompt.
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (10, 4)
+
+
+async def test_an_answer_without_token_ids_is_not_continued(pair):
     router, client = pair
     task = asyncio.create_task(client.chat(HI))
     req = await router.expect(Request)
-    await router.send(Chunk(req.id, 0, "partial"))
+    await router.send(Chunk(req.id, 0, "partial"))  # no token ids: cannot resume exactly
     with pytest.raises(RouterUnavailable):
         await task
     await router.expect(Cancel, id=req.id)  # not a second Request

@@ -132,6 +132,40 @@ async def test_a_client_waiting_on_a_dead_router_gets_an_error_not_a_hang(cluste
     assert "no answer from the router" in str(info.value)
 
 
+async def test_an_answer_streaming_through_a_router_restart_goes_on_unbroken(cluster: Cluster):
+    router = cluster.router()
+    cluster.worker("w1", "--sim-gen-tps", "20", "--sim-reply-tokens", "40")
+    await cluster.wait_workers(1)
+    sampling = Sampling(temperature=0, max_tokens=40)
+    async with cluster.client(silence_timeout=1.5) as client:
+        undisturbed = await client.chat(ask("tell me a long story"), sampling=sampling)
+        pieces: list[str] = []
+        task = asyncio.create_task(client.chat(ask("tell me a long story"), sampling=sampling,
+                                               on_text=pieces.append))
+        while len(pieces) < 3:
+            await asyncio.sleep(0.05)
+        router.kill()
+        cluster.router(name="router2")  # the worker registers again by itself
+        reply = await asyncio.wait_for(task, 60)
+    # After the silence the client asked the new router for the rest, after the tokens it
+    # had: one stream, nothing lost or repeated, the same text as without the restart.
+    assert reply.text == undisturbed.text == "".join(pieces)
+    assert reply.done.failovers == 1
+    assert reply.usage.completion_tokens == undisturbed.usage.completion_tokens == 40
+    assert reply.usage.prompt_tokens == undisturbed.usage.prompt_tokens
+
+
+async def test_a_request_to_a_router_just_started_waits_for_its_workers(cluster: Cluster):
+    cluster.router()  # --startup-grace: 10 s by default
+    async with cluster.client(silence_timeout=5) as client:
+        task = asyncio.create_task(client.chat(ask("early bird"), sampling=GREEDY))
+        await asyncio.sleep(0.5)
+        assert not task.done()  # waiting, not refused with no_workers
+        cluster.worker("w1")
+        reply = await asyncio.wait_for(task, 30)
+    assert reply.text and reply.worker == "w1"
+
+
 async def test_malformed_frames_do_not_stop_the_router(cluster: Cluster):
     router = cluster.router()
     cluster.worker("w1")

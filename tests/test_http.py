@@ -170,7 +170,7 @@ async def test_bad_http_input_gets_the_right_error_and_the_router_keeps_serving(
 
 
 async def test_no_workers_is_503_with_retry_after(cluster: Cluster):
-    cluster.router()
+    cluster.router("--startup-grace", "0")
     async with cluster.client() as zmq_client:
         status = await zmq_client.status()
     async with aiohttp.ClientSession() as http:

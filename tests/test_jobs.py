@@ -56,3 +56,17 @@ def test_a_second_failover_resumes_after_everything_delivered():
     assert again.continuation == (1, 2) and again.sampling.max_tokens == 8
     assert j.delivered(Chunk(RequestId("r"), 0, "c", (3,))).seq == 2
     assert j.final(Done(RequestId("r"), "w3", "length", Usage(4, 0, 1))).failovers == 2
+
+
+def test_a_failover_of_a_clients_own_continuation_keeps_it():
+    # A client whose router restarted asks for the rest of its answer (a continuation);
+    # if that worker dies too, the next one continues after both parts.
+    request = Request(RequestId("r"), (ChatMessage("user", "hi"),), Sampling(max_tokens=8),
+                      continuation=(5, 6))
+    j = ClientJob(sink=None, request=request, frames=encode(request), arrived=0.0)
+    j.delivered(Chunk(RequestId("r"), 0, "x", (7,)))
+    sent = j.continue_elsewhere()
+    assert sent.continuation == (5, 6, 7) and sent.sampling.max_tokens == 7
+    done = j.final(Done(RequestId("r"), "w", "stop", Usage(prompt_tokens=13, completion_tokens=2)))
+    # The router accounts for its own part only; the client then for the part it sent.
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.failovers) == (12, 3, 1)

@@ -120,6 +120,21 @@ CASES: dict[str, tuple[dict, list[tuple[str, list[str]]]]] = {
     "no workers: fail at once": ({}, [
         ("submit r1 s1 @0", ["fail r1 no_workers"]),
     ]),
+    "just started: wait a grace period for workers to register": ({"startup_grace": 5}, [
+        ("submit r1 s1 @0", []),
+        ("submit r2 - @1", []),
+        ("worker A 1 @2", ["r1->A"]),
+        ("beat A @4", []),
+        ("tick @5", ["fail r2 timeout"]),  # a worker came, but its slot stayed busy
+        ("finish r1 @6", []),
+        ("submit r3 - @6", ["r3->A"]),
+    ]),
+    "just started and no worker came: no_workers when the grace ends": ({"startup_grace": 5}, [
+        ("submit r1 s1 @0", []),
+        ("tick @4.9", []),
+        ("tick @5", ["fail r1 no_workers"]),
+        ("submit r2 - @5", ["fail r2 no_workers"]),
+    ]),
     "a request naming a model goes to a worker serving it": ({}, [
         ("worker A 1 m1", []), ("worker B 1 m2", []),
         ("submit r1 - m2 @0", ["r1->B"]),

@@ -75,7 +75,7 @@ async def test_chat_in_the_browser_streams_and_keeps_the_conversation(cluster: C
 
 
 async def test_the_page_reports_errors(cluster: Cluster, browser):
-    cluster.router()  # no workers: the API answers 503
+    cluster.router("--startup-grace", "0")  # no workers: the API answers 503
     async with cluster.client() as zmq_client:
         status = await zmq_client.status()
     page = await browser.new_page()

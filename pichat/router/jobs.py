@@ -61,11 +61,12 @@ class ClientJob:
 
     def continue_elsewhere(self) -> Request:
         """The request for the worker that takes over mid-answer: the same conversation,
-        continued after the tokens the client has, with the token budget that is left."""
+        continued after the tokens the client has (after the client's own continuation,
+        if it sent one), with the token budget that is left."""
         resumed = tuple(self.tokens)
         sampling = self.request.sampling
         outgoing = replace(
-            self.request, continuation=resumed,
+            self.request, continuation=self.request.continuation + resumed,
             sampling=replace(sampling, max_tokens=max(1, sampling.max_tokens - len(resumed))))
         self.frames = encode(outgoing)
         self.seq_base = self.chunks
@@ -79,8 +80,4 @@ class ClientJob:
         failover happened (forward as is)."""
         if not self.failovers:
             return None
-        u = done.usage
-        prompt = max(0, u.prompt_tokens - self.resumed)
-        usage = replace(u, prompt_tokens=prompt, cached_tokens=min(u.cached_tokens, prompt),
-                        completion_tokens=u.completion_tokens + self.resumed)
-        return replace(done, usage=usage, failovers=self.failovers)
+        return done.continued(self.resumed, self.failovers)

@@ -79,6 +79,10 @@ class SchedulerConfig:
     prefix_load_factor: float = 1.25
     """A preferred worker (shared prefix) is used while its load, counting the new request,
     is at most this times the average load of the workers that could serve it."""
+    startup_grace: float = 0.0
+    """Seconds after the router starts (`Scheduler.started`) in which a request finding no
+    worker waits for one instead of failing with `no_workers` at once: after a router
+    restart, the workers register again within a few heartbeats."""
 
 
 # --- actions: what the router must do -------------------------------------------------
@@ -174,10 +178,11 @@ class WorkerView:
 class Scheduler:
     """The routing policy's state: workers, jobs, the queue and session affinity."""
 
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, started: float = 0.0) -> None:
         if config.policy not in POLICIES:
             raise ValueError(f"unknown policy {config.policy!r}; choose one of {POLICIES}")
         self.config = config
+        self.started = started
         self.workers: dict[WorkerId, WorkerView] = {}
         self.jobs: dict[RequestId, Job] = {}
         self.queue: deque[RequestId] = deque()
@@ -249,10 +254,11 @@ class Scheduler:
             spill_at=now + cfg.affinity_wait,
             prefer=prefer,
         )
-        if not any((model is None or w.model == model) and not w.draining
-                   for w in self.workers.values()):
-            what = f"serving model {model!r}" if model and self.workers else "connected"
-            return [Fail(job_id, ErrorCode.NO_WORKERS, f"no worker {what}")]
+        if not self._serving(model):
+            grace_end = self.started + cfg.startup_grace
+            if now >= grace_end or (model and self.workers):
+                return [self._no_workers(job_id, model)]
+            job.queue_deadline = min(job.queue_deadline, grace_end)  # wait for them
         if len(self.queue) >= cfg.queue_limit and self._place(job, now) is None:
             return [Fail(job_id, ErrorCode.BUSY,
                          f"all slots busy and {len(self.queue)} requests queued; retry later")]
@@ -335,7 +341,8 @@ class Scheduler:
                 self._unqueue(job.id)
                 waited = now - job.arrived
                 actions.append(Fail(job.id, ErrorCode.TIMEOUT,
-                                    f"no slot became free within {waited:.0f}s"))
+                                    f"no slot became free within {waited:.0f}s")
+                               if self._serving(job.model) else self._no_workers(job.id, job.model))
             elif job.worker is not None and not job.abandoned and now >= job.deadline:
                 job.abandoned = True
                 actions.append(Fail(job.id, ErrorCode.TIMEOUT,
@@ -366,6 +373,15 @@ class Scheduler:
         return self.affinity.get(session)
 
     # --- internals --------------------------------------------------------------------
+
+    def _serving(self, model: str | None) -> bool:
+        """Is a worker that takes new work (of `model`, if named) connected?"""
+        return any((model is None or w.model == model) and not w.draining
+                   for w in self.workers.values())
+
+    def _no_workers(self, job_id: RequestId, model: str | None) -> Fail:
+        what = f"serving model {model!r}" if model and self.workers else "connected"
+        return Fail(job_id, ErrorCode.NO_WORKERS, f"no worker {what}")
 
     def _pump(self, now: float) -> list[Action]:
         """Dispatch queued requests, oldest first, while slots are free."""

@@ -122,6 +122,7 @@ class Router:
     async def run(self, *, handle_signals: bool = False) -> None:
         self._check_exposure()
         loop = self._loop = asyncio.get_running_loop()
+        self.scheduler.started = loop.time()
         ctx = zmq.Context()
         clients = ctx.socket(zmq.ROUTER)
         workers = ctx.socket(zmq.ROUTER)
