@@ -51,7 +51,9 @@ step "make build"
 make --no-print-directory build BASE_IMAGE="$base" BUILD_IMAGE="$build" DOCKER_BUILD_ARGS="--network none"
 
 seed_volume() {  # volume: copy this machine's verified model into it
-    docker volume create "$1" >/dev/null
+    # (labelled as compose labels its own, PROJECT_VOLUME, so `compose up` adopts it quietly)
+    docker volume create --label "com.docker.compose.project=${1%%_*}" \
+        --label "com.docker.compose.volume=${1#*_}" "$1" >/dev/null
     docker run --rm --user 0 --entrypoint sh -v "$1":/models -v "$models":/src:ro pichat:latest \
         -c 'cp -a /src/*.gguf /src/*.sha256.json /models/ && chown -R 10001:10001 /models'
 }

@@ -20,7 +20,10 @@ fi
 case "${1:-}" in
 volume)
     volume=${2:?usage: $0 volume NAME}
-    $docker volume create "$volume" >/dev/null
+    # Labelled as compose labels its own (NAME is PROJECT_VOLUME), so that `compose up`
+    # takes it as the project's volume instead of warning that it exists.
+    $docker volume create --label "com.docker.compose.project=${volume%%_*}" \
+        --label "com.docker.compose.volume=${volume#*_}" "$volume" >/dev/null
     $docker run --rm --user 0 --entrypoint sh -v "$volume":/keys -v "$keys":/src:ro "$image" \
         -c 'cp -a /src/. /keys/ && chown -R 10001:10001 /keys && chmod -R go-rwx /keys'
     echo "keys from $keys are in volume $volume" ;;
