@@ -91,6 +91,13 @@ class Proc:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
+    async def wait_output(self, text: str, timeout: float = 5.0) -> str:
+        """The output once it holds `text` (or as it is when `timeout` runs out)."""
+        deadline = time.monotonic() + timeout
+        while text not in (out := self.output()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return out
+
     def close(self) -> None:
         if self.alive():
             self.kill()

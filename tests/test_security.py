@@ -141,11 +141,8 @@ async def test_an_unknown_key_is_refused_logged_and_admitted_once_listed(
     async with client(cluster, stranger, silence_timeout=1.5) as c:
         with pytest.raises(RouterUnavailable, match="does not accept this client's key"):
             await c.chat(HI)
-    for _ in range(50):
-        if "refused a client connection from 127.0.0.1" in router.output():
-            break
-        await asyncio.sleep(0.1)
-    assert "refused a client connection from 127.0.0.1" in router.output()
+    assert "refused a client connection from 127.0.0.1" in await router.wait_output(
+        "refused a client connection from 127.0.0.1")
     async with client(cluster, keys) as c:
         assert (await c.status())["security"]["refused"]["clients"] >= 1
     # Admit it by dropping its public key in the allow-list: no restart needed.
@@ -161,18 +158,12 @@ async def test_a_worker_with_an_unknown_key_is_not_registered(cluster: Cluster, 
     keygen(rogue, api_key=False)
     shutil.copy(keys / "router.key", rogue / "router.key")
     impostor = cluster.worker("impostor", "--keys", str(rogue))
-    for _ in range(50):
-        if "refused a worker connection" in router.output():
-            break
-        await asyncio.sleep(0.1)
-    assert "refused a worker connection" in router.output()
+    assert "refused a worker connection" in await router.wait_output(
+        "refused a worker connection")
     async with client(cluster, keys) as c:
         assert (await c.status())["workers"] == []
-    for _ in range(50):
-        if "does not accept this worker's key" in impostor.output():
-            break
-        await asyncio.sleep(0.1)
-    assert "does not accept this worker's key" in impostor.output()
+    assert "does not accept this worker's key" in await impostor.wait_output(
+        "does not accept this worker's key")
 
 
 async def test_an_oversized_conversation_is_refused_and_counted(cluster: Cluster):

@@ -111,8 +111,9 @@ def create_app(router: Any, *, api_keys: tuple[str, ...] = (), max_body_bytes: i
                                "authentication_error", "invalid_api_key")
         return await handler(request)
 
+    page = files("pichat.router").joinpath("static", "index.html").read_text("utf-8")
+
     async def index(request: web.Request) -> web.Response:
-        page = files("pichat.router").joinpath("static", "index.html").read_text("utf-8")
         return web.Response(text=page, content_type="text/html")
 
     async def health(request: web.Request) -> web.Response:

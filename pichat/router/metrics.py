@@ -85,7 +85,8 @@ class RouterMetrics:
                                    "status (400 invalid, 401 key, 404, 413 too large, 429 "
                                    "busy, 503 no worker...).", ["status"], registry=r)
         r.register(_ClusterCollector(snapshot))
-        ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu, open fds
+        # process_resident_memory_bytes, cpu, open fds (where /proc tells them)
+        self._process = ProcessCollector(registry=r)
 
     def completed(self, usage: Usage) -> None:
         self.requests.labels("completed").inc()
@@ -94,6 +95,13 @@ class RouterMetrics:
         self.completion_tokens.inc(usage.completion_tokens)
         if usage.tokens_per_s:
             self.tokens_per_s.observe(usage.tokens_per_s)
+
+    def resident_mb(self) -> float | None:
+        """This process's resident memory, as /metrics reports it (None off Linux)."""
+        for family in self._process.collect():
+            if family.name == "process_resident_memory_bytes":
+                return round(family.samples[0].value / 2**20, 1)
+        return None
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

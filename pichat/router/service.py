@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import sys
 import time
@@ -628,7 +627,8 @@ class Router:
                 "http": self.http_endpoint,
                 "workers": self.workers_endpoint,
                 "up_s": round(time.time() - self.started, 1),
-                "memory": {"rss_mb": _rss_mb(), "python_blocks": sys.getallocatedblocks()},
+                "memory": {"rss_mb": self.metrics.resident_mb(),
+                           "python_blocks": sys.getallocatedblocks()},
             },
             "queue": {"depth": sched.queue_depth, "limit": self.config.scheduler.queue_limit},
             "security": {
@@ -647,13 +647,3 @@ class Router:
             },
             "workers": sorted(workers, key=lambda w: w["name"]),
         }
-
-
-def _rss_mb() -> float | None:
-    """This process's resident memory, where /proc tells it."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
