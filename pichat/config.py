@@ -62,6 +62,19 @@ class RouterConfig:
     """... unless the operator says so."""
     max_prompt_chars: int = 1_000_000
     """Longest conversation (all message texts) a request may carry."""
+    isolate_cache: bool = False
+    """No KV reuse across owners at all (by default, only up to a message boundary)."""
+    status_per_s: float = 10.0
+    """STATUS requests answered per second per client connection (twice that in a burst)."""
+    http_max_connections: int = 1024
+    """Open HTTP connections at most; more are answered 503 and closed."""
+    http_idle_timeout: float = 15.0
+    """Seconds an HTTP connection may go without a complete request (a new one that sends
+    no headers or dribbles them, an idle keep-alive one) before it is closed."""
+    http_body_timeout: float = 30.0
+    """Seconds a request's body may take to arrive."""
+    ready_file: str = ""
+    """Write the bound endpoints here (JSON) once everything is up; empty: no file."""
 
     @property
     def policy(self) -> Policy:

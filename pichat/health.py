@@ -37,7 +37,7 @@ class HealthEndpoint:
         sock.bind(endpoint)
         self.endpoint = endpoint
         self._snapshot = snapshot
-        self._channel = Channel(sock, self._on_message, loop)
+        self._channel = Channel(sock, self._on_message, loop, max_frames=4)
 
     def _on_message(self, frames: list[bytes]) -> None:
         try:
@@ -71,7 +71,7 @@ async def probe(endpoint: str, timeout: float = 3.0) -> dict[str, Any]:
         if isinstance(message, Status) and not answer.done():
             answer.set_result(dict(message.cluster))
 
-    channel = Channel(sock, on_message, loop)
+    channel = Channel(sock, on_message, loop, max_frames=3)
     try:
         sock.connect(endpoint)
         channel.send(encode(Status()))

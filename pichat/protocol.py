@@ -11,13 +11,18 @@ belongs to ZeroMQ, not to this protocol.)
     command     direction               body fields (? = optional)
     ---------   ---------------------   -----------------------------------------------
     READY       worker -> router        worker, model, backend, slots, ctx, version,
-                                        sessions (warm session ids, re-announced on reconnect)
+                                        warm? (session -> lease: the warm sessions, as the
+                                        router leased them, re-announced on reconnect)
     HEARTBEAT   worker <-> router,      worker -> router: busy, warm, evicted, tps, draining;
                 router -> client        otherwise empty
     REQUEST     client -> router        id, session?, messages | prompt, sampling, timeout?,
                 router -> worker        model?, continuation?  (prompt: plain text, no chat
                                         template; continuation: token ids already answered,
-                                        which the answer goes on from)
+                                        which the answer goes on from); router -> worker
+                                        also: owner? (whose request: KV reuse across owners
+                                        stops at message boundaries), isolate? (no reuse
+                                        across owners), lease? (the router's proof that it
+                                        placed the session on this worker)
     CHUNK       worker -> router        id, seq (0, 1, 2...), text, tokens (their ids)
                 -> client
     DONE        worker -> router        id, worker, finish ("stop" | "length" |
@@ -33,6 +38,11 @@ belongs to ZeroMQ, not to this protocol.)
 Decoding validates every field it reads and raises `ProtocolError` for anything
 malformed; fields it does not know are ignored, so a newer peer may add fields without a
 version bump. Changing the meaning or type of a field needs a new version tag.
+
+What a body may cost to decode is bounded per command before it is decoded
+(pichat/unpack.py, `LIMITS` below): objects, integers in token lists, nesting and string
+length. A message with more frames than the protocol has never reaches `decode` (the
+transport drops it frame by frame). Error texts quote what a peer sent only clipped.
 """
 
 from __future__ import annotations
@@ -46,6 +56,8 @@ from typing import Any, ClassVar, Literal, NewType, TypeAlias
 import msgpack
 
 from pichat.errors import ErrorCode, ProtocolError
+from pichat.logs import clip
+from pichat.unpack import DecodeError, Limits, unpack
 
 __all__ = [
     "VERSION",
@@ -67,6 +79,7 @@ __all__ = [
     "Disconnect",
     "Status",
     "Message",
+    "LIMITS",
     "encode",
     "decode",
 ]
@@ -88,12 +101,20 @@ ROLES: frozenset[str] = frozenset(("system", "user", "assistant", "tool"))
 FINISH_REASONS: frozenset[str] = frozenset(("stop", "length", "cancelled"))
 
 MAX_ID_CHARS = 64
+MAX_SESSION_CHARS = 192
+"""A client's session id (128) with the router's owner prefix."""
 MAX_NAME_CHARS = 256
 MAX_MESSAGES = 4096
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 256
 MAX_TOKENS_LIMIT = 1 << 20
+MAX_TOKEN_LIST = 1 << 17
+"""Token ids in one continuation or chunk (a context of 128k tokens)."""
+MAX_LISTED_SESSIONS = 1 << 16
+"""Sessions named in one READY, HEARTBEAT or DISCONNECT."""
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_SMALL_TEXT = 64 * 1024
+"""Longest string in a message that carries no prompt or answer text (an error's)."""
 
 
 class Command(IntEnum):
@@ -184,6 +205,12 @@ class _Fields:
             raise self._fail(key, f"a list of at most {max_items} token ids")
         return tuple(value)
 
+    def bool(self, key: str) -> bool:
+        value = self._get(key, False, False)
+        if not isinstance(value, bool):
+            raise self._fail(key, "a boolean")
+        return value
+
     def map(self, key: str, *, required: bool = True) -> Mapping[str, Any]:
         value = self._get(key, {}, required)
         if not isinstance(value, Mapping):
@@ -201,10 +228,10 @@ class ChatMessage:
         if not isinstance(value, Mapping):
             raise ProtocolError(f"REQUEST: messages[{index}] must be a map with role and content")
         role, content = value.get("role"), value.get("content")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise ProtocolError(
-                f"REQUEST: messages[{index}].role must be one of {sorted(ROLES)} (got {role!r})"
-            )
+                f"REQUEST: messages[{index}].role must be one of {sorted(ROLES)} "
+                f"(got {clip(role, 40)})")
         if not isinstance(content, str):
             raise ProtocolError(f"REQUEST: messages[{index}].content must be a string")
         return cls(role, content)
@@ -289,22 +316,33 @@ class Ready:
     slots: int
     ctx: int
     version: str
-    sessions: tuple[str, ...] = ()
+    warm: tuple[tuple[str, str], ...] = ()
+    """(session, lease) of each session warm here: the router trusts only its own leases."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Ready:
+        warm = f.map("warm", required=False)
+        if len(warm) > MAX_LISTED_SESSIONS or not all(
+            isinstance(v, str) and 0 < len(k) <= MAX_SESSION_CHARS and len(v) <= MAX_ID_CHARS
+            for k, v in warm.items()
+        ):
+            raise ProtocolError(f"READY: field 'warm' must map at most {MAX_LISTED_SESSIONS} "
+                                "session ids to leases (strings)")
         return cls(
-            worker=f.str("worker", min_chars=1),
+            worker=f.str("worker", min_chars=1, max_chars=MAX_NAME_CHARS),
             model=f.str("model", min_chars=1),
             backend=f.str("backend", min_chars=1, max_chars=32),
             slots=f.int("slots", lo=1, hi=1024),
             ctx=f.int("ctx", lo=1, hi=1 << 24),
             version=f.str("version", max_chars=64),
-            sessions=f.str_list("sessions", max_items=1_000_000, max_chars=MAX_ID_CHARS * 2),
+            warm=tuple(warm.items()),
         )
 
     def to_body(self) -> dict[str, Any]:
-        return {**asdict(self), "sessions": list(self.sessions)}
+        body = {**asdict(self), "warm": dict(self.warm)}
+        if not self.warm:
+            del body["warm"]
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,15 +359,13 @@ class Heartbeat:
 
     @classmethod
     def from_body(cls, f: _Fields) -> Heartbeat:
-        draining = f.data.get("draining", False)
-        if not isinstance(draining, bool):
-            raise ProtocolError("HEARTBEAT: field 'draining' must be a boolean")
         return cls(
             busy=f.int("busy", hi=1024, required=False),
             warm=f.int("warm", required=False),
-            evicted=f.str_list("evicted", max_items=1_000_000, max_chars=MAX_ID_CHARS * 2),
+            evicted=f.str_list("evicted", max_items=MAX_LISTED_SESSIONS,
+                               max_chars=MAX_SESSION_CHARS),
             tps=f.float("tps", hi=1e9, required=False),
-            draining=draining,
+            draining=f.bool("draining"),
         )
 
     def to_body(self) -> dict[str, Any]:
@@ -357,6 +393,13 @@ class Request:
     """Plain text to continue, without the chat template (instead of `messages`)."""
     continuation: tuple[int, ...] = ()
     """Token ids of an answer already begun elsewhere (failover): continue after them."""
+    owner: str | None = None
+    """Whose request (set by the router; a tag, not a name): KV state left by one owner is
+    reused for another only up to a whole-message boundary."""
+    isolate: bool = False
+    """No KV reuse across owners at all (the router's --isolate-cache)."""
+    lease: str | None = None
+    """The router's signature of (this worker, session): announced back in READY."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Request:
@@ -373,13 +416,18 @@ class Request:
             id=RequestId(f.str("id", min_chars=1, max_chars=MAX_ID_CHARS)),
             messages=tuple(ChatMessage.parse(m, i) for i, m in enumerate(raw or ())),
             prompt=prompt,
-            continuation=f.int_list("continuation", max_items=MAX_TOKENS_LIMIT),
+            continuation=f.int_list("continuation", max_items=MAX_TOKEN_LIST),
             sampling=Sampling.parse(f.map("sampling", required=False)),
-            session=f.str("session", min_chars=1, max_chars=MAX_ID_CHARS * 2,
+            session=f.str("session", min_chars=1, max_chars=MAX_SESSION_CHARS,
                           required=False, default=None),
             timeout=f.float("timeout", lo=0.001, hi=MAX_TIMEOUT_S, required=False,
                             default=None),
             model=f.str("model", min_chars=1, required=False, default=None),
+            owner=f.str("owner", min_chars=1, max_chars=MAX_ID_CHARS, required=False,
+                        default=None),
+            isolate=f.bool("isolate"),
+            lease=f.str("lease", min_chars=1, max_chars=MAX_ID_CHARS, required=False,
+                        default=None),
         )
 
     def to_body(self) -> dict[str, Any]:
@@ -388,12 +436,14 @@ class Request:
             "messages": [{"role": m.role, "content": m.content} for m in self.messages],
             "sampling": self.sampling.to_body(),
         }
-        for key in ("session", "timeout", "model", "prompt"):
+        for key in ("session", "timeout", "model", "prompt", "owner", "lease"):
             value = getattr(self, key)
             if value is not None:
                 body[key] = value
         if self.continuation:
             body["continuation"] = list(self.continuation)
+        if self.isolate:
+            body["isolate"] = True
         return body
 
 
@@ -413,7 +463,7 @@ class Chunk:
             id=RequestId(f.str("id", min_chars=1, max_chars=MAX_ID_CHARS)),
             seq=f.int("seq"),
             text=f.str("text", max_chars=DEFAULT_MAX_MESSAGE_BYTES),
-            tokens=f.int_list("tokens", max_items=MAX_TOKENS_LIMIT),
+            tokens=f.int_list("tokens", max_items=MAX_TOKEN_LIST),
         )
 
     def to_body(self) -> dict[str, Any]:
@@ -480,7 +530,7 @@ class Error:
         return cls(
             id=f.str("id", max_chars=MAX_ID_CHARS, required=False),
             code=parsed,
-            message=f.str("message", max_chars=65536, required=False),
+            message=f.str("message", max_chars=MAX_SMALL_TEXT, required=False),
         )
 
     def to_body(self) -> dict[str, Any]:
@@ -510,8 +560,8 @@ class Disconnect:
     @classmethod
     def from_body(cls, f: _Fields) -> Disconnect:
         return cls(reason=f.str("reason", max_chars=1024, required=False),
-                   sessions=f.str_list("sessions", max_items=1_000_000,
-                                       max_chars=MAX_ID_CHARS * 2))
+                   sessions=f.str_list("sessions", max_items=MAX_LISTED_SESSIONS,
+                                       max_chars=MAX_SESSION_CHARS))
 
     def to_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"reason": self.reason}
@@ -539,6 +589,20 @@ class Status:
 Message: TypeAlias = (
     Ready | Heartbeat | Request | Chunk | Done | Error | Cancel | Disconnect | Status
 )
+
+LIMITS: dict[Command, Limits] = {
+    Command.READY: Limits(objects=2 * MAX_LISTED_SESSIONS + 64, depth=4),
+    Command.HEARTBEAT: Limits(objects=MAX_LISTED_SESSIONS + 64, depth=4, max_str=MAX_SMALL_TEXT),
+    Command.REQUEST: Limits(objects=5 * MAX_MESSAGES + 256, ints=MAX_TOKEN_LIST, depth=5),
+    Command.CHUNK: Limits(objects=64, ints=MAX_TOKEN_LIST, depth=4, max_str=1 << 20),
+    Command.DONE: Limits(objects=128, depth=4, max_str=MAX_SMALL_TEXT),
+    Command.ERROR: Limits(objects=64, depth=4, max_str=MAX_SMALL_TEXT),
+    Command.CANCEL: Limits(objects=64, depth=4, max_str=MAX_SMALL_TEXT),
+    Command.DISCONNECT: Limits(objects=MAX_LISTED_SESSIONS + 64, depth=4, max_str=MAX_SMALL_TEXT),
+    Command.STATUS: Limits(objects=1 << 18, depth=8),
+}
+"""What a body of each command may decode to (pichat/unpack.py). Bodies up to 16 KiB
+decode in one call whatever these say (at most 16 Ki objects)."""
 
 _TYPES: dict[Command, Any] = {
     cls.COMMAND: cls
@@ -568,18 +632,18 @@ def decode(frames: Sequence[bytes]) -> Message:
     if tag != TAG:
         if bytes(tag).startswith(_TAG_FAMILY):
             raise ProtocolError(
-                f"protocol version {bytes(tag)[len(_TAG_FAMILY):]!r} is not supported; "
-                f"this peer speaks {TAG.decode()}",
+                f"protocol version {clip(bytes(tag)[len(_TAG_FAMILY):], 16)} is not "
+                f"supported; this peer speaks {TAG.decode()}",
                 ErrorCode.VERSION,
             )
         raise ProtocolError(f"not a pichat message (first frame must be {TAG.decode()})")
     command = _BY_BYTE.get(bytes(command_byte))
     if command is None:
-        raise ProtocolError(f"unknown command {bytes(command_byte)[:8]!r}")
+        raise ProtocolError(f"unknown command {clip(bytes(command_byte), 16)}")
     try:
-        data = msgpack.unpackb(body, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise ProtocolError(f"{command.name}: body is not valid msgpack ({exc})") from None
+        data = unpack(body, LIMITS[command])
+    except DecodeError as exc:
+        raise ProtocolError(f"{command.name}: body {exc}") from None
     if not isinstance(data, dict):
         raise ProtocolError(f"{command.name}: body must be a map")
     try:
@@ -589,10 +653,3 @@ def decode(frames: Sequence[bytes]) -> Message:
         if isinstance(request_id, str) and 0 < len(request_id) <= MAX_ID_CHARS:
             exc.request_id = request_id
         raise
-
-
-def peek_command(frames: Sequence[bytes]) -> Command | None:
-    """The command of a well-tagged message, without decoding the body (None if unknown)."""
-    if len(frames) != 3 or frames[0] != TAG:
-        return None
-    return _BY_BYTE.get(bytes(frames[1]))

@@ -10,9 +10,11 @@ A keys directory (`--keys`, default ~/.config/pichat/keys when it exists) holds:
     api-keys                          HTTP API keys, one per line (for --api-key-file)
 
 `pichat keygen` writes it. The router's sockets are CURVE servers; a ZAP handler
-(pyzmq's asyncio authenticator) admits a peer only if its public key is in the socket's
-allow-list directory, re-read when the directory changes, and logs every refusal with
-the peer's address. Workers and clients are CURVE clients of the router's public key.
+(`Gatekeeper`) admits a peer only if its public key is in the socket's allow-list
+directory, re-read when a file in it changes, and logs refusals (aggregated) with the
+peer's address. An admitted peer's messages carry its key's name (the file name) as
+their ZAP User-Id: the router's notion of who owns a request, and which keys may use a
+worker name. Workers and clients are CURVE clients of the router's public key.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from urllib.parse import urlparse
 
 import zmq
 import zmq.auth
-from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from pichat.errors import PichatError
+from pichat.logs import Throttle, clip
 from pichat.transport import Channel, configure
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "Keys",
     "resolve_keys",
     "keygen",
+    "AllowList",
     "Gatekeeper",
     "watch_handshakes",
     "Link",
@@ -144,58 +148,163 @@ def _pair(directory: Path, name: str) -> list[Path]:
     return [Path(public), Path(secret)]
 
 
-class _Allowed:
-    """The public keys in a directory, re-read when the directory changes."""
+class AllowList:
+    """The public keys admitted to one domain: the `*.key` files of a directory, each
+    named after its holder (workers/pi2.key admits the key named "pi2").
 
-    def __init__(self, directory: Path) -> None:
+    Read file by file: a file that does not parse (an empty file while scp copies it, a
+    directory named x.key, an unreadable file) is skipped with a log line, not fatal; if
+    the directory itself cannot be read, the last good set stays in force. Re-read when
+    any entry's name, size or mtime changes: looked at when the directory changes (a
+    file added or removed), and on a refusal at most every `_RESCAN_S` (a file written in
+    place), so a flood of unknown keys costs at most a few scans a second."""
+
+    MAX_FILES = 10_000
+
+    def __init__(self, directory: Path, domain: str) -> None:
         self.directory = directory
-        self._stamp: float | None = None
-        self._keys: set[bytes] = set()
+        self.domain = domain
+        self._keys: dict[bytes, str] = {}
+        self._stamp: tuple | None = None
+        self._dir_stamp: int | None = None
+        self._scanned = -1.0
+        self._broken = False
 
-    def callback(self, domain: str, key: bytes) -> bool:
+    def lookup(self, z85_key: bytes, now: float) -> str | None:
+        """The name of an admitted key (None: refused)."""
         try:
-            stamp = self.directory.stat().st_mtime_ns
+            dir_stamp: int | None = self.directory.stat().st_mtime_ns
         except OSError:
-            return False
-        if stamp != self._stamp:
-            self._keys = set(zmq.auth.load_certificates(self.directory))
-            self._stamp = stamp
-            log.info("%s: %d allowed keys in %s", domain, len(self._keys), self.directory)
-        return key in self._keys
+            dir_stamp = None
+        if dir_stamp != self._dir_stamp or (
+                z85_key not in self._keys and now - self._scanned >= _RESCAN_S):
+            self._dir_stamp = dir_stamp
+            self._scanned = now
+            self._refresh()
+        return self._keys.get(z85_key)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def _refresh(self) -> None:
+        try:
+            entries = []
+            with os.scandir(self.directory) as it:
+                for entry in it:
+                    if entry.name.endswith(".key") and len(entries) < self.MAX_FILES:
+                        try:
+                            st = entry.stat()
+                            entries.append((entry.name, st.st_mtime_ns, st.st_size))
+                        except OSError:
+                            entries.append((entry.name, 0, -1))
+        except OSError as exc:
+            if not self._broken:
+                log.error("%s: cannot read the allow-list %s (%s); keeping the last %d keys",
+                          self.domain, self.directory, exc.strerror, len(self._keys))
+            self._broken = True
+            return
+        self._broken = False
+        stamp = tuple(sorted(entries))
+        if stamp == self._stamp:
+            return
+        keys: dict[bytes, str] = {}
+        skipped = 0
+        for name, _, _ in stamp:
+            path = self.directory / name
+            try:
+                public = _public_key(path)
+            except (OSError, ValueError) as exc:
+                skipped += 1
+                log.warning("%s: skipping %s: %s", self.domain, path, clip(str(exc), 120))
+                continue
+            keys.setdefault(public, name[:-len(".key")])
+        self._keys, self._stamp = keys, stamp
+        log.info("%s: %d allowed keys in %s%s", self.domain, len(keys), self.directory,
+                 f" ({skipped} files skipped)" if skipped else "")
 
 
-class Gatekeeper(AsyncioAuthenticator):
-    """ZAP for the router: one allow-list directory per domain ("workers", "clients");
-    every refused peer is logged with its address and counted in `refused`."""
+_RESCAN_S = 0.1
+"""An allow-list directory is looked at no more often than this (a handshake flood)."""
 
-    def __init__(self, context: zmq.Context, keys: Keys) -> None:
-        super().__init__(context, log=logging.getLogger(f"{__name__}.zap"))
+
+def _public_key(path: Path) -> bytes:
+    if path.is_dir():
+        raise ValueError("a directory, not a key file")
+    public, _ = zmq.auth.load_certificate(path)
+    if len(public) != 40:
+        raise ValueError("the public key is not 40 Z85 characters")
+    try:
+        z85.decode(public)
+    except Exception:
+        raise ValueError("the public key is not valid Z85") from None
+    return public
+
+
+class Gatekeeper:
+    """The ZAP handler (ZeroMQ RFC 27) for the router's CURVE sockets: one allow-list per
+    domain ("workers", "clients"). An admitted peer's messages carry its key's name as
+    their User-Id. Refusals are counted in `refused` and logged aggregated (the first at
+    once, then a count per minute with the first and last address). Nothing a handshake
+    carries can stop the handler: any failure is answered "500" and logged."""
+
+    ENDPOINT = "inproc://zeromq.zap.01"
+
+    def __init__(self, ctx: zmq.Context, keys: Keys, loop: asyncio.AbstractEventLoop) -> None:
         self.refused: Counter[str] = Counter()
-        self._keys = keys
-        self._peer = ("", "")
-
-    def start(self) -> None:
-        super().start()
-        for domain in ("workers", "clients"):
-            directory = self._keys.directory / domain
-            if not directory.is_dir():
+        self.lists = {domain: AllowList(keys.allowed(domain.rstrip("s")), domain)
+                      for domain in ("workers", "clients")}
+        for domain, allow in self.lists.items():
+            if not allow.directory.is_dir():
                 log.warning("no %s allow-list (%s): every %s will be refused", domain,
-                            directory, domain.rstrip("s"))
-            self.configure_curve_callback(domain, _Allowed(directory))
+                            allow.directory, domain.rstrip("s"))
+        self.throttle = Throttle(log)
+        self._loop = loop
+        sock = ctx.socket(zmq.ROUTER)  # libzmq's ZAP requests come with a REQ envelope
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(self.ENDPOINT)
+        self._channel = Channel(sock, self._on_request, loop, max_frames=16)
 
-    async def handle_zap_message(self, msg: list[bytes]) -> None:
-        if len(msg) >= 4:
-            self._peer = (msg[2].decode("utf-8", "replace"), msg[3].decode("utf-8", "replace"))
-        await super().handle_zap_message(msg)
+    def close(self) -> None:
+        self._channel.close()
 
-    def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes,
-                        user_id: str = "anonymous") -> None:
-        if status_code != b"200":
-            domain, address = self._peer
-            self.refused[domain or "?"] += 1
-            log.warning("refused a %s connection from %s: %s", domain.rstrip("s") or "peer",
-                        address or "?", status_text.decode("utf-8", "replace"))
-        super()._send_zap_reply(request_id, status_code, status_text, user_id)
+    def _on_request(self, frames: list[bytes]) -> None:
+        if len(frames) < 4 or frames[1] != b"":
+            return  # not from libzmq: nobody waits for an answer
+        envelope, request = frames[:2], frames[2:]
+        request_id = request[1] if len(request) > 1 else b""
+        try:
+            status, text, user = self._decide(request)
+        except Exception:
+            log.exception("ZAP handler failed; refusing the handshake")
+            status, text, user = b"500", b"internal error", b""
+        try:
+            self._channel.send([*envelope, b"1.0", request_id, status, text, user, b""])
+        except zmq.ZMQError as exc:
+            log.warning("cannot answer a ZAP request: %s", exc)
+
+    def _decide(self, request: list[bytes]) -> tuple[bytes, bytes, bytes]:
+        if len(request) < 6 or request[0] != b"1.0":
+            return b"400", b"malformed ZAP request", b""
+        domain = request[2].decode("utf-8", "replace")
+        address = request[3].decode("utf-8", "replace")
+        mechanism, credentials = request[5], request[6:]
+        allow = self.lists.get(domain)
+        if allow is None:
+            return self._refuse(domain, address, "unknown domain")
+        if mechanism != b"CURVE" or len(credentials) != 1 or len(credentials[0]) != 32:
+            return self._refuse(domain, address, "CURVE keys required")
+        name = allow.lookup(z85.encode(credentials[0]), self._loop.time())
+        if name is None:
+            return self._refuse(domain, address, "unknown key")
+        return b"200", b"OK", name.encode()
+
+    def _refuse(self, domain: str, address: str, reason: str) -> tuple[bytes, bytes, bytes]:
+        self.refused[domain if domain in self.lists else "?"] += 1
+        peer = domain.rstrip("s") if domain in self.lists else "peer"
+        self.throttle.log(self._loop.time(), logging.WARNING, f"refused {domain} {reason}",
+                          "refused a %s connection from %s: %s", peer, clip(address, 60),
+                          reason, detail=address)
+        return b"400", reason.encode(), b""
 
 
 _HANDSHAKE_FAILURES = {
@@ -220,7 +329,7 @@ def watch_handshakes(sock: zmq.Socket, loop: asyncio.AbstractEventLoop,
         if reason:
             on_failure(f"{reason} (endpoint {event['endpoint'].decode(errors='replace')})")
 
-    return Channel(monitor, handle, loop)
+    return Channel(monitor, handle, loop, max_frames=2)
 
 
 class Link:
@@ -238,7 +347,7 @@ class Link:
             keys.secure_client(sock, key_name)
             self._monitor = watch_handshakes(sock, loop, on_refused)
         sock.connect(endpoint)
-        self.channel = Channel(sock, on_message, loop)
+        self.channel = Channel(sock, on_message, loop, max_frames=3)
 
     def close(self, linger_ms: int = 0) -> None:
         if self._monitor is not None:

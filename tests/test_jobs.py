@@ -10,8 +10,6 @@ from pichat.protocol import (
     RequestId,
     Sampling,
     Usage,
-    decode,
-    encode,
 )
 from pichat.router.jobs import ClientJob
 
@@ -19,7 +17,7 @@ REQUEST = Request(RequestId("r"), (ChatMessage("user", "hi"),), Sampling(max_tok
 
 
 def job() -> ClientJob:
-    return ClientJob(sink=None, request=REQUEST, frames=encode(REQUEST), arrived=0.0)
+    return ClientJob(sink=None, request=REQUEST, arrived=0.0)
 
 
 def test_without_failover_chunks_and_done_pass_unchanged():
@@ -35,7 +33,7 @@ def test_a_failover_continues_after_what_the_client_has():
     j.delivered(Chunk(RequestId("r"), 1, " upon", (12, 13)))
     sent = j.continue_elsewhere()
     assert sent.continuation == (11, 12, 13) and sent.sampling.max_tokens == 7
-    assert decode(j.frames) == sent  # what the next worker is sent
+    assert j.outgoing == sent  # what the next worker is sent
     # The next worker numbers from 0; the client sees 2, 3, ...
     assert j.delivered(Chunk(RequestId("r"), 0, " a", (14,))).seq == 2
     assert j.delivered(Chunk(RequestId("r"), 1, " time", (15,))).seq == 3
@@ -63,7 +61,7 @@ def test_a_failover_of_a_clients_own_continuation_keeps_it():
     # if that worker dies too, the next one continues after both parts.
     request = Request(RequestId("r"), (ChatMessage("user", "hi"),), Sampling(max_tokens=8),
                       continuation=(5, 6))
-    j = ClientJob(sink=None, request=request, frames=encode(request), arrived=0.0)
+    j = ClientJob(sink=None, request=request, arrived=0.0)
     j.delivered(Chunk(RequestId("r"), 0, "x", (7,)))
     sent = j.continue_elsewhere()
     assert sent.continuation == (5, 6, 7) and sent.sampling.max_tokens == 7

@@ -27,16 +27,18 @@ from pichat.protocol import (
     Usage,
     decode,
     encode,
-    peek_command,
 )
 
 MESSAGES = [
-    Ready("pi1", "qwen", "llama", 2, 4096, "0.1.0", ("s1", "s2")),
+    Ready("pi1", "qwen", "llama", 2, 4096, "0.1.0", (("s1", "lease1"), ("s2", "lease2"))),
+    Ready("pi1", "qwen", "llama", 2, 4096, "0.1.0"),
     Heartbeat(),
     Heartbeat(busy=1, warm=3, evicted=("old",), tps=12.5),
     Request(RequestId("r1"), (ChatMessage("system", "be brief"), ChatMessage("user", "hi")),
             Sampling(temperature=0.0, seed=7, max_tokens=20, stop=("\n\n",)),
             session=SessionId("s1"), timeout=30.0, model="qwen"),
+    Request(RequestId("r4"), (ChatMessage("user", "hi"),), session=SessionId("o~s1"),
+            continuation=(5, 70000), owner="a1b2", isolate=True, lease="f00d"),
     Request(RequestId("r2"), (ChatMessage("user", "héllo ✓"),)),
     Request(RequestId("r3"), (), prompt="Once upon a time"),
     Chunk(RequestId("r1"), 3, "text ✓"),
@@ -56,7 +58,6 @@ def test_round_trip(message):
     assert frames[0] == TAG
     assert len(frames) == 3
     assert decode(frames) == message
-    assert peek_command(frames) is message.COMMAND
 
 
 def _frames(command: Command, body) -> list[bytes]:
@@ -112,6 +113,29 @@ MALFORMED = [
      "cached_tokens"),
     (_frames(Command.HEARTBEAT, {"evicted": "s1"}), "evicted"),
     (_frames(Command.STATUS, {"cluster": [1]}), "cluster"),
+    # Wrong types where a hashable value was assumed, and huge values: a clear, short error.
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "messages": [{"role": ["user"], "content": "x"}]}),
+     "messages[0].role"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "messages": [{"role": {"a": 1}, "content": "x"}]}),
+     "messages[0].role"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "isolate": "yes"}), "isolate"),
+    (_frames(Command.READY, {"worker": "w", "model": "m", "backend": "llama", "slots": 1,
+                             "ctx": 10, "version": "1", "warm": {"s": 5}}), "warm"),
+    (_frames(Command.READY, {"worker": "w", "model": "m", "backend": "llama", "slots": 1,
+                             "ctx": 10, "version": "1", "warm": ["s"]}), "warm"),
+    # Bodies that would decode to far more objects than the command can hold.
+    ([TAG, bytes([Command.REQUEST]), msgpack.packb({**GOOD_REQUEST, "x": [[]] * 100_000})],
+     "objects"),
+    ([TAG, bytes([Command.CANCEL]), msgpack.packb({"id": "r", "x": ["ab"] * 10_000})],
+     "objects"),
+    ([TAG, bytes([Command.REQUEST]), msgpack.packb({**GOOD_REQUEST,
+                                                    "continuation": list(range(200_000))})],
+     "over the limits"),
+    ([TAG, bytes([Command.CHUNK]), msgpack.packb({"id": "r", "seq": 0, "text": "x",
+                                                  "tokens": [[[[[[[[[1]]]]]]]]] * 3000})],
+     "nested deeper"),
+    ([TAG, bytes([Command.ERROR]), msgpack.packb({"id": "r", "code": "x",
+                                                  "message": "m" * 100_000})], "max_str_len"),
 ]
 
 
@@ -121,6 +145,19 @@ def test_malformed_is_rejected_with_a_clear_error(frames, mentions):
         decode(frames)
     assert mentions in str(info.value)
     assert info.value.code is ErrorCode.PROTOCOL
+
+
+@pytest.mark.parametrize("frames", [
+    _frames(Command.REQUEST, {**GOOD_REQUEST, "messages": [{"role": "r" * 300_000,
+                                                           "content": "x"}]}),
+    [b"PICHAT" + b"9" * 1_000_000, b"\x03", b"\x80"],
+    [TAG, b"\x77" * 1_000_000, b"\x80"],
+    _frames(Command.REQUEST, {**GOOD_REQUEST, "id": "i" * 300_000}),
+])
+def test_errors_quote_what_a_peer_sent_only_clipped(frames):
+    with pytest.raises(ProtocolError) as info:
+        decode(frames)
+    assert len(str(info.value)) < 300
 
 
 def test_other_version_is_a_version_error():

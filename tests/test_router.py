@@ -41,8 +41,8 @@ def request(rid: str, session: str | None = None, text: str = "hi") -> Request:
                    session=SessionId(session) if session else None)
 
 
-def ready(name: str, slots: int = 1, sessions: tuple[str, ...] = ()) -> Ready:
-    return Ready(name, "m", "sim", slots, 4096, "test", sessions)
+def ready(name: str, slots: int = 1, warm: tuple[tuple[str, str], ...] = ()) -> Ready:
+    return Ready(name, "m", "sim", slots, 4096, "test", warm)
 
 
 class Harness:
@@ -57,16 +57,20 @@ class Harness:
         self.peers.append(peer)
         return peer
 
-    async def worker(self, name: str, slots: int = 1, sessions: tuple[str, ...] = ()) -> Peer:
+    async def worker(self, name: str, slots: int = 1,
+                     warm: tuple[tuple[str, str], ...] = ()) -> Peer:
         peer = Peer(self.ctx, self.worker_ep)
         self.peers.append(peer)
-        await peer.send(ready(name, slots, sessions))
+        await peer.send(ready(name, slots, warm))
         return peer
 
     def close(self) -> None:
         for peer in self.peers:
             peer.close()
         self.ctx.term()
+
+    async def router_forgets(self, name: str) -> None:
+        await eventually(lambda: name not in {w["name"] for w in self.router.snapshot()["workers"]})
 
 
 @pytest.fixture
@@ -97,8 +101,11 @@ async def test_request_goes_to_the_worker_and_the_stream_comes_back(h):
     await workers_known(h, 1)
     client = h.client()
     await client.send(request("r1", "s1"))
-    got = await worker.expect(Request, id="r1", session="s1")
+    got = await worker.expect(Request, id="r1")
     assert got.messages == (ChatMessage("user", "hi"),)
+    # The worker sees the session scoped to its owner, the owner's tag, and a lease.
+    assert got.session.endswith("~s1") and got.session != "s1"
+    assert got.owner and got.owner in got.session and got.lease
     await worker.send(Chunk(RequestId("r1"), 0, "Hel"))
     await worker.send(Chunk(RequestId("r1"), 1, "lo"))
     await worker.send(Done(RequestId("r1"), "w1", "stop", Usage(5, 0, 2, 1.0, 2.0)))
@@ -298,11 +305,25 @@ async def test_streamed_request_on_a_lost_worker_fails_clearly(h):
     assert "lost" in error.message
 
 
-async def test_ready_with_sessions_restores_affinity(h):
-    await h.worker("cold", slots=4)
+async def test_warm_claims_count_only_with_the_routers_lease(h):
+    # A worker learns the lease of a session the router placed on it...
+    home = await h.worker("home", slots=1)
     await workers_known(h, 1)
-    warm = await h.worker("warm", slots=1, sessions=("s7",))
-    await workers_known(h, 2)
     client = h.client()
     await client.send(request("r1", "s7"))
-    await warm.expect(Request, id="r1")
+    placed = await home.expect(Request, id="r1")
+    await home.send(Done(RequestId("r1"), "home", "stop", Usage(1, 0, 1)))
+    await client.expect(Done)
+    home.close()
+    await h.router_forgets("home")
+    # ... and when it announces it again (a restart, a router restart) it gets the session
+    # back; a worker claiming it with a forged lease, with the lease under another
+    # identity, or claiming another session, gets nothing.
+    await h.worker("cold", slots=4)
+    await h.worker("forger", slots=4, warm=((placed.session, "0" * 32), ("x~s1", "x")))
+    await h.worker("thief", slots=4, warm=((placed.session, placed.lease),))
+    await h.worker("home", slots=1, warm=((placed.session, placed.lease),))
+    await workers_known(h, 4)
+    assert h.router.counts["warm_claims_refused"] == 3
+    await client.send(request("r2", "s7"))
+    await h.peers[-1].expect(Request, id="r2")

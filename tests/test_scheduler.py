@@ -7,6 +7,7 @@ must produce, written compactly:
     "submit r1 s1 @3"     request r1 of session s1 at t=3 ("-" for no session)
     "submit r1 s1 m2 @3"  ... asking for model m2
     "submit r1 - @3 >A"   ... preferring worker A (a shared prefix)
+    "submit r1 - @3 %bob" ... from owner bob (default: one owner for all)
     "finish r1 @4"        the worker ended r1
     "chunk r1"            the first chunk of r1 arrived ("chunk r1 plain": without token ids)
     "bounce r1 @4"        the worker refused r1 before starting it
@@ -278,6 +279,49 @@ CASES: dict[str, tuple[dict, list[tuple[str, list[str]]]]] = {
         ("submit r1 - @0 >A", ["r1->A prefix"]),
         ("submit r2 - @0 >A", ["r2->B"]),
     ]),
+    "owners take turns for a freed slot": ({}, [
+        ("worker A 1", []),
+        ("submit r1 - @0 %hog", ["r1->A"]),
+        ("submit r2 - @0 %hog", []), ("submit r3 - @0 %hog", []),
+        ("submit r4 - @1 %ann", []),          # behind the hog's two, but ann's turn is next
+        ("finish r1 @2", ["r4->A"]),
+        ("submit r5 - @2 %ann", []),
+        ("finish r4 @3", ["r2->A"]),          # then the hog's oldest
+        ("finish r2 @4", ["r5->A"]),
+        ("finish r5 @5", ["r3->A"]),
+    ]),
+    "a full queue makes room for an owner with a smaller share": ({"queue_limit": 3}, [
+        ("worker A 1", []),
+        ("submit r1 - @0 %hog", ["r1->A"]),
+        ("submit r2 - @0 %hog", []), ("submit r3 - @0 %hog", []), ("submit r4 - @0 %hog", []),
+        ("submit r5 - @0 %hog", ["fail r5 busy"]),   # alone it may fill the queue, not more
+        ("submit r6 - @1 %ann", ["fail r4 busy"]),   # the hog's newest makes room
+        ("submit r7 - @1 %ann", ["fail r7 busy"]),   # shares even: 2 and 1
+        ("finish r1 @2", ["r6->A"]),
+        ("submit r8 - @2 %ann", []),
+        ("finish r6 @3", ["r2->A"]),
+    ]),
+    "an owner's running and queued requests can be capped": (
+        {"owner_max_running": 1, "owner_max_queued": 1}, [
+        ("worker A 2", []),
+        ("submit r1 - @0 %hog", ["r1->A"]),
+        ("submit r2 - @0 %hog", []),                 # a slot is free, but hog runs one
+        ("submit r3 - @0 %hog", ["fail r3 busy"]),   # and has one waiting
+        ("submit r4 - @0 %ann", ["r4->A"]),
+        ("finish r1 @1", ["r2->A"]),
+    ]),
+    "a worker that ignores a cancel loses the slot after the grace": (
+        {"cancel_grace": 10, "worker_expiry": 100}, [
+        ("worker A 1", []),
+        ("submit r1 - @0", ["r1->A"]),
+        ("cancel r1 @1", ["cancel r1@A"]),
+        ("submit r2 - @1", []),
+        ("tick @10.9", []),
+        ("tick @11", ["r2->A"]),
+        ("finish r1 @12", []),                       # a late answer changes nothing
+        ("submit r3 - @12", []),
+        ("finish r2 @13", ["r3->A"]),
+    ]),
     "round-robin ignores sessions and takes turns": ({"policy": "round-robin"}, [
         ("worker A 2", []), ("worker B 2", []),
         ("submit r1 s1 @0", ["r1->A"]),
@@ -310,6 +354,7 @@ def _describe(action) -> str:
 
 def _step(s: Scheduler, step: str) -> list[str]:
     words = step.split()
+    owner = words.pop()[1:] if words[-1].startswith("%") else ""
     prefer = WorkerId(words.pop()[1:].encode()) if words[-1].startswith(">") else None
     at = float(words.pop()[1:]) if words[-1].startswith("@") else 0.0
     verb, *args = words
@@ -322,7 +367,8 @@ def _step(s: Scheduler, step: str) -> list[str]:
         case "submit":
             session = None if args[1] == "-" else SessionId(args[1])
             model = args[2] if len(args) > 2 else None
-            out = s.submit(RequestId(args[0]), session, at, model=model, prefer=prefer)
+            out = s.submit(RequestId(args[0]), session, at, model=model, prefer=prefer,
+                           owner=owner)
         case "finish":
             out = s.finished(RequestId(args[0]), at)
         case "chunk":

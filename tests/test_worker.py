@@ -37,7 +37,8 @@ def request(rid: str, text: str = "hello there", session: str | None = "s1",
             **sampling) -> Request:
     return Request(RequestId(rid), (ChatMessage("user", text),),
                    Sampling(temperature=0, **sampling),
-                   session=SessionId(session) if session else None)
+                   session=SessionId(session) if session else None,
+                   lease=f"lease-{session}" if session else None)
 
 
 async def start(sim: SimConfig, slots: int = 1, ctx: int = 4096, liveness: int = 50):
@@ -82,7 +83,7 @@ async def test_ready_announces_the_worker(rig):
     _, _, ready = rig
     assert (ready.worker, ready.model, ready.backend, ready.slots, ready.ctx) == (
         "w1", "sim", "sim", 1, 4096)
-    assert ready.sessions == ()
+    assert ready.warm == ()
 
 
 async def test_a_request_streams_chunks_then_done_with_usage(rig):
@@ -170,7 +171,7 @@ async def test_disconnect_makes_it_drop_its_work_and_register_again(rig):
         if isinstance(message, Ready):
             break
         assert isinstance(message, Chunk)
-    assert message.sessions == ("s1",)
+    assert message.warm == (("s1", "lease-s1"),)  # warm, with the router's lease
     await router.silent(0.3)
     assert worker.slots.busy == 0
 

@@ -10,12 +10,17 @@
 
 A request goes straight into `Router.submit` with an `HttpSink`: no extra hop. With API
 keys configured, everything but `/health` and the page itself needs
-`Authorization: Bearer KEY`. Errors use OpenAI's error shape and status codes.
+`Authorization: Bearer KEY`; the key is the request's owner (fair scheduling, session
+ids), else the client's address is. Errors use OpenAI's error shape and status codes;
+anything malformed is a 400 naming the field, never a 500. How many connections one peer
+may hold, and for how long, is bounded in pichat/router/httpguard.py; a request body
+must arrive within `body_timeout` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -26,6 +31,7 @@ from typing import Any
 from aiohttp import web
 
 from pichat.client import new_id
+from pichat.logs import clip
 from pichat.protocol import Chunk, Done, Error
 from pichat.router import openai
 from pichat.router.metrics import CONTENT_TYPE
@@ -74,7 +80,7 @@ class _ClientGone(Exception):
 
 
 def create_app(router: Any, *, api_keys: tuple[str, ...] = (), max_body_bytes: int = 4 << 20,
-               default_max_tokens: int = 512) -> web.Application:
+               default_max_tokens: int = 512, body_timeout: float = 10.0) -> web.Application:
     """The application for `router` (a pichat.router.service.Router)."""
 
     @web.middleware
@@ -94,7 +100,7 @@ def create_app(router: Any, *, api_keys: tuple[str, ...] = (), max_body_bytes: i
         except _ClientGone:
             error = ApiError(499, "the client went away", "cancelled")
         except Exception:
-            log.exception("HTTP %s %s failed", request.method, request.path)
+            log.exception("HTTP %s %s failed", request.method, clip(request.path, 80))
             error = ApiError(500, "internal error", "server_error")
         router.metrics.http_errors.labels(str(error.status)).inc()
         router.counts[f"http_{error.status}"] += 1
@@ -106,9 +112,15 @@ def create_app(router: Any, *, api_keys: tuple[str, ...] = (), max_body_bytes: i
         if api_keys and request.path not in _PUBLIC:
             given = request.headers.get("Authorization", "")
             token = given[7:].strip() if given[:7].lower() == "bearer " else ""
-            if not any(hmac.compare_digest(token.encode(), k.encode()) for k in api_keys):
+            raw = token.encode("utf-8", "surrogateescape")
+            matched = [k for k in api_keys if hmac.compare_digest(raw, k.encode())]
+            if not matched:
                 raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
                                "authentication_error", "invalid_api_key")
+            request["owner"] = "api:" + hashlib.blake2b(matched[0].encode(),
+                                                        digest_size=8).hexdigest()
+        else:
+            request["owner"] = f"ip:{request.remote}"
         return await handler(request)
 
     page = files("pichat.router").joinpath("static", "index.html").read_text("utf-8")
@@ -129,14 +141,14 @@ def create_app(router: Any, *, api_keys: tuple[str, ...] = (), max_body_bytes: i
         return web.json_response(openai.model_list(_served(router)))
 
     async def chat(request: web.Request) -> web.StreamResponse:
-        call = openai.parse_chat(await _json(request), new_id(),
-                                 session=request.headers.get("X-Session-Id"),
+        call = openai.parse_chat(await _json(request, body_timeout), new_id(),
+                                 session=_session_header(request),
                                  default_max_tokens=default_max_tokens)
         return await _answer(router, request, call)
 
     async def completions(request: web.Request) -> web.StreamResponse:
-        call = openai.parse_completion(await _json(request), new_id(),
-                                       session=request.headers.get("X-Session-Id"),
+        call = openai.parse_completion(await _json(request, body_timeout), new_id(),
+                                       session=_session_header(request),
                                        default_max_tokens=default_max_tokens)
         return await _answer(router, request, call)
 
@@ -162,12 +174,30 @@ def _served(router: Any) -> dict[str, float]:
     return models
 
 
-async def _json(request: web.Request) -> Any:
-    raw = await request.read()  # aiohttp refuses bodies over client_max_size with 413
+async def _json(request: web.Request, timeout: float) -> Any:
+    try:
+        async with asyncio.timeout(timeout):
+            raw = await request.read()  # aiohttp refuses bodies over client_max_size: 413
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:.0f}s",
+                       code="request_timeout") from None
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+        raise ApiError(400, f"the body is not valid JSON: {clip(str(exc), 120)}") from None
+    except RecursionError:
+        raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
+
+
+def _session_header(request: web.Request) -> str | None:
+    value = request.headers.get("X-Session-Id")
+    if value is None:
+        return None
+    try:  # aiohttp keeps undecodable header bytes as surrogates
+        return openai.text(value, "X-Session-Id", 128) or None
+    except ApiError:
+        raise ApiError(400, "the X-Session-Id header must be at most 128 characters of "
+                       "UTF-8", param="X-Session-Id") from None
 
 
 def _error_response(error: ApiError) -> web.Response:
@@ -188,11 +218,11 @@ async def _next(sink: HttpSink, skip_keepalive: bool = True) -> Any:
 async def _answer(router: Any, request: web.Request, call: ChatCall) -> web.StreamResponse:
     served = _served(router)
     if call.request.model is not None and served and call.request.model not in served:
-        raise ApiError(404, f"the model {call.request.model!r} is not served here; models: "
-                       f"{', '.join(sorted(served))}", "invalid_request_error", "model_not_found",
-                       "model")
+        raise ApiError(404, f"the model {clip(call.request.model, 60)!r} is not served here; "
+                       f"models: {clip(', '.join(sorted(served)), 200)}",
+                       "invalid_request_error", "model_not_found", "model")
     sink = HttpSink(request)
-    router.submit(call.request, sink)
+    router.submit(call.request, sink, owner=request["owner"])
     created = openai.now()
     finished = False
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from pichat.protocol import Chunk, Done, Error, Request, encode
+from pichat.protocol import Chunk, Done, Error, Request
 
 __all__ = ["ReplySink", "ClientJob"]
 
@@ -35,9 +35,12 @@ class ReplySink(Protocol):
 class ClientJob:
     sink: ReplySink
     request: Request
-    frames: list[bytes]
-    """The REQUEST as the current worker gets it (a continuation after a failover)."""
+    """As the router accepted it: its session scoped to its owner, the owner's tag set."""
     arrived: float
+    owner: str = ""
+    outgoing: Request | None = None
+    """The REQUEST as the current worker gets it (a continuation after a failover);
+    None: `request` itself."""
     first_chunk: float | None = None
     text: list[str] = field(default_factory=list)
     """The answer so far (recorded in the prefix index when it completes)."""
@@ -68,7 +71,7 @@ class ClientJob:
         outgoing = replace(
             self.request, continuation=self.request.continuation + resumed,
             sampling=replace(sampling, max_tokens=max(1, sampling.max_tokens - len(resumed))))
-        self.frames = encode(outgoing)
+        self.outgoing = outgoing
         self.seq_base = self.chunks
         self.resumed = len(resumed)
         self.failovers += 1

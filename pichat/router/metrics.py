@@ -28,6 +28,7 @@ __all__ = ["RouterMetrics", "CONTENT_TYPE"]
 
 _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 _TPS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320)
+_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class _ClusterCollector(Collector):
@@ -84,6 +85,9 @@ class RouterMetrics:
         self.http_errors = Counter("pichat_http_errors", "HTTP requests refused or failed, by "
                                    "status (400 invalid, 401 key, 404, 413 too large, 429 "
                                    "busy, 503 no worker...).", ["status"], registry=r)
+        self.loop_lag = Histogram("pichat_loop_lag_seconds", "How late the router's event "
+                                  "loop ran a 100 ms timer (sampled every 100 ms).",
+                                  buckets=_LAG_BUCKETS, registry=r)
         r.register(_ClusterCollector(snapshot))
         # process_resident_memory_bytes, cpu, open fds (where /proc tells them)
         self._process = ProcessCollector(registry=r)

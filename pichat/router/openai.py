@@ -16,6 +16,7 @@ from typing import Any
 from pichat.errors import ErrorCode
 from pichat.protocol import (
     MAX_MESSAGES,
+    MAX_NAME_CHARS,
     MAX_STOP_CHARS,
     MAX_TOKENS_LIMIT,
     ChatMessage,
@@ -29,6 +30,7 @@ from pichat.protocol import (
 __all__ = [
     "ApiError",
     "ChatCall",
+    "text",
     "parse_chat",
     "parse_completion",
     "error_body",
@@ -92,9 +94,25 @@ def _integer(body: dict, key: str, lo: int, hi: int) -> int | None:
     return value
 
 
+def text(value: Any, param: str, max_chars: int | None = None) -> str:
+    """`value` if it is a string that can go on the wire (UTF-8: no lone surrogates, which
+    JSON's \\ud800 escapes can make) of at most `max_chars` characters."""
+    if not isinstance(value, str):
+        raise _bad(f"'{param}' must be a string", param)
+    if max_chars is not None and len(value) > max_chars:
+        raise _bad(f"'{param}' is longer than {max_chars} characters", param)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _bad(f"'{param}' is not valid Unicode (a lone surrogate at {exc.start})",
+                   param) from None
+    return value
+
+
 def _content(value: Any, index: int) -> str:
+    param = f"messages[{index}].content"
     if isinstance(value, str):
-        return value
+        return text(value, param)
     if value is None:
         return ""
     if isinstance(value, list):
@@ -103,12 +121,10 @@ def _content(value: Any, index: int) -> str:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(
                 part.get("text"), str
             ):
-                raise _bad(f"messages[{index}].content: only text parts are supported",
-                           f"messages[{index}].content")
-            parts.append(part["text"])
+                raise _bad(f"{param}: only text parts are supported", param)
+            parts.append(text(part["text"], param))
         return "".join(parts)
-    raise _bad(f"messages[{index}].content must be a string or a list of text parts",
-               f"messages[{index}].content")
+    raise _bad(f"{param} must be a string or a list of text parts", param)
 
 
 def _messages(body: dict) -> tuple[ChatMessage, ...]:
@@ -121,7 +137,8 @@ def _messages(body: dict) -> tuple[ChatMessage, ...]:
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
             raise _bad(f"messages[{i}] must be an object", f"messages[{i}]")
-        role = _ROLES.get(m.get("role"))  # type: ignore[arg-type]
+        role = m.get("role")
+        role = _ROLES.get(role) if isinstance(role, str) else None
         if role is None:
             raise _bad(f"messages[{i}].role must be one of {sorted(_ROLES)}", f"messages[{i}].role")
         out.append(ChatMessage(role, _content(m.get("content"), i)))  # type: ignore[arg-type]
@@ -133,9 +150,7 @@ def _common(body: Any, session: str | None, default_max_tokens: int
     """What chat and plain completions share: model, stream, sampling, session."""
     if not isinstance(body, dict):
         raise _bad("the body must be a JSON object")
-    model = body.get("model", "")
-    if not isinstance(model, str):
-        raise _bad("'model' must be a string", "model")
+    model = text(body.get("model", ""), "model", MAX_NAME_CHARS)
     if (n := _integer(body, "n", 1, 1_000_000)) not in (None, 1):
         raise _bad(f"only n=1 is supported (got {n})", "n")
     stream = body.get("stream", False)
@@ -149,13 +164,13 @@ def _common(body: Any, session: str | None, default_max_tokens: int
     if stop is None:
         stops: tuple[str, ...] = ()
     elif isinstance(stop, str):
-        stops = (stop,) if stop else ()
+        stops = (text(stop, "stop", MAX_STOP_CHARS),) if stop else ()
     elif isinstance(stop, list) and len(stop) <= 4 and all(
-        isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop
+        isinstance(s, str) and 0 < len(s) for s in stop
     ):
-        stops = tuple(stop)
+        stops = tuple(text(s, "stop", MAX_STOP_CHARS) for s in stop)
     else:
-        raise _bad("'stop' must be a string or a list of up to 4 strings", "stop")
+        raise _bad("'stop' must be a string or a list of up to 4 non-empty strings", "stop")
     max_tokens = _integer(body, "max_completion_tokens", 1, MAX_TOKENS_LIMIT)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", 1, MAX_TOKENS_LIMIT)
@@ -171,8 +186,8 @@ def _common(body: Any, session: str | None, default_max_tokens: int
         stop=stops,
     )
     user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise _bad("'user' must be a string", "user")
+    if user is not None:
+        user = text(user, "user", 128)
     include_usage = bool(options.get("include_usage"))
     return body, sampling, model, stream, include_usage, session or user or None
 
@@ -203,6 +218,7 @@ def parse_completion(body: Any, request_id: str, *, session: str | None = None,
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise _bad("'prompt' must be a non-empty string (or a list of one)", "prompt")
+    text(prompt, "prompt")
     request = Request(
         id=RequestId(request_id),
         messages=(),

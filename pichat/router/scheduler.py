@@ -22,7 +22,19 @@ baseline for benchmarks.
 
 Both policies queue requests when no suitable slot is free, up to `queue_limit`; past it a
 request fails at once with `busy`. Every request has a deadline in the queue and one in
-all. A worker not heard from for `worker_expiry` seconds is dead: its requests go back to
+all.
+
+Fairness between owners (a client key, an API key: whoever a request belongs to): when a
+slot frees, the owner served least recently goes first (round-robin between owners, FIFO
+within one), so one client keeping every slot busy delays another by one answer at most.
+A full queue takes a request from an owner with fewer queued requests than the owner with
+the most by failing the latter's newest one (`busy`): alone, an owner may use the whole
+queue; under contention, owners get equal shares. `owner_max_running` and
+`owner_max_queued` cap an owner outright (0: no cap). A worker that does not confirm a
+cancel within `cancel_grace` seconds loses the request anyway: its slot is written off
+so that a worker ignoring CANCEL cannot hold router state forever.
+
+A worker not heard from for `worker_expiry` seconds is dead: its requests go back to
 the head of the queue, those that had streamed part of an answer as continuations
 (failover: the router has the delivered tokens; at most `max_failovers` times), the
 rest fail with `worker_lost`. A draining worker gets no new requests.
@@ -83,6 +95,12 @@ class SchedulerConfig:
     """Seconds after the router starts (`Scheduler.started`) in which a request finding no
     worker waits for one instead of failing with `no_workers` at once: after a router
     restart, the workers register again within a few heartbeats."""
+    owner_max_running: int = 0
+    """Requests one owner may have running at once (0: as many as there are slots)."""
+    owner_max_queued: int = 0
+    """Requests one owner may have waiting (0: any share of the queue others leave)."""
+    cancel_grace: float = 10.0
+    """Seconds a worker has to confirm a cancel before the router frees the slot itself."""
 
 
 # --- actions: what the router must do -------------------------------------------------
@@ -155,6 +173,9 @@ class Job:
     abandoned: bool = False
     """The client was answered (cancel, timeout); only the worker's slot is still held."""
     attempts: int = 0
+    owner: str = ""
+    cancel_deadline: float = math.inf
+    """When an abandoned request's slot is written off if the worker has not confirmed."""
 
 
 @dataclass(slots=True)
@@ -189,8 +210,15 @@ class Scheduler:
         self.affinity: OrderedDict[SessionId, WorkerId] = OrderedDict()
         self._registrations = 0
         self._rr_next = 0
+        self._served = 0
+        self._last_served: dict[str, int] = {}
+        """Per owner with jobs: when it was last given a slot (round-robin between owners)."""
         self.sessions_forgotten = 0
         """Sessions dropped from the affinity map to keep it within `max_sessions`."""
+        self.pushed_out = 0
+        """Queued requests failed to make room for another owner's."""
+        self.cancels_ignored = 0
+        """Cancelled requests whose worker never confirmed within `cancel_grace`."""
 
     # --- workers ----------------------------------------------------------------------
 
@@ -240,7 +268,7 @@ class Scheduler:
 
     def submit(self, job_id: RequestId, session: SessionId | None, now: float, *,
                model: str | None = None, timeout: float | None = None,
-               prefer: WorkerId | None = None) -> list[Action]:
+               prefer: WorkerId | None = None, owner: str = "") -> list[Action]:
         """A new request. The caller guarantees `job_id` is not in use."""
         cfg = self.config
         deadline = now + min(timeout, cfg.request_timeout) if timeout else now + cfg.request_timeout
@@ -253,18 +281,35 @@ class Scheduler:
             deadline=deadline,
             spill_at=now + cfg.affinity_wait,
             prefer=prefer,
+            owner=owner,
         )
         if not self._serving(model):
             grace_end = self.started + cfg.startup_grace
             if now >= grace_end or (model and self.workers):
                 return [self._no_workers(job_id, model)]
             job.queue_deadline = min(job.queue_deadline, grace_end)  # wait for them
-        if len(self.queue) >= cfg.queue_limit and self._place(job, now) is None:
+        actions: list[Action] = []
+        waiting = self._queued_by_owner()
+        mine = len(waiting.get(owner, ()))
+        if cfg.owner_max_queued and mine >= cfg.owner_max_queued:
             return [Fail(job_id, ErrorCode.BUSY,
-                         f"all slots busy and {len(self.queue)} requests queued; retry later")]
+                         f"you have {mine} requests waiting already (at most "
+                         f"{cfg.owner_max_queued}); retry later")]
+        if len(self.queue) >= cfg.queue_limit and self._place(job, now) is None:
+            hog = max(waiting, key=lambda o: len(waiting[o]), default=None)
+            if hog is None or len(waiting[hog]) <= mine + 1:
+                return [Fail(job_id, ErrorCode.BUSY,
+                             f"all slots busy and {len(self.queue)} requests queued; retry later")]
+            victim = waiting[hog][-1]  # its newest: it has waited least
+            del self.jobs[victim]
+            self._unqueue(victim)
+            self.pushed_out += 1
+            actions.append(Fail(victim, ErrorCode.BUSY,
+                                "the queue is full and other clients are waiting; your share "
+                                "of it is used up: retry later"))
         self.jobs[job_id] = job
         self.queue.append(job_id)
-        return self._pump(now)
+        return actions + self._pump(now)
 
     def chunk_seen(self, job_id: RequestId, resumable: bool = True) -> None:
         job = self.jobs.get(job_id)
@@ -317,7 +362,7 @@ class Scheduler:
             return []
         if job.abandoned:
             return []
-        job.abandoned = True
+        self._abandon(job, now)
         return [CancelOnWorker(job_id, job.worker)]
 
     def owner(self, job_id: RequestId) -> WorkerId | None:
@@ -344,10 +389,19 @@ class Scheduler:
                                     f"no slot became free within {waited:.0f}s")
                                if self._serving(job.model) else self._no_workers(job.id, job.model))
             elif job.worker is not None and not job.abandoned and now >= job.deadline:
-                job.abandoned = True
+                self._abandon(job, now)
                 actions.append(Fail(job.id, ErrorCode.TIMEOUT,
                                     f"not finished within {now - job.arrived:.0f}s"))
                 actions.append(CancelOnWorker(job.id, job.worker))
+            elif job.abandoned and now >= job.cancel_deadline:
+                # The worker ignored the cancel: write its slot off and forget the job (if
+                # it answers after all, its results are stale; if it is full, it refuses).
+                del self.jobs[job.id]
+                view = self.workers.get(job.worker) if job.worker is not None else None
+                if view is not None:
+                    view.busy -= 1
+                    view.jobs.discard(job.id)
+                self.cancels_ignored += 1
         return actions + self._pump(now)
 
     def next_wakeup(self, now: float) -> float | None:
@@ -361,6 +415,8 @@ class Scheduler:
                     times.append(job.spill_at)
             elif not job.abandoned:
                 times.append(job.deadline)
+            else:
+                times.append(job.cancel_deadline)
         return min(times, default=None)
 
     # --- views ------------------------------------------------------------------------
@@ -383,17 +439,49 @@ class Scheduler:
         what = f"serving model {model!r}" if model and self.workers else "connected"
         return Fail(job_id, ErrorCode.NO_WORKERS, f"no worker {what}")
 
-    def _pump(self, now: float) -> list[Action]:
-        """Dispatch queued requests, oldest first, while slots are free."""
-        actions: list[Action] = []
-        for job_id in list(self.queue):
-            if not any(w.free > 0 and not w.draining for w in self.workers.values()):
-                break
-            job = self.jobs[job_id]
-            placed = self._place(job, now)
-            if placed is None:
+    def _abandon(self, job: Job, now: float) -> None:
+        job.abandoned = True
+        job.cancel_deadline = now + self.config.cancel_grace
+
+    def _queued_by_owner(self) -> dict[str, list[RequestId]]:
+        """Each owner's queued requests, oldest first."""
+        out: dict[str, list[RequestId]] = {}
+        for job_id in self.queue:
+            out.setdefault(self.jobs[job_id].owner, []).append(job_id)
+        return out
+
+    def _next_in_turn(self, now: float) -> tuple[Job, tuple[WorkerId, bool, bool]] | None:
+        """The queued request to dispatch next, and where: owners take turns (the one
+        served least recently first); within an owner, the oldest request that can be
+        placed now."""
+        waiting = self._queued_by_owner()
+        cap = self.config.owner_max_running
+        running: dict[str, int] = {}
+        if cap:
+            for job in self.jobs.values():
+                if job.worker is not None:
+                    running[job.owner] = running.get(job.owner, 0) + 1
+        for owner in sorted(waiting, key=lambda o: self._last_served.get(o, -1)):
+            if cap and running.get(owner, 0) >= cap:
                 continue
-            worker, hit, spilled = placed
+            for job_id in waiting[owner]:
+                job = self.jobs[job_id]
+                placed = self._place(job, now)
+                if placed is not None:
+                    return job, placed
+        return None
+
+    def _pump(self, now: float) -> list[Action]:
+        """Dispatch queued requests while slots are free, owners taking turns."""
+        actions: list[Action] = []
+        while self.queue and any(w.free > 0 and not w.draining for w in self.workers.values()):
+            found = self._next_in_turn(now)
+            if found is None:
+                break
+            job, (worker, hit, spilled) = found
+            job_id = job.id
+            self._served += 1
+            self._last_served[job.owner] = self._served
             prefix_hit = not hit and worker == job.prefer
             self._unqueue(job_id)
             job.worker = worker
@@ -407,6 +495,9 @@ class Scheduler:
             actions.append(Dispatch(job_id, worker, affinity_hit=hit, prefix_hit=prefix_hit,
                                     spilled=spilled, retry=job.attempts > 1,
                                     failover=job.streamed))
+        if len(self._last_served) > 2 * len(self.jobs) + 64:  # forget owners with no jobs
+            owners = {job.owner for job in self.jobs.values()}
+            self._last_served = {o: t for o, t in self._last_served.items() if o in owners}
         return actions
 
     def _place(self, job: Job, now: float) -> tuple[WorkerId, bool, bool] | None:

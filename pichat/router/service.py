@@ -11,6 +11,13 @@ the continuation of a conversation it has seen keeps that conversation's session
 
 CHUNK and DONE frames from a worker are forwarded to a ZeroMQ client as they arrived
 (after validation): the router never re-encodes the stream.
+
+Every peer may be hostile, admitted ones included (pichat/router/identity.py): requests
+belong to owners, whose sessions are scoped apart and who are scheduled fairly; workers
+prove their warm sessions with the router's leases and hold their names by key; STATUS is
+rate-limited per client and served from a snapshot cached while nothing changes; log
+lines about peers are aggregated (pichat/logs.py). The event loop's lag is measured and
+reported, and before deciding that a worker is silent the router reads its socket.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from pichat import __version__
 from pichat.config import RouterConfig
 from pichat.errors import ErrorCode, PichatError, ProtocolError
 from pichat.health import HealthEndpoint
+from pichat.logs import Throttle, clip
 from pichat.protocol import (
     Cancel,
     Chunk,
@@ -41,14 +49,16 @@ from pichat.protocol import (
     Ready,
     Request,
     RequestId,
-    SessionId,
     Status,
     decode,
     encode,
 )
+from pichat.ready import announce_ready
+from pichat.router.identity import Leases, NameBook, owner_tag, scoped_session
 from pichat.router.jobs import ClientJob, ReplySink
 from pichat.router.metrics import RouterMetrics
 from pichat.router.prefix import PrefixIndex
+from pichat.router.ratelimit import RateLimit
 from pichat.router.scheduler import (
     Action,
     CancelOnWorker,
@@ -67,6 +77,17 @@ log = logging.getLogger(__name__)
 
 _HEARTBEAT = encode(Heartbeat())
 _UNKNOWN_WORKER = encode(Disconnect("unknown worker: send READY"))
+_FRAMES = 4
+"""A routing id and the protocol's three frames: more and the message is dropped unread."""
+_CLIENT_HWM = 1_000
+"""Messages queued per client connection each way (a client that stops reading is cut
+off at this many, not at 100,000 snapshots)."""
+_WORKER_HWM = 10_000
+_STATUS_TTL = 1.0
+"""A STATUS snapshot is reused while nothing has changed, for at most this long."""
+_INSECURE_LEASE_SECRET = b"pichat: no keys, no secrets"
+"""Without keys there is no identity to bind a lease to; leases then only keep honest
+workers' claims working across router restarts."""
 
 
 class _ZmqSink:
@@ -88,6 +109,8 @@ class _WorkerInfo:
     ready: Ready
     joined: float
     heartbeat: Heartbeat
+    identity: str
+    """What its leases are bound to: its key's name, or (without keys) its name."""
     served: int = 0
 
 
@@ -114,7 +137,20 @@ class Router:
         self._timer: asyncio.TimerHandle | None = None
         self._told_to_register: dict[WorkerId, float] = {}
         self.gatekeeper: Gatekeeper | None = None
+        self.http_site: Any = None
         self._accepting = True
+        secret = config.keys.pair("router")[1] if config.keys else _INSECURE_LEASE_SECRET
+        self.leases = Leases(secret)
+        self.names = NameBook()
+        self.registrations: Counter[str] = Counter()
+        """READYs per worker name: more than one is a restart or a reconnect."""
+        self.throttle = Throttle(log)
+        self.status_limit = RateLimit(config.status_per_s, 2 * config.status_per_s)
+        self._version = 0
+        """Bumped by every event that may change the snapshot."""
+        self._status_cache: tuple[int, float, list[bytes]] | None = None
+        self.loop_lag = (0.0, 0.0)
+        """(latest, highest in the last minute) seconds the event loop ran late."""
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -130,36 +166,48 @@ class Router:
         http: web.AppRunner | None = None
         keys = self.config.keys
         try:
-            for sock in (clients, workers):
-                configure(sock, max_message_bytes=self.config.max_message_bytes)
+            configure(clients, max_message_bytes=self.config.max_message_bytes,
+                      hwm=_CLIENT_HWM)
+            configure(workers, max_message_bytes=self.config.max_message_bytes,
+                      hwm=_WORKER_HWM)
+            clients.copy_threshold = 0  # copy=False sends share the buffer (cached STATUS)
             if keys is not None:
-                self.gatekeeper = Gatekeeper(ctx, keys)
-                self.gatekeeper.start()
+                self.gatekeeper = Gatekeeper(ctx, keys, loop)
                 keys.secure_server(clients, "clients")
                 keys.secure_server(workers, "workers")
             clients.bind(self.config.clients_bind)
             workers.bind(self.config.workers_bind)
             self.clients_endpoint = clients.getsockopt_string(zmq.LAST_ENDPOINT)
             self.workers_endpoint = workers.getsockopt_string(zmq.LAST_ENDPOINT)
-            self._clients = Channel(clients, self._on_client, loop)
-            self._workers = Channel(workers, self._on_worker, loop)
             if self.config.health_bind:
                 health = HealthEndpoint(ctx, self.config.health_bind, self._health, loop)
             if self.config.http:
                 http = await self._start_http()
             if handle_signals:
                 self._install_signals(loop, stop)
+            # Only now, with everything it serves up, does the router read its sockets
+            # (what arrived meanwhile waits in ZeroMQ): a STATUS answered from here on
+            # names every endpoint.
+            self._workers = Channel(workers, self._on_worker, loop, max_frames=_FRAMES,
+                                    identify=True)
+            self._clients = Channel(clients, self._on_client, loop, max_frames=_FRAMES,
+                                    identify=True)
             log.info("router %s: clients on %s, workers on %s, policy %s", __version__,
                      self.clients_endpoint, self.workers_endpoint, self.config.policy)
             self.ready.set()
+            announce_ready(self.config.ready_file, {
+                "clients": self.clients_endpoint, "workers": self.workers_endpoint,
+                "http": self.http_endpoint})
             async with asyncio.TaskGroup() as tasks:
                 heartbeats = tasks.create_task(self._heartbeat_loop(), name="heartbeats")
+                lag = tasks.create_task(self._watch_loop_lag(), name="loop-lag")
                 await stop.wait()
                 await self._drain()
                 heartbeats.cancel()
+                lag.cancel()
         finally:
             if self.gatekeeper is not None:
-                self.gatekeeper.stop()
+                self.gatekeeper.close()
             if http is not None:
                 await http.cleanup()
             if health is not None:
@@ -198,19 +246,24 @@ class Router:
 
         host, _, port = self.config.http.rpartition(":")
         host = host.strip("[]") or "0.0.0.0"
+        from pichat.router.httpguard import GuardedSite
+
+        cfg = self.config
         runner = web.AppRunner(
-            create_app(self, api_keys=self.config.api_keys,
-                       max_body_bytes=self.config.max_message_bytes,
-                       default_max_tokens=self.config.http_max_tokens),
-            access_log=None)
+            create_app(self, api_keys=cfg.api_keys, max_body_bytes=cfg.max_message_bytes,
+                       default_max_tokens=cfg.http_max_tokens,
+                       body_timeout=cfg.http_body_timeout),
+            access_log=None, keepalive_timeout=cfg.http_idle_timeout)
         await runner.setup()
-        site = web.TCPSite(runner, host, int(port), backlog=1024)
+        site = GuardedSite(runner, host, int(port), max_connections=cfg.http_max_connections,
+                           backlog=1024)
         try:
             await site.start()
         except BaseException:
             await runner.cleanup()
             raise
-        bound = runner.addresses[0]
+        self.http_site = site
+        bound = site.address
         self.http_endpoint = f"http://{bound[0]}:{bound[1]}"
         log.info("HTTP on %s (OpenAI API at /v1, chat page at /, metrics at /metrics)%s",
                  self.http_endpoint, ", API keys required" if self.config.api_keys else "")
@@ -248,27 +301,49 @@ class Router:
             for job_id, sink in sinks.values():
                 if not sink.keepalive():
                     self.cancel(job_id)
+            now = self._now()
+            self.throttle.flush(now)
+            if self.gatekeeper is not None:
+                self.gatekeeper.throttle.flush(now)
+
+    async def _watch_loop_lag(self) -> None:
+        """How late the loop runs a timer: what a burst of costly messages does to
+        heartbeats and to every other client."""
+        period = 0.1
+        window: list[tuple[float, float]] = []
+        loop = asyncio.get_running_loop()
+        while True:
+            planned = loop.time() + period
+            await asyncio.sleep(period)
+            now = loop.time()
+            lag = max(0.0, now - planned)
+            window = [(t, v) for t, v in window if now - t < 60.0]
+            window.append((now, lag))
+            self.loop_lag = (lag, max(v for _, v in window))
+            self.metrics.loop_lag.observe(lag)
 
     # --- clients ----------------------------------------------------------------------
 
-    def _on_client(self, frames: list[bytes]) -> None:
-        if len(frames) < 2:
-            return  # no routing id: cannot come from a ROUTER; nothing to answer
+    def _on_client(self, frames: list[bytes], sender: str) -> None:
         client, body = frames[0], frames[1:]
         try:
             message = decode(body)
         except ProtocolError as exc:
             self.counts[f"rejected_{exc.code.value}"] += 1
-            log.warning("client %s: bad message: %s", client.hex(), exc)
+            self.throttle.log(self._now(), logging.WARNING, "bad client message",
+                              "client %s (%s): bad message: %s", client.hex(), sender, exc,
+                              detail=sender)
             self._send_client(client, encode(Error(exc.request_id, exc.code, str(exc))))
             return
+        if isinstance(message, Status):
+            self._send_status(client)
+            return
+        self._version += 1
         match message:
             case Request():
-                self.submit(message, _ZmqSink(self, client), body)
+                self.submit(message, _ZmqSink(self, client), owner=sender)
             case Cancel():
                 self._on_cancel(client, message.id)
-            case Status():
-                self._send_client(client, encode(Status(self.snapshot())))
             case Heartbeat():
                 pass
             case _:
@@ -277,10 +352,20 @@ class Router:
                     "", ErrorCode.BAD_REQUEST,
                     f"{message.COMMAND.name} is not a client command")))
 
-    def submit(self, request: Request, sink: ReplySink,
-               frames: list[bytes] | None = None) -> None:
-        """Accept a request; its chunks, DONE or ERROR go to `sink`. `frames`: the request
-        as received, to check its size without encoding it again."""
+    def _send_status(self, client: bytes) -> None:
+        now = self._now()
+        if not self.status_limit.allow(client, now):
+            self.counts["status_throttled"] += 1
+            return
+        cached = self._status_cache
+        if cached is None or cached[0] != self._version or now - cached[1] > _STATUS_TTL:
+            cached = self._status_cache = (self._version, now,
+                                           encode(Status(self.snapshot())))
+        self._send_client(client, cached[2], copy=False)
+
+    def submit(self, request: Request, sink: ReplySink, *, owner: str = "") -> None:
+        """Accept a request of `owner`; its chunks, DONE or ERROR go to `sink`."""
+        self._version += 1
         if request.id in self.jobs:
             if self.jobs[request.id].sink.key == sink.key:
                 return  # the client sent it again (it thought us gone): already on it
@@ -302,18 +387,21 @@ class Router:
         now = self._now()
         self.counts["requests"] += 1
         prefer: WorkerId | None = None
-        if request.session is None and request.messages and self.config.policy == "affinity":
+        tag = owner_tag(owner)
+        session = scoped_session(owner, request.session) if request.session else None
+        if session is None and request.messages and self.config.policy == "affinity":
             match = self.prefixes.lookup(request.messages)
-            if match.session is not None:
+            if match.session is not None and match.session.startswith(f"{tag}~"):
                 self.counts["prefix_continuations"] += 1
                 session = match.session
-            else:
-                session = SessionId(f"auto-{request.id}")
-                if match.shared is not None:
-                    prefer = self.scheduler.warm_worker(match.shared)
-            request = replace(request, session=session)
-            frames = None
-        frames = frames or encode(request)
+            else:  # another owner's conversation is not this one's, only a shared prefix
+                session = scoped_session(owner, f"auto-{request.id}")
+                shared = match.shared or match.session
+                if shared is not None:
+                    prefer = self.scheduler.warm_worker(shared)
+        request = replace(request, session=session, owner=tag, isolate=self.config.isolate_cache,
+                          lease=None)
+        frames = encode(request)
         if sum(map(len, frames)) > self.config.max_message_bytes - 256:
             self.counts["rejected_too_large"] += 1
             self._count_failure(ErrorCode.BAD_REQUEST)
@@ -321,12 +409,13 @@ class Router:
                                "the request is larger than a worker accepts "
                                f"(--max-message-bytes {self.config.max_message_bytes})"), None)
             return
-        self.jobs[request.id] = ClientJob(sink, request, frames, now)
+        self.jobs[request.id] = ClientJob(sink, request, now, owner=owner)
         self._apply(self.scheduler.submit(request.id, request.session, now, model=request.model,
-                                          timeout=request.timeout, prefer=prefer))
+                                          timeout=request.timeout, prefer=prefer, owner=owner))
 
     def cancel(self, job_id: RequestId) -> None:
         """The submitter gave up on the request: stop it, send nothing more."""
+        self._version += 1
         if self.jobs.pop(job_id, None) is not None:
             self.counts["cancelled"] += 1
             self.metrics.requests.labels("cancelled").inc()
@@ -340,15 +429,16 @@ class Router:
         job.sink.deliver(Error(job_id, ErrorCode.CANCELLED, "cancelled by the client"), None)
         self.cancel(job_id)
 
-    def _send_client(self, client: bytes, frames: list[bytes]) -> bool:
+    def _send_client(self, client: bytes, frames: list[bytes], copy: bool = True) -> bool:
         try:
-            self._clients.send([client, *frames])
+            self._clients.send([client, *frames], copy=copy)
             return True
         except zmq.ZMQError as exc:
             # EHOSTUNREACH: the client disconnected; EAGAIN: it stopped reading.
             gone = [jid for jid, job in self.jobs.items() if job.sink.key == client]
-            log.info("client %s unreachable (%s): cancelling %d requests", client.hex(),
-                     exc.strerror, len(gone))
+            if gone:
+                log.info("client %s unreachable (%s): cancelling %d requests", client.hex(),
+                         exc.strerror, len(gone))
             for job_id in gone:
                 self.counts["client_gone"] += 1
                 self.cancel(job_id)
@@ -373,21 +463,23 @@ class Router:
 
     # --- workers ----------------------------------------------------------------------
 
-    def _on_worker(self, frames: list[bytes]) -> None:
-        if len(frames) < 2:
-            return
+    def _on_worker(self, frames: list[bytes], sender: str) -> None:
         worker, body = WorkerId(frames[0]), frames[1:]
         now = self._now()
+        self._version += 1
         try:
             message = decode(body)
         except ProtocolError as exc:
             self.counts["worker_bad_messages"] += 1
-            log.warning("worker %s: bad message: %s", self._name(worker), exc)
+            self.throttle.log(now, logging.WARNING, "bad worker message",
+                              "worker %s: bad message: %s", self._name(worker), exc,
+                              detail=self._name(worker))
             if exc.code is ErrorCode.VERSION:
                 self._send_worker(worker, encode(Error("", exc.code, str(exc))))
             return
         if isinstance(message, Ready):
-            self._on_ready(worker, message, now)
+            self._on_ready(worker, message, now,
+                           sender[len("key:"):] if sender.startswith("key:") else None)
             return
         if not self.scheduler.heard_from(worker, now):
             if not isinstance(message, Disconnect):
@@ -410,12 +502,14 @@ class Router:
                 self._on_worker_error(worker, message, body, now)
             case Disconnect():
                 log.info("worker %s leaving: %s; %d warm sessions handed back",
-                         self._name(worker), message.reason, len(message.sessions))
+                         self._name(worker), clip(message.reason, 80), len(message.sessions))
                 self.scheduler.forget_sessions(worker, message.sessions)
-                self.workers.pop(worker, None)
+                self._forget_worker(worker)
                 self._apply(self.scheduler.remove_worker(worker, now, "worker left"))
             case _:
-                log.warning("worker %s sent %s; ignored", self._name(worker), message.COMMAND.name)
+                self.throttle.log(now, logging.WARNING, "odd worker command",
+                                  "worker %s sent %s; ignored", self._name(worker),
+                                  message.COMMAND.name)
 
     def _tell_to_register(self, worker: WorkerId, now: float) -> None:
         """DISCONNECT an unknown worker, once per heartbeat interval: the messages it sent
@@ -428,21 +522,51 @@ class Router:
         self._told_to_register[worker] = now
         self._send_worker(worker, _UNKNOWN_WORKER)
 
-    def _on_ready(self, worker: WorkerId, ready: Ready, now: float) -> None:
+    def _on_ready(self, worker: WorkerId, ready: Ready, now: float, user: str | None) -> None:
         self._told_to_register.pop(worker, None)
+        old = self.workers.get(worker)
+        if old is not None and old.ready.worker != ready.worker:
+            self.names.release(old.ready.worker, worker)
+        if user is not None and (holder := self.names.claim(ready.worker, user, worker)):
+            self.counts["workers_refused_name"] += 1
+            self.throttle.log(now, logging.WARNING, "name taken",
+                              "refused worker %s (key %s): the name is held by key %s",
+                              clip(ready.worker, 60), user, holder, detail=user)
+            self._send_worker(worker, encode(Error(
+                "", ErrorCode.BAD_REQUEST,
+                f"the worker name {clip(ready.worker, 60)!r} is in use by another key; "
+                "choose another --name")))
+            return
+        identity = user or ready.worker
+        warm = tuple(s for s, lease in ready.warm if self.leases.valid(identity, s, lease))
+        if len(warm) < len(ready.warm):
+            self.counts["warm_claims_refused"] += len(ready.warm) - len(warm)
+            self.throttle.log(now, logging.WARNING, "unleased claims",
+                              "worker %s claimed %d warm sessions without a valid lease; "
+                              "ignored", clip(ready.worker, 60), len(ready.warm) - len(warm),
+                              detail=clip(ready.worker, 60))
+        self.registrations[ready.worker] += 1
+        if len(self.registrations) > 4 * self.config.scheduler.max_sessions:
+            self.registrations.clear()  # bounded: names are free text
         log.info("worker %s ready: model %s (%s), %d slots, ctx %d, %d warm sessions",
-                 ready.worker, ready.model, ready.backend, ready.slots, ready.ctx,
-                 len(ready.sessions))
-        actions = self.scheduler.add_worker(worker, ready.model, ready.slots, now, ready.sessions)
-        if worker in self.workers:
+                 clip(ready.worker, 60), clip(ready.model, 60), ready.backend, ready.slots,
+                 ready.ctx, len(warm))
+        actions = self.scheduler.add_worker(worker, ready.model, ready.slots, now, warm)
+        if old is not None:
             # It registers afresh (it reset itself): what it ran is requeued; no DISCONNECT.
             log.info("worker %s registered again; its running requests are placed again",
-                     ready.worker)
-            self.workers.pop(worker)
+                     clip(ready.worker, 60))
             actions = [a for a in actions if not isinstance(a, WorkerDead)]
-        self.workers[worker] = _WorkerInfo(ready, time.time(), Heartbeat(warm=len(ready.sessions)))
+        self.workers[worker] = _WorkerInfo(ready, time.time(), Heartbeat(warm=len(warm)),
+                                           identity)
         self._send_worker(worker, _HEARTBEAT)  # an acknowledgement: "I know you now"
         self._apply(actions)
+
+    def _forget_worker(self, worker: WorkerId) -> _WorkerInfo | None:
+        info = self.workers.pop(worker, None)
+        if info is not None:
+            self.names.release(info.ready.worker, worker)
+        return info
 
     def _owned(self, worker: WorkerId, job_id: RequestId) -> bool:
         """Results count only from the worker the request is assigned to now: anything
@@ -495,21 +619,23 @@ class Router:
     def _on_worker_error(self, worker: WorkerId, error: Error, frames: list[bytes],
                          now: float) -> None:
         if not error.id:
-            log.warning("worker %s reports: %s: %s", self._name(worker), error.code, error.message)
+            self.throttle.log(now, logging.WARNING, "worker error",
+                              "worker %s reports: %s: %s", self._name(worker), error.code,
+                              clip(error.message, 200), detail=self._name(worker))
             return
         if not self._owned(worker, RequestId(error.id)):
             return
         if error.code is ErrorCode.BUSY and RequestId(error.id) in self.jobs:
             # Refused before it started (draining, or full): place it again.
             log.info("req=%s refused by worker %s (%s); placing it again", error.id,
-                     self._name(worker), error.message)
+                     self._name(worker), clip(error.message, 80))
             self._apply(self.scheduler.bounce(RequestId(error.id), now))
             return
         job = self.jobs.pop(RequestId(error.id), None)
         if job is not None:
             self._count_failure(error.code)
             log.info("req=%s worker=%s error %s: %s", error.id, self._name(worker),
-                     error.code, error.message)
+                     error.code, clip(error.message, 200))
             job.sink.deliver(error, frames)
         self._apply(self.scheduler.finished(RequestId(error.id), now))
 
@@ -549,13 +675,13 @@ class Router:
                     self.metrics.placements.labels(how).inc()
                     log.debug("req=%s session=%s -> worker=%s%s", job_id, job.request.session,
                               self._name(worker), " (affinity)" if action.affinity_hit else "")
-                    self._send_worker(worker, job.frames)
+                    self._send_worker(worker, self._request_frames(job, worker))
                 case Fail(job=job_id, code=code, message=message):
                     self._fail_client(job_id, code, message)
                 case CancelOnWorker(job=job_id, worker=worker):
                     self._send_worker(worker, encode(Cancel(job_id)))
                 case WorkerDead(worker=worker, reason=reason):
-                    info = self.workers.pop(worker, None)
+                    info = self._forget_worker(worker)
                     if info is not None:
                         self.counts["workers_lost"] += 1
                         log.warning("worker %s lost: %s", info.ready.worker, reason)
@@ -563,8 +689,21 @@ class Router:
                         self._tell_to_register(worker, self._now())
         self._arm_timer()
 
+    def _request_frames(self, job: ClientJob, worker: WorkerId) -> list[bytes]:
+        """The REQUEST for `worker`, with its lease on the session."""
+        request = job.outgoing or job.request
+        info = self.workers.get(worker)
+        if request.session is not None and info is not None:
+            request = replace(request, lease=self.leases.sign(info.identity, request.session))
+        return encode(request)
+
     def _tick(self) -> None:
         self._timer = None
+        self._version += 1
+        if self._workers is not None:
+            # Read what the workers sent before judging them silent: a burst of costly
+            # client messages may have kept the loop from their heartbeats.
+            self._workers.drain_now()
         self._apply(self.scheduler.tick(self._now()))
 
     def _arm_timer(self) -> None:
@@ -614,6 +753,7 @@ class Router:
                 "warm_sessions": info.heartbeat.warm,
                 "tokens_per_s": round(info.heartbeat.tps, 1),
                 "served": info.served,
+                "restarts": max(0, self.registrations[info.ready.worker] - 1),
                 "draining": info.heartbeat.draining,
                 "last_seen_s": round(now - view.last_seen, 2) if view else None,
                 "up_s": round(time.time() - info.joined, 1),
@@ -629,12 +769,19 @@ class Router:
                 "up_s": round(time.time() - self.started, 1),
                 "memory": {"rss_mb": self.metrics.resident_mb(),
                            "python_blocks": sys.getallocatedblocks()},
+                "loop_lag_ms": {"now": round(self.loop_lag[0] * 1000, 1),
+                                "max_1m": round(self.loop_lag[1] * 1000, 1)},
             },
             "queue": {"depth": sched.queue_depth, "limit": self.config.scheduler.queue_limit},
             "security": {
                 "curve": self.config.keys is not None,
                 "api_keys": bool(self.config.api_keys),
                 "refused": dict(self.gatekeeper.refused) if self.gatekeeper else {},
+                "isolate_cache": self.config.isolate_cache,
+                "log_lines_suppressed": self.throttle.suppressed + (
+                    self.gatekeeper.throttle.suppressed if self.gatekeeper else 0),
+                "frames_dropped": sum(c.dropped for c in (self._clients, self._workers) if c),
+                "http_connections_refused": self.http_site.refused if self.http_site else 0,
             },
             "requests": {
                 "active": len(self.jobs),
@@ -642,6 +789,8 @@ class Router:
                 "cache_hit_share": round(cached / prompt, 4) if prompt else 0.0,
                 "sessions_remembered": len(sched.affinity),
                 "sessions_forgotten": sched.sessions_forgotten,
+                "pushed_out": sched.pushed_out,
+                "cancels_ignored": sched.cancels_ignored,
                 "prefixes_remembered": len(self.prefixes),
                 "prefixes_forgotten": self.prefixes.dropped,
             },

@@ -27,6 +27,8 @@ class SavedState:
     tokens: tuple[int, ...]
     data: bytes
     nbytes: int
+    owner: str | None = None
+    """Whose conversation it is (the router's owner tag), set by the slot manager."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,9 @@ class Context(Protocol):
 
     def clear(self) -> None: ...
 
+    def truncate(self, n: int) -> None:
+        """Keep only the KV state of the first `n` tokens (the rest is recomputed)."""
+
     def generate(self, prompt: Sequence[int], sampling: Sampling, out: TextStream,
                  cancelled: threading.Event, resume: int = 0) -> Generation:
         """Evaluate the part of `prompt` not already held (the common prefix is reused),
@@ -69,6 +74,11 @@ class Model(Protocol):
     def chat_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
         """The prompt for `messages` in the model's chat template, ending where the
         assistant's answer starts."""
+
+    def prefix_tokens(self, messages: Sequence[ChatMessage], k: int) -> list[int]:
+        """The tokens of the first `k` messages as the chat template renders them before
+        any later message: for a template that renders a conversation message by message,
+        a prefix of `chat_tokens(messages)`; its length is a message boundary."""
 
     def text_tokens(self, text: str) -> list[int]:
         """The prompt for plain text (no chat template), as a completion continues it."""

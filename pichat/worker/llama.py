@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pichat.errors import BadRequest, PichatError
+from pichat.logs import clip
 from pichat.protocol import ChatMessage, Sampling
 from pichat.worker.backend import Generation, SavedState, common_prefix
 from pichat.worker.textstream import TextStream
@@ -77,11 +78,11 @@ class LlamaModel:
             log.warning("%s has no chat template; using ChatML", self.path)
             template = FALLBACK_TEMPLATE
         eos, bos = first.token_eos(), first.token_bos()
-        self._formatter = Jinja2ChatFormatter(
-            template=template,
-            eos_token=first._model.token_get_text(eos) if eos != -1 else "",
-            bos_token=first._model.token_get_text(bos) if bos != -1 else "",
-        )
+        tokens = {"eos_token": first._model.token_get_text(eos) if eos != -1 else "",
+                  "bos_token": first._model.token_get_text(bos) if bos != -1 else ""}
+        self._formatter = Jinja2ChatFormatter(template=template, **tokens)
+        self._prefix_formatter = Jinja2ChatFormatter(template=template,
+                                                     add_generation_prompt=False, **tokens)
 
     def _load(self, n_ctx: int, threads: int) -> Any:
         try:
@@ -98,12 +99,19 @@ class LlamaModel:
             raise PichatError(f"cannot load GGUF model {self.path}: {exc}") from None
 
     def chat_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
+        return self._render(self._formatter, messages)
+
+    def prefix_tokens(self, messages: Sequence[ChatMessage], k: int) -> list[int]:
+        return self._render(self._prefix_formatter, messages[:k]) if k else []
+
+    def _render(self, formatter: Any, messages: Sequence[ChatMessage]) -> list[int]:
         try:
-            rendered = self._formatter(
+            rendered = formatter(
                 messages=[{"role": m.role, "content": m.content} for m in messages]
             )
         except Exception as exc:  # the template's raise_exception, or a Jinja error
-            raise BadRequest(f"the model's chat template rejected the messages: {exc}") from None
+            raise BadRequest(f"the model's chat template rejected the messages: "
+                             f"{clip(str(exc), 200)}") from None
         return self._ref.tokenize(
             rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
         )
@@ -162,6 +170,10 @@ class LlamaContext:
     def clear(self) -> None:
         self.llm._ctx.kv_cache_seq_rm(_SEQ, -1, -1)
         self.llm.n_tokens = 0
+
+    def truncate(self, n: int) -> None:
+        # The KV cells past n_tokens are dropped by the next eval, before it decodes.
+        self.llm.n_tokens = min(self.llm.n_tokens, n)
 
     def generate(self, prompt: Sequence[int], sampling: Sampling, out: TextStream,
                  cancelled: threading.Event, resume: int = 0) -> Generation:

@@ -24,6 +24,7 @@ from pichat import __version__
 from pichat.config import WorkerConfig
 from pichat.errors import ErrorCode, PichatError, ProtocolError
 from pichat.health import HealthEndpoint
+from pichat.logs import clip
 from pichat.protocol import (
     Cancel,
     Chunk,
@@ -278,7 +279,7 @@ class Worker:
                 self._reregister = True
                 self._wake.set()
             case Error():
-                log.error("router error: %s: %s", message.code, message.message)
+                log.error("router error: %s: %s", message.code, clip(message.message, 300))
             case _:
                 log.warning("unexpected %s from the router; ignored", message.COMMAND.name)
 
@@ -367,7 +368,7 @@ class Worker:
             slots=self.config.slots,
             ctx=model.n_ctx,
             version=__version__,
-            sessions=tuple(self.slots.warm_sessions()),
+            warm=tuple(self.slots.warm_leases()),
         )))
         self.slots.take_evicted()  # the READY's session list supersedes them
         log.info("worker %s: READY sent to %s (%s, %d slots)", self.config.name,

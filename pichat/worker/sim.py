@@ -52,12 +52,14 @@ class SimModel:
         self.name = name
 
     def chat_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
+        return [*self.prefix_tokens(messages, len(messages)), _MARKERS["assistant"]]
+
+    def prefix_tokens(self, messages: Sequence[ChatMessage], k: int) -> list[int]:
         tokens: list[int] = []
-        for message in messages:
+        for message in messages[:k]:
             tokens.append(_MARKERS[message.role])
             tokens.extend(_word_id(w) for w in message.content.split())
             tokens.append(_END)
-        tokens.append(_MARKERS["assistant"])
         return tokens
 
     def text_tokens(self, text: str) -> list[int]:
@@ -88,6 +90,9 @@ class SimContext:
 
     def clear(self) -> None:
         self._tokens = []
+
+    def truncate(self, n: int) -> None:
+        del self._tokens[n:]
 
     def generate(self, prompt: Sequence[int], sampling: Sampling, out: TextStream,
                  cancelled: threading.Event, resume: int = 0) -> Generation:

@@ -6,6 +6,16 @@ tokens. When a slot is needed for another conversation, the resident one's KV st
 saved into the `SessionStore` (RAM, least recently used dropped first within a byte
 budget) and restored when that conversation comes back, to whichever slot is free.
 
+KV state is reused across owners (the router's tag of who sent a request) only up to a
+whole-message boundary: a context another owner left is truncated to the longest run of
+complete messages the new prompt shares with it (typically a common system prompt), never
+to a token inside a message, so `cached_tokens` and the time to first token cannot be
+used to guess another user's prompt token by token. With `isolate` nothing is reused
+across owners at all.
+
+The router leases each session to this worker; the lease is kept with the session and
+announced back in READY, the router's proof that it placed the session here.
+
 Threading: `acquire` and `release` run on the event loop; `run` runs in the slot's own
 thread. The store and the eviction list are shared and guarded by a lock.
 """
@@ -18,14 +28,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pichat.errors import BadRequest, ContextTooLong
-from pichat.protocol import Request, SessionId
+from pichat.protocol import ChatMessage, Request, SessionId
 from pichat.worker.backend import Context, Generation, Model, SavedState, common_prefix
 from pichat.worker.textstream import TextStream
 
-__all__ = ["SessionStore", "Slot", "SlotManager"]
+__all__ = ["SessionStore", "Slot", "SlotManager", "message_boundary"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +85,8 @@ class Slot:
     context: Context
     resident: SessionId | None = None
     """The conversation whose KV the context holds (None: an anonymous request's)."""
+    owner: str | None = None
+    """Whose tokens the context holds (the router's owner tag)."""
     busy: bool = False
     last_used: int = 0
 
@@ -88,6 +100,8 @@ class SlotManager:
         self._lock = threading.Lock()
         self._evicted: list[SessionId] = []
         self._clock = itertools.count(1)
+        self._leases: dict[SessionId, str] = {}
+        """The router's lease of each warm session (only sessions warm here)."""
 
     # --- event loop side --------------------------------------------------------------
 
@@ -116,12 +130,19 @@ class SlotManager:
         resident = [s.resident for s in self.slots if s.resident is not None]
         return list(dict.fromkeys([*resident, *stored]))
 
+    def warm_leases(self) -> list[tuple[str, str]]:
+        """(session, lease) of the warm sessions the router leased to this worker."""
+        return [(s, self._leases[s]) for s in self.warm_sessions() if s in self._leases]
+
     def take_evicted(self) -> list[SessionId]:
         """Sessions no longer warm here since the last call (for the router's affinity)."""
         with self._lock:
             evicted, self._evicted = self._evicted, []
         resident = {s.resident for s in self.slots}
-        return [s for s in evicted if s not in resident]
+        gone = [s for s in evicted if s not in resident]
+        for session in gone:
+            self._leases.pop(session, None)
+        return gone
 
     # --- slot thread side -------------------------------------------------------------
 
@@ -129,6 +150,8 @@ class SlotManager:
             cancelled: threading.Event) -> Generation:
         """Generate `request` in `slot` (call from the slot's thread only)."""
         started = time.perf_counter()
+        if request.session is not None and request.lease is not None:
+            self._leases[request.session] = request.lease
         if request.prompt is not None:
             prompt = self.model.text_tokens(request.prompt)
         else:
@@ -145,14 +168,14 @@ class SlotManager:
                 f"the prompt is {len(prompt)} tokens but the model's context holds "
                 f"{self.model.n_ctx} (prompt and answer together); shorten the conversation"
             )
-        self._bring_in(slot, request.session, prompt)
+        self._bring_in(slot, request, prompt)
         try:
             result = slot.context.generate(prompt, request.sampling, out, cancelled,
                                            resume=len(request.continuation))
             out.close()
         except Exception:
             slot.context.clear()
-            slot.resident = None
+            slot.resident = slot.owner = None
             raise
         # Session switch (save/restore) counts as prompt time: it is part of the wait.
         switch_ms = (time.perf_counter() - started) * 1000 - result.prompt_ms - result.generate_ms
@@ -162,29 +185,65 @@ class SlotManager:
                                 result.generate_ms)
         return result
 
-    def _bring_in(self, slot: Slot, session: SessionId | None, prompt: Sequence[int]) -> None:
-        """Make `slot`'s context hold the best state available for `session`'s prompt."""
-        if session is not None and slot.resident == session:
-            return
+    def _bring_in(self, slot: Slot, request: Request, prompt: Sequence[int]) -> None:
+        """Make `slot`'s context hold the best state available for `request`'s prompt,
+        and no more of another owner's tokens than may be shared."""
+        session = request.session
         ctx = slot.context
-        if slot.resident is not None:
-            saved = ctx.save()
-            with self._lock:
-                self._evicted += self.store.put(slot.resident, saved)
-            log.debug("session=%s saved (%d tokens, %.1f MB)", slot.resident,
-                      len(saved.tokens), saved.nbytes / 1e6)
-        slot.resident = session
-        if session is None:
-            return
-        with self._lock:
-            state = self.store.peek(session)
-            # Restore only if it beats what the context already shares with the prompt
-            # (e.g. a common system prompt).
-            if state is not None and common_prefix(state.tokens, prompt) > common_prefix(
-                ctx.tokens(), prompt
-            ):
-                self.store.take(session)
-            else:
-                state = None
-        if state is not None and not ctx.restore(state):
-            log.warning("session=%s: the backend refused its saved state; starting cold", session)
+        keep = self._shareable(slot, request, prompt)
+        if session is None or slot.resident != session:
+            if slot.resident is not None:
+                saved = replace(ctx.save(), owner=slot.owner)
+                with self._lock:
+                    self._evicted += self.store.put(slot.resident, saved)
+                log.debug("session=%s saved (%d tokens, %.1f MB)", slot.resident,
+                          len(saved.tokens), saved.nbytes / 1e6)
+            slot.resident = session
+            if session is not None:
+                with self._lock:
+                    state = self.store.peek(session)
+                    # Restore only if it beats what the context may already share with the
+                    # prompt (e.g. a common system prompt).
+                    if state is not None and common_prefix(state.tokens, prompt) > keep:
+                        self.store.take(session)
+                    else:
+                        state = None
+                if state is not None:
+                    restored = ctx.restore(state)
+                    slot.owner = state.owner if restored else None
+                    keep = common_prefix(ctx.tokens(), prompt) if restored else 0
+                    if not restored:
+                        log.warning("session=%s: the backend refused its saved state; "
+                                    "starting cold", session)
+        if keep < len(ctx.tokens()):
+            ctx.truncate(keep)
+        slot.owner = request.owner
+
+    def _shareable(self, slot: Slot, request: Request, prompt: Sequence[int]) -> int:
+        """How many of the context's tokens `request` may reuse."""
+        held = slot.context.tokens()
+        common = common_prefix(held, prompt)
+        if slot.owner == request.owner or common == 0:
+            return common
+        if request.isolate or not request.messages:
+            return 0
+        return message_boundary(self.model, request.messages, prompt, common)
+
+
+def message_boundary(model: Model, messages: Sequence[ChatMessage], prompt: Sequence[int],
+                     limit: int) -> int:
+    """The length of the longest run of whole messages at the start of `prompt` that is
+    at most `limit` tokens long (0 if none): found by bisection over the number of
+    messages, checked against the prompt's own tokens."""
+    lo, hi = 0, len(messages)
+    while lo < hi:  # the largest k whose rendering is at most `limit` tokens
+        k = (lo + hi + 1) // 2
+        if len(model.prefix_tokens(messages, k)) <= limit:
+            lo = k
+        else:
+            hi = k - 1
+    for k in range(lo, 0, -1):
+        tokens = model.prefix_tokens(messages, k)
+        if len(tokens) <= limit and list(prompt[:len(tokens)]) == tokens:
+            return len(tokens)
+    return 0
