@@ -41,7 +41,7 @@ $(STAMP): setup.cfg pyproject.toml scripts/install-llama.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	scripts/install-llama.sh $(PY)
-	$(PY) -m pip install --quiet -e '.[test,default-model]'
+	$(PY) -m pip install --quiet -e '.[test]'
 	$(PICHAT) models default
 	touch $@
 
@@ -94,9 +94,11 @@ soak: install
 	$(PY) tests/faultlab/soak.py --clients 1000 --minutes 3
 
 docker-e2e: install
+	scripts/ensure-tools.sh docker:docker.io dockerd:docker.io debootstrap:debootstrap
 	scripts/docker-e2e.sh
 
 systemd-e2e: install
+	scripts/ensure-tools.sh docker:docker.io dockerd:docker.io debootstrap:debootstrap
 	scripts/systemd-e2e.sh
 
 clean:

@@ -7,6 +7,7 @@ so a systemd EnvironmentFile or a compose file can hold the whole configuration.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -39,6 +40,14 @@ __all__ = ["main"]
 def _option(*names: str, env: str, **kwargs: Any) -> Any:
     kwargs.setdefault("show_default", True)
     return click.option(*names, envvar=f"PICHAT_{env}", show_envvar=True, **kwargs)
+
+
+def _default(config: type, name: str) -> Any:
+    """The default of a config dataclass's field: options take their defaults from there."""
+    for f in dataclasses.fields(config):
+        if f.name == name:
+            return f.default_factory() if f.default is dataclasses.MISSING else f.default
+    raise KeyError(name)
 
 
 def _setup_logging(level: str, role: str) -> None:
@@ -140,6 +149,41 @@ def main() -> None:
          help="Allow binding beyond loopback without keys (a network you trust).")
 @_option("--max-prompt-chars", env="MAX_PROMPT_CHARS", default=1_000_000,
          type=click.IntRange(1), help="Longest conversation a request may carry, characters.")
+@_option("--isolate-cache", env="ISOLATE_CACHE", is_flag=True,
+         help="No KV cache reuse between owners (API keys, client keys) at all; by default "
+              "one owner's cached tokens serve another only up to a whole-message boundary "
+              "(a shared system prompt).")
+@_option("--owner-max-running", env="OWNER_MAX_RUNNING",
+         default=_default(SchedulerConfig, "owner_max_running"), type=click.IntRange(0),
+         help="Requests one owner (a client key, an API key) may have running; 0: no cap "
+              "(owners take turns for free slots either way).")
+@_option("--owner-max-queued", env="OWNER_MAX_QUEUED",
+         default=_default(SchedulerConfig, "owner_max_queued"), type=click.IntRange(0),
+         help="Requests one owner may have waiting; 0: no cap (a full queue is shared "
+              "equally between the owners waiting).")
+@_option("--cancel-grace", env="CANCEL_GRACE", default=_default(SchedulerConfig, "cancel_grace"),
+         type=click.FloatRange(0.1), help="Seconds a worker has to confirm a cancel before "
+                                          "the router frees its slot anyway.")
+@_option("--status-per-s", env="STATUS_PER_S", default=_default(RouterConfig, "status_per_s"),
+         type=click.FloatRange(0.1), help="STATUS requests answered per second per client "
+                                          "connection (twice as many in a burst).")
+@_option("--http-max-connections", env="HTTP_MAX_CONNECTIONS",
+         default=_default(RouterConfig, "http_max_connections"), type=click.IntRange(1),
+         help="Open HTTP connections at most (a quarter of them per address); more get 503.")
+@_option("--http-idle-timeout", env="HTTP_IDLE_TIMEOUT",
+         default=_default(RouterConfig, "http_idle_timeout"), type=click.FloatRange(0.1),
+         help="Seconds an HTTP connection may go without a complete request (new, slow to "
+              "send its headers, or idle) before it is closed.")
+@_option("--http-body-timeout", env="HTTP_BODY_TIMEOUT",
+         default=_default(RouterConfig, "http_body_timeout"), type=click.FloatRange(0.1),
+         help="Seconds a request body may take to arrive.")
+@_option("--log-repeat-window", env="LOG_REPEAT_WINDOW",
+         default=_default(RouterConfig, "log_repeat_window"), type=click.FloatRange(0.1),
+         help="Repeated log lines of one kind (refused handshakes, bad messages) are held "
+              "back for this many seconds and then summed up in one line.")
+@_option("--ready-file", env="READY_FILE", default="", show_default=False,
+         help="Once everything is up, write the bound endpoints here as JSON (port 0 "
+              "resolved).")
 @log_level_option
 def router(clients_bind: str, workers_bind: str, policy: str, affinity_wait: float,
            prefix_load_factor: float, max_sessions: int, queue_limit: int,
@@ -147,7 +191,10 @@ def router(clients_bind: str, workers_bind: str, policy: str, affinity_wait: flo
            request_timeout: float, drain_timeout: float, http: str, api_keys: tuple[str, ...],
            api_key_file: str | None, http_max_tokens: int, heartbeat: float, liveness: int,
            max_message_bytes: int, health_bind: str, keys: str | None, insecure: bool,
-           max_prompt_chars: int, log_level: str) -> None:
+           max_prompt_chars: int, isolate_cache: bool, owner_max_running: int,
+           owner_max_queued: int, cancel_grace: float, status_per_s: float,
+           http_max_connections: int, http_idle_timeout: float, http_body_timeout: float,
+           log_repeat_window: float, ready_file: str, log_level: str) -> None:
     """Run the router: the broker between clients and workers.
 
     \b
@@ -172,6 +219,9 @@ def router(clients_bind: str, workers_bind: str, policy: str, affinity_wait: flo
             startup_grace=startup_grace,
             request_timeout=request_timeout,
             worker_expiry=heartbeat * liveness,
+            owner_max_running=owner_max_running,
+            owner_max_queued=owner_max_queued,
+            cancel_grace=cancel_grace,
         ),
         heartbeat_interval=heartbeat,
         liveness=liveness,
@@ -184,6 +234,13 @@ def router(clients_bind: str, workers_bind: str, policy: str, affinity_wait: flo
         keys=resolved_keys,
         insecure=insecure,
         max_prompt_chars=max_prompt_chars,
+        isolate_cache=isolate_cache,
+        status_per_s=status_per_s,
+        http_max_connections=http_max_connections,
+        http_idle_timeout=http_idle_timeout,
+        http_body_timeout=http_body_timeout,
+        log_repeat_window=log_repeat_window,
+        ready_file=ready_file,
     )
     try:
         asyncio.run(Router(config).run(handle_signals=True))

@@ -75,6 +75,8 @@ class RouterConfig:
     """Seconds a request's body may take to arrive."""
     ready_file: str = ""
     """Write the bound endpoints here (JSON) once everything is up; empty: no file."""
+    log_repeat_window: float = 60.0
+    """Seconds repeated log lines of one kind are held back before one summary line."""
 
     @property
     def policy(self) -> Policy:

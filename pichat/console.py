@@ -108,7 +108,8 @@ def format_status(snapshot: dict[str, Any]) -> str:
     if not workers:
         lines.append("no workers connected")
         return "\n".join(lines)
-    header = ("worker", "model", "backend", "slots", "warm", "tok/s", "served", "seen")
+    header = ("worker", "model", "backend", "slots", "warm", "tok/s", "served", "restarts",
+              "seen")
     rows = [header] + [
         (
             w["name"],
@@ -118,6 +119,7 @@ def format_status(snapshot: dict[str, Any]) -> str:
             str(w["warm_sessions"]),
             f"{w['tokens_per_s']:.1f}",
             str(w["served"]),
+            str(w.get("restarts", 0)),
             f"{w['last_seen_s']:.1f}s ago",
         )
         for w in workers

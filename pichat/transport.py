@@ -59,13 +59,16 @@ class Channel:
     """One socket driven from an asyncio loop: `handler(frames)` (or, with `identify`,
     `handler(frames, sender)`) for each message received, `send(frames)` to send.
     Exceptions from the handler are logged, never propagated: a bad message must not stop
-    the loop. Messages of more than `max_frames` frames are dropped and counted."""
+    the loop. Messages of more than `max_frames` frames are dropped and counted; if given,
+    `on_dropped(first_frames, n_frames)` hears of each (to answer the sender)."""
 
     def __init__(self, sock: zmq.Socket, handler: Callable[..., None],
                  loop: asyncio.AbstractEventLoop | None = None, *, max_frames: int = 4,
-                 identify: bool = False) -> None:
+                 identify: bool = False,
+                 on_dropped: Callable[[list[bytes], int], None] | None = None) -> None:
         self.sock = sock
         self.handler = handler
+        self.on_dropped = on_dropped
         self.loop = loop or asyncio.get_running_loop()
         self.max_frames = max_frames
         self.identify = identify
@@ -155,9 +158,16 @@ class Channel:
             frames.append(first.bytes)
         while sock.rcvmore if frames else True:
             if len(frames) >= self.max_frames:
+                total = len(frames)
                 while sock.rcvmore:  # drop the rest without copying it into Python
                     sock.recv(zmq.NOBLOCK, copy=False)
+                    total += 1
                 self.dropped += 1
+                if self.on_dropped is not None:
+                    try:
+                        self.on_dropped(frames, total)
+                    except Exception:
+                        log.exception("on_dropped failed; continuing")
                 return None
             frames.append(sock.recv(zmq.NOBLOCK))
         return frames, sender

@@ -19,8 +19,9 @@ cleanup() { if [ -n "$started_engine" ]; then scripts/docker-engine.sh stop; fi;
 trap cleanup EXIT
 
 step "qemu-user for arm64"
+scripts/ensure-tools.sh update-binfmts:binfmt-support qemu-aarch64-static:qemu-user-static \
+    debootstrap:debootstrap docker:docker.io dockerd:docker.io
 if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
-    command -v update-binfmts >/dev/null || { echo "needs qemu-user-static binfmt-support (apt-get install)" >&2; exit 1; }
     mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
     update-binfmts --enable qemu-aarch64
 fi

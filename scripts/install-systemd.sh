@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # Install pichat as systemd services on this machine (a Raspberry Pi or any Linux box):
-#   a virtual environment in /opt/pichat/venv with llama-cpp-python built for this CPU,
-#   pichat and the default model's packages; the units in /etc/systemd/system; the
-#   configuration in /etc/pichat/pichat.env and CurveZMQ keys in /etc/pichat/keys (both
-#   kept if they exist).
+#   a virtual environment in /opt/pichat/venv with llama-cpp-python built for this CPU and
+#   pichat; the default model, assembled (pinned, verified) into the worker's state
+#   directory; the units in /etc/systemd/system; the configuration in
+#   /etc/pichat/pichat.env and CurveZMQ keys in /etc/pichat/keys (both kept if they exist).
 # Then: edit /etc/pichat/pichat.env and `systemctl enable --now pichat-worker` (and
 # pichat-router on the Pi that runs the router).
 #
 # Usage: sudo scripts/install-systemd.sh        (or: sudo make install-systemd)
 # Env:   PREFIX (default /opt/pichat), DESTDIR (stage into another root, for packaging),
-#        PICHAT_EXTRAS (default "default-model"; empty to skip the model's packages).
+#        PICHAT_FETCH_MODEL (default yes; "no" to skip assembling the default model).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 prefix=${PREFIX:-/opt/pichat}
 root=${DESTDIR:-}
-extras=${PICHAT_EXTRAS-default-model}
+fetch_model=${PICHAT_FETCH_MODEL:-yes}
 python=${PYTHON:-python3}
 
 if [ -z "$root" ] && [ "$(id -u)" != 0 ]; then
@@ -28,7 +28,15 @@ echo "== virtual environment in $venv"
 "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$here/scripts/install-llama.sh" "$venv/bin/python"
-"$venv/bin/python" -m pip install --quiet "$here${extras:+[$extras]}"
+"$venv/bin/python" -m pip install --quiet "$here"
+if [ "$fetch_model" != no ]; then
+    # The worker's StateDirectory (DynamicUser: systemd hands it to the service's user).
+    models="$root/var/lib/private/pichat/models"
+    echo "== the default model into $models"
+    install -d -m 0700 "$root/var/lib/private"
+    install -d "$models"
+    PICHAT_MODEL_DIR="$models" "$venv/bin/pichat" models default
+fi
 
 echo "== units and configuration"
 install -d "$root/etc/systemd/system" "$root/etc/pichat"

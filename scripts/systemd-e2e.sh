@@ -49,7 +49,7 @@ echo "systemd: $state"
 step "make install-systemd"
 ctr bash -c 'cp -a /src /tmp/pichat && cd /tmp/pichat && rm -rf .venv docker/wheelhouse/linux-arm64 &&
     PIP_NO_INDEX=1 PIP_FIND_LINKS=/src/docker/wheelhouse/linux-amd64 PICHAT_WHEEL_CACHE=/wheels \
-    PICHAT_EXTRAS= make install-systemd'
+    PICHAT_FETCH_MODEL=no make install-systemd'
 
 step "configure, seed the model, start"
 ctr bash -c 'sed -i "s|^PICHAT_THREADS=.*|PICHAT_THREADS=1|" /etc/pichat/pichat.env &&

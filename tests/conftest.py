@@ -1,11 +1,14 @@
-"""Shared fixtures: a tiny real GGUF model, free ports, and real pichat processes."""
+"""Shared fixtures: a tiny real GGUF model and real pichat processes.
+
+No test picks a "free" port and hopes it stays free: daemons bind port 0 and the tests
+read where they listen (the router's --ready-file, a socket's LAST_ENDPOINT)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +19,7 @@ import pytest
 
 from pichat.client import Client
 from pichat.config import ClientConfig
+from pichat.security import resolve_keys
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_model import write_tiny_model  # noqa: E402
@@ -45,10 +49,16 @@ def default_model() -> Path:
         pytest.skip(f"default model not installed: {exc}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def wait_for_file(path: Path, proc: Proc, timeout: float = 60.0) -> str:
+    """The contents of `path` once `proc` has written it (it fails if `proc` exits)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if not proc.alive():
+            raise AssertionError(f"{proc.name} exited:\n{proc.output()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{proc.name} did not get ready:\n{proc.output()}")
+        time.sleep(0.02)
+    return path.read_text()
 
 
 class Proc:
@@ -105,32 +115,40 @@ class Proc:
 
 
 class Cluster:
-    """Real router and worker processes on loopback ports chosen for this test."""
+    """Real router and worker processes on loopback. The first router binds port 0 for
+    each endpoint; a router started again (a restart) binds the same ports."""
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.procs: list[Proc] = []
-        self.client_port = free_port()
-        self.worker_port = free_port()
-
-    @property
-    def client_endpoint(self) -> str:
-        return f"tcp://127.0.0.1:{self.client_port}"
-
-    @property
-    def worker_endpoint(self) -> str:
-        return f"tcp://127.0.0.1:{self.worker_port}"
+        self.client_endpoint = ""
+        self.worker_endpoint = ""
+        self.http_url = ""
+        """http://127.0.0.1:PORT of the router's HTTP face (when it has one)."""
+        self.keys: Path | None = None
+        """The keys directory clients use (None: no keys)."""
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
         proc = Proc(name, argv, self.log_dir, env)
         self.procs.append(proc)
         return proc
 
-    def router(self, *args: str, name: str = "router") -> Proc:
-        return self.spawn(name, [
-            "router", "--clients-bind", self.client_endpoint,
-            "--workers-bind", self.worker_endpoint, "--heartbeat", "0.5",
-            "--http", "127.0.0.1:0", *args])
+    def router(self, *args: str, name: str = "router", host: str = "127.0.0.1") -> Proc:
+        """Start a router and wait until it is ready (everything it serves is up)."""
+        ready = self.log_dir / f"{name}.ready"
+        ready.unlink(missing_ok=True)
+        port = lambda endpoint: endpoint.rsplit(":", 1)[1] if endpoint else "0"  # noqa: E731
+        http = f"{host}:{port(self.http_url)}"
+        proc = self.spawn(name, [
+            "router", "--clients-bind", f"tcp://{host}:{port(self.client_endpoint)}",
+            "--workers-bind", f"tcp://{host}:{port(self.worker_endpoint)}",
+            "--heartbeat", "0.5", "--http", http, "--ready-file", str(ready), *args])
+        bound = json.loads(wait_for_file(ready, proc))
+        local = lambda e: e.replace("0.0.0.0", "127.0.0.1")  # noqa: E731
+        self.client_endpoint = local(bound["clients"])
+        self.worker_endpoint = local(bound["workers"])
+        self.http_url = local(bound["http"])
+        return proc
 
     def worker(self, name: str, *args: str, backend: str = "sim") -> Proc:
         return self.spawn(name, [
@@ -138,7 +156,8 @@ class Cluster:
             "--heartbeat", "0.5", "--threads", "1", *args])
 
     def client(self, **kwargs) -> Client:
-        return Client(ClientConfig(router=self.client_endpoint, **kwargs))
+        keys = resolve_keys(str(self.keys)) if self.keys else None
+        return Client(ClientConfig(router=self.client_endpoint, keys=keys, **kwargs))
 
     async def wait_workers(self, n: int, timeout: float = 60.0, *, names: set[str] | None = None
                            ) -> dict:

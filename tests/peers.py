@@ -24,9 +24,11 @@ class Peer:
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         if bind:
             self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            self.sock.bind(endpoint)
+            self.sock.bind(endpoint)  # tcp://127.0.0.1:* picks a free port
+            endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         else:
             self.sock.connect(endpoint)
+        self.endpoint = endpoint
         self.peer: bytes | None = None
         """ROUTER: the routing id of the last sender (replies go there)."""
 

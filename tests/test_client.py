@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 import zmq.asyncio
 
-from conftest import free_port
 from peers import Peer
 from pichat.client import Client
 from pichat.config import ClientConfig
@@ -31,9 +31,8 @@ HI = [ChatMessage("user", "hi")]
 @pytest.fixture
 async def pair():
     ctx = zmq.asyncio.Context()
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    router = Peer(ctx, endpoint, bind=True)
-    client = Client(ClientConfig(router=endpoint, silence_timeout=0.5))
+    router = Peer(ctx, "tcp://127.0.0.1:*", bind=True)
+    client = Client(ClientConfig(router=router.endpoint, silence_timeout=0.5))
     client.connect()
     yield router, client
     client.close()
@@ -123,7 +122,14 @@ async def test_an_answer_without_token_ids_is_not_continued(pair):
 
 
 async def test_no_router_at_all_is_a_clear_error_not_a_hang():
-    client = Client(ClientConfig(router=f"tcp://127.0.0.1:{free_port()}", silence_timeout=0.3))
+    with socket.socket() as taken:  # bound, never listening: connections are refused
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        await _no_router(port)
+
+
+async def _no_router(port: int) -> None:
+    client = Client(ClientConfig(router=f"tcp://127.0.0.1:{port}", silence_timeout=0.3))
     client.connect()
     try:
         with pytest.raises(RouterUnavailable, match="is it running"):

@@ -93,7 +93,8 @@ def test_configuration_files_only_name_real_options(path):
     assert used, path
     unknown = used - option_envvars() - {"PICHAT_IMAGE", "PICHAT_PUBLISH", "PICHAT_PUBLISH_PORT",
                                                "PICHAT_MODELS", "PICHAT_PUBLISH_HTTP",
-                                               "PICHAT_PUBLISH_HTTP_PORT"}
+                                               "PICHAT_PUBLISH_HTTP_PORT", "PICHAT_ROUTER_MEMORY",
+                                               "PICHAT_WORKER_MEMORY"}
     assert not unknown, f"{path} sets variables no option reads: {unknown}"
 
 
@@ -134,7 +135,7 @@ def test_shell_scripts_pass_shellcheck():
 def test_install_systemd_stages_a_working_installation(tmp_path):
     """scripts/install-systemd.sh into a staging root (no root needed, nothing started)."""
     done = run(ROOT / "scripts" / "install-systemd.sh",
-               env={**os.environ, "DESTDIR": str(tmp_path), "PICHAT_EXTRAS": ""})
+               env={**os.environ, "DESTDIR": str(tmp_path), "PICHAT_FETCH_MODEL": "no"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for unit in UNITS:
         assert (tmp_path / "etc/systemd/system" / unit).read_text() == (
@@ -149,6 +150,6 @@ def test_install_systemd_stages_a_working_installation(tmp_path):
     # A second run keeps the operator's configuration.
     (tmp_path / "etc/pichat/pichat.env").write_text("PICHAT_SLOTS=2\n")
     again = run(ROOT / "scripts" / "install-systemd.sh",
-                env={**os.environ, "DESTDIR": str(tmp_path), "PICHAT_EXTRAS": ""})
+                env={**os.environ, "DESTDIR": str(tmp_path), "PICHAT_FETCH_MODEL": "no"})
     assert again.returncode == 0 and "keeping the existing" in again.stdout
     assert (tmp_path / "etc/pichat/pichat.env").read_text() == "PICHAT_SLOTS=2\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,9 +15,10 @@ from pathlib import Path
 import pytest
 import zmq
 
-from conftest import ROOT, Cluster, free_port
+from conftest import ROOT, Cluster, Proc
 from pichat.errors import ErrorCode, RequestFailed
 from pichat.protocol import ChatMessage, Sampling
+from pichat.security import keygen
 
 GREEDY = Sampling(temperature=0, max_tokens=16)
 
@@ -124,8 +126,10 @@ async def test_a_client_waiting_on_a_dead_router_gets_an_error_not_a_hang(cluste
     cluster.worker("w1", "--sim-gen-tps", "2", "--sim-reply-tokens", "100")
     await cluster.wait_workers(1)
     async with cluster.client(silence_timeout=1.5) as client:
-        task = asyncio.create_task(client.chat(ask("long answer"), sampling=GREEDY))
-        await asyncio.sleep(0.5)
+        streaming = asyncio.Event()
+        task = asyncio.create_task(client.chat(ask("long answer"), sampling=GREEDY,
+                                               on_text=lambda _: streaming.set()))
+        await streaming.wait()  # mid-answer
         router.kill()
         with pytest.raises(Exception) as info:
             await asyncio.wait_for(task, 10)
@@ -256,13 +260,20 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
+async def start_up(cluster: Cluster, *args: str) -> Proc:
+    """`pichat up` on port 0; the cluster's client endpoint is the one it reports."""
+    up = cluster.spawn("up", ["up", "--backend", "sim", "--clients-bind", "tcp://127.0.0.1:0",
+                              "--workers-bind", "tcp://127.0.0.1:0", *args])
+    out = await up.wait_output("workers ready behind", timeout=60)
+    match = re.search(r"ready behind (tcp://\S+?)[;.]? ", out)
+    assert match, out
+    cluster.client_endpoint = match.group(1)
+    return up
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 async def test_up_starts_a_cluster_and_a_signal_stops_all_of_it(cluster: Cluster, signum):
-    port_c, port_w = free_port(), free_port()
-    up = cluster.spawn("up", ["up", "--workers", "2", "--backend", "sim", "--http", "off",
-                              "--clients-bind", f"tcp://127.0.0.1:{port_c}",
-                              "--workers-bind", f"tcp://127.0.0.1:{port_w}"])
-    cluster.client_port = port_c
+    up = await start_up(cluster, "--workers", "2", "--http", "off")
     await cluster.wait_workers(2, timeout=60)
     children = _children(up.pid)
     assert len(children) == 3  # router + 2 workers
@@ -274,12 +285,40 @@ async def test_up_starts_a_cluster_and_a_signal_stops_all_of_it(cluster: Cluster
     assert not any(_alive(p) for p in children), up.output()
 
 
+async def test_up_starts_a_dead_worker_again_and_status_counts_it(cluster: Cluster, tmp_path):
+    keys = tmp_path / "keys"
+    keygen(keys)
+    up = await start_up(cluster, "--workers", "2", "--http", "127.0.0.1:0", "--keys", str(keys))
+    # The chat page's link carries the API key, in the fragment only.
+    api_key = (keys / "api-keys").read_text().split()[-1]
+    assert re.search(rf"web chat at http://127\.0\.0\.1:\d+/#key={api_key}", up.output())
+    cluster.keys = keys
+    status = await cluster.wait_workers(2, timeout=60)
+    victim = status["workers"][0]["name"]
+    os.kill(next(p for p in _children(up.pid) if f"--name {victim} " in _cmdline(p)),
+            signal.SIGKILL)
+    await up.wait_output("starting it again", timeout=30)
+    for _ in range(300):
+        status = await cluster.wait_workers(2, timeout=60)
+        restarts = {w["name"]: w["restarts"] for w in status["workers"]}
+        if restarts.get(victim) == 1:
+            break
+        await asyncio.sleep(0.1)
+    assert restarts == {w: int(w == victim) for w in restarts}, restarts
+    assert up.alive()  # one worker's death does not stop the cluster
+    up.signal(signal.SIGTERM)
+    assert up.popen.wait(60) == 0
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
 def test_up_once_answers_the_prompt_and_exits(tmp_path):
-    port_c, port_w = free_port(), free_port()
     out = subprocess.run(
         [sys.executable, "-m", "pichat", "up", "--workers", "1", "--backend", "sim",
-         "--http", "off", "--clients-bind", f"tcp://127.0.0.1:{port_c}", "--workers-bind",
-         f"tcp://127.0.0.1:{port_w}", "--prompt", "Hello", "--once"],
+         "--http", "off", "--clients-bind", "tcp://127.0.0.1:0", "--workers-bind",
+         "tcp://127.0.0.1:0", "--prompt", "Hello", "--once"],
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "> Hello" in out.stdout and "TTFT" in out.stdout

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import zmq.asyncio
 
-from conftest import Cluster, free_port
+from conftest import Cluster
 from peers import Peer, eventually
 from pichat.config import RouterConfig
 from pichat.protocol import (
@@ -31,10 +31,11 @@ STORY = [ChatMessage("user", "tell me a long story")]
 
 async def test_the_router_continues_a_stream_on_another_worker_token_for_token():
     ctx = zmq.asyncio.Context()
-    client_ep, worker_ep = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
-    router = Router(RouterConfig(clients_bind=client_ep, workers_bind=worker_ep, http=""))
+    router = Router(RouterConfig(clients_bind="tcp://127.0.0.1:0",
+                                 workers_bind="tcp://127.0.0.1:0", http=""))
     task = asyncio.create_task(router.run())
     await router.ready.wait()
+    client_ep, worker_ep = router.clients_endpoint, router.workers_endpoint
     first, second, client = Peer(ctx, worker_ep), Peer(ctx, worker_ep), Peer(ctx, client_ep)
     try:
         await first.send(Ready("first", "m", "sim", 1, 4096, "t"))

@@ -13,7 +13,7 @@ import zmq.asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import Cluster, free_port
+from conftest import Cluster
 from peers import Peer
 from pichat.protocol import (
     TAG,
@@ -58,6 +58,27 @@ near_request = st.fixed_dictionaries({
     "continuation": values, "prompt": values, "session": values})
 
 commands = st.sampled_from([bytes([c]) for c in Command] + [b"\x00", b"\xff", b"\x03\x03"])
+
+def nested(depth: int) -> list:
+    value: list = [1]
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+# Adversarial sizes and shapes from the protocol's own grammar: a real field of a real
+# command holding a container of many tiny containers (cheap to send, costly to decode),
+# a huge string, or the wrong type; and well-formed messages with extra frames.
+hostile_values = st.one_of(
+    st.integers(1, 12_000).map(lambda n: [[]] * n),
+    st.integers(1, 6_000).map(lambda n: [{}] * n),
+    st.integers(1, 3_000).map(lambda n: [["ab"] * 8] * n),
+    st.integers(1, 40_000).map(lambda n: "x" * n),
+    st.integers(1, 20).map(lambda depth: nested(depth)),
+    values,
+)
+hostile_body = st.tuples(st.sampled_from(FIELDS), hostile_values, near_request).map(
+    lambda t: {**t[2], t[0]: t[1]})
 messages = st.one_of(
     st.lists(st.binary(max_size=64), min_size=1, max_size=6),                  # noise
     st.tuples(st.just(TAG), commands, body(values)).map(list),                 # any body
@@ -67,6 +88,10 @@ messages = st.one_of(
     st.tuples(st.just(TAG), commands, st.binary(max_size=40)).map(list),       # truncated
     st.tuples(st.just(TAG), commands, st.just(b"\x91" * 1000)).map(list),      # deep nesting
     st.just([TAG, bytes([Command.REQUEST]), b"x" * (MAX_BYTES + 1)]),          # oversized
+    st.tuples(st.just(TAG), commands, body(hostile_body)).map(list),           # costly bodies
+    st.tuples(st.just(TAG), commands, body(values),
+              st.lists(st.binary(max_size=2048), min_size=1, max_size=40))
+    .map(lambda t: [*t[:3], *t[3]]),                                           # extra frames
 )
 
 FUZZ = settings(max_examples=250, deadline=None,
@@ -164,8 +189,8 @@ async def answer(fake_router: Peer, rid: str) -> str:
 
 async def test_fuzzing_a_worker_from_a_fake_router(cluster: Cluster):
     zctx = zmq.asyncio.Context()
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    fake_router = Peer(zctx, endpoint, bind=True)
+    fake_router = Peer(zctx, "tcp://127.0.0.1:*", bind=True)
+    endpoint = fake_router.endpoint
     # A long liveness: the fake router sends no heartbeats, and the worker must not
     # reconnect in the middle of the run.
     worker = await start_worker(cluster, endpoint, "--heartbeat", "0.5", "--liveness", "100")
@@ -197,8 +222,8 @@ async def test_fuzzing_a_worker_from_a_fake_router(cluster: Cluster):
 
 async def test_an_oversized_message_cuts_the_link_and_the_worker_comes_back(cluster: Cluster):
     zctx = zmq.asyncio.Context()
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    fake_router = Peer(zctx, endpoint, bind=True)
+    fake_router = Peer(zctx, "tcp://127.0.0.1:*", bind=True)
+    endpoint = fake_router.endpoint
     worker = await start_worker(cluster, endpoint, "--heartbeat", "0.2", "--liveness", "3")
     try:
         await fake_router.expect(Ready, timeout=30)

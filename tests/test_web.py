@@ -84,3 +84,17 @@ async def test_the_page_reports_errors(cluster: Cluster, browser):
     await page.keyboard.press("Enter")
     await page.wait_for_selector(".msg.assistant.error", timeout=30_000)
     assert "no worker" in await page.text_content(".msg.assistant.error")
+
+
+async def test_the_page_takes_its_api_key_from_the_link_and_drops_it_from_the_address(
+        cluster: Cluster, browser):
+    cluster.router("--api-key", "sesame")
+    cluster.worker("w1", "--sim-reply-tokens", "4")
+    await cluster.wait_workers(1)
+    page = await browser.new_page()
+    await page.goto(cluster.http_url + "/#key=sesame")  # the link `pichat up` prints
+    assert "sesame" not in await page.evaluate("() => location.href")
+    assert await page.evaluate("() => localStorage.getItem('pichat-key')") == "sesame"
+    await page.fill("#input", "hello")
+    await page.keyboard.press("Enter")  # answered without asking for a key
+    await page.wait_for_selector(".msg.assistant[data-done='1']", timeout=20_000)

@@ -9,7 +9,6 @@ import msgpack
 import pytest
 import zmq.asyncio
 
-from conftest import free_port
 from peers import Peer
 from pichat.config import SimConfig, WorkerConfig
 from pichat.errors import ErrorCode
@@ -43,8 +42,8 @@ def request(rid: str, text: str = "hello there", session: str | None = "s1",
 
 async def start(sim: SimConfig, slots: int = 1, ctx: int = 4096, liveness: int = 50):
     ctx_zmq = zmq.asyncio.Context()
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    router = Peer(ctx_zmq, endpoint, bind=True)
+    router = Peer(ctx_zmq, "tcp://127.0.0.1:*", bind=True)
+    endpoint = router.endpoint
     config = WorkerConfig(router=endpoint, name="w1", backend="sim", slots=slots,
                           heartbeat_interval=0.1, liveness=liveness, chunk_tokens=4,
                           reconnect_max=0.5, sim=sim, ctx=ctx)

@@ -1,11 +1,15 @@
 """A fault lab of real hosts on one machine: the router and three workers each in their own
 network namespace (own address, own interface) on one bridge, a load of concurrent
-streaming chat requests from a fifth "host", and faults injected while it runs.
+streaming chat requests from a fifth "host", and faults injected while it runs: crashes,
+stops, cut links, packet loss, a router restart, and hostile peers (an admitted client
+and an admitted worker attacking the router from a sixth host, tests/faultlab/attack.py).
+Every link is secured with CurveZMQ keys made for the run.
 
 For every scenario the lab reports: requests sent, completed, failed with a clear error,
 lost (no answer and no error: must be 0), answers with duplicated or missing tokens
-(checked against the deterministic answer of the simulated model: must be 0), and the
-time from the fault to the router noticing it.
+(checked against the deterministic answer of the simulated model: must be 0), the time
+from the fault to the router noticing it, and the router's resident memory (before the
+fault, at its highest, at the end) and its event loop's worst lag.
 
 Needs root (namespaces, veth, iptables). Run it: `make fault-lab` (or
 `python tests/faultlab/lab.py`); tests/test_faultlab.py runs it in `make test`.
@@ -24,10 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from pichat.security import keygen  # noqa: E402
+
 LOAD = Path(__file__).with_name("load.py")
+ATTACK = Path(__file__).with_name("attack.py")
 SUBNET = "10.77.0"
 ROUTER_IP = f"{SUBNET}.1"
 CLIENT_IP = f"{SUBNET}.100"
+ATTACKER_IP = f"{SUBNET}.66"
 WORKERS = {"w1": f"{SUBNET}.11", "w2": f"{SUBNET}.12", "w3": f"{SUBNET}.13"}
 SIM = ["--backend", "sim", "--sim-gen-tps", "20", "--sim-reply-tokens", "40", "--slots", "2",
        "--chunk-tokens", "4"]
@@ -58,7 +68,8 @@ class Network:
     def __init__(self) -> None:
         self.tag = f"pl{os.getpid() % 100000}"
         self.bridge_ns = f"{self.tag}-br"
-        self.hosts = {"router": ROUTER_IP, "client": CLIENT_IP, **WORKERS}
+        self.hosts = {"router": ROUTER_IP, "client": CLIENT_IP, "attacker": ATTACKER_IP,
+                      **WORKERS}
 
     def ns(self, host: str) -> str:
         return f"{self.tag}-{host}"
@@ -120,15 +131,25 @@ class Result:
     failovers: int = 0
     detect_s: float | None = None
     errors: dict[str, int] = field(default_factory=dict)
+    rss_mb: tuple[float, float, float] | None = None
+    """The router's resident memory: before the fault, highest, at the end."""
+    lag_ms: float | None = None
+    """The router's event loop: the worst lateness of a 100 ms timer."""
+    attack: dict = field(default_factory=dict)
+    """What the attacker sent and was told (hostile scenarios)."""
 
     def row(self) -> str:
         detect = f"{self.detect_s:.1f}" if self.detect_s is not None else "-"
+        memory = "{:.0f}/{:.0f}/{:.0f}".format(*self.rss_mb) if self.rss_mb else "-"
+        lag = f"{self.lag_ms:.0f}" if self.lag_ms is not None else "-"
         return (f"{self.scenario:<22}{self.sent:>6}{self.completed:>11}{self.failed:>8}"
-                f"{self.lost:>6}{self.corrupted:>10}{self.failovers:>11}{detect:>10}")
+                f"{self.lost:>6}{self.corrupted:>10}{self.failovers:>11}{detect:>10}"
+                f"{memory:>16}{lag:>9}")
 
 
 HEADER = (f"{'scenario':<22}{'sent':>6}{'completed':>11}{'failed':>8}{'lost':>6}"
-          f"{'dup/miss':>10}{'failovers':>11}{'detect s':>10}")
+          f"{'dup/miss':>10}{'failovers':>11}{'detect s':>10}{'router MB':>16}"
+          f"{'lag ms':>9}")
 
 
 class Lab:
@@ -136,6 +157,10 @@ class Lab:
         self.net = Network()
         self.workdir = workdir
         self.procs: dict[str, subprocess.Popen] = {}
+        self.frozen_at: float | None = None
+        self.keys = workdir / "keys"
+        keygen(self.keys, workers=("evil",), clients=("evil",))
+        self.attack_report = workdir / "attack.json"
 
     def __enter__(self) -> Lab:
         self.net.up()
@@ -151,16 +176,43 @@ class Lab:
     def start_router(self) -> None:
         self.procs["router"] = self.net.spawn("router", [
             "-m", "pichat", "router", "--clients-bind", f"tcp://{ROUTER_IP}:5555",
-            "--workers-bind", f"tcp://{ROUTER_IP}:5556", "--http", "off", "--insecure"],
-            self.workdir / "router.log")
+            "--workers-bind", f"tcp://{ROUTER_IP}:5556", "--http", f"{ROUTER_IP}:8080",
+            "--keys", str(self.keys)], self.workdir / "router.log")
 
     def start_worker(self, name: str) -> None:
         self.procs[name] = self.net.spawn(name, [
             "-m", "pichat", "worker", "--router", f"tcp://{ROUTER_IP}:5556", "--name", name,
-            *SIM], self.workdir / f"{name}.log")
+            "--keys", str(self.keys), *SIM], self.workdir / f"{name}.log")
 
     def signal(self, name: str, signum: int) -> None:
         self.procs[name].send_signal(signum)
+
+    def status(self) -> dict:
+        """The router's status, asked from the client host ({} if it does not answer)."""
+        out = sh("ip", "netns", "exec", self.net.ns("client"), sys.executable, "-m", "pichat",
+                 "status", "--json", "--router", f"tcp://{ROUTER_IP}:5555", "--keys",
+                 str(self.keys), check=False)
+        try:
+            return json.loads(out.stdout)
+        except ValueError:
+            return {}
+
+    def streaming(self, worker: str) -> int:
+        """Answers the router sees `worker` streaming."""
+        return sum(w.get("streaming", 0) for w in self.status().get("workers", [])
+                   if w["name"] == worker)
+
+    def freeze_mid_answer(self, worker: str) -> None:
+        """Stop `worker` (SIGSTOP) at a moment the router sees it streaming an answer, so
+        that a fault injected now always interrupts one: freeze, ask, thaw and retry."""
+        for _ in range(50):
+            self.signal(worker, signal.SIGSTOP)
+            self.frozen_at = time.time()
+            if self.streaming(worker) >= 1:
+                return
+            self.signal(worker, signal.SIGCONT)
+            time.sleep(0.2)
+        raise RuntimeError(f"{worker} was never seen streaming")
 
     def run(self, scenario: str, fault, *, duration: float = 14.0, fault_at: float = 4.0,
             watch: str | None = "w1") -> Result:
@@ -172,29 +224,43 @@ class Lab:
         out = self.workdir / "result.json"
         load = self.net.spawn("client", [
             str(LOAD), "--router", f"tcp://{ROUTER_IP}:5555", "--duration", str(duration),
-            "--out", str(out), "--workers", ",".join(WORKERS)], self.workdir / "load.log")
+            "--out", str(out), "--workers", ",".join(WORKERS), "--keys", str(self.keys)],
+            self.workdir / "load.log")
         ready = self.workdir / "result.json.ready"
         deadline = time.monotonic() + 60
         while not ready.exists():
             if load.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the load did not start: {self.logs()}")
             time.sleep(0.1)
-        time.sleep(fault_at)
+        time.sleep(fault_at)  # the load is under way
         injected = time.time()
+        self.frozen_at = None
         end = fault(self)
+        injected = self.frozen_at or injected  # a frozen worker went silent then
         if end is not None:
             time.sleep(6.0)
             end(self)
         load.wait(duration + 120)
+        final = self.status()  # after the load and any attack: what the router kept
         data = json.loads(out.read_text())
         result = Result(scenario, **data["counts"])
+        timeline = data["timeline"]
         if watch is not None:  # the router noticed: the worker left its list
-            gone = [t for t, names, _ in data["timeline"] if t > injected and watch not in names]
+            gone = [t for t, names, *_ in timeline if t > injected and watch not in names]
             result.detect_s = round(gone[0] - injected, 2) if gone else None
         elif scenario == "router restart":  # back: a new router lists every worker again
-            back = [t for t, names, started in data["timeline"]
+            back = [t for t, names, started, *_ in timeline
                     if t > injected and len(names) == 3 and started and started >= injected - 1]
             result.detect_s = round(back[0] - injected, 2) if back else None
+        samples = [(t, rss, lag) for t, _, _, rss, lag in timeline if rss is not None]
+        before = [rss for t, rss, _ in samples if t <= injected]
+        end = final.get("router", {}).get("memory", {}).get("rss_mb")
+        if before and end and scenario != "router restart":  # a new router: another process
+            result.rss_mb = (before[-1], max(rss for _, rss, _ in samples), end)
+        if samples:  # the worst of the run (the router's last minute: the whole run)
+            result.lag_ms = max(lag for _, _, lag in samples)
+        if self.attack_report.exists():
+            result.attack = json.loads(self.attack_report.read_text())
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGCONT)
@@ -209,22 +275,37 @@ class Lab:
 
 
 def _kill(lab: Lab):
+    lab.freeze_mid_answer("w1")
     lab.signal("w1", signal.SIGKILL)
 
 
 def _stop(lab: Lab):
-    lab.signal("w1", signal.SIGSTOP)
+    lab.freeze_mid_answer("w1")  # and it stays stopped
     return lambda lab: lab.signal("w1", signal.SIGCONT)
 
 
 def _cut(lab: Lab):
+    lab.freeze_mid_answer("w1")
     lab.net.cut("w1", True)
+    lab.signal("w1", signal.SIGCONT)
     return lambda lab: lab.net.cut("w1", False)
 
 
 def _loss(lab: Lab):
     lab.net.loss("w1", 0.05)
     return lambda lab: lab.net.loss("w1", None)
+
+
+def _attack(role: str):
+    def attack(lab: Lab):
+        endpoint = f"tcp://{ROUTER_IP}:{5555 if role == 'client' else 5556}"
+        proc = lab.net.spawn("attacker", [
+            str(ATTACK), role, "--router", endpoint, "--http", f"http://{ROUTER_IP}:8080",
+            "--keys", str(lab.keys), "--out", str(lab.attack_report)],
+            lab.workdir / f"attack-{role}.log")
+        if proc.wait(120) != 0:
+            raise RuntimeError(f"the {role} attack failed: {lab.logs()}")
+    return attack
 
 
 def _router(lab: Lab):
@@ -240,6 +321,8 @@ SCENARIOS = {
     "link cut and restored": (_cut, "w1"),
     "5% packet loss": (_loss, None),
     "router restart": (_router, None),
+    "hostile client": (_attack("client"), None),
+    "hostile worker": (_attack("worker"), None),
 }
 
 

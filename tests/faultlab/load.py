@@ -1,7 +1,8 @@
 """The fault lab's client host: concurrent streaming requests, each checked against the
 answer the simulated model must give, and a watch on the router's view of the workers.
 
-Writes JSON: {"counts": {...}, "timeline": [[unix time, [worker names], router start], ...]}.
+Writes JSON: {"counts": {...}, "timeline": [[unix time, [worker names], router start,
+router RSS MB, router loop lag ms], ...]}.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pichat.client import Client  # noqa: E402
 from pichat.config import ClientConfig, SimConfig  # noqa: E402
 from pichat.errors import PichatError, ProtocolError  # noqa: E402
 from pichat.protocol import ChatMessage, Sampling  # noqa: E402
+from pichat.security import resolve_keys  # noqa: E402
 from pichat.worker.sim import SimModel  # noqa: E402
 from pichat.worker.textstream import TextStream  # noqa: E402
 
@@ -43,13 +45,16 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=12)
     parser.add_argument("--workers", default="w1,w2,w3")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--keys", default="off")
     args = parser.parse_args()
+    keys = resolve_keys(args.keys)
     want = set(args.workers.split(","))
     counts: Counter[str] = Counter()
     errors: Counter[str] = Counter()
-    timeline: list[tuple[float, list[str], int | None]] = []
+    timeline: list[tuple[float, list[str], int | None, float | None, float | None]] = []
 
-    async with Client(ClientConfig(router=args.router, silence_timeout=1.5)) as watch:
+    async with Client(ClientConfig(router=args.router, silence_timeout=1.5,
+                                   keys=keys)) as watch:
         while True:  # wait for the cluster
             try:
                 names = {w["name"] for w in (await watch.status())["workers"]}
@@ -62,20 +67,20 @@ async def main() -> None:
         stop_at = time.monotonic() + args.duration
 
         async def watcher() -> None:
-            last = None
             while True:
                 try:
                     status = await watch.status()
                     names = sorted(w["name"] for w in status["workers"])
-                    started = round(time.time() - status["router"]["up_s"])
+                    router = status["router"]
+                    started = round(time.time() - router["up_s"])
+                    rss, lag = router["memory"]["rss_mb"], router["loop_lag_ms"]["max_1m"]
                 except PichatError:
-                    names, started = [], None
-                if (names, started) != last:
-                    timeline.append((time.time(), names, started))
-                    last = (names, started)
+                    names, started, rss, lag = [], None, None, None
+                timeline.append((time.time(), names, started, rss, lag))
                 await asyncio.sleep(0.1)
 
-        async with Client(ClientConfig(router=args.router, silence_timeout=3.0)) as client:
+        async with Client(ClientConfig(router=args.router, silence_timeout=3.0,
+                                       keys=keys)) as client:
             async def loop(i: int) -> None:
                 n = 0
                 while time.monotonic() < stop_at:
