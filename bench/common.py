@@ -1,8 +1,8 @@
-"""Helpers shared by the benchmarks: free ports, a local cluster, percentiles."""
+"""Helpers shared by the benchmarks: a local cluster (on ports the router picks), percentiles."""
 
 from __future__ import annotations
 
-import socket
+import asyncio
 import statistics
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,20 +11,13 @@ from pichat.client import Client
 from pichat.cluster import ClusterConfig, LocalCluster
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @asynccontextmanager
 async def local_cluster(**kwargs) -> AsyncIterator[Client]:
     """A router and workers as real processes on loopback; yields a connected client."""
-    config = ClusterConfig(clients_bind=f"tcp://127.0.0.1:{free_port()}",
-                           workers_bind=f"tcp://127.0.0.1:{free_port()}",
+    config = ClusterConfig(clients_bind="tcp://127.0.0.1:0", workers_bind="tcp://127.0.0.1:0",
                            log_level="warning", **kwargs)
     cluster = LocalCluster(config)
-    cluster.start()
+    await asyncio.to_thread(cluster.start)
     try:
         async with Client(cluster.client_config(silence_timeout=60)) as client:
             await cluster.wait_ready(client)

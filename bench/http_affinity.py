@@ -22,7 +22,7 @@ from collections import Counter, defaultdict
 sys.path.insert(0, os.path.dirname(__file__))
 import openai  # noqa: E402
 
-from common import free_port, local_cluster, ms, p50  # noqa: E402
+from common import local_cluster, ms, p50  # noqa: E402
 
 SYSTEM = (
     "You are the assistant of a public library. Answer in two or three short sentences. "
@@ -66,10 +66,10 @@ async def conversation(api, cid: int, turns: int, max_tokens: int, think: float,
 
 async def run_policy(policy: str, args) -> tuple[dict, float]:
     results: dict[int, list] = defaultdict(list)
-    port = free_port()
     async with local_cluster(workers=2, backend="llama", model=args.model, slots=args.slots,
-                             threads=1, policy=policy, http=f"127.0.0.1:{port}"):
-        async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                             threads=1, policy=policy, http="127.0.0.1:0") as client:
+        base = (await client.status())["router"]["http"]
+        async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="none",
                                       max_retries=0, timeout=600) as api:
             start = time.perf_counter()
             await asyncio.gather(*[conversation(api, c, args.turns, args.max_tokens, args.think,
