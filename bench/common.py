@@ -14,8 +14,9 @@ from pichat.cluster import ClusterConfig, LocalCluster
 @asynccontextmanager
 async def local_cluster(**kwargs) -> AsyncIterator[Client]:
     """A router and workers as real processes on loopback; yields a connected client."""
-    config = ClusterConfig(clients_bind="tcp://127.0.0.1:0", workers_bind="tcp://127.0.0.1:0",
-                           log_level="warning", **kwargs)
+    config = ClusterConfig(**{"clients_bind": "tcp://127.0.0.1:0",
+                              "workers_bind": "tcp://127.0.0.1:0", "http": "off",
+                              "log_level": "warning", **kwargs})
     cluster = LocalCluster(config)
     await asyncio.to_thread(cluster.start)
     try:

@@ -21,13 +21,14 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
 from pichat.config import ClientConfig
 from pichat.errors import ProtocolError, RequestFailed, RouterUnavailable
+from pichat.link import Link
 from pichat.protocol import (
     Cancel,
     ChatMessage,
@@ -43,7 +44,7 @@ from pichat.protocol import (
     decode,
     encode,
 )
-from pichat.security import Link
+from pichat.stream import StreamCursor
 from pichat.transport import Channel
 
 __all__ = ["Client", "Reply", "new_id"]
@@ -138,42 +139,36 @@ class Client:
         finished = False
         try:
             self._send(encode(current))
-            expected = 0  # chunks yielded
-            base = 0  # of those, yielded before `current` was sent
-            tokens: list[int] = []  # the token ids of the text yielded
-            resumable = True  # every chunk so far said which tokens it holds
-            resumes = 0
+            cursor = StreamCursor(request)
             resends = self.config.resend_on_silence
             while True:
                 try:
                     message = await self._next(queue)
                 except RouterUnavailable:
-                    if resends <= 0 or self._refused or not resumable or (
-                            len(tokens) >= request.sampling.max_tokens):
+                    if resends <= 0 or self._refused or not cursor.can_resume:
                         raise
                     # The router fell silent: it may have restarted and forgotten the
                     # request. If nothing has streamed yet, send it again as it was; else
-                    # ask for the rest of the answer.
+                    # ask for the rest of the answer (as the router itself does when a
+                    # worker dies mid-answer): nothing is lost or repeated.
                     resends -= 1
-                    if expected:
-                        current = self._continuation(request, current, tokens, queue)
-                        base = expected
-                        resumes += 1
+                    if cursor.chunks:
+                        with contextlib.suppress(RouterUnavailable):
+                            self._send(encode(Cancel(current.id)))  # if the old one lives on
+                        del self._pending[current.id]
+                        current = cursor.resume(RequestId(new_id()))
+                        self._pending[current.id] = queue
                     self._send(encode(current))
                     continue
                 match message:
                     case Chunk():
-                        if base + message.seq != expected:
-                            raise ProtocolError(f"chunk {base + message.seq} arrived where "
-                                                f"{expected} was due")
-                        expected += 1
-                        tokens.extend(message.tokens)
-                        resumable = resumable and (bool(message.tokens) or not message.text)
-                        yield message if not base else replace(message, seq=expected - 1)
+                        if message.seq != cursor.expected_seq:
+                            raise ProtocolError(f"chunk {cursor.seq_base + message.seq} arrived "
+                                                f"where {cursor.chunks} was due")
+                        yield cursor.accept(message)
                     case Done():
                         finished = True
-                        resumed = len(current.continuation) - len(request.continuation)
-                        yield message.continued(resumed, resumes) if resumes else message
+                        yield cursor.final(message)
                         return
                     case Error():
                         finished = True
@@ -182,21 +177,6 @@ class Client:
             del self._pending[current.id]
             if not finished and self._channel is not None:
                 self._send(encode(Cancel(current.id)))
-
-    def _continuation(self, request: Request, current: Request, tokens: list[int],
-                      queue: asyncio.Queue) -> Request:
-        """The rest of a partly streamed answer, under a new id: a continuation after the
-        tokens already delivered (what the router itself does when a worker dies
-        mid-answer), so the answer goes on with no token lost or repeated."""
-        with contextlib.suppress(RouterUnavailable):
-            self._send(encode(Cancel(current.id)))  # in case the old router lives on
-        sampling = request.sampling
-        resumed = replace(request, id=RequestId(new_id()),
-                          continuation=request.continuation + tuple(tokens),
-                          sampling=replace(sampling, max_tokens=sampling.max_tokens - len(tokens)))
-        del self._pending[current.id]
-        self._pending[resumed.id] = queue
-        return resumed
 
     async def chat(self, messages: Sequence[ChatMessage], *,
                    on_text: Callable[[str], None] | None = None, **kwargs: Any) -> Reply:
@@ -230,6 +210,31 @@ class Client:
         finally:
             if future in self._status_waiters:
                 self._status_waiters.remove(future)
+
+    async def wait_for_workers(self, count: int | None = None, *,
+                               names: set[str] | None = None, timeout: float = 60.0,
+                               check: Callable[[], None] | None = None) -> dict[str, Any]:
+        """The router's snapshot once it lists exactly `count` workers (or exactly the
+        workers `names`). `check()` runs before each look: raise from it to stop waiting
+        (a process that should register died). Raises RouterUnavailable after `timeout`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last: dict[str, Any] = {}
+        while True:
+            if check is not None:
+                check()
+            try:
+                last = await self.status()
+            except RouterUnavailable:
+                pass  # not up yet, or restarting
+            listed = {w["name"] for w in last.get("workers", [])}
+            if listed == names if names is not None else len(listed) == count:
+                return last
+            if loop.time() > deadline:
+                raise RouterUnavailable(
+                    f"{names or count} workers did not register within {timeout:.0f}s "
+                    f"(listed: {sorted(listed)})")
+            await asyncio.sleep(0.1)
 
     async def cancel(self, request_id: str) -> None:
         self._send(encode(Cancel(RequestId(request_id))))

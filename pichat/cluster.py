@@ -30,11 +30,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pichat.client import Client
-from pichat.config import Backend, ClientConfig
+from pichat.config import (
+    DEFAULT_CLIENT_ENDPOINT,
+    DEFAULT_WORKER_ENDPOINT,
+    Backend,
+    ClientConfig,
+    WorkerConfig,
+    default_of,
+)
 from pichat.console import format_stats
 from pichat.errors import PichatError
 from pichat.protocol import ChatMessage, Sampling
-from pichat.router.scheduler import Policy
+from pichat.router.scheduler import Policy, SchedulerConfig
 from pichat.security import resolve_keys
 
 __all__ = ["ClusterConfig", "LocalCluster", "run_cluster"]
@@ -52,15 +59,16 @@ _STABLE_AFTER = 60.0
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
     workers: int = 2
-    backend: Backend = "llama"
-    model: str = "default"
-    slots: int = 1
+    backend: Backend = default_of(WorkerConfig, "backend")
+    model: str = default_of(WorkerConfig, "model")
+    slots: int = default_of(WorkerConfig, "slots")
     threads: int = 1
-    ctx: int = 4096
-    policy: Policy = "affinity"
-    clients_bind: str = "tcp://127.0.0.1:5555"
-    workers_bind: str = "tcp://127.0.0.1:5556"
-    http: str = "off"
+    """Threads per worker (`pichat up` gives each its share of the CPUs)."""
+    ctx: int = default_of(WorkerConfig, "ctx")
+    policy: Policy = default_of(SchedulerConfig, "policy")
+    clients_bind: str = DEFAULT_CLIENT_ENDPOINT
+    workers_bind: str = DEFAULT_WORKER_ENDPOINT
+    http: str = "127.0.0.1:8080"
     keys: str = "off"
     """The keys directory for every link ("off": none)."""
     log_level: Literal["debug", "info", "warning", "error"] | str = "warning"
@@ -206,19 +214,12 @@ class LocalCluster:
 
     async def wait_ready(self, client: Client) -> None:
         """Until every worker has registered with the router."""
-        deadline = time.monotonic() + self.config.ready_timeout
-        while True:
+        def alive() -> None:
             if dead := self.dead():
                 raise PichatError(f"exited during start-up: {', '.join(dead)}")
-            try:
-                snapshot = await client.status()
-                if len(snapshot.get("workers", [])) >= self.config.workers:
-                    return
-            except PichatError:
-                pass
-            if time.monotonic() > deadline:
-                raise PichatError("the workers did not register in time")
-            await asyncio.sleep(0.2)
+
+        await client.wait_for_workers(self.config.workers, timeout=self.config.ready_timeout,
+                                      check=alive)
 
     def stop(self) -> None:
         """Workers first (they say goodbye to the router), then the router."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 from pichat.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from pichat.router.scheduler import Policy, SchedulerConfig
@@ -21,6 +22,7 @@ __all__ = [
     "SimConfig",
     "ClientConfig",
     "default_worker_name",
+    "default_of",
 ]
 
 DEFAULT_CLIENT_PORT = 5555
@@ -36,15 +38,23 @@ def default_worker_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def default_of(config: type, name: str) -> Any:
+    """The default of a config dataclass's field: options and other configs that restate a
+    setting take it from here, so each default is stated once."""
+    for f in dataclasses.fields(config):
+        if f.name == name:
+            return f.default_factory() if f.default is dataclasses.MISSING else f.default
+    raise KeyError(f"{config.__name__} has no field {name!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class RouterConfig:
     clients_bind: str = f"tcp://*:{DEFAULT_CLIENT_PORT}"
     workers_bind: str = f"tcp://*:{DEFAULT_WORKER_PORT}"
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     heartbeat_interval: float = 1.0
-    """Seconds between the router's heartbeats to workers and to waiting clients."""
-    liveness: int = 3
-    """Missed heartbeats after which a worker is dead."""
+    """Seconds between the router's heartbeats to workers and to waiting clients (a
+    worker is dead after `scheduler.worker_expiry` of silence: heartbeat x liveness)."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     drain_timeout: float = 30.0
     """On the first SIGTERM/SIGINT, how long running requests may finish."""

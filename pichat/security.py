@@ -25,19 +25,18 @@ import os
 import secrets
 import shutil
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import zmq
 import zmq.auth
 from zmq.utils import z85
-from zmq.utils.monitor import parse_monitor_message
 
 from pichat.errors import PichatError
 from pichat.logs import Throttle, clip
-from pichat.transport import Channel, configure
+from pichat.transport import Channel
 
 __all__ = [
     "DEFAULT_KEYS_DIR",
@@ -46,10 +45,12 @@ __all__ = [
     "keygen",
     "AllowList",
     "Gatekeeper",
-    "watch_handshakes",
-    "Link",
+    "check_exposure",
     "is_loopback",
 ]
+
+if TYPE_CHECKING:
+    from pichat.config import RouterConfig
 
 log = logging.getLogger(__name__)
 
@@ -308,54 +309,24 @@ class Gatekeeper:
         return b"400", reason.encode(), b""
 
 
-_HANDSHAKE_FAILURES = {
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the router refused this key",
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the security handshake failed (keys or protocol)",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the security handshake failed",
-}
-
-
-def watch_handshakes(sock: zmq.Socket, loop: asyncio.AbstractEventLoop,
-                     on_failure: Callable[[str], None]) -> Channel:
-    """Report failed CURVE handshakes of `sock` (a refused key looks like silence
-    otherwise). Close the returned channel before the socket."""
-    events = 0
-    for event in _HANDSHAKE_FAILURES:
-        events |= event
-    monitor = sock.get_monitor_socket(events)
-
-    def handle(frames: list[bytes]) -> None:
-        event = parse_monitor_message(frames)
-        reason = _HANDSHAKE_FAILURES.get(event["event"])
-        if reason:
-            on_failure(f"{reason} (endpoint {event['endpoint'].decode(errors='replace')})")
-
-    return Channel(monitor, handle, loop, max_frames=2)
-
-
-class Link:
-    """A worker's or client's DEALER connection to the router: a `Channel`, secured with
-    `keys` when given, and watched for refused handshakes."""
-
-    def __init__(self, ctx: zmq.Context, endpoint: str, *, keys: Keys | None, key_name: str,
-                 max_message_bytes: int, loop: asyncio.AbstractEventLoop,
-                 on_message: Callable[[list[bytes]], None],
-                 on_refused: Callable[[str], None]) -> None:
-        sock = ctx.socket(zmq.DEALER)
-        configure(sock, max_message_bytes=max_message_bytes)
-        self._monitor: Channel | None = None
-        if keys is not None:
-            keys.secure_client(sock, key_name)
-            self._monitor = watch_handshakes(sock, loop, on_refused)
-        sock.connect(endpoint)
-        self.channel = Channel(sock, on_message, loop, max_frames=3)
-
-    def close(self, linger_ms: int = 0) -> None:
-        if self._monitor is not None:
-            self.channel.sock.disable_monitor()
-            self._monitor.close()
-            self._monitor = None
-        self.channel.close(linger_ms)
+def check_exposure(cfg: RouterConfig) -> None:
+    """Secure by default: a router binds nothing beyond this machine without keys, and serves
+    HTTP beyond it only with API keys (unless the operator says --insecure)."""
+    if cfg.insecure:
+        return
+    if cfg.keys is None:
+        for endpoint in (cfg.clients_bind, cfg.workers_bind):
+            if not is_loopback(endpoint):
+                raise PichatError(
+                    f"refusing to bind {endpoint} without keys: anyone on the network "
+                    "could use or impersonate workers. Create keys with `pichat keygen` "
+                    "(then --keys DIR, default ~/.config/pichat/keys) and copy them to "
+                    "the workers, or pass --insecure on a network you trust.")
+    if cfg.http and not is_loopback(cfg.http) and not cfg.api_keys:
+        raise PichatError(
+            f"refusing to serve HTTP on {cfg.http} without an API key: pass --api-key or "
+            "--api-key-file (`pichat keygen` writes KEYS/api-keys), bind --http "
+            "127.0.0.1:8080, or pass --insecure on a network you trust.")
 
 
 def is_loopback(endpoint: str) -> bool:

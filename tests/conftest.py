@@ -19,6 +19,7 @@ import pytest
 
 from pichat.client import Client
 from pichat.config import ClientConfig
+from pichat.errors import RouterUnavailable
 from pichat.security import resolve_keys
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -162,23 +163,17 @@ class Cluster:
     async def wait_workers(self, n: int, timeout: float = 60.0, *, names: set[str] | None = None
                            ) -> dict:
         """Until the router lists `n` workers (or exactly `names`)."""
-        deadline = time.monotonic() + timeout
-        last: dict = {}
+        def alive() -> None:
+            for proc in self.procs:
+                if not proc.alive() and proc.popen.returncode not in (0, -9, -15):
+                    raise AssertionError(f"{proc.name} exited:\n{proc.output()}")
+
         async with self.client(silence_timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                for proc in self.procs:
-                    if not proc.alive() and proc.popen.returncode not in (0, -9, -15):
-                        raise AssertionError(f"{proc.name} exited:\n{proc.output()}")
-                try:
-                    last = await client.status()
-                except Exception:
-                    await asyncio.sleep(0.1)
-                    continue
-                listed = {w["name"] for w in last.get("workers", [])}
-                if (names is not None and listed == names) or (names is None and len(listed) == n):
-                    return last
-                await asyncio.sleep(0.1)
-        raise AssertionError(f"workers did not register; last status: {last}\n" + self.logs())
+            try:
+                return await client.wait_for_workers(n, names=names, timeout=timeout,
+                                                     check=alive)
+            except RouterUnavailable as exc:
+                raise AssertionError(f"{exc}\n{self.logs()}") from None
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name} ---\n{p.output()[-4000:]}" for p in self.procs)

@@ -61,3 +61,38 @@ def test_the_readme_configuration_table_covers_every_option():
         for param in command.params:
             if isinstance(param.envvar, str):
                 assert f"`{param.envvar}`" in readme, f"{name} --{param.name} ({param.envvar})"
+
+
+def test_the_readme_states_each_default_as_the_code_does():
+    """Defaults live in the config dataclasses; the options take them from there, and the
+    README's table must say the same (compared where it states a literal value)."""
+    import re
+
+    from conftest import ROOT
+
+    rows = re.findall(r"^\| `(--[a-z-]+)` \| `(PICHAT_[A-Z_]+)`[^|]*\| `([^`]*)` \|",
+                      (ROOT / "README.md").read_text(), re.M)
+    stated: dict[tuple[str, str], set[str]] = {}
+    for flag, env, value in rows:  # an option of two commands has a row in each section
+        stated.setdefault((flag, env), set()).add(value)
+    checked = 0
+    for command in main.commands.values():
+        for param in command.params:
+            key = (param.opts[0] if param.opts else "", param.envvar)
+            if key not in stated or param.default is None or param.is_flag:
+                continue
+            code = param.default
+            if isinstance(code, (int, float)) and not isinstance(code, bool):
+                same = any(_number(v) == float(code) for v in stated[key])
+            else:
+                same = str(code) in stated[key]
+            assert same, f"{key}: README says {stated[key]}, the code {code}"
+            checked += 1
+    assert checked > 30
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None

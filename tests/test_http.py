@@ -376,3 +376,22 @@ def test_any_json_body_is_a_request_or_a_400_never_an_exception():
             assert decode(encode(call.request)) == call.request
 
     check()
+
+
+async def test_status_and_metrics_show_the_same_counts(cluster: Cluster):
+    base = await start(cluster, workers=1)
+    async with client(base) as api:
+        for _ in range(3):
+            await api.chat.completions.create(
+                model="pichat", messages=[{"role": "user", "content": "count me"}],
+                max_tokens=3)
+    async with cluster.client() as zmq_client:
+        status = (await zmq_client.status())["requests"]
+    async with aiohttp.ClientSession() as http:
+        async with http.get(base + "/metrics") as r:
+            metrics = await r.text()
+    assert status["completed"] == 3
+    assert 'pichat_requests_total{outcome="completed"} 3.0' in metrics
+    assert f"pichat_prompt_tokens_total {float(status['prompt_tokens'])}" in metrics
+    placed = status["placed_by_load"] + status["affinity_hits"] + status["prefix_hits"]
+    assert placed == 3

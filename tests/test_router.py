@@ -79,6 +79,7 @@ async def h():
         clients_bind=harness.client_ep, workers_bind=harness.worker_ep,
         heartbeat_interval=0.1, max_message_bytes=64 * 1024, http="",
         scheduler=SchedulerConfig(worker_expiry=0.5, affinity_wait=0.3, queue_limit=2,
+                                  startup_grace=0.0,
                                   cancel_grace=1.0),
     )
     router = Router(config)
@@ -228,7 +229,7 @@ async def test_results_from_a_worker_that_does_not_own_the_request_are_dropped(h
     await other.send(Done(RequestId("r1"), "x", "stop", Usage()))
     await got_by.send(Chunk(RequestId("r1"), 0, "real"))
     await client.expect(Chunk, text="real")
-    assert h.router.counts["stale_results"] == 2
+    assert h.router.snapshot()["requests"]["stale_results"] == 2
 
 
 async def _which(a: Peer, b: Peer) -> Peer:
@@ -314,7 +315,7 @@ async def test_silent_worker_is_dead_and_its_request_moves_to_another(h):
     else:
         raise AssertionError("the request was not re-dispatched")
     assert got.id == "r1"
-    assert h.router.counts["workers_lost"] == 1
+    assert h.router.snapshot()["requests"]["workers_lost"] == 1
     # The dead worker's late result is discarded, and it is told to re-register.
     await quiet.send(Chunk(RequestId("r1"), 0, "late"))
     await quiet.expect(Disconnect)
@@ -354,6 +355,6 @@ async def test_warm_claims_count_only_with_the_routers_lease(h):
     await h.worker("thief", slots=4, warm=((placed.session, placed.lease),))
     await h.worker("home", slots=1, warm=((placed.session, placed.lease),))
     await workers_known(h, 4)
-    assert h.router.counts["warm_claims_refused"] == 3
+    assert h.router.snapshot()["requests"]["warm_claims_refused"] == 3
     await client.send(request("r2", "s7"))
     await h.peers[-1].expect(Request, id="r2")

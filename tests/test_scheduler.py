@@ -31,6 +31,7 @@ from pichat.router.scheduler import (
     CancelOnWorker,
     Dispatch,
     Fail,
+    Placement,
     Scheduler,
     SchedulerConfig,
     WorkerDead,
@@ -338,10 +339,8 @@ CASES: dict[str, tuple[dict, list[tuple[str, list[str]]]]] = {
 
 def _describe(action) -> str:
     match action:
-        case Dispatch(job=j, worker=w):
-            tag = (" failover" if action.failover else " hit" if action.affinity_hit else
-                   " prefix" if action.prefix_hit else " spill" if action.spilled else
-                   " retry" if action.retry else "")
+        case Dispatch(job=j, worker=w, how=how):
+            tag = {Placement.AFFINITY: " hit", Placement.LOAD: ""}.get(how, f" {how.value}")
             return f"{j}->{w.decode()}{tag}"
         case Fail(job=j, code=c):
             return f"fail {j} {c.value}"
@@ -397,7 +396,9 @@ def _step(s: Scheduler, step: str) -> list[str]:
 @pytest.mark.parametrize("name", CASES)
 def test_policy(name):
     overrides, script = CASES[name]
-    scheduler = Scheduler(SchedulerConfig(**overrides))
+    # The router's start-up grace only where a case is about it: else long since started.
+    started = 0.0 if "startup_grace" in overrides else -1e9
+    scheduler = Scheduler(SchedulerConfig(**overrides), started=started)
     for step, expected in script:
         assert _step(scheduler, step) == expected, f"{name}: step {step!r}"
 

@@ -26,18 +26,19 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from importlib.resources import files
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from pichat.client import new_id
 from pichat.logs import clip
-from pichat.protocol import Chunk, Done, Error
+from pichat.protocol import Chunk, Done, Error, Request, RequestId
 from pichat.router import openai
-from pichat.router.metrics import CONTENT_TYPE
+from pichat.router.metrics import CONTENT_TYPE, RouterMetrics
 from pichat.router.openai import ApiError, ChatCall
+from pichat.router.stats import Stats
 
-__all__ = ["HttpSink", "create_app"]
+__all__ = ["HttpSink", "RouterFace", "create_app", "start_http"]
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,26 @@ class _ClientGone(Exception):
     pass
 
 
-def create_app(router: Any, *, api_keys: tuple[str, ...] = (), max_body_bytes: int = 4 << 20,
-               default_max_tokens: int = 512, body_timeout: float = 10.0) -> web.Application:
+class RouterFace(Protocol):
+    """What the HTTP face needs of the router, and all it may touch."""
+
+    stats: Stats
+    metrics: RouterMetrics
+
+    def submit(self, request: Request, sink: HttpSink, *, owner: str) -> None: ...
+
+    def cancel(self, job_id: RequestId) -> None: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+    def served_models(self) -> dict[str, float]: ...
+
+    def worker_count(self) -> int: ...
+
+
+def create_app(router: RouterFace, *, api_keys: tuple[str, ...] = (),
+               max_body_bytes: int = 4 << 20, default_max_tokens: int = 512,
+               body_timeout: float = 10.0) -> web.Application:
     """The application for `router` (a pichat.router.service.Router)."""
 
     @web.middleware
@@ -102,8 +121,7 @@ def create_app(router: Any, *, api_keys: tuple[str, ...] = (), max_body_bytes: i
         except Exception:
             log.exception("HTTP %s %s failed", request.method, clip(request.path, 80))
             error = ApiError(500, "internal error", "server_error")
-        router.metrics.http_errors.labels(str(error.status)).inc()
-        router.counts[f"http_{error.status}"] += 1
+        router.stats.http_errors[error.status] += 1
         return _error_response(error)
 
     @web.middleware
@@ -129,7 +147,7 @@ def create_app(router: Any, *, api_keys: tuple[str, ...] = (), max_body_bytes: i
         return web.Response(text=page, content_type="text/html")
 
     async def health(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "workers": len(router.workers)})
+        return web.json_response({"status": "ok", "workers": router.worker_count()})
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=router.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
@@ -138,7 +156,7 @@ def create_app(router: Any, *, api_keys: tuple[str, ...] = (), max_body_bytes: i
         return web.json_response(router.snapshot())
 
     async def models(request: web.Request) -> web.Response:
-        return web.json_response(openai.model_list(_served(router)))
+        return web.json_response(openai.model_list(router.served_models()))
 
     async def chat(request: web.Request) -> web.StreamResponse:
         call = openai.parse_chat(await _json(request, body_timeout), new_id(),
@@ -164,14 +182,6 @@ def create_app(router: Any, *, api_keys: tuple[str, ...] = (), max_body_bytes: i
         web.post("/v1/completions", completions),
     ])
     return app
-
-
-def _served(router: Any) -> dict[str, float]:
-    models: dict[str, float] = {}
-    for info in router.workers.values():
-        joined = models.get(info.ready.model)
-        models[info.ready.model] = info.joined if joined is None else min(joined, info.joined)
-    return models
 
 
 async def _json(request: web.Request, timeout: float) -> Any:
@@ -215,8 +225,9 @@ async def _next(sink: HttpSink, skip_keepalive: bool = True) -> Any:
         return item
 
 
-async def _answer(router: Any, request: web.Request, call: ChatCall) -> web.StreamResponse:
-    served = _served(router)
+async def _answer(router: RouterFace, request: web.Request,
+                  call: ChatCall) -> web.StreamResponse:
+    served = router.served_models()
     if call.request.model is not None and served and call.request.model not in served:
         raise ApiError(404, f"the model {clip(call.request.model, 60)!r} is not served here; "
                        f"models: {clip(', '.join(sorted(served)), 200)}",
@@ -275,3 +286,24 @@ async def _answer(router: Any, request: web.Request, call: ChatCall) -> web.Stre
 
 async def _event(response: web.StreamResponse, payload: dict[str, Any]) -> None:
     await response.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
+
+
+async def start_http(router: Any) -> tuple[web.AppRunner, Any]:
+    """Serve `router`'s HTTP face on `router.config.http`: (the runner, the site)."""
+    from pichat.router.httpguard import GuardedSite
+
+    cfg = router.config
+    host, _, port = cfg.http.rpartition(":")
+    runner = web.AppRunner(
+        create_app(router, api_keys=cfg.api_keys, max_body_bytes=cfg.max_message_bytes,
+                   default_max_tokens=cfg.http_max_tokens, body_timeout=cfg.http_body_timeout),
+        access_log=None, keepalive_timeout=cfg.http_idle_timeout)
+    await runner.setup()
+    site = GuardedSite(runner, host.strip("[]") or "0.0.0.0", int(port),
+                       max_connections=cfg.http_max_connections, backlog=1024)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, site

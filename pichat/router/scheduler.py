@@ -4,21 +4,12 @@ The scheduler does no I/O and reads no clock: every method takes `now` (seconds,
 monotonic origin) and returns the `Action`s the router must carry out, in order. That
 keeps the policy testable as a table of cases (tests/test_scheduler.py).
 
-Policy `affinity` (the default):
-- A request whose session is warm on a worker (the worker served it last) goes there when
-  it has a free slot.
-- If that worker is busy, the request waits for it up to `affinity_wait` seconds after
-  arriving; after that it spills to the least-loaded worker, and the session's affinity
-  moves with it. (Re-reading a long history on a cold worker can cost minutes on a Pi, so
-  a short wait for the warm one usually wins.)
-- A new session goes to the worker with the most free slots (ties: fewer warm sessions),
-  unless the request names a preferred worker (one that holds a prefix it shares, such as
-  a common system prompt): that one gets it while its load, in running requests and in
-  conversations held, stays within `prefix_load_factor` times its share ("bounded
-  loads"), so a popular prefix cannot pile every conversation onto one worker.
-
-Policy `round-robin` ignores sessions: the next worker in turn with a free slot. It is the
-baseline for benchmarks.
+Where a request goes once a slot is free is placement's (pichat/router/placement.py):
+with policy `affinity` (the default) a session returns to the worker that holds it warm,
+waiting for it up to `affinity_wait` seconds before spilling elsewhere (the session's
+affinity moves along); a new session goes to the least loaded worker, or to one holding a
+prefix it shares while that worker's load stays bounded. Policy `round-robin` (the
+benchmarks' baseline) ignores sessions.
 
 Both policies queue requests when no suitable slot is free, up to `queue_limit`; past it a
 request fails at once with `busy`. Every request has a deadline in the queue and one in
@@ -42,16 +33,31 @@ rest fail with `worker_lost`. A draining worker gets no new requests.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
-from typing import Literal, NewType, TypeAlias
+from typing import Any
 
 from pichat.errors import ErrorCode
 from pichat.protocol import RequestId, SessionId
+from pichat.router.placement import place
+from pichat.router.records import (
+    POLICIES,
+    Action,
+    CancelOnWorker,
+    Dispatch,
+    Fail,
+    Job,
+    Placement,
+    Policy,
+    SchedulerConfig,
+    WorkerDead,
+    WorkerId,
+    WorkerView,
+)
 
 __all__ = [
     "Policy",
+    "POLICIES",
+    "Placement",
     "WorkerId",
     "SchedulerConfig",
     "Dispatch",
@@ -63,137 +69,6 @@ __all__ = [
     "WorkerView",
     "Scheduler",
 ]
-
-Policy: TypeAlias = Literal["affinity", "round-robin"]
-POLICIES: tuple[Policy, ...] = ("affinity", "round-robin")
-
-WorkerId = NewType("WorkerId", bytes)
-"""The worker's ZeroMQ routing id on the router's worker socket."""
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerConfig:
-    policy: Policy = "affinity"
-    affinity_wait: float = 5.0
-    """Seconds a request waits for its busy warm worker before spilling elsewhere."""
-    queue_limit: int = 256
-    """Requests that may wait for a slot; more are refused with `busy`."""
-    queue_timeout: float = 120.0
-    """Seconds a request may wait for a slot before failing with `timeout`."""
-    request_timeout: float = 600.0
-    """Seconds a request may take in all (queue + generation) unless the client asks less."""
-    worker_expiry: float = 3.0
-    """A worker silent this long is dead (heartbeat interval x liveness)."""
-    max_sessions: int = 20_000
-    """Affinity entries remembered (least recently used forgotten first): ~170 bytes each."""
-    max_failovers: int = 2
-    """Times one answer may move to another worker mid-stream."""
-    prefix_load_factor: float = 1.25
-    """A preferred worker (shared prefix) is used while its load, counting the new request,
-    is at most this times the average load of the workers that could serve it."""
-    startup_grace: float = 0.0
-    """Seconds after the router starts (`Scheduler.started`) in which a request finding no
-    worker waits for one instead of failing with `no_workers` at once: after a router
-    restart, the workers register again within a few heartbeats."""
-    owner_max_running: int = 0
-    """Requests one owner may have running at once (0: as many as there are slots)."""
-    owner_max_queued: int = 0
-    """Requests one owner may have waiting (0: any share of the queue others leave)."""
-    cancel_grace: float = 10.0
-    """Seconds a worker has to confirm a cancel before the router frees the slot itself."""
-
-
-# --- actions: what the router must do -------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Dispatch:
-    """Send the request to the worker."""
-
-    job: RequestId
-    worker: WorkerId
-    affinity_hit: bool = False
-    prefix_hit: bool = False
-    """Placed on the preferred worker (a shared prefix), within the load bound."""
-    spilled: bool = False
-    retry: bool = False
-    """The request is being re-sent after its first worker died."""
-    failover: bool = False
-    """... and it had streamed part of its answer: send it as a continuation."""
-
-
-@dataclass(frozen=True, slots=True)
-class Fail:
-    """Answer the client with an ERROR and forget the request."""
-
-    job: RequestId
-    code: ErrorCode
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class CancelOnWorker:
-    """Tell the worker to stop generating the request (its slot frees when it confirms)."""
-
-    job: RequestId
-    worker: WorkerId
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerDead:
-    worker: WorkerId
-    reason: str
-
-
-Action: TypeAlias = Dispatch | Fail | CancelOnWorker | WorkerDead
-
-
-# --- state ----------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Job:
-    id: RequestId
-    session: SessionId | None
-    model: str | None
-    arrived: float
-    queue_deadline: float
-    deadline: float
-    spill_at: float
-    prefer: WorkerId | None = None
-    worker: WorkerId | None = None
-    streamed: bool = False
-    """The worker has sent at least one chunk: the request can only be continued."""
-    resumable: bool = True
-    """Every chunk so far carried its token ids, so another worker can continue it."""
-    failovers: int = 0
-    bounces: int = 0
-    avoid: set[WorkerId] = field(default_factory=set)
-    """Workers that refused this request (until they register again)."""
-    abandoned: bool = False
-    """The client was answered (cancel, timeout); only the worker's slot is still held."""
-    attempts: int = 0
-    owner: str = ""
-    cancel_deadline: float = math.inf
-    """When an abandoned request's slot is written off if the worker has not confirmed."""
-
-
-@dataclass(slots=True)
-class WorkerView:
-    id: WorkerId
-    model: str
-    slots: int
-    last_seen: float
-    busy: int = 0
-    warm: int = 0
-    """Sessions whose affinity points here."""
-    draining: bool = False
-    order: int = 0
-    jobs: set[RequestId] = field(default_factory=set)
-
-    @property
-    def free(self) -> int:
-        return self.slots - self.busy
 
 
 class Scheduler:
@@ -223,14 +98,15 @@ class Scheduler:
     # --- workers ----------------------------------------------------------------------
 
     def add_worker(self, worker: WorkerId, model: str, slots: int, now: float,
-                   sessions: tuple[str, ...] = ()) -> list[Action]:
+                   sessions: tuple[str, ...] = (), meta: Any = None) -> list[Action]:
         """A worker announced itself (READY). A known worker re-announcing has restarted:
         whatever it was running is lost."""
         actions: list[Action] = []
         if worker in self.workers:
             actions += self._drop_worker(worker, now, "worker re-registered")
         self._registrations += 1
-        self.workers[worker] = WorkerView(worker, model, slots, now, order=self._registrations)
+        self.workers[worker] = WorkerView(worker, model, slots, now, order=self._registrations,
+                                          meta=meta)
         for job in self.jobs.values():  # a fresh registration: it may take them now
             job.avoid.discard(worker)
         for session in sessions:
@@ -268,7 +144,8 @@ class Scheduler:
 
     def submit(self, job_id: RequestId, session: SessionId | None, now: float, *,
                model: str | None = None, timeout: float | None = None,
-               prefer: WorkerId | None = None, owner: str = "") -> list[Action]:
+               prefer: WorkerId | None = None, owner: str = "",
+               client: Any = None) -> list[Action]:
         """A new request. The caller guarantees `job_id` is not in use."""
         cfg = self.config
         deadline = now + min(timeout, cfg.request_timeout) if timeout else now + cfg.request_timeout
@@ -282,11 +159,12 @@ class Scheduler:
             spill_at=now + cfg.affinity_wait,
             prefer=prefer,
             owner=owner,
+            client=client,
         )
         if not self._serving(model):
             grace_end = self.started + cfg.startup_grace
             if now >= grace_end or (model and self.workers):
-                return [self._no_workers(job_id, model)]
+                return [self._no_workers(job)]
             job.queue_deadline = min(job.queue_deadline, grace_end)  # wait for them
         actions: list[Action] = []
         waiting = self._queued_by_owner()
@@ -294,19 +172,19 @@ class Scheduler:
         if cfg.owner_max_queued and mine >= cfg.owner_max_queued:
             return [Fail(job_id, ErrorCode.BUSY,
                          f"you have {mine} requests waiting already (at most "
-                         f"{cfg.owner_max_queued}); retry later")]
+                         f"{cfg.owner_max_queued}); retry later", client)]
         if len(self.queue) >= cfg.queue_limit and self._place(job, now) is None:
             hog = max(waiting, key=lambda o: len(waiting[o]), default=None)
             if hog is None or len(waiting[hog]) <= mine + 1:
                 return [Fail(job_id, ErrorCode.BUSY,
-                             f"all slots busy and {len(self.queue)} requests queued; retry later")]
-            victim = waiting[hog][-1]  # its newest: it has waited least
-            del self.jobs[victim]
-            self._unqueue(victim)
+                             f"all slots busy and {len(self.queue)} requests queued; retry later",
+                             client)]
+            victim = self.jobs.pop(waiting[hog][-1])  # its newest: it has waited least
+            self._unqueue(victim.id)
             self.pushed_out += 1
-            actions.append(Fail(victim, ErrorCode.BUSY,
+            actions.append(Fail(victim.id, ErrorCode.BUSY,
                                 "the queue is full and other clients are waiting; your share "
-                                "of it is used up: retry later"))
+                                "of it is used up: retry later", victim.client))
         self.jobs[job_id] = job
         self.queue.append(job_id)
         return actions + self._pump(now)
@@ -333,7 +211,8 @@ class Scheduler:
         job.bounces += 1
         if job.bounces > 3:
             del self.jobs[job_id]
-            return [Fail(job_id, ErrorCode.BUSY, "workers refused the request; retry later")]
+            return [Fail(job_id, ErrorCode.BUSY, "workers refused the request; retry later",
+                         job.client)]
         self.queue.appendleft(job_id)
         return self._pump(now)
 
@@ -386,12 +265,12 @@ class Scheduler:
                 self._unqueue(job.id)
                 waited = now - job.arrived
                 actions.append(Fail(job.id, ErrorCode.TIMEOUT,
-                                    f"no slot became free within {waited:.0f}s")
-                               if self._serving(job.model) else self._no_workers(job.id, job.model))
+                                    f"no slot became free within {waited:.0f}s", job.client)
+                               if self._serving(job.model) else self._no_workers(job))
             elif job.worker is not None and not job.abandoned and now >= job.deadline:
                 self._abandon(job, now)
                 actions.append(Fail(job.id, ErrorCode.TIMEOUT,
-                                    f"not finished within {now - job.arrived:.0f}s"))
+                                    f"not finished within {now - job.arrived:.0f}s", job.client))
                 actions.append(CancelOnWorker(job.id, job.worker))
             elif job.abandoned and now >= job.cancel_deadline:
                 # The worker ignored the cancel: write its slot off and forget the job (if
@@ -435,9 +314,12 @@ class Scheduler:
         return any((model is None or w.model == model) and not w.draining
                    for w in self.workers.values())
 
-    def _no_workers(self, job_id: RequestId, model: str | None) -> Fail:
-        what = f"serving model {model!r}" if model and self.workers else "connected"
-        return Fail(job_id, ErrorCode.NO_WORKERS, f"no worker {what}")
+    def _no_workers(self, job: Job) -> Fail:
+        what = f"serving model {job.model!r}" if job.model and self.workers else "connected"
+        return Fail(job.id, ErrorCode.NO_WORKERS, f"no worker {what}", job.client)
+
+    def _place(self, job: Job, now: float) -> tuple[WorkerId, bool, bool] | None:
+        return place(job, self.workers, self.affinity, self.config, self._rr_next, now)
 
     def _abandon(self, job: Job, now: float) -> None:
         job.abandoned = True
@@ -482,7 +364,6 @@ class Scheduler:
             job_id = job.id
             self._served += 1
             self._last_served[job.owner] = self._served
-            prefix_hit = not hit and worker == job.prefer
             self._unqueue(job_id)
             job.worker = worker
             job.attempts += 1
@@ -492,57 +373,20 @@ class Scheduler:
             view.jobs.add(job_id)
             if job.session is not None:
                 self._set_affinity(job.session, worker)
-            actions.append(Dispatch(job_id, worker, affinity_hit=hit, prefix_hit=prefix_hit,
-                                    spilled=spilled, retry=job.attempts > 1,
-                                    failover=job.streamed))
+            how = (Placement.FAILOVER if job.streamed else
+                   Placement.RETRY if job.attempts > 1 else
+                   Placement.AFFINITY if hit else
+                   Placement.PREFIX if worker == job.prefer else
+                   Placement.SPILL if spilled else Placement.LOAD)
+            actions.append(Dispatch(job_id, worker, how))
         if len(self._last_served) > 2 * len(self.jobs) + 64:  # forget owners with no jobs
             owners = {job.owner for job in self.jobs.values()}
             self._last_served = {o: t for o, t in self._last_served.items() if o in owners}
         return actions
 
-    def _place(self, job: Job, now: float) -> tuple[WorkerId, bool, bool] | None:
-        """(worker, affinity hit, spilled) for `job` now, or None to keep it waiting."""
-        eligible = [w for w in self.workers.values()
-                    if not w.draining and w.id not in job.avoid
-                    and (job.model is None or w.model == job.model)]
-        free = [w for w in eligible if w.free > 0]
-        if self.config.policy == "round-robin":
-            if not free:
-                return None
-            ordered = sorted(free, key=lambda w: w.order)
-            pick = next((w for w in ordered if w.order >= self._rr_next), ordered[0])
-            return pick.id, False, False
-        home = self.affinity.get(job.session) if job.session is not None else None
-        spilled = False
-        if home is not None and home in self.workers and self.workers[home] in eligible:
-            if self.workers[home].free > 0:
-                return home, True, False
-            if now < job.spill_at:
-                return None
-            spilled = True
-        if not free:
-            return None
-        preferred = self.workers.get(job.prefer) if job.prefer is not None else None
-        if preferred is not None and preferred in free and self._within_bound(preferred, eligible):
-            return preferred.id, False, spilled
-        best = min(free, key=lambda w: (-w.free, w.busy / w.slots, w.warm, w.order))
-        return best.id, False, spilled
-
-    def _within_bound(self, view: WorkerView, eligible: list[WorkerView]) -> bool:
-        """Would one more conversation keep `view` within the load bound?"""
-        # Consistent hashing with bounded loads: a worker's share of the requests running
-        # and of the conversations it holds (this one included) may exceed its share of
-        # the slots by the load factor. Without the second, conversations arriving while
-        # a worker happens to be idle would all make it their home.
-        total_slots = sum(w.slots for w in eligible)
-        factor = self.config.prefix_load_factor * view.slots / total_slots
-        busy_cap = math.ceil(factor * (sum(w.busy for w in eligible) + 1))
-        warm_cap = math.ceil(factor * (sum(w.warm for w in eligible) + 1))
-        return view.busy + 1 <= busy_cap and view.warm + 1 <= warm_cap
-
     def _drop_worker(self, worker: WorkerId, now: float, reason: str) -> list[Action]:
         view = self.workers.pop(worker)
-        actions: list[Action] = [WorkerDead(worker, reason)]
+        actions: list[Action] = [WorkerDead(worker, reason, view.meta)]
         for session in [s for s, w in self.affinity.items() if w == worker]:
             del self.affinity[session]
         requeue: list[RequestId] = []
@@ -555,7 +399,7 @@ class Scheduler:
             ):
                 del self.jobs[job_id]
                 actions.append(Fail(job_id, ErrorCode.WORKER_LOST,
-                                    f"the worker was lost mid-answer ({reason})"))
+                                    f"the worker was lost mid-answer ({reason})", job.client))
             else:
                 job.failovers += job.streamed
                 job.worker = None

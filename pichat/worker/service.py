@@ -1,29 +1,33 @@
 """The worker daemon: a DEALER socket to the router, heartbeats, and one thread per slot.
 
-Lifecycle of a connection ("epoch"): connect, send READY (with the sessions still warm
-here, so a restarted router relearns affinity), then serve until the router falls silent
-for `liveness` heartbeats or asks us to re-register (DISCONNECT). Either way, whatever we
-were generating belongs to a router that has given up on it: it is cancelled, and we
-reconnect with capped exponential backoff. Messages of an older epoch are never sent.
+Lifecycle (`Phase`, changed only by `_enter`): SERVING (it takes requests); RESETTING
+(its registration ended: the router fell silent for `liveness` heartbeats, or asked it to
+register again with DISCONNECT; whatever it was generating belongs to a router that has
+given up on it, so it is cancelled, then READY is sent again, with the sessions still warm
+here so a restarted router relearns affinity); DRAINING (SIGTERM: nothing new, what runs
+finishes, then it leaves); STOPPING. Leaving a registration bumps the epoch: messages of
+an older epoch are never sent. Reconnecting after silence uses capped exponential
+backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
-import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import Enum
 
 import zmq
 
 from pichat import __version__
 from pichat.config import WorkerConfig
+from pichat.daemon import on_stop_signals
 from pichat.errors import ErrorCode, PichatError, ProtocolError
 from pichat.health import HealthEndpoint
+from pichat.link import Link
 from pichat.logs import clip
 from pichat.protocol import (
     Cancel,
@@ -40,21 +44,29 @@ from pichat.protocol import (
     decode,
     encode,
 )
-from pichat.security import Link
 from pichat.transport import Channel
 from pichat.worker.backend import Generation, Model
 from pichat.worker.slots import Slot, SlotManager
 from pichat.worker.textstream import TextStream
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "Phase"]
 
 log = logging.getLogger(__name__)
 
 _BACKOFF_START = 0.25
 
 
+class Phase(Enum):
+    SERVING = "serving"
+    RESETTING = "resetting"
+    DRAINING = "draining"
+    STOPPING = "stopping"
+
+
 @dataclass(slots=True)
-class _Job:
+class _Running:
+    """A request this worker is generating."""
+
     request: Request
     slot: Slot
     epoch: int
@@ -70,38 +82,61 @@ class Worker:
         self.config = config
         self.model = model
         self.slots = SlotManager(model, config.slots, config.threads, config.cache_mb << 20)
-        self.jobs: dict[RequestId, _Job] = {}
+        self.jobs: dict[RequestId, _Running] = {}
+        self.phase = Phase.SERVING
         self.epoch = 0
         self.tps = 0.0
+        self._after_reset = Phase.SERVING
         self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"slot{i}")
                            for i in range(config.slots)]
         self._channel: Channel | None = None
         self._ctx: zmq.Context | None = None
+        self._connected_at = 0.0
         self._last_heard = 0.0
-        self._heard_on_this_connection = False
         self._health: HealthEndpoint | None = None
         self._link: Link | None = None
         self._wake = asyncio.Event()
-        self._stop_requested = False
-        self._draining = False
-        self._resetting = False
+        """Set to cut short a wait of the connection loop (stop, register again)."""
+        self._register_again = asyncio.Event()
+        """The router does not know us (it restarted, or gave us up for dead)."""
+        self._idle = asyncio.Event()
+        """Set whenever nothing is running (what a drain waits for)."""
+        self._idle.set()
         self._drain_task: asyncio.Task | None = None
-        self._reregister = False
-        self._stopping = False
 
     # --- lifecycle --------------------------------------------------------------------
 
+    def _enter(self, phase: Phase) -> None:
+        """The one place the phase changes. Ending a registration (RESETTING, STOPPING)
+        bumps the epoch, so nothing more of what ran under it is sent."""
+        now = self.phase
+        if now is Phase.STOPPING or phase is now:
+            return
+        if phase is Phase.RESETTING:
+            self._after_reset = now
+            self.epoch += 1
+        elif phase is Phase.DRAINING and now is Phase.RESETTING:
+            self._after_reset = Phase.DRAINING  # drain once the reset is over
+            return
+        elif phase is Phase.STOPPING:
+            self.epoch += 1
+            self._wake.set()
+        self.phase = phase
+
+    @property
+    def accepting(self) -> bool:
+        return self.phase is Phase.SERVING
+
     def stop(self) -> None:
         """Ask `run` to return (from the event loop's thread)."""
-        self._stop_requested = True
-        self._wake.set()
+        self._enter(Phase.STOPPING)
 
     def drain(self) -> None:
         """Stop taking new work, finish what is running (up to the drain timeout), then
         leave, handing the warm sessions back to the router."""
-        if self._draining:
+        if self._drain_task is not None:
             return
-        self._draining = True
+        self._enter(Phase.DRAINING)
         log.info("draining %d running requests (up to %.0fs); signal again to exit at once",
                  len(self.jobs), self.config.drain_timeout)
         self._send_heartbeat()  # the router stops sending us work now
@@ -109,20 +144,12 @@ class Worker:
                                                                     name="drain")
 
     async def _finish_then_stop(self) -> None:
-        deadline = asyncio.get_running_loop().time() + self.config.drain_timeout
-        while self.jobs and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
-        if self.jobs:
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout)
+        except TimeoutError:
             log.warning("drain timeout: %d requests still running move to other workers",
                         len(self.jobs))
         self.stop()
-
-    def _on_signal(self) -> None:
-        if self._draining or self._stop_requested:
-            # Second signal: a generation thread may be deep in a long prompt; do not wait.
-            log.warning("second signal: exiting now")
-            os._exit(1)
-        self.drain()
 
     async def run(self, *, handle_signals: bool = False) -> None:
         loop = asyncio.get_running_loop()
@@ -130,13 +157,12 @@ class Worker:
         if self.config.health_bind:
             self._health = HealthEndpoint(self._ctx, self.config.health_bind, self.health, loop)
         if handle_signals:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, self._on_signal)
+            on_stop_signals(loop, lambda _name: self.drain())
         backoff = _BACKOFF_START
         try:
-            while not self._stop_requested:
+            while self.phase is not Phase.STOPPING:
                 heard = await self._connection()
-                if self._stop_requested:
+                if self.phase is Phase.STOPPING:
                     break
                 backoff = _BACKOFF_START if heard else min(backoff * 2, self.config.reconnect_max)
                 delay = backoff * random.uniform(0.8, 1.2)
@@ -154,7 +180,7 @@ class Worker:
         self._wake.clear()
 
     async def _shutdown(self) -> None:
-        self._stopping = True
+        self._enter(Phase.STOPPING)
         if self._channel is not None and not self._channel.closed:
             self._send(encode(Disconnect("worker shutting down",
                                          sessions=tuple(self.slots.warm_sessions()))))
@@ -173,38 +199,36 @@ class Worker:
     async def _connection(self) -> bool:
         """One connection to the router. Returns whether the router ever answered."""
         loop = asyncio.get_running_loop()
-        self.epoch += 1
         cfg = self.config
         self._link = Link(self._ctx, cfg.router, keys=cfg.keys, key_name=cfg.key_name,
                           max_message_bytes=cfg.max_message_bytes, loop=loop,
                           on_message=self._on_message, on_refused=self._on_refused)
         self._channel = self._link.channel
-        self._heard_on_this_connection = False
-        self._reregister = False  # this connection's READY supersedes any earlier request
+        self._register_again.clear()  # this connection's READY supersedes any earlier ask
         self._send_ready()
-        started = self._last_heard = loop.time()
-        silence_limit = self.config.heartbeat_interval * self.config.liveness
+        self._connected_at = self._last_heard = loop.time()
+        silence_limit = cfg.heartbeat_interval * cfg.liveness
         try:
-            while not self._stop_requested:
-                await self._sleep(self.config.heartbeat_interval)
-                if self._stop_requested:
+            while self.phase is not Phase.STOPPING:
+                await self._sleep(cfg.heartbeat_interval)
+                if self.phase is Phase.STOPPING:
                     break
-                if self._reregister:
+                if self._register_again.is_set():
                     # The router does not know us (it restarted, or gave us up for dead).
-                    self._reregister = False
-                    await self._cancel_all()
+                    self._register_again.clear()
+                    await self._reset()
                     self._send_ready()
                     continue
                 silent = loop.time() - self._last_heard
                 if silent > silence_limit:
-                    log.warning("router %s silent for %.1fs", self.config.router, silent)
+                    log.warning("router %s silent for %.1fs", cfg.router, silent)
                     break
                 self._send_heartbeat()
         finally:
-            if not self._stop_requested:  # on stop, _shutdown says goodbye on this socket
-                await self._cancel_all()
+            if self.phase is not Phase.STOPPING:  # on stop, _shutdown says goodbye here
+                await self._reset()
                 self._close_channel()
-        return self._last_heard > started
+        return self._last_heard > self._connected_at
 
     def _close_channel(self, linger_ms: int = 0) -> None:
         if self._link is not None:
@@ -216,36 +240,41 @@ class Worker:
                   self.config.keys.directory if self.config.keys else "KEYS",
                   self.config.key_name)
 
-    async def _cancel_all(self) -> None:
-        """Stop every generation and wait for it: nobody is waiting for their results.
-        Requests that arrive meanwhile are refused (the router places them again), so the
-        slots are all free, and the router's view right, when we say READY next."""
-        self.epoch += 1  # nothing from the old jobs may be sent any more
-        self._resetting = True
+    async def _reset(self) -> None:
+        """End this registration: stop every generation and wait for it, since nobody
+        waits for their results. Requests that arrive meanwhile are refused (the router
+        places them again), so the slots are all free, and the router's view right, when
+        READY goes out next."""
+        self._enter(Phase.RESETTING)
         try:
-            while self.jobs:
-                jobs = list(self.jobs.values())
-                for job in jobs:
-                    job.cancelled.set()
-                await asyncio.gather(*(j.task for j in jobs if j.task is not None),
-                                     return_exceptions=True)
-                for job in jobs:  # each task removes its own job; make sure
-                    if self.jobs.get(job.request.id) is job:
-                        del self.jobs[job.request.id]
+            await self._cancel_all()
         finally:
-            self._resetting = False
+            self._enter(self._after_reset)
+
+    async def _cancel_all(self) -> None:
+        while self.jobs:
+            jobs = list(self.jobs.values())
+            for job in jobs:
+                job.cancelled.set()
+            await asyncio.gather(*(j.task for j in jobs if j.task is not None),
+                                 return_exceptions=True)
+            for job in jobs:  # each task removes its own job; make sure
+                if self.jobs.get(job.request.id) is job:
+                    del self.jobs[job.request.id]
+        self._idle.set()
 
     def health(self) -> dict:
         """This worker as `pichat health` shows it: healthy while it hears its router."""
         silent = asyncio.get_running_loop().time() - self._last_heard
-        connected = (self._heard_on_this_connection and not self._stop_requested
+        heard = self._last_heard > self._connected_at  # on this connection
+        connected = (heard and self.phase is not Phase.STOPPING
                      and silent <= self.config.heartbeat_interval * self.config.liveness)
         return {
             "role": "worker", "healthy": connected, "name": self.config.name,
             "model": self.model.name, "backend": self.model.backend,
             "router": self.config.router, "connected": connected,
-            "last_heard_s": round(silent, 2) if self._heard_on_this_connection else None,
-            "slots": self.config.slots, "busy": self.slots.busy,
+            "last_heard_s": round(silent, 2) if heard else None,
+            "slots": self.config.slots, "busy": self.slots.busy, "phase": self.phase.value,
         }
 
     # --- messages ---------------------------------------------------------------------
@@ -259,7 +288,6 @@ class Worker:
                 self._send(encode(Error(exc.request_id, exc.code, str(exc))))
             return
         self._last_heard = asyncio.get_running_loop().time()
-        self._heard_on_this_connection = True
         self._handle(message)
 
     def _handle(self, message: Message) -> None:
@@ -274,9 +302,9 @@ class Worker:
             case Heartbeat():
                 pass
             case Disconnect():
-                log.info("router says: %s", message.reason)
-                self.epoch += 1  # from now on, nothing of the old jobs is sent
-                self._reregister = True
+                log.info("router says: %s", clip(message.reason, 200))
+                self._enter(Phase.RESETTING)  # from now on, nothing of the old jobs is sent
+                self._register_again.set()
                 self._wake.set()
             case Error():
                 log.error("router error: %s: %s", message.code, clip(message.message, 300))
@@ -284,9 +312,8 @@ class Worker:
                 log.warning("unexpected %s from the router; ignored", message.COMMAND.name)
 
     def _on_request(self, request: Request) -> None:
-        if self._stopping or self._draining or self._resetting:
-            reason = "worker resetting" if self._resetting else "worker draining"
-            self._send(encode(Error(request.id, ErrorCode.BUSY, reason)))
+        if not self.accepting:
+            self._send(encode(Error(request.id, ErrorCode.BUSY, f"worker {self.phase.value}")))
             return
         if request.id in self.jobs:
             # The router sent it again: a copy crossed our READY on the wire (the router
@@ -299,11 +326,12 @@ class Worker:
             self._send(encode(Error(request.id, ErrorCode.BUSY,
                                     f"all {self.config.slots} slots are busy")))
             return
-        job = _Job(request, slot, self.epoch, threading.Event())
+        job = _Running(request, slot, self.epoch, threading.Event())
         self.jobs[request.id] = job
+        self._idle.clear()
         job.task = asyncio.create_task(self._run(job), name=f"req-{request.id}")
 
-    async def _run(self, job: _Job) -> None:
+    async def _run(self, job: _Running) -> None:
         loop = asyncio.get_running_loop()
         request = job.request
         out = TextStream(
@@ -339,12 +367,14 @@ class Worker:
             self.slots.release(job.slot)
             if self.jobs.get(request.id) is job:
                 del self.jobs[request.id]
+            if not self.jobs:
+                self._idle.set()
 
-    def _send_chunk(self, job: _Job, text: str, tokens: tuple[int, ...]) -> None:
+    def _send_chunk(self, job: _Running, text: str, tokens: tuple[int, ...]) -> None:
         self._send_for(job, encode(Chunk(job.request.id, job.seq, text, tokens)))
         job.seq += 1
 
-    def _send_for(self, job: _Job, frames: list[bytes]) -> None:
+    def _send_for(self, job: _Running, frames: list[bytes]) -> None:
         if job.epoch == self.epoch:
             self._send(frames)
 
@@ -380,5 +410,6 @@ class Worker:
             warm=len(self.slots.warm_sessions()),
             evicted=tuple(self.slots.take_evicted()),
             tps=self.tps,
-            draining=self._draining,
+            draining=self.phase is Phase.DRAINING or (
+                self.phase is Phase.RESETTING and self._after_reset is Phase.DRAINING),
         )))

@@ -55,14 +55,7 @@ async def main() -> None:
 
     async with Client(ClientConfig(router=args.router, silence_timeout=1.5,
                                    keys=keys)) as watch:
-        while True:  # wait for the cluster
-            try:
-                names = {w["name"] for w in (await watch.status())["workers"]}
-                if names == want:
-                    break
-            except PichatError:
-                pass
-            await asyncio.sleep(0.1)
+        await watch.wait_for_workers(names=want)
         Path(args.out + ".ready").touch()
         stop_at = time.monotonic() + args.duration
 

@@ -93,8 +93,7 @@ async def soak(clients: int, seconds: float, workers: int, restart_every: float,
     config = ClientConfig(router=f"tcp://127.0.0.1:{cport}", silence_timeout=10)
     try:
         async with Client(config, context=ctx) as probe:
-            while len((await probe.status())["workers"]) < workers:
-                await asyncio.sleep(0.2)
+            await probe.wait_for_workers(workers)
         start = time.monotonic()
         stop_at = start + seconds
 

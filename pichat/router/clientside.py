@@ -1,0 +1,126 @@
+"""The router's side facing ZeroMQ clients: requests, cancels and STATUS.
+
+Each message says who sent it (the transport's sender: the client's key name, or its
+address), which becomes the request's owner. A request goes to `Router.submit` with a
+`ZmqSink` that sends its answer back on this socket. STATUS is answered from one encoded
+snapshot shared by every reply (zero-copy), built again only when something changed (or
+after `STATUS_TTL`), and at most `status_per_s` times a second for one connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from pichat.errors import ErrorCode, ProtocolError
+from pichat.protocol import (
+    Cancel,
+    Chunk,
+    Done,
+    Error,
+    Heartbeat,
+    Request,
+    RequestId,
+    Status,
+    decode,
+    encode,
+)
+from pichat.router.workerside import HEARTBEAT
+
+if TYPE_CHECKING:
+    from pichat.router.service import Router
+
+__all__ = ["ClientSide", "ZmqSink", "STATUS_TTL"]
+
+log = logging.getLogger(__name__)
+
+STATUS_TTL = 1.0
+"""A STATUS snapshot is reused while nothing has changed, for at most this long."""
+
+
+class ZmqSink:
+    """A request's answer, to the ZeroMQ client that sent it."""
+
+    __slots__ = ("side", "key")
+
+    def __init__(self, side: ClientSide, client: bytes) -> None:
+        self.side = side
+        self.key = client
+
+    def deliver(self, message: Chunk | Done | Error, frames: list[bytes] | None) -> bool:
+        return self.side.router.send_client(self.key, frames or encode(message))
+
+    def keepalive(self) -> bool:
+        return self.side.router.send_client(self.key, HEARTBEAT)
+
+
+class ClientSide:
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self._status: tuple[int, float, list[bytes]] | None = None
+        """(state version, when, the encoded STATUS)."""
+
+    def on_message(self, frames: list[bytes], sender: str) -> None:
+        r = self.router
+        client, body = frames[0], frames[1:]
+        try:
+            message = decode(body)
+        except ProtocolError as exc:
+            r.stats.rejected[exc.code.value] += 1
+            r.throttle.log(r.now(), logging.WARNING, "bad client message",
+                           "client %s (%s): bad message: %s", client.hex(), sender, exc,
+                           detail=sender)
+            r.send_client(client, encode(Error(exc.request_id, exc.code, str(exc))))
+            return
+        if isinstance(message, Status):
+            self._send_status(client)
+            return
+        r.changed()
+        match message:
+            case Request():
+                r.submit(message, ZmqSink(self, client), owner=sender)
+            case Cancel():
+                self._on_cancel(client, message.id)
+            case Heartbeat():
+                pass
+            case _:
+                r.stats.rejected["bad_request"] += 1
+                r.send_client(client, encode(Error(
+                    "", ErrorCode.BAD_REQUEST,
+                    f"{message.COMMAND.name} is not a client command")))
+
+    def on_dropped(self, frames: list[bytes], n_frames: int) -> None:
+        r = self.router
+        r.changed()
+        r.stats.rejected["protocol"] += 1
+        message = (f"a message of {n_frames - 1} frames was dropped unread; the protocol has "
+                   "3 (tag, command, body)")
+        r.throttle.log(r.now(), logging.WARNING, "too many frames", "client %s: %s",
+                       frames[0].hex(), message, detail=frames[0].hex())
+        r.send_client(frames[0], encode(Error("", ErrorCode.PROTOCOL, message)))
+
+    def _on_cancel(self, client: bytes, job_id: RequestId) -> None:
+        job = self.router.client(job_id)
+        if job is None or job.sink.key != client:
+            return  # finished already, or not this client's: nothing to do
+        log.info("req=%s cancelled by client", job_id)
+        job.sink.deliver(Error(job_id, ErrorCode.CANCELLED, "cancelled by the client"), None)
+        self.router.cancel(job_id)
+
+    def _send_status(self, client: bytes) -> None:
+        """Every STATUS is answered, from one encoded snapshot shared by every reply
+        (zero-copy: a queued reply costs a reference, not a copy). It is built again when
+        something changed, or after `STATUS_TTL`, and for a client over its rate only when
+        there is none yet: a flood costs a send each, never a snapshot each."""
+        r = self.router
+        now = r.now()
+        cached = self._status
+        stale = cached is None or cached[0] != r.version or now - cached[1] > STATUS_TTL
+        if stale and (cached is None or r.status_limit.allow(client, now)):
+            r.stats.events["status_snapshots"] += 1
+            cached = self._status = (r.version, now, encode(Status(r.snapshot())))
+        elif stale:
+            r.stats.events["status_throttled"] += 1
+        assert cached is not None
+        r.stats.events["status_replies"] += 1
+        r.send_client(client, cached[2], copy=False)

@@ -1,0 +1,84 @@
+"""The cluster as `pichat status --json` (and /v1/cluster, and the chat page) shows it: a
+view computed from the router's one registry of workers and requests (the scheduler's)
+and its one set of counts (`Stats`), never kept by hand."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from pichat import __version__
+
+if TYPE_CHECKING:
+    from pichat.router.service import Router
+
+__all__ = ["snapshot"]
+
+
+def snapshot(r: Router) -> dict[str, Any]:
+    now = r.now()
+    sched = r.scheduler
+    workers = []
+    for wid, view in sched.workers.items():
+        meta = view.meta
+        if meta is None:
+            continue
+        ready = meta.ready
+        workers.append({
+            "name": ready.worker,
+            "id": wid.hex(),
+            "model": ready.model,
+            "backend": ready.backend,
+            "version": ready.version,
+            "ctx": ready.ctx,
+            "slots": ready.slots,
+            "busy": view.busy,
+            "streaming": sum(sched.jobs[j].streamed for j in view.jobs if j in sched.jobs),
+            "warm_sessions": meta.heartbeat.warm,
+            "tokens_per_s": round(meta.heartbeat.tps, 1),
+            "served": meta.served,
+            "restarts": max(0, r.registrations[ready.worker] - 1),
+            "draining": meta.heartbeat.draining,
+            "last_seen_s": round(now - view.last_seen, 2),
+            "up_s": round(time.time() - meta.joined, 1),
+        })
+    cfg = r.config
+    gate = r.gatekeeper
+    channels = [c for c in (r.clients_channel, r.workers_channel) if c is not None]
+    return {
+        "router": {
+            "version": __version__,
+            "policy": cfg.policy,
+            "clients": r.clients_endpoint,
+            "http": r.http_endpoint,
+            "workers": r.workers_endpoint,
+            "up_s": round(time.time() - r.started, 1),
+            "memory": {"rss_mb": r.metrics.resident_mb(),
+                       "python_blocks": sys.getallocatedblocks()},
+            "loop_lag_ms": {"now": round(r.loop_lag[0] * 1000, 1),
+                            "max_1m": round(r.loop_lag[1] * 1000, 1)},
+        },
+        "queue": {"depth": sched.queue_depth, "limit": cfg.scheduler.queue_limit},
+        "security": {
+            "curve": cfg.keys is not None,
+            "api_keys": bool(cfg.api_keys),
+            "refused": dict(gate.refused) if gate else {},
+            "isolate_cache": cfg.isolate_cache,
+            "log_lines_suppressed": r.throttle.suppressed + (gate.throttle.suppressed
+                                                             if gate else 0),
+            "frames_dropped": sum(c.dropped for c in channels),
+            "http_connections_refused": r.http_site.refused if r.http_site else 0,
+        },
+        "requests": {
+            "active": r.active(),
+            **r.stats.as_status(),
+            "sessions_remembered": len(sched.affinity),
+            "sessions_forgotten": sched.sessions_forgotten,
+            "pushed_out": sched.pushed_out,
+            "cancels_ignored": sched.cancels_ignored,
+            "prefixes_remembered": len(r.prefixes),
+            "prefixes_forgotten": r.prefixes.dropped,
+        },
+        "workers": sorted(workers, key=lambda w: w["name"]),
+    }
