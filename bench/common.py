@@ -14,6 +14,13 @@ from pichat.cluster import ClusterConfig, LocalCluster
 @asynccontextmanager
 async def local_cluster(**kwargs) -> AsyncIterator[Client]:
     """A router and workers as real processes on loopback; yields a connected client."""
+    async with cluster_and_client(**kwargs) as (_, client):
+        yield client
+
+
+@asynccontextmanager
+async def cluster_and_client(**kwargs) -> AsyncIterator[tuple[LocalCluster, Client]]:
+    """`local_cluster`, with the cluster (its processes) too."""
     config = ClusterConfig(**{"clients_bind": "tcp://127.0.0.1:0",
                               "workers_bind": "tcp://127.0.0.1:0", "http": "off",
                               "log_level": "warning", **kwargs})
@@ -22,9 +29,18 @@ async def local_cluster(**kwargs) -> AsyncIterator[Client]:
     try:
         async with Client(cluster.client_config(silence_timeout=60)) as client:
             await cluster.wait_ready(client)
-            yield client
+            yield cluster, client
     finally:
         cluster.stop()
+
+
+def rss_mb(pid: int) -> float:
+    """A process's resident memory, MB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def p50(values: list[float]) -> float:

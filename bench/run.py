@@ -1,7 +1,7 @@
 """`make bench`: every benchmark, side by side in one run, printed as ratios.
 
     python bench/run.py               # all
-    python bench/run.py affinity      # one (affinity | http | overhead | connections)
+    python bench/run.py affinity      # one (batched | affinity | http | overhead | connections)
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import affinity  # noqa: E402
+import batched  # noqa: E402
 import connections  # noqa: E402
 import http_affinity  # noqa: E402
 import overhead  # noqa: E402
 
 BENCHMARKS = {
+    "batched": ("One worker, many conversations: the batched engine vs one context per slot "
+                "vs llama-server --parallel 4 (default model, 2 threads)", batched.main),
     "affinity": ("Session affinity vs round-robin: 4 users x 8 turns, 2 llama workers "
                  "(default model, 1 slot, 1 thread each)", affinity.main),
     "http": ("Stateless OpenAI clients over HTTP: prefix affinity vs round-robin, 8 "

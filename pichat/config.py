@@ -17,6 +17,8 @@ __all__ = [
     "DEFAULT_WORKER_ENDPOINT",
     "DEFAULT_HEALTH_ENDPOINT",
     "Backend",
+    "Engine",
+    "KvType",
     "RouterConfig",
     "WorkerConfig",
     "SimConfig",
@@ -32,6 +34,8 @@ DEFAULT_WORKER_ENDPOINT = f"tcp://127.0.0.1:{DEFAULT_WORKER_PORT}"
 DEFAULT_HEALTH_ENDPOINT = "ipc:///tmp/pichat-health.ipc"
 
 Backend: TypeAlias = Literal["llama", "sim"]
+Engine: TypeAlias = Literal["batched", "contexts"]
+KvType: TypeAlias = Literal["f16", "q8_0", "q4_0"]
 
 
 def default_worker_name() -> str:
@@ -111,9 +115,17 @@ class WorkerConfig:
     model: str = "default"
     """A GGUF path, or the name of a model pichat knows how to install (see `pichat models`)."""
     slots: int = 1
+    """Conversations generated at once."""
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    """CPU threads for inference in all; each slot gets threads // slots (at least 1)."""
+    """CPU threads for inference in all."""
+    engine: Engine = "batched"
+    """llama: `batched`, one context whose `slots` sequences are decoded together (one
+    engine thread, all the threads); `contexts`, one context per slot, each with
+    threads // slots (the design before the batched engine, kept for comparison)."""
     ctx: int = 4096
+    kv_type: KvType = "f16"
+    """llama: what the KV cache stores, f16 or quantized (q8_0 about half the RAM, q4_0
+    about a quarter; flash attention is on for those)."""
     cache_mb: int = 256
     """RAM for saved KV states of conversations that are not in a slot."""
     heartbeat_interval: float = 1.0

@@ -108,8 +108,8 @@ def format_status(snapshot: dict[str, Any]) -> str:
     if not workers:
         lines.append("no workers connected")
         return "\n".join(lines)
-    header = ("worker", "model", "backend", "slots", "warm", "tok/s", "served", "restarts",
-              "seen")
+    header = ("worker", "model", "backend", "slots", "warm", "kv tokens", "kv MB", "store MB",
+              "tok/s", "served", "restarts", "seen")
     rows = [header] + [
         (
             w["name"],
@@ -117,6 +117,7 @@ def format_status(snapshot: dict[str, Any]) -> str:
             w["backend"] + (" (simulated)" if w["backend"] == "sim" else ""),
             f"{w['busy']}/{w['slots']}",
             str(w["warm_sessions"]),
+            *_memory_cells(w.get("memory", {})),
             f"{w['tokens_per_s']:.1f}",
             str(w["served"]),
             str(w.get("restarts", 0)),
@@ -131,3 +132,11 @@ def format_status(snapshot: dict[str, Any]) -> str:
         lines += ["", "sim workers are a test instrument: they simulate a model's timing "
                       "and caching, and answer with filler text."]
     return "\n".join(lines)
+
+
+def _memory_cells(m: dict[str, Any]) -> tuple[str, str, str]:
+    """A worker's KV use (tokens held/room) and the RAM of its KV cache and store."""
+    if not m.get("kv_tokens"):
+        return "?", "?", "?"
+    return (f"{m['kv_used_tokens']}/{m['kv_tokens']}", f"{m['kv_mb']:.0f} {m['kv_type']}",
+            f"{m['store_mb']:.0f}/{m['store_budget_mb']:.0f}")

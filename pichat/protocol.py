@@ -318,6 +318,15 @@ class Ready:
     version: str
     warm: tuple[tuple[str, str], ...] = ()
     """(session, lease) of each session warm here: the router trusts only its own leases."""
+    engine: str = ""
+    """How the worker decodes its slots (`batched`, `contexts`, `sim`)."""
+    kv_type: str = ""
+    kv_cells: int = 0
+    """Tokens of KV cache the worker's context(s) hold room for, all slots together."""
+    kv_token_bytes: int = 0
+    """RAM one token takes in the KV cache."""
+    cache_bytes: int = 0
+    """The budget of the session store (KV states parked outside the slots)."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Ready:
@@ -336,6 +345,11 @@ class Ready:
             ctx=f.int("ctx", lo=1, hi=1 << 24),
             version=f.str("version", max_chars=64),
             warm=tuple(warm.items()),
+            engine=f.str("engine", max_chars=32, required=False),
+            kv_type=f.str("kv_type", max_chars=32, required=False),
+            kv_cells=f.int("kv_cells", hi=1 << 40, required=False),
+            kv_token_bytes=f.int("kv_token_bytes", hi=1 << 30, required=False),
+            cache_bytes=f.int("cache_bytes", hi=1 << 50, required=False),
         )
 
     def to_body(self) -> dict[str, Any]:
@@ -356,6 +370,10 @@ class Heartbeat:
     """Recent generation speed, tokens per second."""
     draining: bool = False
     """The worker is stopping: it finishes what it has and takes nothing new."""
+    kv_used: int = 0
+    """Tokens of KV the slots hold."""
+    store_bytes: int = 0
+    """RAM the session store takes."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Heartbeat:
@@ -366,6 +384,8 @@ class Heartbeat:
                                max_chars=MAX_SESSION_CHARS),
             tps=f.float("tps", hi=1e9, required=False),
             draining=f.bool("draining"),
+            kv_used=f.int("kv_used", hi=1 << 40, required=False),
+            store_bytes=f.int("store_bytes", hi=1 << 50, required=False),
         )
 
     def to_body(self) -> dict[str, Any]:

@@ -373,3 +373,48 @@ async def test_health_asks_the_process_itself(cluster: Cluster, tmp_path: Path):
     assert code == 1 and out.startswith("unhealthy") and "connected False" in out
     code, out = await health(f"ipc://{tmp_path}/nobody.ipc")
     assert code == 1 and "no answer" in out
+
+
+@pytest.mark.slow
+async def test_a_batched_worker_serves_four_conversations_at_once_with_the_default_model(
+        cluster: Cluster, default_model: Path):
+    """One worker, one context, four slots decoded together: four concurrent chats that
+    share a system prompt all answer correctly; the prompt is read once; a returning
+    conversation reuses its whole history; status explains the KV sizing."""
+    cluster.router()
+    cluster.worker("qwen", "--ctx", "1024", "--slots", "4", "--threads", "2", backend="llama")
+    await cluster.wait_workers(1, timeout=120)
+    system = ChatMessage("system", "You are a quiz master for a school. Answer in one short "
+                                   "sentence, plainly, and never add anything else.")
+    questions = {"a": ("What is the capital of France?", "Paris"),
+                 "b": ("What is 2 + 2?", "4"),
+                 "c": ("How do you say hello in Spanish?", "Hola"),
+                 "d": ("What is the capital of Italy?", "Rome")}
+    sampling = Sampling(temperature=0, max_tokens=40)
+    async with cluster.client(silence_timeout=30) as client:
+        first = await client.chat([system, ChatMessage("user", questions["a"][0])],
+                                  session="a", sampling=sampling)
+        rest = await asyncio.gather(*[
+            client.chat([system, ChatMessage("user", q)], session=s, sampling=sampling)
+            for s, (q, _) in questions.items() if s != "a"])
+        replies = dict(zip("abcd", [first, *rest]))
+        for session, (_, answer) in questions.items():
+            assert answer.lower() in replies[session].text.lower(), replies[session].text
+            assert replies[session].finish == "stop"
+        # The system prompt (and the template around it) was read once, for "a".
+        assert first.usage.cached_tokens == 0
+        assert all(r.usage.cached_tokens >= 30 for r in rest), [r.usage for r in rest]
+        history = [system, ChatMessage("user", questions["a"][0]),
+                   ChatMessage("assistant", first.text),
+                   ChatMessage("user", "What is the capital of Spain?")]
+        again = await client.chat(history, session="a", sampling=sampling)
+        assert "Madrid" in again.text
+        held = first.usage.prompt_tokens + first.usage.completion_tokens
+        assert again.usage.cached_tokens == held, (again.usage, held)
+        status = await client.status()
+    memory = status["workers"][0]["memory"]
+    assert (memory["engine"], memory["kv_type"], memory["kv_tokens"]) == ("batched", "f16", 4096)
+    assert memory["kv_kb_per_token"] == 12.0 and memory["kv_mb"] == 48.0
+    table = subprocess.run([sys.executable, "-m", "pichat", "status", "--router",
+                            cluster.client_endpoint], capture_output=True, text=True, timeout=60)
+    assert re.search(r"\d+/4096\s+48 f16\s+\d+/256", table.stdout), table.stdout

@@ -32,8 +32,11 @@ from pichat.protocol import (
 MESSAGES = [
     Ready("pi1", "qwen", "llama", 2, 4096, "0.1.0", (("s1", "lease1"), ("s2", "lease2"))),
     Ready("pi1", "qwen", "llama", 2, 4096, "0.1.0"),
+    Ready("pi1", "qwen", "llama", 4, 4096, "0.1.0", engine="batched", kv_type="q8_0",
+          kv_cells=16384, kv_token_bytes=6528, cache_bytes=256 << 20),
     Heartbeat(),
     Heartbeat(busy=1, warm=3, evicted=("old",), tps=12.5),
+    Heartbeat(busy=2, kv_used=1500, store_bytes=9 << 20),
     Request(RequestId("r1"), (ChatMessage("system", "be brief"), ChatMessage("user", "hi")),
             Sampling(temperature=0.0, seed=7, max_tokens=20, stop=("\n\n",)),
             session=SessionId("s1"), timeout=30.0, model="qwen"),

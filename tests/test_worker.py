@@ -188,3 +188,15 @@ async def test_silent_router_makes_it_reconnect_and_register_again():
         await task
         router.close()
         ctx.term()
+
+
+def test_a_worker_warns_when_its_kv_cache_and_store_outgrow_the_machine():
+    sim = SimConfig(kv_bytes_per_token=112 * 1024)  # as a 3B model's f16 cache
+    config = WorkerConfig(backend="sim", slots=4, ctx=4096, cache_mb=256, sim=sim)
+    worker = Worker(config, SimModel(sim, 4096))
+    gib = 1 << 30
+    # 4 x 4096 tokens x 112 KiB = 1.75 GiB of KV, 0.25 GiB of store, 0.75 GiB headroom.
+    warning = worker.memory_warning(total=2 * gib)
+    assert warning is not None and "1792 MiB" in warning and "--kv-type q8_0" in warning
+    assert worker.memory_warning(total=4 * gib) is None
+    assert "KV cache: 4 x 4096 tokens (sim, f16, 112.0 KiB/token) = 1792 MiB" in worker.sizing()

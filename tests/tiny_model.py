@@ -32,7 +32,8 @@ CHATML = (
 
 
 def write_tiny_model(path: Path, *, n_ctx: int = 1024, seed: int = 0,
-                     chat_template: str = CHATML) -> Path:
+                     chat_template: str = CHATML, n_head: int = 4) -> Path:
+    """`n_head` 2 makes heads of 32 values, which a quantized KV cache needs."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -49,7 +50,7 @@ def write_tiny_model(path: Path, *, n_ctx: int = 1024, seed: int = 0,
         types.append(gguf.TokenType.NORMAL)
     scores = [0.0] * 5 + [-1000.0] * 256 + [-float(i) for i in range(len(tokens) - 261)]
 
-    n_vocab, n_embd, n_head, n_head_kv, n_ff, n_layer = len(tokens), 64, 4, 2, 128, 2
+    n_vocab, n_embd, n_head_kv, n_ff, n_layer = len(tokens), 64, n_head // 2, 128, 2
     head_dim = n_embd // n_head
 
     w = gguf.GGUFWriter(str(path), "llama")

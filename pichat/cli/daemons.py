@@ -176,6 +176,11 @@ def model_options(f: Any) -> Any:
 @model_options
 @o.field(W, "threads", "--threads", env="THREADS", type=click.IntRange(1),
          help="CPU threads for inference, shared by the slots.")
+@o.field(W, "engine", "--engine", env="ENGINE", type=click.Choice(["batched", "contexts"]),
+         help="llama: batched decodes the slots' sequences together in one context; "
+              "contexts gives each slot its own context (the former design).")
+@o.field(W, "kv_type", "--kv-type", env="KV_TYPE", type=click.Choice(["f16", "q8_0", "q4_0"]),
+         help="llama: KV cache type; q8_0 holds twice as many tokens per MB, q4_0 four times.")
 @o.field(W, "cache_mb", "--cache-mb", env="CACHE_MB", type=click.IntRange(0),
          help="RAM for KV states of conversations waiting outside a slot.")
 @o.field(W, "chunk_tokens", "--chunk-tokens", env="CHUNK_TOKENS", type=click.IntRange(1),

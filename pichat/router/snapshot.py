@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pichat import __version__
+from pichat.protocol import Heartbeat, Ready
 
 if TYPE_CHECKING:
     from pichat.router.service import Router
@@ -42,6 +43,7 @@ def snapshot(r: Router) -> dict[str, Any]:
             "draining": meta.heartbeat.draining,
             "last_seen_s": round(now - view.last_seen, 2),
             "up_s": round(time.time() - meta.joined, 1),
+            "memory": _worker_memory(ready, meta.heartbeat),
         })
     cfg = r.config
     gate = r.gatekeeper
@@ -81,4 +83,19 @@ def snapshot(r: Router) -> dict[str, Any]:
             "prefixes_forgotten": r.prefixes.dropped,
         },
         "workers": sorted(workers, key=lambda w: w["name"]),
+    }
+
+
+def _worker_memory(ready: Ready, beat: Heartbeat) -> dict[str, Any]:
+    """What the worker's KV cache holds, and the RAM it and the session store take."""
+    mib = 2 ** 20
+    return {
+        "engine": ready.engine,
+        "kv_type": ready.kv_type,
+        "kv_tokens": ready.kv_cells,
+        "kv_used_tokens": beat.kv_used,
+        "kv_mb": round(ready.kv_cells * ready.kv_token_bytes / mib, 1),
+        "kv_kb_per_token": round(ready.kv_token_bytes / 1024, 1),
+        "store_mb": round(beat.store_bytes / mib, 1),
+        "store_budget_mb": round(ready.cache_bytes / mib, 1),
     }

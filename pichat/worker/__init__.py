@@ -20,5 +20,8 @@ def load_model(config: WorkerConfig) -> Model:
     from pichat.worker.llama import LlamaModel
 
     path, name = resolve(config.model)
-    return LlamaModel(path, n_ctx=config.ctx, name=name,
+    if config.engine == "batched":
+        return LlamaModel(path, n_ctx=config.ctx, name=name, threads=config.threads,
+                          lanes=config.slots, kv_type=config.kv_type)
+    return LlamaModel(path, n_ctx=config.ctx, name=name, kv_type=config.kv_type,
                       threads=max(1, config.threads // config.slots))

@@ -29,6 +29,9 @@ class SavedState:
     nbytes: int
     owner: str | None = None
     """Whose conversation it is (the router's owner tag), set by the slot manager."""
+    format: str = ""
+    """What the bytes depend on (model, KV cache type): a state is only loaded into a
+    context of the same format."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,12 @@ class Context(Protocol):
     def truncate(self, n: int) -> None:
         """Keep only the KV state of the first `n` tokens (the rest is recomputed)."""
 
+    def adopt(self, donor: Context, prefix: Sequence[int]) -> int:
+        """Hold the longest start of `prefix` that `donor` (another context of the same
+        model) holds, copying its KV cells instead of evaluating those tokens again, where
+        the backend can; returns how many tokens of `prefix` this context now holds (0,
+        and unchanged, if the backend cannot)."""
+
     def generate(self, prompt: Sequence[int], sampling: Sampling, out: TextStream,
                  cancelled: threading.Event, resume: int = 0) -> Generation:
         """Evaluate the part of `prompt` not already held (the common prefix is reused),
@@ -67,9 +76,16 @@ class Context(Protocol):
 class Model(Protocol):
     name: str
     backend: str
+    engine: str
+    """How the slots' contexts are made: `batched` (one context), `contexts`, `sim`."""
     n_ctx: int
     n_vocab: int
     """Token ids are below this (a continuation from the router is checked against it)."""
+    kv_type: str
+    kv_token_bytes: int
+    """RAM one token of one conversation takes in the KV cache."""
+    weights_bytes: int
+    """The size of the model's weights (mapped from the GGUF file)."""
 
     def chat_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
         """The prompt for `messages` in the model's chat template, ending where the

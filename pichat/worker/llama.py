@@ -1,8 +1,12 @@
-"""The llama.cpp backend (llama-cpp-python): one `Llama` object per slot, on one GGUF file.
+"""The llama.cpp backend (llama-cpp-python) on one GGUF file: the tokenizer and chat
+template, and the slots' contexts, made by one of two engines:
 
-The objects share the mmapped weights; each costs its own KV cache and buffers (~100 MB
-for a 0.5B model at 4k context). Generation releases the GIL inside llama.cpp, so slots
-run in parallel threads while the worker's event loop keeps heartbeating.
+- `batched` (the default): one context whose sequences are the slots, decoded together by
+  a `BatchEngine` (pichat/worker/batch.py);
+- `contexts`: one `Llama` object per slot (`LlamaContext` below), each with its own KV
+  cache and buffers (~500 MB more per slot for the 0.5B default at 4k context, measured),
+  sharing the mmapped weights; each slot generates in its own thread (llama.cpp releases
+  the GIL). Kept for comparison (`make bench`).
 
 KV state moves between slots and the session store with llama.cpp's per-sequence state
 API (`llama_state_seq_get_data` / `llama_state_seq_set_data`): measured here at 2-14 ms
@@ -13,7 +17,6 @@ floats, up to 512 MiB per snapshot).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import random
 import threading
@@ -26,6 +29,14 @@ from pichat.errors import BadRequest, PichatError
 from pichat.logs import clip
 from pichat.protocol import ChatMessage, Sampling
 from pichat.worker.backend import Generation, SavedState, common_prefix
+from pichat.worker.llamalib import (
+    KV_TYPES,
+    Pieces,
+    kv_bytes_per_token,
+    load_seq,
+    model_format,
+    save_seq,
+)
 from pichat.worker.textstream import TextStream
 
 __all__ = ["LlamaModel", "LlamaContext", "FALLBACK_TEMPLATE"]
@@ -50,29 +61,49 @@ read 4 % slower. On a Pi at 15 tokens/s, 128 tokens is ~8 s of latency for a can
 
 
 class LlamaModel:
+    """`lanes` 0: each slot its own llama.cpp context (`new_context` loads another one);
+    `lanes` N: one context of N sequences decoded together by a `BatchEngine`
+    (pichat/worker/batch.py), each slot one of its lanes."""
+
     backend = "llama"
 
     def __init__(self, path: str | Path, *, n_ctx: int, name: str | None = None,
-                 threads: int = 1) -> None:
+                 threads: int = 1, lanes: int = 0, kv_type: str = "f16") -> None:
         import llama_cpp  # deferred: importing it loads the shared library
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self._llama_cpp = llama_cpp
         self.path = str(path)
-        first = self._load(n_ctx, threads)
+        self.weights_bytes = Path(path).stat().st_size
+        self.kv_type = kv_type
+        self.engine = "batched" if lanes else "contexts"
+        self.batch: Any = None
+        """The `BatchEngine` (batched)."""
+        # With lanes, this first context only serves the tokenizer: keep it tiny.
+        first = self._load(64, threads, "f16") if lanes else self._load(n_ctx, threads)
         train_ctx = first._model.n_ctx_train()
         if n_ctx > train_ctx:
             log.warning("ctx %d exceeds the model's training context %d; using %d",
                         n_ctx, train_ctx, train_ctx)
-            first.close()
             n_ctx = train_ctx
-            first = self._load(n_ctx, threads)
-        self._spare: Any = first
+            if not lanes:
+                first.close()
+                first = self._load(n_ctx, threads)
+        self._spare: Any = None if lanes else first
         self._ref = first
-        self.n_ctx = first.n_ctx()
-        self.n_vocab = first.n_vocab()
+        self.n_ctx = n_ctx
+        self._lanes = 0
         meta = first.metadata
         self.name = name or meta.get("general.name") or Path(path).stem
+        model = first._model.model
+        self.format = model_format(llama_cpp, model, meta.get("general.name", ""), kv_type)
+        self.kv_token_bytes = kv_bytes_per_token(llama_cpp, model, kv_type)
+        if lanes:
+            from pichat.worker.batch import BatchEngine
+
+            self.batch = BatchEngine(first, llama_cpp, lanes=lanes, n_ctx=n_ctx,
+                                     threads=threads, kv_type=kv_type, fmt=self.format)
+        self.n_vocab = first.n_vocab()
         template = meta.get("tokenizer.chat_template")
         if not template:
             log.warning("%s has no chat template; using ChatML", self.path)
@@ -84,7 +115,8 @@ class LlamaModel:
         self._prefix_formatter = Jinja2ChatFormatter(template=template,
                                                      add_generation_prompt=False, **tokens)
 
-    def _load(self, n_ctx: int, threads: int) -> Any:
+    def _load(self, n_ctx: int, threads: int, kv_type: str | None = None) -> Any:
+        kv_type = kv_type or self.kv_type
         try:
             return self._llama_cpp.Llama(
                 model_path=self.path,
@@ -93,6 +125,9 @@ class LlamaModel:
                 n_threads=threads,
                 n_threads_batch=threads,
                 logits_all=False,
+                type_k=KV_TYPES[kv_type][0],
+                type_v=KV_TYPES[kv_type][0],
+                flash_attn=kv_type != "f16",
                 verbose=False,
             )
         except (ValueError, RuntimeError) as exc:
@@ -119,46 +154,50 @@ class LlamaModel:
     def text_tokens(self, text: str) -> list[int]:
         return self._ref.tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
-    def new_context(self, threads: int) -> LlamaContext:
+    def new_context(self, threads: int) -> Any:
+        if self.batch is not None:
+            from pichat.worker.batch import Lane
+
+            if self._lanes >= self.batch.lanes:
+                raise PichatError(f"the engine has {self.batch.lanes} lanes")
+            self._lanes += 1
+            return Lane(self.batch, self._lanes - 1)
         llm, self._spare = self._spare, None
         if llm is None:
             llm = self._load(self.n_ctx, threads)
         else:
             llm._ctx.set_n_threads(threads, threads)
-        return LlamaContext(llm)
+        return LlamaContext(llm, self.format)
 
     def close(self) -> None:
+        if self.batch is not None:
+            self.batch.close()
+            self.batch = None
         if self._spare is not None:
             self._spare.close()
             self._spare = None
 
 
 class LlamaContext:
-    def __init__(self, llm: Any) -> None:
+    def __init__(self, llm: Any, fmt: str) -> None:
         import llama_cpp
 
         self.llm = llm
+        self.format = fmt
         self._lib = llama_cpp
         self._vocab = llm._model.vocab
-        self._piece_buf = ctypes.create_string_buffer(64)
+        self._piece = Pieces(llama_cpp, self._vocab)
 
     def tokens(self) -> list[int]:
         return self.llm.input_ids[: self.llm.n_tokens].tolist()
 
     def save(self) -> SavedState:
-        lib, ctx = self._lib, self.llm.ctx
-        size = lib.llama_state_seq_get_size(ctx, _SEQ)
-        buf = (ctypes.c_uint8 * size)()
-        n = lib.llama_state_seq_get_data(ctx, buf, size, _SEQ)
-        tokens = tuple(self.tokens())
-        return SavedState(tokens, ctypes.string_at(buf, n), n + 4 * len(tokens))
+        return save_seq(self._lib, self.llm.ctx, _SEQ, tuple(self.tokens()), self.format)
 
     def restore(self, state: SavedState) -> bool:
-        lib, llm = self._lib, self.llm
+        llm = self.llm
         llm._ctx.kv_cache_seq_rm(_SEQ, -1, -1)
-        data = state.data
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if lib.llama_state_seq_set_data(llm.ctx, buf, len(data), _SEQ) == 0:
+        if not load_seq(self._lib, llm.ctx, _SEQ, state, self.format):
             self.clear()
             return False
         n = len(state.tokens)
@@ -174,6 +213,9 @@ class LlamaContext:
     def truncate(self, n: int) -> None:
         # The KV cells past n_tokens are dropped by the next eval, before it decodes.
         self.llm.n_tokens = min(self.llm.n_tokens, n)
+
+    def adopt(self, donor: Any, prefix: Sequence[int]) -> int:
+        return 0  # contexts share no cells
 
     def generate(self, prompt: Sequence[int], sampling: Sampling, out: TextStream,
                  cancelled: threading.Event, resume: int = 0) -> Generation:
@@ -222,12 +264,3 @@ class LlamaContext:
                 finish = "cancelled"
                 break
         return Generation(finish, len(prompt), cached, n, (t1 - t0) * 1000, (t_last - t1) * 1000)
-
-    def _piece(self, token: int) -> bytes:
-        """The token's raw bytes (with its leading space, unlike detokenizing it alone)."""
-        buf = self._piece_buf
-        n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        if n < 0:  # the piece is longer than the buffer
-            buf = self._piece_buf = ctypes.create_string_buffer(-n)
-            n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        return buf.raw[:n]

@@ -43,13 +43,16 @@ def _word_id(word: str) -> int:
 
 
 class SimModel:
-    backend = "sim"
+    backend = engine = "sim"
     n_vocab = 100 + _VOCAB
+    kv_type = "f16"
+    weights_bytes = 0
 
     def __init__(self, config: SimConfig, n_ctx: int, name: str = "sim") -> None:
         self.config = config
         self.n_ctx = n_ctx
         self.name = name
+        self.kv_token_bytes = config.kv_bytes_per_token
 
     def chat_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
         return [*self.prefix_tokens(messages, len(messages)), _MARKERS["assistant"]]
@@ -93,6 +96,9 @@ class SimContext:
 
     def truncate(self, n: int) -> None:
         del self._tokens[n:]
+
+    def adopt(self, donor: object, prefix: Sequence[int]) -> int:
+        return 0  # simulated contexts share no cells
 
     def generate(self, prompt: Sequence[int], sampling: Sampling, out: TextStream,
                  cancelled: threading.Event, resume: int = 0) -> Generation:

@@ -6,6 +6,10 @@ tokens. When a slot is needed for another conversation, the resident one's KV st
 saved into the `SessionStore` (RAM, least recently used dropped first within a byte
 budget) and restored when that conversation comes back, to whichever slot is free.
 
+A prompt's start may also be held by another slot (one system prompt for everyone): the
+slot then takes a copy of those cells (`Context.adopt`) instead of reading the tokens
+again, subject to the same rule across owners as below.
+
 KV state is reused across owners (the router's tag of who sent a request) only up to a
 whole-message boundary: a context another owner left is truncated to the longest run of
 complete messages the new prompt shares with it (typically a common system prompt), never
@@ -35,9 +39,13 @@ from pichat.protocol import ChatMessage, Request, SessionId
 from pichat.worker.backend import Context, Generation, Model, SavedState, common_prefix
 from pichat.worker.textstream import TextStream
 
-__all__ = ["SessionStore", "Slot", "SlotManager", "message_boundary"]
+__all__ = ["SessionStore", "Slot", "SlotManager", "message_boundary", "MIN_SHARED"]
 
 log = logging.getLogger(__name__)
+
+MIN_SHARED = 16
+"""A slot takes another slot's cells for a common prompt start only if that saves reading
+at least this many tokens (the copy costs about one decoding step)."""
 
 
 class SessionStore:
@@ -98,6 +106,7 @@ class SlotManager:
         self.slots = [Slot(i, model.new_context(per_slot)) for i in range(slots)]
         self.store = SessionStore(cache_bytes)
         self._lock = threading.Lock()
+        self._switch = threading.Lock()
         self._evicted: list[SessionId] = []
         self._clock = itertools.count(1)
         self._leases: dict[SessionId, str] = {}
@@ -123,6 +132,10 @@ class SlotManager:
     @property
     def busy(self) -> int:
         return sum(s.busy for s in self.slots)
+
+    def kv_usage(self) -> tuple[int, int]:
+        """(tokens of KV the slots hold, bytes of the session store)."""
+        return sum(len(s.context.tokens()) for s in self.slots), self.store.nbytes
 
     def warm_sessions(self) -> list[SessionId]:
         with self._lock:
@@ -168,7 +181,8 @@ class SlotManager:
                 f"the prompt is {len(prompt)} tokens but the model's context holds "
                 f"{self.model.n_ctx} (prompt and answer together); shorten the conversation"
             )
-        self._bring_in(slot, request, prompt)
+        with self._switch:  # one slot's owner and tokens change while no other looks
+            self._bring_in(slot, request, prompt)
         try:
             result = slot.context.generate(prompt, request.sampling, out, cancelled,
                                            resume=len(request.continuation))
@@ -217,7 +231,30 @@ class SlotManager:
                                     "starting cold", session)
         if keep < len(ctx.tokens()):
             ctx.truncate(keep)
+        keep = self._share_prefix(slot, request, prompt, keep)
         slot.owner = request.owner
+
+    def _share_prefix(self, slot: Slot, request: Request, prompt: Sequence[int],
+                      keep: int) -> int:
+        """If another slot holds a longer start of `prompt` than `slot` does (one system
+        prompt for everyone), let `slot` take a copy of those KV cells instead of
+        evaluating them, within what the other slot's owner may share with this request.
+        Returns what `slot` now holds."""
+        best, donor = keep + MIN_SHARED - 1, None
+        for other in self.slots:
+            if other is slot or common_prefix(other.context.tokens(), prompt) <= best:
+                continue
+            n = min(self._shareable(other, request, prompt), len(prompt) - 1)
+            if n > best:
+                best, donor = n, other
+        if donor is None:
+            return keep
+        held = slot.context.adopt(donor.context, prompt[:best])
+        if held > keep:
+            log.debug("slot %d took %d prompt tokens from slot %d", slot.index, held,
+                      donor.index)
+            return held
+        return keep
 
     def _shareable(self, slot: Slot, request: Request, prompt: Sequence[int]) -> int:
         """How many of the context's tokens `request` may reuse."""
