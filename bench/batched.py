@@ -1,13 +1,13 @@
 """One worker, many conversations: the batched engine against one context per slot and
 against llama.cpp's own server, side by side on the same cores.
 
-1. Streams: 1, 2 and 4 concurrent streams (128 tokens each, greedy) through the OpenAI
-   API, on a pichat worker with `--engine batched` (1 slot and 4 slots), one with
-   `--engine contexts` (4 slots, the former design) and `llama-server --parallel 4` (built
-   from the llama.cpp source the llama-cpp-python sdist vendors, scripts/build-peers.sh),
-   all with 2 threads and 4,096 tokens per slot; plus raw llama-cpp-python in-process for
-   a lone stream. Aggregate tokens/s, a lone stream's decode speed, and each server's
-   resident memory.
+1. Streams: 1, 2 and 4 concurrent streams (128 tokens each, greedy; the median of 3
+   rounds) through the OpenAI API, on a pichat worker with `--engine batched` (1 slot and
+   4 slots), one with `--engine contexts` (4 slots, the former design) and
+   `llama-server --parallel 4` (built from the llama.cpp source the llama-cpp-python sdist
+   vendors, scripts/build-peers.sh), all with 2 threads and 4,096 tokens per slot; plus
+   raw llama-cpp-python in-process for a lone stream, and llama-batched-bench (llama.cpp
+   alone). Aggregate tokens/s, a lone stream's decode speed, each server's resident memory.
 2. Chat: 4 users x 8 turns through the OpenAI API (streaming, the whole history each
    turn, as Open WebUI sends it): pichat with one worker of 4 slots and with two workers of
    2 slots, against llama-server --parallel 4. Wall time and time to first token per turn.
@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -123,18 +124,21 @@ async def one_stream(api, prompt: str, max_tokens: int) -> tuple[int, float, flo
     return tokens, start, first or start, time.perf_counter()
 
 
-async def streams(base: str, n: int, max_tokens: int) -> tuple[float, float]:
-    """(aggregate tokens/s of n concurrent streams, decode tokens/s of one stream)."""
+async def streams(base: str, n: int, max_tokens: int, repeat: int = 3) -> tuple[float, float]:
+    """(aggregate tokens/s of n concurrent streams, decode tokens/s of the first stream),
+    each the median of `repeat` rounds (this VM's speed wanders by several percent)."""
+    aggregate, lone = [], []
     async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="none", max_retries=2,
                                   timeout=600) as api:
         await one_stream(api, "Say hello.", 8)  # warm up
-        rows = await asyncio.gather(*[
-            one_stream(api, f"Write a long story about {TOPICS[i % len(TOPICS)]}.", max_tokens)
-            for i in range(n)])
-    tokens = sum(r[0] for r in rows)
-    wall = max(r[3] for r in rows) - min(r[1] for r in rows)
-    lone = rows[0][0] / max(1e-9, rows[0][3] - rows[0][2])
-    return tokens / wall, lone
+        for _ in range(repeat):
+            rows = await asyncio.gather(*[
+                one_stream(api, f"Write a long story about {TOPICS[i % len(TOPICS)]}.",
+                           max_tokens) for i in range(n)])
+            wall = max(r[3] for r in rows) - min(r[1] for r in rows)
+            aggregate.append(sum(r[0] for r in rows) / wall)
+            lone.append(rows[0][0] / max(1e-9, rows[0][3] - rows[0][2]))
+    return statistics.median(aggregate), statistics.median(lone)
 
 
 def raw_llama_cpp(model: str, max_tokens: int) -> float:

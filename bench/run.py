@@ -1,7 +1,7 @@
 """`make bench`: every benchmark, side by side in one run, printed as ratios.
 
     python bench/run.py               # all
-    python bench/run.py affinity      # one (batched | affinity | http | overhead | connections)
+    python bench/run.py affinity      # one (batched | migration | affinity | http | ...)
 """
 
 from __future__ import annotations
@@ -17,11 +17,14 @@ import affinity  # noqa: E402
 import batched  # noqa: E402
 import connections  # noqa: E402
 import http_affinity  # noqa: E402
+import migration  # noqa: E402
 import overhead  # noqa: E402
 
 BENCHMARKS = {
     "batched": ("One worker, many conversations: the batched engine vs one context per slot "
                 "vs llama-server --parallel 4 (default model, 2 threads)", batched.main),
+    "migration": ("A conversation that changes worker: its KV state moved vs read again "
+                  "(default model, 2 workers x 1 slot, 1 thread each)", migration.main),
     "affinity": ("Session affinity vs round-robin: 4 users x 8 turns, 2 llama workers "
                  "(default model, 1 slot, 1 thread each)", affinity.main),
     "http": ("Stateless OpenAI clients over HTTP: prefix affinity vs round-robin, 8 "

@@ -78,6 +78,10 @@ class RouterConfig:
     """Longest conversation (all message texts) a request may carry."""
     isolate_cache: bool = False
     """No KV reuse across owners at all (by default, only up to a message boundary)."""
+    migration: Literal["auto", "off"] = "auto"
+    """auto: a conversation placed on another worker than the one holding it warm takes
+    its KV state along when moving it beats reading it again (pichat/router/migration.py);
+    off: the other worker reads it."""
     status_per_s: float = 10.0
     """STATUS requests answered per second per client connection (twice that in a burst)."""
     http_max_connections: int = 1024
@@ -128,6 +132,11 @@ class WorkerConfig:
     about a quarter; flash attention is on for those)."""
     cache_mb: int = 256
     """RAM for saved KV states of conversations that are not in a slot."""
+    state_dir: str = ""
+    """A directory where every conversation's KV state is kept after each turn, so a
+    restarted worker finds them warm ("": none)."""
+    disk_cache_mb: int = 2048
+    """Disk for those states at most (least recently used deleted first)."""
     heartbeat_interval: float = 1.0
     liveness: int = 3
     reconnect_max: float = 30.0

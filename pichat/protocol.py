@@ -78,6 +78,10 @@ __all__ = [
     "Cancel",
     "Disconnect",
     "Status",
+    "Migrate",
+    "State",
+    "StateAck",
+    "MAX_STATE_PIECE",
     "Message",
     "LIMITS",
     "encode",
@@ -138,6 +142,12 @@ class Command(IntEnum):
     """End of a worker's registration."""
     STATUS = 9
     """Ask for, or answer with, a snapshot of the cluster."""
+    MIGRATE = 10
+    """Router to a worker: send this session's KV state (to another worker, through me)."""
+    STATE = 11
+    """A piece of a KV state on its way from one worker to another (through the router)."""
+    STATE_ACK = 12
+    """The receiving worker has these pieces (a credit for more), or is done, or refuses."""
 
 
 class _Fields:
@@ -210,6 +220,12 @@ class _Fields:
         if not isinstance(value, bool):
             raise self._fail(key, "a boolean")
         return value
+
+    def bytes(self, key: str, *, max_bytes: int) -> bytes:
+        value = self._get(key, b"", False)
+        if not isinstance(value, (bytes, bytearray)) or len(value) > max_bytes:
+            raise self._fail(key, f"binary of at most {max_bytes} bytes")
+        return bytes(value)
 
     def map(self, key: str, *, required: bool = True) -> Mapping[str, Any]:
         value = self._get(key, {}, required)
@@ -327,6 +343,9 @@ class Ready:
     """RAM one token takes in the KV cache."""
     cache_bytes: int = 0
     """The budget of the session store (KV states parked outside the slots)."""
+    state_format: str = ""
+    """What the worker's KV states are valid for (model file, KV type): states move only
+    between workers of one format."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Ready:
@@ -350,6 +369,7 @@ class Ready:
             kv_cells=f.int("kv_cells", hi=1 << 40, required=False),
             kv_token_bytes=f.int("kv_token_bytes", hi=1 << 30, required=False),
             cache_bytes=f.int("cache_bytes", hi=1 << 50, required=False),
+            state_format=f.str("state_format", max_chars=MAX_FORMAT_CHARS, required=False),
         )
 
     def to_body(self) -> dict[str, Any]:
@@ -368,12 +388,21 @@ class Heartbeat:
     """Sessions the worker dropped from its KV cache since its last heartbeat."""
     tps: float = 0.0
     """Recent generation speed, tokens per second."""
+    prompt_tps: float = 0.0
+    """Recent prompt reading speed, tokens per second."""
     draining: bool = False
     """The worker is stopping: it finishes what it has and takes nothing new."""
     kv_used: int = 0
     """Tokens of KV the slots hold."""
     store_bytes: int = 0
     """RAM the session store takes."""
+    disk_states: int = 0
+    """Conversations whose state is written on disk (`--state-dir`)."""
+    disk_bytes: int = 0
+    disk_restored: int = 0
+    """States read back from disk since the worker started."""
+    disk_refused: int = 0
+    """State files found damaged or made for another model, and deleted."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Heartbeat:
@@ -383,9 +412,14 @@ class Heartbeat:
             evicted=f.str_list("evicted", max_items=MAX_LISTED_SESSIONS,
                                max_chars=MAX_SESSION_CHARS),
             tps=f.float("tps", hi=1e9, required=False),
+            prompt_tps=f.float("prompt_tps", hi=1e9, required=False),
             draining=f.bool("draining"),
             kv_used=f.int("kv_used", hi=1 << 40, required=False),
             store_bytes=f.int("store_bytes", hi=1 << 50, required=False),
+            disk_states=f.int("disk_states", hi=1 << 40, required=False),
+            disk_bytes=f.int("disk_bytes", hi=1 << 60, required=False),
+            disk_restored=f.int("disk_restored", hi=1 << 60, required=False),
+            disk_refused=f.int("disk_refused", hi=1 << 60, required=False),
         )
 
     def to_body(self) -> dict[str, Any]:
@@ -606,8 +640,112 @@ class Status:
         return {"cluster": dict(self.cluster)} if self.cluster else {}
 
 
+MAX_STATE_PIECE = 1 << 20
+"""Bytes of KV state in one STATE message (a state of hundreds of MB goes in pieces)."""
+MAX_FORMAT_CHARS = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Migrate:
+    COMMAND: ClassVar[Command] = Command.MIGRATE
+    transfer: str
+    session: SessionId
+    target: str = ""
+    """The receiving worker's name (for logs)."""
+
+    @classmethod
+    def from_body(cls, f: _Fields) -> Migrate:
+        return cls(transfer=f.str("transfer", min_chars=1, max_chars=MAX_ID_CHARS),
+                   session=SessionId(f.str("session", min_chars=1,
+                                           max_chars=MAX_SESSION_CHARS)),
+                   target=f.str("target", required=False))
+
+    def to_body(self) -> dict[str, Any]:
+        return {"transfer": self.transfer, "session": self.session, "target": self.target}
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """Piece `seq` of a transfer. Piece 0 describes the state (its session, owner, format,
+    token ids, size and SHA-256); every piece may carry bytes; the last says `last`. A
+    sender that cannot go on sends `abort` with its reason."""
+
+    COMMAND: ClassVar[Command] = Command.STATE
+    transfer: str
+    seq: int
+    data: bytes = b""
+    last: bool = False
+    abort: str = ""
+    session: str = ""
+    owner: str | None = None
+    format: str = ""
+    tokens: tuple[int, ...] = ()
+    data_bytes: int = 0
+    nbytes: int = 0
+    sha256: str = ""
+
+    @classmethod
+    def from_body(cls, f: _Fields) -> State:
+        return cls(
+            transfer=f.str("transfer", min_chars=1, max_chars=MAX_ID_CHARS),
+            seq=f.int("seq", hi=1 << 31),
+            data=f.bytes("data", max_bytes=MAX_STATE_PIECE),
+            last=f.bool("last"),
+            abort=f.str("abort", max_chars=1024, required=False),
+            session=f.str("session", max_chars=MAX_SESSION_CHARS, required=False),
+            owner=f.str("owner", max_chars=MAX_ID_CHARS, required=False, default=None),
+            format=f.str("format", max_chars=MAX_FORMAT_CHARS, required=False),
+            tokens=f.int_list("tokens", max_items=MAX_TOKEN_LIST),
+            data_bytes=f.int("data_bytes", hi=1 << 40, required=False),
+            nbytes=f.int("nbytes", hi=1 << 40, required=False),
+            sha256=f.str("sha256", max_chars=64, required=False),
+        )
+
+    def to_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"transfer": self.transfer, "seq": self.seq}
+        if self.data:
+            body["data"] = self.data
+        if self.last:
+            body["last"] = True
+        if self.abort:
+            body["abort"] = self.abort
+        if self.seq == 0 and not self.abort:
+            body.update(session=self.session, owner=self.owner, format=self.format,
+                        tokens=list(self.tokens), data_bytes=self.data_bytes,
+                        nbytes=self.nbytes, sha256=self.sha256)
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class StateAck:
+    COMMAND: ClassVar[Command] = Command.STATE_ACK
+    transfer: str
+    seq: int = 0
+    """The pieces up to this one are in."""
+    done: bool = False
+    """The whole state is in, checked and kept."""
+    refused: str = ""
+    """Why the receiver will not take it (the sender stops)."""
+
+    @classmethod
+    def from_body(cls, f: _Fields) -> StateAck:
+        return cls(transfer=f.str("transfer", min_chars=1, max_chars=MAX_ID_CHARS),
+                   seq=f.int("seq", hi=1 << 31, required=False),
+                   done=f.bool("done"),
+                   refused=f.str("refused", max_chars=1024, required=False))
+
+    def to_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"transfer": self.transfer, "seq": self.seq}
+        if self.done:
+            body["done"] = True
+        if self.refused:
+            body["refused"] = self.refused
+        return body
+
+
 Message: TypeAlias = (
     Ready | Heartbeat | Request | Chunk | Done | Error | Cancel | Disconnect | Status
+    | Migrate | State | StateAck
 )
 
 LIMITS: dict[Command, Limits] = {
@@ -620,13 +758,17 @@ LIMITS: dict[Command, Limits] = {
     Command.CANCEL: Limits(objects=64, depth=4, max_str=MAX_SMALL_TEXT),
     Command.DISCONNECT: Limits(objects=MAX_LISTED_SESSIONS + 64, depth=4, max_str=MAX_SMALL_TEXT),
     Command.STATUS: Limits(objects=1 << 18, depth=8),
+    Command.MIGRATE: Limits(objects=64, depth=4),
+    Command.STATE: Limits(objects=64, ints=MAX_TOKEN_LIST, depth=4, max_str=MAX_STATE_PIECE),
+    Command.STATE_ACK: Limits(objects=64, depth=4, max_str=MAX_SMALL_TEXT),
 }
 """What a body of each command may decode to (pichat/unpack.py). Bodies up to 16 KiB
 decode in one call whatever these say (at most 16 Ki objects)."""
 
 _TYPES: dict[Command, Any] = {
     cls.COMMAND: cls
-    for cls in (Ready, Heartbeat, Request, Chunk, Done, Error, Cancel, Disconnect, Status)
+    for cls in (Ready, Heartbeat, Request, Chunk, Done, Error, Cancel, Disconnect, Status,
+                Migrate, State, StateAck)
 }
 _COMMAND_BYTES: dict[Command, bytes] = {c: bytes((c.value,)) for c in Command}
 _BY_BYTE: dict[bytes, Command] = {v: k for k, v in _COMMAND_BYTES.items()}

@@ -83,3 +83,14 @@ async def eventually(predicate, timeout: float = 5.0, interval: float = 0.02) ->
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(interval)
+
+
+async def until_status(client, predicate, timeout: float = 60.0) -> dict:
+    """The router's status (through `client`) once `predicate(status)` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = await client.status()
+        if predicate(status):
+            return status
+        assert time.monotonic() < deadline, status
+        await asyncio.sleep(0.05)

@@ -4,6 +4,7 @@ dead and stale workers, cancellation."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import msgpack
 import pytest
@@ -23,10 +24,13 @@ from pichat.protocol import (
     Done,
     Error,
     Heartbeat,
+    Migrate,
     Ready,
     Request,
     RequestId,
     SessionId,
+    State,
+    StateAck,
     Status,
     Usage,
     encode,
@@ -358,3 +362,109 @@ async def test_warm_claims_count_only_with_the_routers_lease(h):
     assert h.router.snapshot()["requests"]["warm_claims_refused"] == 3
     await client.send(request("r2", "s7"))
     await h.peers[-1].expect(Request, id="r2")
+
+
+# --- KV state transfers (pichat/router/migration.py) -------------------------------------
+
+def ready_f(name: str, fmt: str = "llama:x:f16") -> Ready:
+    return Ready(name, "m", "llama", 1, 4096, "test", engine="batched", kv_type="f16",
+                 kv_cells=4096, kv_token_bytes=12288, state_format=fmt)
+
+
+@contextlib.asynccontextmanager
+async def spill_setup(h: Harness, fmt2: str = "llama:x:f16"):
+    """w1 served session s1 and is busy with a hog; w2 (format `fmt2`) joined; the next
+    turn of s1 spills to w2. Yields (w1, w2, client, w1's REQUEST of turn 1); both workers
+    heartbeat meanwhile."""
+    w1 = Peer(h.ctx, h.worker_ep)
+    h.peers.append(w1)
+    await w1.send(ready_f("w1"))
+    await workers_known(h, 1)
+    client = h.client()
+    await client.send(request("r1", "s1"))
+    first = await w1.expect(Request, id="r1")
+    await w1.send(Done(RequestId("r1"), "w1", "stop", Usage(5, 0, 2, 1.0, 2.0)))
+    await client.expect(Done)
+    await client.send(request("hog", "other"))
+    await w1.expect(Request, id="hog")
+    w2 = Peer(h.ctx, h.worker_ep)
+    h.peers.append(w2)
+    await w2.send(ready_f("w2", fmt2))
+    await workers_known(h, 2)
+
+    async def beat():
+        while True:
+            await w1.send(Heartbeat(busy=1))
+            await w2.send(Heartbeat())
+            await asyncio.sleep(0.05)
+
+    beating = asyncio.create_task(beat())
+    try:
+        await client.send(request("r2", "s1"))
+        yield w1, w2, client, first
+    finally:
+        beating.cancel()
+
+
+async def test_a_spilled_turn_waits_for_its_state_to_move_then_goes_to_the_new_worker(h):
+    async with spill_setup(h) as (w1, w2, client, first):
+        await moved(h, w1, w2, first)
+
+
+async def moved(h, w1, w2, first):
+    migrate = await w1.expect(Migrate, session=first.session, target="w2")
+    await w1.send(State(migrate.transfer, 0, b"k" * 100, last=True, session=first.session,
+                        owner=first.owner, format="llama:x:f16", tokens=(1, 2, 3),
+                        data_bytes=100, nbytes=112, sha256="0" * 64))
+    piece = await w2.expect(State, transfer=migrate.transfer, last=True)
+    assert piece.data == b"k" * 100 and piece.tokens == (1, 2, 3)
+    await w2.send(StateAck(migrate.transfer, 0, done=True))
+    await w1.expect(StateAck, transfer=migrate.transfer, done=True)
+    await w2.expect(Request, id="r2")  # only now
+    events = h.router.snapshot()["requests"]
+    assert events["states_moved"] == 1 and events["state_tokens_moved"] == 3
+
+
+async def test_state_messages_from_the_wrong_worker_or_for_another_owner_move_nothing(h):
+    async with spill_setup(h) as (w1, w2, client, first):
+        await refused(h, w1, w2, first)
+
+
+async def refused(h, w1, w2, first):
+    migrate = await w1.expect(Migrate)
+    # The target cannot inject pieces, nor the source acknowledge its own.
+    await w2.send(State(migrate.transfer, 0, b"evil", last=True, session=first.session,
+                        owner=first.owner, format="llama:x:f16", tokens=(1,),
+                        data_bytes=4, nbytes=4, sha256="0" * 64))
+    await w1.send(StateAck(migrate.transfer, 0, done=True))
+    await w1.send(State("no-such-transfer", 0, b"x", last=True))
+    # The source names another owner: the transfer is aborted, the turn goes on anyway.
+    await w1.send(State(migrate.transfer, 0, b"k", last=True, session=first.session,
+                        owner="someone-else", format="llama:x:f16", tokens=(1,),
+                        data_bytes=1, nbytes=1, sha256="0" * 64))
+    await w1.expect(StateAck, transfer=migrate.transfer)  # refused
+    abort = await w2.expect(State, transfer=migrate.transfer)
+    assert abort.abort
+    await w2.expect(Request, id="r2")
+    events = h.router.snapshot()["requests"]
+    assert events["state_messages_refused"] == 3 and events["state_transfers_failed"] == 1
+    assert "states_moved" not in events
+
+
+async def test_a_source_that_never_answers_delays_the_turn_only_until_the_stall_limit(
+        h, monkeypatch):
+    import pichat.router.migration as migration
+
+    monkeypatch.setattr(migration, "STALL_S", 0.3)
+    async with spill_setup(h) as (w1, w2, client, first):
+        await w1.expect(Migrate)
+        abort = await w2.expect(State, timeout=5)  # after 0.3 s of silence from w1
+        assert abort.abort and "stalled" in abort.abort
+        await w2.expect(Request, id="r2")
+    assert h.router.snapshot()["requests"]["state_transfers_failed"] == 1
+
+
+async def test_no_transfer_between_workers_of_different_formats(h):
+    async with spill_setup(h, fmt2="llama:y:f16") as (w1, w2, client, first):
+        await w2.expect(Request, id="r2")  # straight away: the state would not fit w2
+    assert "state_transfers_started" not in h.router.snapshot()["requests"]

@@ -32,8 +32,11 @@ CHATML = (
 
 
 def write_tiny_model(path: Path, *, n_ctx: int = 1024, seed: int = 0,
-                     chat_template: str = CHATML, n_head: int = 4) -> Path:
-    """`n_head` 2 makes heads of 32 values, which a quantized KV cache needs."""
+                     chat_template: str = CHATML, n_head: int = 4,
+                     endless: bool = False) -> Path:
+    """`n_head` 2 makes heads of 32 values, which a quantized KV cache needs. `endless`:
+    the control tokens' logits are always 0, below the best of the others, so a greedy
+    answer runs to `max_tokens` (a request that keeps a worker busy)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -79,7 +82,10 @@ def write_tiny_model(path: Path, *, n_ctx: int = 1024, seed: int = 0,
 
     tensor("token_embd.weight", n_vocab, n_embd, scale=1.0)
     w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
-    tensor("output.weight", n_vocab, n_embd)
+    output = (rng.standard_normal((n_vocab, n_embd)) * 0.3).astype(np.float32)
+    if endless:
+        output[:5] = 0.0  # the control tokens: llama.cpp ends a turn at </s> too
+    w.add_tensor("output.weight", output)
     for i in range(n_layer):
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
         tensor(f"blk.{i}.attn_q.weight", n_embd, n_embd)

@@ -33,6 +33,9 @@ R, S, W = RouterConfig, SchedulerConfig, WorkerConfig
               "round-robin: the baseline.")
 @o.field(S, "affinity_wait", "--affinity-wait", env="AFFINITY_WAIT", type=click.FloatRange(0),
          help="Seconds a request waits for its busy warm worker before spilling to another.")
+@o.field(R, "migration", "--migration", env="MIGRATION", type=click.Choice(["auto", "off"]),
+         help="auto: a conversation that changes worker takes its KV state along when that "
+              "beats reading it again; off: never.")
 @o.field(S, "prefix_load_factor", "--prefix-load-factor", env="PREFIX_LOAD_FACTOR",
          type=click.FloatRange(1.0),
          help="A worker holding a prefix that a new conversation shares (a common system "
@@ -183,6 +186,10 @@ def model_options(f: Any) -> Any:
          help="llama: KV cache type; q8_0 holds twice as many tokens per MB, q4_0 four times.")
 @o.field(W, "cache_mb", "--cache-mb", env="CACHE_MB", type=click.IntRange(0),
          help="RAM for KV states of conversations waiting outside a slot.")
+@o.field(W, "state_dir", "--state-dir", env="STATE_DIR",
+         help="Keep conversations' KV states here after each turn, warm across restarts.")
+@o.field(W, "disk_cache_mb", "--disk-cache-mb", env="DISK_CACHE_MB", type=click.IntRange(1),
+         help="Disk for --state-dir at most (least recently used deleted first).")
 @o.field(W, "chunk_tokens", "--chunk-tokens", env="CHUNK_TOKENS", type=click.IntRange(1),
          help="Tokens per streamed chunk at most.")
 @o.field(W, "chunk_interval", "--chunk-interval", env="CHUNK_INTERVAL",

@@ -79,6 +79,8 @@ class Dispatch:
     job: RequestId
     worker: WorkerId
     how: Placement = Placement.LOAD
+    warm_on: WorkerId | None = None
+    """Another worker, alive, that holds the session warm (its state could move)."""
 
 
 @dataclass(frozen=True, slots=True)

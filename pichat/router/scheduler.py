@@ -371,14 +371,19 @@ class Scheduler:
             self._rr_next = view.order + 1
             view.busy += 1
             view.jobs.add(job_id)
+            warm_on = None
             if job.session is not None:
+                previous = self.affinity.get(job.session)
+                if previous is not None and previous != worker and previous in self.workers:
+                    warm_on = previous
                 self._set_affinity(job.session, worker)
             how = (Placement.FAILOVER if job.streamed else
                    Placement.RETRY if job.attempts > 1 else
                    Placement.AFFINITY if hit else
                    Placement.PREFIX if worker == job.prefer else
                    Placement.SPILL if spilled else Placement.LOAD)
-            actions.append(Dispatch(job_id, worker, how))
+            actions.append(Dispatch(job_id, worker, how,
+                                    None if job.streamed else warm_on))
         if len(self._last_served) > 2 * len(self.jobs) + 64:  # forget owners with no jobs
             owners = {job.owner for job in self.jobs.values()}
             self._last_served = {o: t for o, t in self._last_served.items() if o in owners}

@@ -39,6 +39,7 @@ from pichat.router.http import start_http
 from pichat.router.identity import Leases, NameBook
 from pichat.router.jobs import ClientJob, ReplySink
 from pichat.router.metrics import RouterMetrics, watch_loop_lag
+from pichat.router.migration import Migrations
 from pichat.router.prefix import PrefixIndex
 from pichat.router.ratelimit import RateLimit
 from pichat.router.scheduler import (
@@ -84,6 +85,7 @@ class Router:
         self.metrics = RouterMetrics(self.stats, self.snapshot)
         secret = config.keys.pair("router")[1] if config.keys else _INSECURE_LEASE_SECRET
         self.leases = Leases(secret)
+        self.migrations = Migrations(self, self._release_held)
         self.names = NameBook()
         self.registrations: Counter[str] = Counter()
         """READYs per worker name: more than one is a restart or a reconnect."""
@@ -383,7 +385,7 @@ class Router:
 
     def _carry_out(self, action: Action) -> None:
         match action:
-            case Dispatch(job=job_id, worker=worker, how=how):
+            case Dispatch(job=job_id, worker=worker, how=how, warm_on=warm_on):
                 client = self.client(job_id)
                 if client is None:  # answered meanwhile: never sent, so free the slot
                     self._pending.extend(self.scheduler.finished(job_id, self.now()))
@@ -394,8 +396,16 @@ class Router:
                                 "(%d chunks)", job_id, self.workerside.name(worker),
                                 client.cursor.resumed, client.cursor.chunks)
                 self.stats.placements[how] += 1
-                log.debug("req=%s session=%s -> worker=%s (%s)", job_id,
-                          client.request.session, self.workerside.name(worker), how.value)
+                session = client.request.session
+                log.debug("req=%s session=%s -> worker=%s (%s)", job_id, session,
+                          self.workerside.name(worker), how.value)
+                if (warm_on is not None and session is not None
+                        and self.config.migration == "auto"
+                        and self.migrations.worth_it(warm_on, worker)):
+                    # The REQUEST waits for the state (pichat/router/migration.py).
+                    self.migrations.start(job_id, session, client.request.owner, warm_on,
+                                          worker, self.now())
+                    return
                 self.send_worker(worker, self._request_frames(client, worker))
             case Fail(job=job_id, code=code, message=message, client=client):
                 self.fail_client(job_id, code, message, client)
@@ -403,6 +413,19 @@ class Router:
                 self.send_worker(worker, encode(Cancel(job_id)))
             case WorkerDead():
                 self.workerside.lost(action)
+
+    def _release_held(self, job_id: RequestId, worker: WorkerId) -> None:
+        """A state transfer ended: send the request it held back, unless the request was
+        answered, cancelled or moved meanwhile (then free the slot it held, if it still
+        does)."""
+        job = self.scheduler.jobs.get(job_id)
+        if job is None or job.worker != worker:
+            return
+        client = job.client
+        if client is None or job.abandoned:
+            self.apply(self.scheduler.finished(job_id, self.now()))
+            return
+        self.send_worker(worker, self._request_frames(client, worker))
 
     def _request_frames(self, client: ClientJob, worker: WorkerId) -> list[bytes]:
         """The REQUEST for `worker`, with its lease on the session."""
@@ -424,15 +447,18 @@ class Router:
             # Read what the workers sent before judging them silent: a burst of costly
             # client messages may have kept the loop from their heartbeats.
             self.workers_channel.drain_now()
+        self.migrations.tick(self.now())
         self.apply(self.scheduler.tick(self.now()))
 
     def _arm_timer(self) -> None:
         loop = self._loop
         if loop is None:
             return
-        wake = self.scheduler.next_wakeup(self.now())
-        if wake is None:
+        wakes = [w for w in (self.scheduler.next_wakeup(self.now()),
+                             self.migrations.next_wakeup()) if w is not None]
+        if not wakes:
             return
+        wake = min(wakes)
         if self._timer is not None:
             if self._timer.when() <= wake:
                 return

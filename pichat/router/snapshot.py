@@ -98,4 +98,8 @@ def _worker_memory(ready: Ready, beat: Heartbeat) -> dict[str, Any]:
         "kv_kb_per_token": round(ready.kv_token_bytes / 1024, 1),
         "store_mb": round(beat.store_bytes / mib, 1),
         "store_budget_mb": round(ready.cache_bytes / mib, 1),
+        "disk_states": beat.disk_states,
+        "disk_mb": round(beat.disk_bytes / mib, 1),
+        "restored_from_disk": beat.disk_restored,
+        "disk_states_refused": beat.disk_refused,
     }

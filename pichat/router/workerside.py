@@ -25,6 +25,8 @@ from pichat.protocol import (
     Heartbeat,
     Ready,
     RequestId,
+    State,
+    StateAck,
     decode,
     encode,
 )
@@ -110,6 +112,10 @@ class WorkerSide:
                 self._on_done(worker, message, body, now)
             case Error():
                 self._on_error(worker, message, body, now)
+            case State():
+                r.migrations.on_state(worker, message, now)
+            case StateAck():
+                r.migrations.on_ack(worker, message, now)
             case Disconnect():
                 log.info("worker %s leaving: %s; %d warm sessions handed back",
                          self.name(worker), clip(message.reason, 80), len(message.sessions))
@@ -147,6 +153,7 @@ class WorkerSide:
         if meta is None:
             return
         r = self.router
+        r.migrations.worker_lost(dead.worker)
         r.names.release(meta.ready.worker, dead.worker)
         if dead.reason != _LEFT:
             r.stats.events["workers_lost"] += 1

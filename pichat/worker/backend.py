@@ -86,6 +86,8 @@ class Model(Protocol):
     """RAM one token of one conversation takes in the KV cache."""
     weights_bytes: int
     """The size of the model's weights (mapped from the GGUF file)."""
+    format: str
+    """What a saved state of this model is valid for (`SavedState.format`)."""
 
     def chat_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
         """The prompt for `messages` in the model's chat template, ending where the

@@ -96,7 +96,7 @@ class LlamaModel:
         meta = first.metadata
         self.name = name or meta.get("general.name") or Path(path).stem
         model = first._model.model
-        self.format = model_format(llama_cpp, model, meta.get("general.name", ""), kv_type)
+        self.format = model_format(self.path, kv_type)
         self.kv_token_bytes = kv_bytes_per_token(llama_cpp, model, kv_type)
         if lanes:
             from pichat.worker.batch import BatchEngine

@@ -10,11 +10,13 @@ otherwise read the bytes as something else.
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import os
 from typing import Any
 
 from pichat.worker.backend import SavedState
 
-__all__ = ["KV_TYPES", "Pieces", "kv_bytes_per_token", "model_format",
+__all__ = ["KV_TYPES", "Pieces", "file_fingerprint", "kv_bytes_per_token", "model_format",
            "save_seq", "load_seq"]
 
 KV_TYPES: dict[str, tuple[int, float]] = {
@@ -43,10 +45,27 @@ class Pieces:
         return buf.raw[:n]
 
 
-def model_format(lib: Any, model: Any, name: str, kv_type: str) -> str:
-    """What a saved state depends on: the model's weights and the KV cache type."""
-    return (f"llama:{name}:{lib.llama_model_n_params(model)}:"
-            f"{lib.llama_model_size(model)}:{kv_type}")
+def model_format(path: str, kv_type: str) -> str:
+    """What a saved state depends on: the model's weights (`file_fingerprint`), the KV
+    cache type, and the llama.cpp build that wrote it (its state layout may change)."""
+    import llama_cpp
+
+    return f"llama-cpp-python {llama_cpp.__version__}:{file_fingerprint(path)}:{kv_type}"
+
+
+def file_fingerprint(path: str, samples: int = 32, block: int = 64 * 1024) -> str:
+    """A digest of a model file that tells two files apart without reading gigabytes (a
+    Pi reads an SD card at ~50 MB/s): its size, its first MiB (the GGUF header and
+    metadata) and `samples` blocks spread over the rest (weights differ everywhere)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        digest.update(size.to_bytes(8, "little"))
+        digest.update(f.read(1 << 20))
+        for i in range(samples):
+            f.seek(size * i // samples)
+            digest.update(f.read(block))
+    return digest.hexdigest()
 
 
 def kv_bytes_per_token(lib: Any, model: Any, kv_type: str) -> int:

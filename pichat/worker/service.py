@@ -37,15 +37,21 @@ from pichat.protocol import (
     Error,
     Heartbeat,
     Message,
+    Migrate,
     Ready,
     Request,
     RequestId,
+    SessionId,
+    State,
+    StateAck,
     Usage,
     decode,
     encode,
 )
 from pichat.transport import Channel
-from pichat.worker.backend import Generation, Model
+from pichat.worker.backend import Generation, Model, SavedState
+from pichat.worker.disk import DiskStore
+from pichat.worker.migration import StateMover
 from pichat.worker.slots import Slot, SlotManager
 from pichat.worker.textstream import TextStream
 
@@ -54,6 +60,8 @@ __all__ = ["Worker", "Phase", "total_memory"]
 log = logging.getLogger(__name__)
 
 _BACKOFF_START = 0.25
+MAX_OUTGOING = 2
+"""KV state transfers a worker sends at once."""
 
 
 def total_memory() -> int | None:
@@ -99,8 +107,17 @@ class Worker:
     def __init__(self, config: WorkerConfig, model: Model) -> None:
         self.config = config
         self.model = model
-        self.slots = SlotManager(model, config.slots, config.threads, config.cache_mb << 20)
+        disk = (DiskStore(config.state_dir, config.disk_cache_mb << 20, model.format)
+                if config.state_dir else None)
+        self.slots = SlotManager(model, config.slots, config.threads, config.cache_mb << 20,
+                                 disk)
         self.jobs: dict[RequestId, _Running] = {}
+        self.mover = StateMover(send=self._send, export=self._export_state,
+                                accept=self.slots.accept, state_format=model.format,
+                                budget=self.slots.store.budget, max_tokens=model.n_ctx)
+        self._moves: set[asyncio.Task] = set()
+        self.prompt_tps = 0.0
+        """Recent prompt reading speed, tokens per second (the router's cost model)."""
         self.phase = Phase.SERVING
         self.epoch = 0
         self.tps = 0.0
@@ -192,6 +209,19 @@ class Worker:
         finally:
             await self._shutdown()
 
+    async def _export_state(self, session: str) -> SavedState | None:
+        """Session's KV state for another worker: from its slot (saved on the slot's own
+        thread, the slot held meanwhile), else the session store or the disk."""
+        loop = asyncio.get_running_loop()
+        slot = self.slots.acquire_resident(SessionId(session))
+        if slot is not None:
+            try:
+                return await loop.run_in_executor(self._executors[slot.index],
+                                                  self.slots.save_slot, slot)
+            finally:
+                self.slots.release(slot)
+        return await asyncio.to_thread(self.slots.stored_state, SessionId(session))
+
     def sizing(self) -> str:
         """Where this worker's RAM for conversations goes, in one line."""
         model, cfg = self.model, self.config
@@ -242,6 +272,8 @@ class Worker:
             self._health.close()
         for executor in self._executors:
             executor.shutdown(wait=True)
+        if self.slots.disk is not None:
+            await asyncio.to_thread(self.slots.disk.close)  # what is queued is written
         self.model.close()
         if self._ctx is not None:
             self._ctx.term()
@@ -274,6 +306,7 @@ class Worker:
                 if silent > silence_limit:
                     log.warning("router %s silent for %.1fs", cfg.router, silent)
                     break
+                self.mover.expire()
                 self._send_heartbeat()
         finally:
             if self.phase is not Phase.STOPPING:  # on stop, _shutdown says goodbye here
@@ -303,6 +336,10 @@ class Worker:
             self._enter(self._after_reset)
 
     async def _cancel_all(self) -> None:
+        moves = list(self._moves)  # state transfers of this registration end with it
+        for task in moves:
+            task.cancel()
+        await asyncio.gather(*moves, return_exceptions=True)
         while self.jobs:
             jobs = list(self.jobs.values())
             for job in jobs:
@@ -352,6 +389,17 @@ class Worker:
                     job.cancelled.set()
             case Heartbeat():
                 pass
+            case Migrate():
+                if len(self._moves) >= MAX_OUTGOING:  # each holds a state in RAM
+                    self._send(encode(State(message.transfer, 0, abort="busy sending others")))
+                    return
+                task = asyncio.create_task(self.mover.send_state(message))
+                self._moves.add(task)
+                task.add_done_callback(self._moves.discard)
+            case State():
+                self.mover.on_state(message)
+            case StateAck():
+                self.mover.on_ack(message)
             case Disconnect():
                 log.info("router says: %s", clip(message.reason, 200))
                 self._enter(Phase.RESETTING)  # from now on, nothing of the old jobs is sent
@@ -408,6 +456,11 @@ class Worker:
                           round(result.prompt_ms, 2), round(result.generate_ms, 2))
             if rate := usage.tokens_per_s:  # a moving average for `status`
                 self.tps = 0.7 * self.tps + 0.3 * rate if self.tps else rate
+            read = usage.prompt_tokens - usage.cached_tokens
+            if read >= 16 and usage.prompt_ms > 0:  # and one of prompt reading
+                rate = read / usage.prompt_ms * 1000
+                self.prompt_tps = (0.7 * self.prompt_tps + 0.3 * rate if self.prompt_tps
+                                   else rate)
             log.info("req=%s session=%s slot=%d %s: prompt %d (cached %d), %d tokens",
                      request.id, request.session, job.slot.index, result.finish,
                      usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
@@ -455,6 +508,7 @@ class Worker:
             kv_cells=self.config.slots * model.n_ctx,
             kv_token_bytes=model.kv_token_bytes,
             cache_bytes=self.slots.store.budget,
+            state_format=model.format,
         )))
         self.slots.take_evicted()  # the READY's session list supersedes them
         log.info("worker %s: READY sent to %s (%s, %d slots)", self.config.name,
@@ -462,13 +516,19 @@ class Worker:
 
     def _send_heartbeat(self) -> None:
         kv_used, store_bytes = self.slots.kv_usage()
+        disk = self.slots.disk
         self._send(encode(Heartbeat(
             kv_used=kv_used,
             store_bytes=store_bytes,
+            disk_states=disk.files if disk else 0,
+            disk_bytes=disk.nbytes if disk else 0,
+            disk_restored=disk.restored if disk else 0,
+            disk_refused=sum(disk.refused.values()) if disk else 0,
             busy=self.slots.busy,
             warm=len(self.slots.warm_sessions()),
             evicted=tuple(self.slots.take_evicted()),
             tps=self.tps,
+            prompt_tps=round(self.prompt_tps, 1),
             draining=self.phase is Phase.DRAINING or (
                 self.phase is Phase.RESETTING and self._after_reset is Phase.DRAINING),
         )))

@@ -53,6 +53,7 @@ class SimModel:
         self.n_ctx = n_ctx
         self.name = name
         self.kv_token_bytes = config.kv_bytes_per_token
+        self.format = f"sim:{name}"
 
     def chat_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
         return [*self.prefix_tokens(messages, len(messages)), _MARKERS["assistant"]]
@@ -85,9 +86,13 @@ class SimContext:
 
     def save(self) -> SavedState:
         n = len(self._tokens)
-        return SavedState(tuple(self._tokens), b"", n * self.model.config.kv_bytes_per_token)
+        return SavedState(tuple(self._tokens), b"", n * self.model.config.kv_bytes_per_token,
+                          format=self.model.format)
 
     def restore(self, state: SavedState) -> bool:
+        if state.format != self.model.format:
+            self._tokens = []
+            return False
         self._tokens = list(state.tokens)
         return True
 

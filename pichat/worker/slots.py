@@ -35,8 +35,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from pichat.errors import BadRequest, ContextTooLong
-from pichat.protocol import ChatMessage, Request, SessionId
+from pichat.protocol import MAX_LISTED_SESSIONS, ChatMessage, Request, SessionId
 from pichat.worker.backend import Context, Generation, Model, SavedState, common_prefix
+from pichat.worker.disk import DiskStore
 from pichat.worker.textstream import TextStream
 
 __all__ = ["SessionStore", "Slot", "SlotManager", "message_boundary", "MIN_SHARED"]
@@ -100,17 +101,22 @@ class Slot:
 
 
 class SlotManager:
-    def __init__(self, model: Model, slots: int, threads: int, cache_bytes: int) -> None:
+    def __init__(self, model: Model, slots: int, threads: int, cache_bytes: int,
+                 disk: DiskStore | None = None) -> None:
         self.model = model
         per_slot = max(1, threads // slots)
         self.slots = [Slot(i, model.new_context(per_slot)) for i in range(slots)]
         self.store = SessionStore(cache_bytes)
+        self.disk = disk
+        """Every conversation's state after each turn, kept across restarts (optional)."""
         self._lock = threading.Lock()
         self._switch = threading.Lock()
         self._evicted: list[SessionId] = []
         self._clock = itertools.count(1)
         self._leases: dict[SessionId, str] = {}
         """The router's lease of each warm session (only sessions warm here)."""
+        if disk is not None:
+            self._leases.update((SessionId(s), lease) for s, lease in disk.sessions() if lease)
 
     # --- event loop side --------------------------------------------------------------
 
@@ -139,9 +145,11 @@ class SlotManager:
 
     def warm_sessions(self) -> list[SessionId]:
         with self._lock:
-            stored = self.store.sessions()
+            stored = self.store.sessions()[::-1]
         resident = [s.resident for s in self.slots if s.resident is not None]
-        return list(dict.fromkeys([*resident, *stored]))
+        on_disk = [SessionId(s) for s, _ in reversed(self.disk.sessions())] if self.disk else []
+        # What one READY may list: the most recently used first.
+        return list(dict.fromkeys([*resident, *stored, *on_disk]))[:MAX_LISTED_SESSIONS]
 
     def warm_leases(self) -> list[tuple[str, str]]:
         """(session, lease) of the warm sessions the router leased to this worker."""
@@ -151,13 +159,48 @@ class SlotManager:
         """Sessions no longer warm here since the last call (for the router's affinity)."""
         with self._lock:
             evicted, self._evicted = self._evicted, []
+            stored = set(self.store.sessions())
+        if self.disk is not None:  # still warm on disk; gone when the disk drops them
+            evicted = [s for s in evicted if not self.disk.has(s)]
+            evicted += [SessionId(s) for s in self.disk.take_dropped() if s not in stored]
         resident = {s.resident for s in self.slots}
-        gone = [s for s in evicted if s not in resident]
+        gone = [s for s in dict.fromkeys(evicted) if s not in resident]
         for session in gone:
             self._leases.pop(session, None)
         return gone
 
+    def acquire_resident(self, session: SessionId) -> Slot | None:
+        """Hold the free slot where `session` lives, if any (to save its state)."""
+        slot = next((s for s in self.slots if s.resident == session and not s.busy), None)
+        if slot is not None:
+            slot.busy = True
+        return slot
+
+    def accept(self, session: str, state: SavedState) -> None:
+        """Keep a state another worker sent: in the session store, where the next request
+        of its session finds it (a copy a free slot held is older: it is let go)."""
+        sid = SessionId(session)
+        for slot in self.slots:
+            if slot.resident == sid and not slot.busy:
+                slot.resident = None
+        with self._lock:
+            self._evicted += [s for s in self.store.put(sid, state) if s != sid]
+
     # --- slot thread side -------------------------------------------------------------
+
+    def save_slot(self, slot: Slot) -> SavedState | None:
+        """The state of the conversation `slot` holds (on the slot's thread)."""
+        if slot.resident is None:
+            return None
+        return replace(slot.context.save(), owner=slot.owner)
+
+    def stored_state(self, session: SessionId) -> SavedState | None:
+        """The session's state from the store or the disk, left where it is."""
+        with self._lock:
+            state = self.store.peek(session)
+        if state is None and self.disk is not None:
+            state = self.disk.load(session)
+        return state
 
     def run(self, slot: Slot, request: Request, out: TextStream,
             cancelled: threading.Event) -> Generation:
@@ -187,6 +230,10 @@ class SlotManager:
             result = slot.context.generate(prompt, request.sampling, out, cancelled,
                                            resume=len(request.continuation))
             out.close()
+            if self.disk is not None and request.session is not None:
+                # Written behind, on the disk's own thread: the answer is already out.
+                state = replace(slot.context.save(), owner=request.owner)
+                self.disk.put(request.session, state, self._leases.get(request.session))
         except Exception:
             slot.context.clear()
             slot.resident = slot.owner = None
@@ -221,6 +268,10 @@ class SlotManager:
                     if state is not None and common_prefix(state.tokens, prompt) > keep:
                         self.store.take(session)
                     else:
+                        state = None
+                if state is None and self.disk is not None:  # after a restart, say
+                    state = self.disk.load(session)
+                    if state is not None and common_prefix(state.tokens, prompt) <= keep:
                         state = None
                 if state is not None:
                     restored = ctx.restore(state)

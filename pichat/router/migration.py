@@ -1,0 +1,190 @@
+"""Conversations' KV states moved between workers, through the router.
+
+When the scheduler places a request of a session on another worker than the one holding it
+warm (a spill while that one is busy, a draining worker, a new placement) and the warm one
+is alive, the state can move instead of being recomputed. Whether it should is a cost
+model, per token, since both costs grow with the history alike:
+
+    moving:     the source's KV bytes per token / the link's measured bytes per second
+    recomputing: 1 / the target's measured prompt tokens per second
+
+(states move only between workers of one `state_format`: the same model file and KV
+type). The router sends MIGRATE to the source and holds the REQUEST back; the source's
+STATE pieces are relayed to the target and the target's STATE_ACKs back (at most `WINDOW`
+pieces in flight, pichat/worker/migration.py); when the target is done or refuses, or the
+source aborts, or the transfer stalls for `STALL_S`, the REQUEST goes out. Nothing waits
+on a transfer longer than that, and a failed one only costs the recompute it tried to
+avoid.
+
+What a worker can make the router do here is bounded: only the transfer's source may send
+its pieces and only its target acknowledge them; piece 0 must name the transfer's session
+and the request's owner; the bytes relayed may not exceed what piece 0 announced; there
+are at most `MAX_TRANSFERS` at once and one per target.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pichat.logs import clip
+from pichat.protocol import Migrate, RequestId, SessionId, State, StateAck, encode
+from pichat.router.records import WorkerId
+
+if TYPE_CHECKING:
+    from pichat.router.service import Router
+
+__all__ = ["Migrations", "STALL_S", "MAX_TRANSFERS"]
+
+log = logging.getLogger(__name__)
+
+STALL_S = 10.0
+MAX_TRANSFERS = 8
+DEFAULT_LINK_BPS = 50e6
+"""Bytes per second assumed until a transfer has been measured (a loaded gigabit LAN)."""
+DEFAULT_PROMPT_TPS = 300.0
+"""Prompt tokens per second assumed for workers that have not reported theirs (this VM's
+2 cores on the 0.5B default model; a Pi reads a 3B model at ~15)."""
+
+
+@dataclass(slots=True)
+class Transfer:
+    id: str
+    job: RequestId
+    session: SessionId
+    owner: str | None
+    source: WorkerId
+    target: WorkerId
+    started: float
+    heard: float
+    announced: int = -1
+    relayed: int = 0
+    tokens: int = 0
+
+
+class Migrations:
+    def __init__(self, router: Router, release: Callable[[RequestId, WorkerId], None]) -> None:
+        self.router = router
+        self._release = release
+        """Send the held-back request to its worker (or free its slot if it is gone)."""
+        self.transfers: dict[str, Transfer] = {}
+        self.link_bps = DEFAULT_LINK_BPS
+
+    # --- deciding ---------------------------------------------------------------------
+
+    def worth_it(self, source: WorkerId, target: WorkerId) -> bool:
+        """Would moving a state from `source` to `target` beat `target` reading it?"""
+        ws = self.router.workerside
+        src, dst = ws.meta(source), ws.meta(target)
+        if src is None or dst is None or source == target:
+            return False
+        fmt = src.ready.state_format
+        if not fmt or fmt != dst.ready.state_format or src.ready.kv_token_bytes <= 0:
+            return False
+        if len(self.transfers) >= MAX_TRANSFERS or any(
+                t.target == target for t in self.transfers.values()):
+            return False
+        # Unmeasured yet: the source reads as fast (same model), else a fast machine's speed.
+        prompt_tps = dst.heartbeat.prompt_tps or src.heartbeat.prompt_tps or DEFAULT_PROMPT_TPS
+        return src.ready.kv_token_bytes / self.link_bps < 1.0 / prompt_tps
+
+    def start(self, job: RequestId, session: SessionId, owner: str | None, source: WorkerId,
+              target: WorkerId, now: float) -> None:
+        tid = secrets.token_hex(8)
+        self.transfers[tid] = Transfer(tid, job, session, owner, source, target, now, now)
+        self.router.stats.events["state_transfers_started"] += 1
+        ws = self.router.workerside
+        log.info("req=%s session=%s: moving its KV state from %s to %s", job, session,
+                 ws.name(source), ws.name(target))
+        if not self.router.send_worker(source, encode(Migrate(tid, session, ws.name(target)))):
+            self._end(tid, "the source is unreachable")
+
+    # --- relaying ---------------------------------------------------------------------
+
+    def on_state(self, worker: WorkerId, piece: State, now: float) -> None:
+        t = self.transfers.get(piece.transfer)
+        if t is None or worker != t.source:
+            self._stray(worker, "STATE")
+            return
+        t.heard = now
+        if piece.abort:
+            self.router.send_worker(t.target, encode(piece))
+            self._end(t.id, f"the source gave up: {clip(piece.abort, 80)}")
+            return
+        if piece.seq == 0:
+            if piece.session != t.session or piece.owner != t.owner:
+                self._abort(t, "its first piece names another session or owner")
+                return
+            t.announced, t.tokens = piece.data_bytes, len(piece.tokens)
+        elif t.announced < 0:
+            self._abort(t, "pieces before the first")
+            return
+        t.relayed += len(piece.data)
+        if t.relayed > t.announced:
+            self._abort(t, "more bytes than announced")
+            return
+        if not self.router.send_worker(t.target, encode(piece)):
+            self._end(t.id, "the target is unreachable")
+
+    def on_ack(self, worker: WorkerId, ack: StateAck, now: float) -> None:
+        t = self.transfers.get(ack.transfer)
+        if t is None or worker != t.target:
+            self._stray(worker, "STATE_ACK")
+            return
+        t.heard = now
+        self.router.send_worker(t.source, encode(ack))
+        if ack.refused:
+            self._end(t.id, f"the target refused it: {clip(ack.refused, 80)}")
+        elif ack.done:
+            seconds = max(now - t.started, 1e-3)
+            if t.relayed >= 1 << 20:  # long enough to say something about the link
+                self.link_bps = 0.7 * self.link_bps + 0.3 * (t.relayed / seconds)
+            events = self.router.stats.events
+            events["states_moved"] += 1
+            events["state_bytes_moved"] += t.relayed
+            events["state_tokens_moved"] += t.tokens
+            events["state_move_ms"] += round(seconds * 1000)
+            log.info("req=%s session=%s: KV state moved (%d tokens, %.1f MB, %.0f ms)",
+                     t.job, t.session, t.tokens, t.relayed / 1e6, seconds * 1000)
+            self._end(t.id, None)
+
+    # --- ending -----------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        for t in [t for t in self.transfers.values() if now - t.heard > STALL_S]:
+            self._abort(t, f"stalled for {now - t.heard:.0f}s")
+
+    def next_wakeup(self) -> float | None:
+        return min((t.heard + STALL_S for t in self.transfers.values()), default=None)
+
+    def worker_lost(self, worker: WorkerId) -> None:
+        """A worker of a transfer is gone: the request goes on (the scheduler requeues it
+        if it was the target's)."""
+        for t in [t for t in self.transfers.values() if worker in (t.source, t.target)]:
+            self._abort(t, "a worker of the transfer was lost")
+
+    def _abort(self, t: Transfer, reason: str) -> None:
+        self.router.send_worker(t.source, encode(StateAck(t.id, refused=reason)))
+        self.router.send_worker(t.target, encode(State(t.id, 0, abort=reason)))
+        self._end(t.id, reason)
+
+    def _end(self, tid: str, failure: str | None) -> None:
+        t = self.transfers.pop(tid, None)
+        if t is None:
+            return
+        if failure is not None:
+            self.router.stats.events["state_transfers_failed"] += 1
+            log.warning("req=%s session=%s: KV state not moved (%s); the worker reads the "
+                        "conversation again", t.job, t.session, failure)
+        self._release(t.job, t.target)
+
+    def _stray(self, worker: WorkerId, what: str) -> None:
+        r = self.router
+        r.stats.events["state_messages_refused"] += 1
+        name = r.workerside.name(worker)
+        r.throttle.log(r.now(), logging.WARNING, "stray state message",
+                       "worker %s sent a %s for no transfer of its own; dropped", name, what,
+                       detail=name)

@@ -1,0 +1,149 @@
+"""Both ends of a KV state transfer (pichat/worker/migration.py), wired back to back, and
+the receiving end fed hostile pieces: it keeps a state only when every check passes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+
+from pichat.protocol import MAX_STATE_PIECE, Migrate, State, StateAck, decode
+from pichat.worker.backend import SavedState
+from pichat.worker.migration import WINDOW, StateMover
+
+FMT = "llama:abc:f16"
+
+
+def state(n_bytes: int, tokens: int = 100) -> SavedState:
+    data = bytes(i % 253 for i in range(n_bytes))
+    return SavedState(tuple(range(tokens)), data, n_bytes + 4 * tokens, owner="o", format=FMT)
+
+
+class End:
+    """One worker's mover and what it sent."""
+
+    def __init__(self, export=None, fmt=FMT, budget=64 << 20) -> None:
+        self.sent: list = []
+        self.kept: dict[str, SavedState] = {}
+
+        async def no_state(session):
+            return None
+
+        self.mover = StateMover(send=lambda frames: self.sent.append(decode(frames)),
+                                export=export or no_state,
+                                accept=lambda s, st: self.kept.__setitem__(s, st),
+                                state_format=fmt, budget=budget, max_tokens=4096)
+
+
+async def relay(source: End, target: End, tid: str = "t1", *, stall_acks: bool = False):
+    """Run a transfer from `source` to `target`, passing messages both ways."""
+    task = asyncio.create_task(source.mover.send_state(Migrate(tid, "sess", "w2")))
+    delivered = acked = 0
+    while not task.done() or delivered < len(source.sent) or acked < len(target.sent):
+        while delivered < len(source.sent):
+            target.mover.on_state(source.sent[delivered])
+            delivered += 1
+        while acked < len(target.sent) and not stall_acks:
+            source.mover.on_ack(target.sent[acked])
+            acked += 1
+        await asyncio.sleep(0)
+        if stall_acks and not task.done() and delivered == len(source.sent):
+            break
+    return task
+
+
+async def test_a_state_of_several_pieces_arrives_whole_with_a_bounded_window():
+    big = state(5 * MAX_STATE_PIECE + 123, tokens=3000)
+
+    async def export(session):
+        return big
+
+    source, target = End(export), End()
+    task = await relay(source, target)
+    await task
+    assert target.kept["sess"] == big
+    pieces = [m for m in source.sent if isinstance(m, State)]
+    assert len(pieces) == 6 and pieces[-1].last and pieces[0].tokens == big.tokens
+    assert isinstance(target.sent[-1], StateAck) and target.sent[-1].done
+    assert (source.mover.sent, target.mover.received) == (1, 1)
+
+
+async def test_the_source_sends_no_more_than_its_window_ahead_of_the_acks():
+    big = state(10 * MAX_STATE_PIECE)
+
+    async def export(session):
+        return big
+
+    source = End(export)
+    task = asyncio.create_task(source.mover.send_state(Migrate("t", "sess")))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(source.sent) == WINDOW  # then it waits for an acknowledgement
+    source.mover.on_ack(StateAck("t", seq=1))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(source.sent) == WINDOW + 2  # two more pieces acknowledged: two more sent
+    source.mover.on_ack(StateAck("t", refused="no thanks"))
+    await asyncio.wait_for(task, 5)
+    assert len(source.sent) == WINDOW + 2  # a refusal stops it
+
+
+async def test_a_session_not_warm_here_is_aborted_at_once():
+    source = End()
+    await source.mover.send_state(Migrate("t", "nobody"))
+    (abort,) = source.sent
+    assert isinstance(abort, State) and abort.abort
+
+
+def header(**change) -> State:
+    s = state(1000)
+    fields = dict(transfer="t", seq=0, data=s.data, last=True, session="sess", owner="o",
+                  format=FMT, tokens=s.tokens, data_bytes=len(s.data), nbytes=s.nbytes,
+                  sha256=hashlib.sha256(s.data).hexdigest())
+    fields.update(change)
+    return State(**fields)
+
+
+@pytest.mark.parametrize("piece, reason", [
+    (header(format="llama:other:f16"), "made for"),
+    (header(format="llama:abc:q8_0"), "made for"),
+    (header(sha256="0" * 64), "digest"),
+    (header(data_bytes=999), "more bytes than announced"),
+    (header(data_bytes=1001), "fewer bytes"),
+    (header(data_bytes=1 << 40), "more than the session store"),
+    (header(tokens=()), "tokens"),
+    (header(tokens=tuple(range(5000))), "tokens"),
+    (header(session=""), "no session"),
+])
+def test_the_target_refuses_what_does_not_check_out(piece, reason):
+    target = End()
+    target.mover.on_state(piece)
+    assert target.kept == {}
+    (ack,) = target.sent
+    assert isinstance(ack, StateAck) and reason in ack.refused
+    assert target.mover.refused == 1
+
+
+def test_pieces_out_of_order_or_of_unknown_transfers_are_refused_or_dropped():
+    target = End()
+    target.mover.on_state(header(last=False, data=b"x" * 10))
+    target.mover.on_state(State("t", 2, b"y"))  # piece 1 skipped
+    assert "out of order" in target.sent[-1].refused
+    target.mover.on_state(State("t", 3, b"z", last=True))  # after the refusal: dropped
+    target.mover.on_state(State("unknown", 5, b"z"))
+    assert len(target.sent) == 2 and target.kept == {}
+
+
+def test_a_receiver_takes_at_most_two_transfers_at_once_and_expires_stalled_ones(
+        monkeypatch):
+    import pichat.worker.migration as migration
+
+    target = End()
+    for tid in ("a", "b", "c"):
+        target.mover.on_state(header(transfer=tid, last=False, data=b""))
+    assert "too many" in target.sent[-1].refused
+    clock = [migration.time.monotonic() + migration.STALL_S + 1]
+    monkeypatch.setattr(migration.time, "monotonic", lambda: clock[0])
+    target.mover.expire()
+    assert sorted(a.transfer for a in target.sent if "stalled" in a.refused) == ["a", "b"]
