@@ -5,6 +5,7 @@ instead of being read again. Real processes, real models."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,29 @@ async def test_a_turn_spilled_to_a_worker_of_another_model_is_read_again(
     assert second.worker == "w2" and second.usage.cached_tokens == 0
     assert status["requests"]["spills"] == 1
     assert "state_transfers_started" not in status["requests"]
+
+
+async def test_a_draining_worker_hands_its_conversations_over_before_it_leaves(
+        cluster: Cluster, tiny_model: Path):
+    args = ("--model", str(tiny_model), "--ctx", "1024")
+    cluster.router()
+    w1 = cluster.worker("w1", *args, backend="llama")
+    await cluster.wait_workers(1)
+    async with cluster.client(silence_timeout=30) as client:
+        histories = {s: [ChatMessage("user", f"hello from {s}")] for s in ("a", "b", "c")}
+        first = {s: await client.chat(h, session=s, sampling=GREEDY)
+                 for s, h in histories.items()}
+        cluster.worker("w2", *args, backend="llama")
+        await cluster.wait_workers(2)
+        w1.signal(signal.SIGTERM)  # a rolling upgrade, say
+        assert w1.popen.wait(60) == 0
+        status = await until(client, lambda st: [w["name"] for w in st["workers"]] == ["w2"])
+        assert status["requests"]["states_handed_over"] == 3
+        for session, history in histories.items():
+            history += [ChatMessage("assistant", first[session].text),
+                        ChatMessage("user", "and then?")]
+            again = await client.chat(history, session=session, sampling=GREEDY)
+            assert again.worker == "w2"
+            assert again.usage.cached_tokens >= first[session].usage.prompt_tokens
+        status = await client.status()
+    assert status["requests"]["affinity_hits"] >= 3  # the router knew where they went

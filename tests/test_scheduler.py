@@ -65,7 +65,7 @@ CASES: dict[str, tuple[dict, list[tuple[str, list[str]]]]] = {
         ("submit r3 s3 @2", ["r3->A"]),
         ("submit r4 s1 @2", []),          # s1 is warm on A, which is busy: wait
         ("tick @6.9", []),
-        ("tick @7", ["r4->B spill"]),     # waited 5 s: spill to the free worker
+        ("tick @7", ["r4->B spill from A"]),     # waited 5 s: spill to the free worker
         ("finish r4 @8", []), ("finish r3 @8", []),
         ("submit r5 s1 @8", ["r5->B hit"]),
     ]),
@@ -323,6 +323,33 @@ CASES: dict[str, tuple[dict, list[tuple[str, list[str]]]]] = {
         ("submit r3 - @12", []),
         ("finish r2 @13", ["r3->A"]),
     ]),
+    "a worker back from a restart claims only the sessions no live worker holds": (
+        {"worker_expiry": 5}, [
+        ("worker A 1 m s1,s2 @0", []),
+        ("worker B 1 @0", []),
+        ("beat B @4", []),
+        ("tick @5.5", ["dead A"]),
+        ("submit r1 s1 @6", ["r1->B"]),              # s1 goes on on B
+        ("finish r1 @7", []),
+        ("worker A 1 m s1,s2 @8", []),               # A's disk still has both
+        ("submit r2 s1 @9", ["r2->B hit"]),          # B's state is the newer one
+        ("submit r3 s2 @9", ["r3->A hit"]),
+    ]),
+    "a turn placed away from its live warm worker names it (its state can move)": (
+        {"affinity_wait": 5, "worker_expiry": 100}, [
+        ("worker A 1 @0", []), ("worker B 1 @0", []),
+        ("submit r1 s1 @0", ["r1->A"]),
+        ("finish r1 @1", []),
+        ("submit r2 s2 @1", ["r2->B"]),
+        ("finish r2 @1", []),
+        ("submit r3 s2 @2", ["r3->B hit"]),          # B busy with s2
+        ("submit r4 - @2", ["r4->A"]),               # A busy too
+        ("submit r5 s1 @2", []),                     # waits for A
+        ("finish r3 @3", []),
+        ("tick @7", ["r5->B spill from A"]),
+        ("finish r5 @8", []),
+        ("submit r6 s1 @8", ["r6->B hit"]),          # its home is B now (A is still busy)
+    ]),
     "round-robin ignores sessions and takes turns": ({"policy": "round-robin"}, [
         ("worker A 2", []), ("worker B 2", []),
         ("submit r1 s1 @0", ["r1->A"]),
@@ -339,9 +366,9 @@ CASES: dict[str, tuple[dict, list[tuple[str, list[str]]]]] = {
 
 def _describe(action) -> str:
     match action:
-        case Dispatch(job=j, worker=w, how=how):
+        case Dispatch(job=j, worker=w, how=how, warm_on=warm):
             tag = {Placement.AFFINITY: " hit", Placement.LOAD: ""}.get(how, f" {how.value}")
-            return f"{j}->{w.decode()}{tag}"
+            return f"{j}->{w.decode()}{tag}" + (f" from {warm.decode()}" if warm else "")
         case Fail(job=j, code=c):
             return f"fail {j} {c.value}"
         case CancelOnWorker(job=j, worker=w):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 STALL_S = 10.0
 MAX_TRANSFERS = 8
+MAX_HANDOVER = 256
+"""A draining worker's conversations handed over at most (the most recently used)."""
 DEFAULT_LINK_BPS = 50e6
 """Bytes per second assumed until a transfer has been measured (a loaded gigabit LAN)."""
 DEFAULT_PROMPT_TPS = 300.0
@@ -53,7 +56,8 @@ DEFAULT_PROMPT_TPS = 300.0
 @dataclass(slots=True)
 class Transfer:
     id: str
-    job: RequestId
+    job: RequestId | None
+    """The request waiting for it (None: a draining worker's handover)."""
     session: SessionId
     owner: str | None
     source: WorkerId
@@ -72,6 +76,8 @@ class Migrations:
         """Send the held-back request to its worker (or free its slot if it is gone)."""
         self.transfers: dict[str, Transfer] = {}
         self.link_bps = DEFAULT_LINK_BPS
+        self._handover: dict[WorkerId, deque[SessionId]] = {}
+        """Sessions of draining workers still to hand over, one transfer at a time each."""
 
     # --- deciding ---------------------------------------------------------------------
 
@@ -91,8 +97,38 @@ class Migrations:
         prompt_tps = dst.heartbeat.prompt_tps or src.heartbeat.prompt_tps or DEFAULT_PROMPT_TPS
         return src.ready.kv_token_bytes / self.link_bps < 1.0 / prompt_tps
 
-    def start(self, job: RequestId, session: SessionId, owner: str | None, source: WorkerId,
-              target: WorkerId, now: float) -> None:
+    def hand_over(self, worker: WorkerId) -> None:
+        """`worker` is draining: move its warm conversations (the most recent
+        `MAX_HANDOVER`) to the workers that will serve them, one at a time."""
+        sessions = self.router.scheduler.sessions_on(worker, MAX_HANDOVER)
+        if sessions:
+            log.info("worker %s is draining: handing over %d warm conversations",
+                     self.router.workerside.name(worker), len(sessions))
+            self._handover[worker] = deque(sessions)
+            self._next_handover(worker)
+
+    def _next_handover(self, source: WorkerId) -> None:
+        queue = self._handover.get(source)
+        sched = self.router.scheduler
+        while queue:
+            if any(t.source == source for t in self.transfers.values()):
+                return  # one at a time: the next when this one ends
+            session = queue.popleft()
+            if sched.affinity.get(session) != source:
+                continue  # a turn took it elsewhere meanwhile
+            targets = [w for w, v in sched.workers.items()
+                       if not v.draining and w != source and self.worth_it(source, w)]
+            if not targets:  # none free to take one now: again when a transfer ends
+                queue.appendleft(session)
+                return
+            target = min(targets, key=lambda w: (sched.workers[w].warm, sched.workers[w].busy))
+            owner = session.split("~", 1)[0] if "~" in session else None
+            self.start(None, session, owner, source, target, self.router.now())
+            return
+        self._handover.pop(source, None)
+
+    def start(self, job: RequestId | None, session: SessionId, owner: str | None,
+              source: WorkerId, target: WorkerId, now: float) -> None:
         tid = secrets.token_hex(8)
         self.transfers[tid] = Transfer(tid, job, session, owner, source, target, now, now)
         self.router.stats.events["state_transfers_started"] += 1
@@ -149,6 +185,9 @@ class Migrations:
             events["state_move_ms"] += round(seconds * 1000)
             log.info("req=%s session=%s: KV state moved (%d tokens, %.1f MB, %.0f ms)",
                      t.job, t.session, t.tokens, t.relayed / 1e6, seconds * 1000)
+            if t.job is None:  # a handover: the conversation lives on the target now
+                self.router.scheduler.move_session(t.session, t.target)
+                events["states_handed_over"] += 1
             self._end(t.id, None)
 
     # --- ending -----------------------------------------------------------------------
@@ -163,6 +202,7 @@ class Migrations:
     def worker_lost(self, worker: WorkerId) -> None:
         """A worker of a transfer is gone: the request goes on (the scheduler requeues it
         if it was the target's)."""
+        self._handover.pop(worker, None)
         for t in [t for t in self.transfers.values() if worker in (t.source, t.target)]:
             self._abort(t, "a worker of the transfer was lost")
 
@@ -179,7 +219,10 @@ class Migrations:
             self.router.stats.events["state_transfers_failed"] += 1
             log.warning("req=%s session=%s: KV state not moved (%s); the worker reads the "
                         "conversation again", t.job, t.session, failure)
-        self._release(t.job, t.target)
+        if t.job is not None:
+            self._release(t.job, t.target)
+        for source in list(self._handover):
+            self._next_handover(source)
 
     def _stray(self, worker: WorkerId, what: str) -> None:
         r = self.router

@@ -110,7 +110,10 @@ class Scheduler:
         for job in self.jobs.values():  # a fresh registration: it may take them now
             job.avoid.discard(worker)
         for session in sessions:
-            self._set_affinity(SessionId(session), worker)
+            # A session that another live worker holds went on there (its state is newer
+            # than this one's, which kept an older turn, say on disk through a restart).
+            if self.affinity.get(SessionId(session)) not in self.workers:
+                self._set_affinity(SessionId(session), worker)
         actions += self._pump(now)
         return actions
 
@@ -127,6 +130,21 @@ class Scheduler:
         for session in sessions:
             if self.affinity.get(SessionId(session)) == worker:
                 self._drop_affinity(SessionId(session))
+
+    def move_session(self, session: SessionId, worker: WorkerId) -> None:
+        """`session`'s state now lives on `worker` (handed over by a draining worker)."""
+        if worker in self.workers:
+            self._set_affinity(session, worker)
+
+    def sessions_on(self, worker: WorkerId, limit: int) -> list[SessionId]:
+        """Up to `limit` sessions warm on `worker`, the most recently used first."""
+        found: list[SessionId] = []
+        for session in reversed(self.affinity):
+            if self.affinity[session] == worker:
+                found.append(session)
+                if len(found) >= limit:
+                    break
+        return found
 
     def set_draining(self, worker: WorkerId) -> None:
         """The worker finishes what it has and takes nothing new."""
@@ -374,7 +392,8 @@ class Scheduler:
             warm_on = None
             if job.session is not None:
                 previous = self.affinity.get(job.session)
-                if previous is not None and previous != worker and previous in self.workers:
+                if (previous is not None and previous != worker and previous in self.workers
+                        and self.config.policy == "affinity"):  # round-robin: the baseline
                     warm_on = previous
                 self._set_affinity(job.session, worker)
             how = (Placement.FAILOVER if job.streamed else

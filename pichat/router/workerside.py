@@ -103,6 +103,8 @@ class WorkerSide:
                 if message.draining and not meta.heartbeat.draining:
                     log.info("worker %s is draining: no new requests for it", self.name(worker))
                     r.scheduler.set_draining(worker)
+                    if r.config.migration == "auto":
+                        r.migrations.hand_over(worker)
                 meta.heartbeat = message
                 if message.evicted:
                     r.scheduler.forget_sessions(worker, message.evicted)

@@ -1,5 +1,7 @@
-"""The worker side: the daemon (service), slot and KV-session bookkeeping (slots), and the
-inference backends behind one interface (backend): llama.cpp (llama) and a simulator (sim)."""
+"""The worker side: the daemon (service), slot and KV-session bookkeeping (slots), the
+inference backends behind one interface (backend): llama.cpp (llama, its batched engine in
+batch, its state I/O in llamalib) and a simulator (sim); KV states on disk (disk) and
+moving between workers (migration)."""
 
 from __future__ import annotations
 

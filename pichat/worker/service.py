@@ -116,6 +116,8 @@ class Worker:
                                 accept=self.slots.accept, state_format=model.format,
                                 budget=self.slots.store.budget, max_tokens=model.n_ctx)
         self._moves: set[asyncio.Task] = set()
+        self._move_activity = asyncio.Event()
+        """Set when a transfer starts or ends (a draining worker waits for them)."""
         self.prompt_tps = 0.0
         """Recent prompt reading speed, tokens per second (the router's cost model)."""
         self.phase = Phase.SERVING
@@ -179,12 +181,34 @@ class Worker:
                                                                     name="drain")
 
     async def _finish_then_stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout
         try:
             await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout)
         except TimeoutError:
             log.warning("drain timeout: %d requests still running move to other workers",
                         len(self.jobs))
+        else:
+            await self._hand_over(deadline)
         self.stop()
+
+    async def _hand_over(self, deadline: float) -> None:
+        """While the router moves this worker's warm conversations to others (MIGRATE, one
+        after another), stay: until no transfer has run for two heartbeats, or the drain
+        timeout."""
+        if not self.slots.warm_sessions():
+            return
+        loop = asyncio.get_running_loop()
+        quiet = 2 * self.config.heartbeat_interval
+        while (remaining := deadline - loop.time()) > 0:
+            self._move_activity.clear()
+            try:
+                await asyncio.wait_for(self._move_activity.wait(), min(quiet, remaining))
+            except TimeoutError:
+                if not self._moves:
+                    break
+        if self.mover.sent:
+            log.info("handed %d warm conversations over before leaving", self.mover.sent)
 
     async def run(self, *, handle_signals: bool = False) -> None:
         loop = asyncio.get_running_loop()
@@ -221,6 +245,10 @@ class Worker:
             finally:
                 self.slots.release(slot)
         return await asyncio.to_thread(self.slots.stored_state, SessionId(session))
+
+    def _move_ended(self, task: asyncio.Task) -> None:
+        self._moves.discard(task)
+        self._move_activity.set()
 
     def sizing(self) -> str:
         """Where this worker's RAM for conversations goes, in one line."""
@@ -395,7 +423,8 @@ class Worker:
                     return
                 task = asyncio.create_task(self.mover.send_state(message))
                 self._moves.add(task)
-                task.add_done_callback(self._moves.discard)
+                self._move_activity.set()
+                task.add_done_callback(self._move_ended)
             case State():
                 self.mover.on_state(message)
             case StateAck():
