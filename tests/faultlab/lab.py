@@ -1,8 +1,10 @@
 """A fault lab of real hosts on one machine: the router and three workers each in their own
 network namespace (own address, own interface) on one bridge, a load of concurrent
 streaming chat requests from a fifth "host", and faults injected while it runs: crashes,
-stops, cut links, packet loss, a router restart, and hostile peers (an admitted client
-and an admitted worker attacking the router from a sixth host, tests/faultlab/attack.py).
+stops, cut links, packet loss, a router restart, a rolling restart of every worker (with
+conversations: how many later turns found their history warm), and hostile peers (an
+admitted client and an admitted worker attacking the router from a sixth host,
+tests/faultlab/attack.py).
 Every link is secured with CurveZMQ keys made for the run.
 
 For every scenario the lab reports: requests sent, completed, failed with a clear error,
@@ -137,14 +139,24 @@ class Result:
     """The router's event loop: the worst lateness of a 100 ms timer."""
     attack: dict = field(default_factory=dict)
     """What the attacker sent and was told (hostile scenarios)."""
+    later_turns: int = 0
+    warm_turns: int = 0
+    """Conversations' turns after their first, and those that found their history cached
+    (the rolling restart)."""
+
+    @property
+    def warm_share(self) -> float | None:
+        return self.warm_turns / self.later_turns if self.later_turns else None
 
     def row(self) -> str:
         detect = f"{self.detect_s:.1f}" if self.detect_s is not None else "-"
         memory = "{:.0f}/{:.0f}/{:.0f}".format(*self.rss_mb) if self.rss_mb else "-"
         lag = f"{self.lag_ms:.0f}" if self.lag_ms is not None else "-"
+        warm = (f"   warm {self.warm_turns}/{self.later_turns} turns"
+                if self.later_turns else "")
         return (f"{self.scenario:<22}{self.sent:>6}{self.completed:>11}{self.failed:>8}"
                 f"{self.lost:>6}{self.corrupted:>10}{self.failovers:>11}{detect:>10}"
-                f"{memory:>16}{lag:>9}")
+                f"{memory:>16}{lag:>9}{warm}")
 
 
 HEADER = (f"{'scenario':<22}{'sent':>6}{'completed':>11}{'failed':>8}{'lost':>6}"
@@ -182,7 +194,11 @@ class Lab:
     def start_worker(self, name: str) -> None:
         self.procs[name] = self.net.spawn(name, [
             "-m", "pichat", "worker", "--router", f"tcp://{ROUTER_IP}:5556", "--name", name,
-            "--keys", str(self.keys), *SIM], self.workdir / f"{name}.log")
+            "--keys", str(self.keys), "--state-dir", str(self.workdir / f"{name}-kv"), *SIM],
+            self.workdir / f"{name}.log")
+
+    def listed(self) -> set[str]:
+        return {w["name"] for w in self.status().get("workers", [])}
 
     def signal(self, name: str, signum: int) -> None:
         self.procs[name].send_signal(signum)
@@ -215,7 +231,7 @@ class Lab:
         raise RuntimeError(f"{worker} was never seen streaming")
 
     def run(self, scenario: str, fault, *, duration: float = 14.0, fault_at: float = 4.0,
-            watch: str | None = "w1") -> Result:
+            watch: str | None = "w1", conversations: bool = False) -> Result:
         """Start everything, run the load for `duration` s, call `fault(lab)` at
         `fault_at` s (it returns a function that ends the fault, or None), and collect."""
         self.start_router()
@@ -224,7 +240,8 @@ class Lab:
         out = self.workdir / "result.json"
         load = self.net.spawn("client", [
             str(LOAD), "--router", f"tcp://{ROUTER_IP}:5555", "--duration", str(duration),
-            "--out", str(out), "--workers", ",".join(WORKERS), "--keys", str(self.keys)],
+            "--out", str(out), "--workers", ",".join(WORKERS), "--keys", str(self.keys),
+            *(["--conversations"] if conversations else [])],
             self.workdir / "load.log")
         ready = self.workdir / "result.json.ready"
         deadline = time.monotonic() + 60
@@ -308,6 +325,21 @@ def _attack(role: str):
     return attack
 
 
+def _rolling(lab: Lab):
+    """Every worker drained (SIGTERM) and started again, one after another, while the
+    conversations go on: an upgrade."""
+    for name in WORKERS:
+        lab.signal(name, signal.SIGTERM)
+        if lab.procs[name].wait(60) != 0:
+            raise RuntimeError(f"{name} did not drain cleanly: {lab.logs()}")
+        lab.start_worker(name)
+        deadline = time.monotonic() + 60
+        while name not in lab.listed():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not come back: {lab.logs()}")
+            time.sleep(0.2)
+
+
 def _router(lab: Lab):
     lab.signal("router", signal.SIGKILL)
     lab.procs["router"].wait()
@@ -321,9 +353,12 @@ SCENARIOS = {
     "link cut and restored": (_cut, "w1"),
     "5% packet loss": (_loss, None),
     "router restart": (_router, None),
+    "rolling restart": (_rolling, None),
     "hostile client": (_attack("client"), None),
     "hostile worker": (_attack("worker"), None),
 }
+OPTIONS = {"rolling restart": {"conversations": True, "duration": 40.0, "fault_at": 6.0}}
+"""Scenarios that run otherwise than the default."""
 
 
 def run_all(names: list[str] | None = None) -> list[Result]:
@@ -335,7 +370,8 @@ def run_all(names: list[str] | None = None) -> list[Result]:
             workdir.mkdir()
             with Lab(workdir) as lab:
                 try:
-                    results.append(lab.run(name, fault, watch=watch))
+                    results.append(lab.run(name, fault, watch=watch,
+                                           **OPTIONS.get(name, {})))
                 except Exception:
                     print(lab.logs(), file=sys.stderr)
                     raise

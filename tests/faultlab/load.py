@@ -46,6 +46,9 @@ async def main() -> None:
     parser.add_argument("--workers", default="w1,w2,w3")
     parser.add_argument("--out", required=True)
     parser.add_argument("--keys", default="off")
+    parser.add_argument("--conversations", action="store_true",
+                        help="each client holds conversations of up to 6 turns (sessions) and "
+                             "counts the later turns that found their history cached")
     args = parser.parse_args()
     keys = resolve_keys(args.keys)
     want = set(args.workers.split(","))
@@ -75,14 +78,20 @@ async def main() -> None:
         async with Client(ClientConfig(router=args.router, silence_timeout=3.0,
                                        keys=keys)) as client:
             async def loop(i: int) -> None:
-                n = 0
+                n = conversation = 0
+                history: list[ChatMessage] = []
+                held = 0  # tokens of the history a warm worker holds
                 while time.monotonic() < stop_at:
                     n += 1
-                    messages = [ChatMessage("user", f"question {i} {n} from the fault lab")]
+                    if not args.conversations or len(history) >= 12:  # 6 turns, then anew
+                        history, held, conversation = [], 0, n
+                    question = ChatMessage("user", f"question {i} {n} from the fault lab")
+                    messages = [*history, question]
+                    session = f"c{i}-{conversation}" if args.conversations else None
                     counts["sent"] += 1
                     try:
                         reply = await asyncio.wait_for(
-                            client.chat(messages, sampling=SAMPLING), 90)
+                            client.chat(messages, sampling=SAMPLING, session=session), 90)
                     except TimeoutError:
                         counts["lost"] += 1
                         continue
@@ -99,12 +108,20 @@ async def main() -> None:
                     else:
                         counts["corrupted"] += 1
                     counts["failovers"] += reply.done.failovers
+                    if args.conversations:
+                        usage = reply.usage
+                        if held:
+                            counts["later_turns"] += 1
+                            counts["warm_turns"] += usage.cached_tokens >= held
+                        held = usage.prompt_tokens + usage.completion_tokens
+                        history = [*messages, ChatMessage("assistant", reply.text)]
 
             watching = asyncio.create_task(watcher())
             await asyncio.gather(*[loop(i) for i in range(args.concurrency)])
             watching.cancel()
     result = {"counts": {k: counts[k] for k in ("sent", "completed", "failed", "lost",
-                                                 "corrupted", "failovers")}
+                                                 "corrupted", "failovers", "later_turns",
+                                                 "warm_turns")}
               | {"errors": dict(errors)},
               "timeline": timeline}
     Path(args.out).write_text(json.dumps(result))
