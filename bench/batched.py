@@ -58,11 +58,12 @@ def build_peers() -> Path | None:
 
 
 @asynccontextmanager
-async def llama_server(peers: Path, model: str, parallel: int) -> AsyncIterator[tuple[str, int]]:
+async def llama_server(peers: Path, model: str, parallel: int,
+                       threads: int = THREADS) -> AsyncIterator[tuple[str, int]]:
     """llama-server on a port it picks; yields (base URL, pid) once /health says ready."""
     proc = await asyncio.create_subprocess_exec(
         str(peers / "llama-server"), "-m", model, "-c", str(CTX * parallel),
-        "--parallel", str(parallel), "-t", str(THREADS), "--host", "127.0.0.1", "--port", "0",
+        "--parallel", str(parallel), "-t", str(threads), "--host", "127.0.0.1", "--port", "0",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:
         url = None

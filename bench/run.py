@@ -19,12 +19,15 @@ import connections  # noqa: E402
 import http_affinity  # noqa: E402
 import migration  # noqa: E402
 import overhead  # noqa: E402
+import proxy  # noqa: E402
 
 BENCHMARKS = {
     "batched": ("One worker, many conversations: the batched engine vs one context per slot "
                 "vs llama-server --parallel 4 (default model, 2 threads)", batched.main),
     "migration": ("A conversation that changes worker: its KV state moved vs read again "
                   "(default model, 2 workers x 1 slot, 1 thread each)", migration.main),
+    "proxy": ("8 users x 8 turns through the OpenAI API: pichat (2 workers x 2 slots) vs two "
+              "llama-servers behind nginx round-robin, same cores", proxy.main),
     "affinity": ("Session affinity vs round-robin: 4 users x 8 turns, 2 llama workers "
                  "(default model, 1 slot, 1 thread each)", affinity.main),
     "http": ("Stateless OpenAI clients over HTTP: prefix affinity vs round-robin, 8 "
