@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -131,7 +132,9 @@ async def main(argv: list[str] | None = None) -> list[str]:
     async with pichat(2, 2, 1) as (base, _, _):
         runs["pichat, 2 workers x 2 slots"] = await conversations(base, args)
     peers = await asyncio.to_thread(build_peers)
-    if peers is not None:
+    if shutil.which("nginx") is None:
+        print("(nginx is not installed: `apt-get install nginx-light`; the proxy is skipped)")
+    elif peers is not None:
         async with AsyncExitStack() as stack:
             servers = [(await stack.enter_async_context(
                 llama_server(peers, model, 2, threads=1)))[0] for _ in range(2)]
