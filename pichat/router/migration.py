@@ -217,8 +217,11 @@ class Migrations:
             return
         if failure is not None:
             self.router.stats.events["state_transfers_failed"] += 1
-            log.warning("req=%s session=%s: KV state not moved (%s); the worker reads the "
-                        "conversation again", t.job, t.session, failure)
+            if t.job is None:  # a handover (the whole cluster may be stopping)
+                log.info("session=%s: not handed over (%s)", t.session, failure)
+            else:
+                log.warning("req=%s session=%s: KV state not moved (%s); the worker reads "
+                            "the conversation again", t.job, t.session, failure)
         if t.job is not None:
             self._release(t.job, t.target)
         for source in list(self._handover):
