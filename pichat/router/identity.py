@@ -41,6 +41,12 @@ def scoped_session(owner: str, session: str) -> SessionId:
     return SessionId(f"{owner_tag(owner)}~{session}")
 
 
+def session_owner(session: str) -> str | None:
+    """The owner tag a router-wide session id was scoped with (None: not scoped)."""
+    tag, sep, _ = session.partition("~")
+    return tag if sep else None
+
+
 class Leases:
     """Signs and checks (worker identity, session) pairs."""
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from pichat.logs import clip
 from pichat.protocol import Migrate, RequestId, SessionId, State, StateAck, encode
+from pichat.router.identity import session_owner
 from pichat.router.records import WorkerId
 
 if TYPE_CHECKING:
@@ -122,8 +123,8 @@ class Migrations:
                 queue.appendleft(session)
                 return
             target = min(targets, key=lambda w: (sched.workers[w].warm, sched.workers[w].busy))
-            owner = session.split("~", 1)[0] if "~" in session else None
-            self.start(None, session, owner, source, target, self.router.now())
+            self.start(None, session, session_owner(session), source, target,
+                       self.router.now())
             return
         self._handover.pop(source, None)
 

@@ -84,7 +84,7 @@ class BatchEngine:
     def __init__(self, llm: Any, lib: Any, *, lanes: int, n_ctx: int, threads: int,
                  kv_type: str = "f16", fmt: str = "", n_batch: int = 512) -> None:
         self._lib = lib
-        self._llm = llm
+        self._llm = llm  # the model must outlive the context
         self.lanes = lanes
         self.n_ctx = n_ctx
         self.format = fmt

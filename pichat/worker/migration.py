@@ -24,7 +24,7 @@ from pichat.logs import clip
 from pichat.protocol import MAX_STATE_PIECE, Migrate, State, StateAck, encode
 from pichat.worker.backend import SavedState
 
-__all__ = ["StateMover", "WINDOW", "MAX_INCOMING"]
+__all__ = ["StateMover", "WINDOW", "MAX_INCOMING", "MAX_OUTGOING"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ WINDOW = 4
 """Pieces a source may have in flight (4 MiB)."""
 MAX_INCOMING = 2
 """Transfers a worker receives at once (each holds its state in RAM until done)."""
+MAX_OUTGOING = 2
+"""Transfers a worker sends at once (each holds its state in RAM until sent)."""
 STALL_S = 30.0
 """A transfer that hears nothing this long is given up (by either side)."""
 
@@ -81,6 +83,9 @@ class StateMover:
         """Answer a MIGRATE: send the session's state in acknowledged pieces."""
         tid = message.transfer
         if tid in self._out:
+            return
+        if len(self._out) >= MAX_OUTGOING:
+            self._send(encode(State(tid, 0, abort="busy sending others")))
             return
         out = self._out[tid] = _Outgoing()
         try:

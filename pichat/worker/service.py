@@ -60,8 +60,10 @@ __all__ = ["Worker", "Phase", "total_memory"]
 log = logging.getLogger(__name__)
 
 _BACKOFF_START = 0.25
-MAX_OUTGOING = 2
-"""KV state transfers a worker sends at once."""
+
+
+def _moving_average(old: float, new: float) -> float:
+    return 0.7 * old + 0.3 * new if old else new
 
 
 def total_memory() -> int | None:
@@ -250,6 +252,11 @@ class Worker:
         self._moves.discard(task)
         self._move_activity.set()
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        """The RAM the slots' KV cache reserves."""
+        return self.config.slots * self.model.n_ctx * self.model.kv_token_bytes
+
     def sizing(self) -> str:
         """Where this worker's RAM for conversations goes, in one line."""
         model, cfg = self.model, self.config
@@ -257,18 +264,18 @@ class Worker:
         store = self.slots.store.budget
         return (f"KV cache: {cfg.slots} x {model.n_ctx} tokens ({model.engine}, "
                 f"{model.kv_type}, {per_token / 1024:.1f} KiB/token) = "
-                f"{cfg.slots * model.n_ctx * per_token / 2**20:.0f} MiB; session store "
+                f"{self.kv_cache_bytes / 2**20:.0f} MiB; session store "
                 f"{store / 2**20:.0f} MiB (~{store // max(1, per_token)} tokens parked)")
 
     def memory_warning(self, total: int | None = None) -> str | None:
         """A warning if the weights, the KV cache and the session store (with room for the
         system and llama.cpp's buffers) add up to more than the machine's RAM (`total`:
         bytes, else read from the system)."""
-        model, cfg = self.model, self.config
+        model = self.model
         total = total if total is not None else total_memory()
         if total is None:
             return None
-        kv = cfg.slots * model.n_ctx * model.kv_token_bytes
+        kv = self.kv_cache_bytes
         need = model.weights_bytes + kv + self.slots.store.budget + _HEADROOM
         if need <= total:
             return None
@@ -418,9 +425,6 @@ class Worker:
             case Heartbeat():
                 pass
             case Migrate():
-                if len(self._moves) >= MAX_OUTGOING:  # each holds a state in RAM
-                    self._send(encode(State(message.transfer, 0, abort="busy sending others")))
-                    return
                 task = asyncio.create_task(self.mover.send_state(message))
                 self._moves.add(task)
                 self._move_activity.set()
@@ -483,13 +487,12 @@ class Worker:
         else:
             usage = Usage(result.prompt_tokens, result.cached_tokens, result.completion_tokens,
                           round(result.prompt_ms, 2), round(result.generate_ms, 2))
-            if rate := usage.tokens_per_s:  # a moving average for `status`
-                self.tps = 0.7 * self.tps + 0.3 * rate if self.tps else rate
+            if rate := usage.tokens_per_s:  # for `status`
+                self.tps = _moving_average(self.tps, rate)
             read = usage.prompt_tokens - usage.cached_tokens
-            if read >= 16 and usage.prompt_ms > 0:  # and one of prompt reading
-                rate = read / usage.prompt_ms * 1000
-                self.prompt_tps = (0.7 * self.prompt_tps + 0.3 * rate if self.prompt_tps
-                                   else rate)
+            if read >= 16 and usage.prompt_ms > 0:  # for the router's cost of a move
+                self.prompt_tps = _moving_average(self.prompt_tps,
+                                                  read / usage.prompt_ms * 1000)
             log.info("req=%s session=%s slot=%d %s: prompt %d (cached %d), %d tokens",
                      request.id, request.session, job.slot.index, result.finish,
                      usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)

@@ -282,7 +282,7 @@ class SlotManager:
                                     "starting cold", session)
         if keep < len(ctx.tokens()):
             ctx.truncate(keep)
-        keep = self._share_prefix(slot, request, prompt, keep)
+        self._share_prefix(slot, request, prompt, keep)
         slot.owner = request.owner
 
     def _share_prefix(self, slot: Slot, request: Request, prompt: Sequence[int],
