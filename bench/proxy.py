@@ -6,7 +6,9 @@ turn, no session id, seeded think time, 32-token greedy answers), on the same co
 pichat workers of 2 slots and 1 thread each behind the router, against two `llama-server
 --parallel 2 -t 1` behind nginx (`upstream` round-robin, streaming passed through). We
 measure the wall time, the time to first token per turn, and the share of prompt tokens
-each side served from cache on turns 2-8.
+each side served from cache on turns 2-8. The whole is run `--repeat` times, the two sides
+taking turns, each run on freshly started servers; the figures are the median wall time
+and, over all runs pooled, the last turn's median TTFT and the cached share.
 """
 
 from __future__ import annotations
@@ -110,12 +112,16 @@ def _cached(usage) -> int:
     return (getattr(details, "cached_tokens", 0) or 0) if details else 0
 
 
-def summary(out: dict, wall: float, turns: int) -> tuple[float, float, float]:
-    """(wall, last turn's TTFT p50, cached share of prompt tokens on turns 2..)."""
-    later = [r[1] for t in range(1, turns) for r in out[t]]
+def summary(runs: list[tuple[dict, float]], turns: int) -> tuple[float, float, float, str]:
+    """(median wall, last turn's TTFT p50, cached share of prompt tokens on turns 2..,
+    each run's wall and TTFT p50) over `runs` pooled."""
+    later = [r[1] for out, _ in runs for t in range(1, turns) for r in out[t]]
     prompt = sum(u.prompt_tokens for u in later)
     share = sum(_cached(u) for u in later) / prompt if prompt else float("nan")
-    return wall, statistics.median(r[0] for r in out[turns - 1]), share
+    last = [r[0] for out, _ in runs for r in out[turns - 1]]
+    each = ", ".join(f"{wall:.1f} s/{statistics.median(r[0] for r in out[turns - 1]) * 1000:.0f}"
+                     for out, wall in runs)
+    return statistics.median(w for _, w in runs), statistics.median(last), share, each
 
 
 async def main(argv: list[str] | None = None) -> list[str]:
@@ -124,31 +130,43 @@ async def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--think", type=float, default=2.0)
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
     from pichat.models import resolve
 
     model = str(resolve("default")[0])
-    runs = {}
-    async with pichat(2, 2, 1) as (base, _, _):
-        runs["pichat, 2 workers x 2 slots"] = await conversations(base, args)
+    runs: dict[str, list[tuple[dict, float]]] = defaultdict(list)
     peers = await asyncio.to_thread(build_peers)
     if shutil.which("nginx") is None:
         print("(nginx is not installed: `apt-get install nginx-light`; the proxy is skipped)")
-    elif peers is not None:
+    placed: dict[str, int] = defaultdict(int)
+    for _ in range(args.repeat):
+        async with pichat(2, 2, 1) as (base, _, client):
+            runs["pichat, 2 workers x 2 slots"].append(await conversations(base, args))
+            counters = (await client.status())["requests"]
+            for key in ("affinity_hits", "spills", "placed_by_load", "prefix_hits",
+                        "states_moved"):
+                placed[key] += counters.get(key, 0)
+        if peers is None or shutil.which("nginx") is None:
+            continue
         async with AsyncExitStack() as stack:
             servers = [(await stack.enter_async_context(
                 llama_server(peers, model, 2, threads=1)))[0] for _ in range(2)]
             base = await stack.enter_async_context(nginx(servers))
-            runs["2 x llama-server --parallel 2 + nginx"] = await conversations(base, args)
+            runs["2 x llama-server --parallel 2 + nginx"].append(
+                await conversations(base, args))
     lines = [f"{args.users} users x {args.turns} turns, {args.max_tokens}-token answers, "
-             f"think 0-{args.think:.0f} s: wall s, turn-{args.turns} TTFT p50 ms, "
-             "cached share of prompt tokens on turns 2-8"]
-    figures = {label: summary(out, wall, args.turns) for label, (out, wall) in runs.items()}
-    for label, (wall, ttft, share) in figures.items():
+             f"think 0-{args.think:.0f} s, {args.repeat} runs each: median wall s, "
+             f"turn-{args.turns} TTFT p50 ms (all runs), cached share of prompt tokens on "
+             "turns 2-8 (all runs); then each run's wall s/TTFT p50 ms"]
+    figures = {label: summary(r, args.turns) for label, r in runs.items()}
+    for label, (wall, ttft, share, each) in figures.items():
         lines.append(f"{label:40} wall {wall:6.1f}   TTFT {ttft * 1000:7.0f}   "
-                     f"cached {share:.2f}")
+                     f"cached {share:.2f}   ({each})")
+    lines.append("pichat's placements, all runs: " + ", ".join(f"{k} {v}"
+                                                             for k, v in placed.items()))
     if len(figures) == 2:
-        (w1, t1, _), (w2, t2, _) = figures.values()
+        (w1, t1, _, _), (w2, t2, _, _) = figures.values()
         lines.append(f"pichat / proxy: wall {w1 / w2:.2f} (target <= 0.8), turn-{args.turns} "
                      f"TTFT {t1 / t2:.2f} (target <= 0.5)")
     return lines

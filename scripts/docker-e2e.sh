@@ -3,7 +3,9 @@
 #   1. a Docker engine (started here if none answers; stopped again at the end)
 #   2. base images: pulled if a registry answers, else made locally with debootstrap
 #   3. `make build` (offline: --network none), then `make up` with two workers
-#   4. a prompt through scripts/send_prompt.sh; kill one worker; a second prompt
+#   4. a prompt through scripts/send_prompt.sh; both workers SIGKILLed and started again:
+#      each takes a state directory of its own and a conversation is still warm; kill one
+#      worker; a second prompt
 #   5. `make down`; then a one-node Swarm, `make swarm-deploy`, a prompt, `make swarm-rm`
 # The workers' model volume is seeded from this machine's model cache (no download).
 set -euo pipefail
@@ -83,6 +85,39 @@ $pichat status --router "$endpoint"
 
 step "a prompt"
 ask "$endpoint" "Hello, how are you?"
+
+step "both workers SIGKILLed and started again: a conversation is warm from disk"
+cached() {  # endpoint, session: the cached prompt tokens of one greedy turn
+    PICHAT_ROUTER="$1" ./scripts/send_prompt.sh "Tell me one fact about the Moon." \
+        --session "$2" --max-tokens 16 --temperature 0 --json |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["usage"]["cached_tokens"])'
+}
+workers_where() {  # endpoint, python condition on a worker `w`: how many match
+    $pichat status --router "$1" --json 2>/dev/null | python3 -c "import json,sys
+print(sum(1 for w in json.load(sys.stdin)['workers'] if $2))" 2>/dev/null || echo 0
+}
+first=$(cached "$endpoint" e2e-warm)
+for _ in $(seq 30); do  # the state is written behind the answer: until a heartbeat says so
+    [ "$(workers_where "$endpoint" 'w["memory"]["disk_states"] > 0')" -ge 1 ] && break
+    sleep 1
+done
+before=$($pichat status --router "$endpoint" --json | python3 -c 'import json,sys; print(" ".join(w["id"] for w in json.load(sys.stdin)["workers"]))')
+scripts/compose.sh -f docker/compose.yml kill worker >/dev/null
+scripts/compose.sh -f docker/compose.yml start worker >/dev/null
+fresh="w['id'] not in '$before'.split()"
+for _ in $(seq 90); do  # until both are back (registered afresh) and the dead ones dropped
+    [ "$(workers_where "$endpoint" "$fresh")" -ge 2 ] &&
+        [ "$(workers_where "$endpoint" True)" -eq 2 ] && break
+    sleep 1
+done
+[ "$(workers_where "$endpoint" "$fresh")" -ge 2 ] || fail "workers did not come back"
+dirs=$(for c in $(scripts/compose.sh -f docker/compose.yml ps -q worker); do
+    docker exec "$c" sh -c 'for d in /state/*/; do [ -f "$d/.lock" ] && echo "$d"; done'
+done | sort -u | wc -l)
+[ "$dirs" -ge 2 ] || fail "the replicas did not take a state directory each"
+again=$(cached "$endpoint" e2e-warm)
+echo "cached prompt tokens: first turn $first, the same turn after the restart $again"
+[ "$again" -gt "$first" ] || fail "the conversation was not warm after the restart"
 
 step "kill one worker; the other answers"
 victim=$(scripts/compose.sh -f docker/compose.yml ps -q worker | head -1)

@@ -161,3 +161,21 @@ def test_two_workers_cannot_share_one_directory(tmp_path):
     finally:
         first.close()
     DiskStore(tmp_path, 1 << 20, FMT).close()  # free again once the first is closed
+
+
+def test_replicas_sharing_a_volume_each_take_a_directory_and_find_one_again(tmp_path):
+    shared = str(tmp_path / "*")
+    first = written(shared, a=state(10, 1))
+    second = written(shared, b=state(10, 2))
+    try:
+        assert (first.dir.name, second.dir.name) == ("0", "1")
+        assert files(first.dir) != files(second.dir)
+    finally:
+        first.close()
+    again = DiskStore(shared, 1 << 20, FMT)  # the first restarted: directory 0, its state
+    try:
+        assert again.dir.name == "0"
+        assert [s for s, _ in again.sessions()] == ["a"]
+    finally:
+        again.close()
+        second.close()

@@ -259,7 +259,11 @@ async def test_metrics_health_and_cluster(cluster: Cluster):
 
 
 async def test_conversations_sharing_a_system_prompt_spread_but_each_stays_put(cluster: Cluster):
-    base = await start(cluster, workers=2)
+    # Slots for every conversation on each worker: none ever waits, so none has a reason
+    # to move (one that waits goes to a free worker when that is sooner:
+    # tests/test_scheduler.py).
+    base = await start(cluster, workers=2,
+                       worker_args=("--sim-reply-tokens", "8", "--slots", "6"))
     async with client(base) as api:
         async def converse(i: int) -> list[str]:
             history = [SYSTEM, {"role": "user", "content": f"I am user {i}"}]

@@ -17,6 +17,14 @@ must produce, written compactly:
     "evict A s1"          A dropped s1 from its cache
     "tick @6"             time passes
 
+Sizes and speeds, for the cost of a spill (pichat/router/costs.py), as key=value words:
+
+    "worker A 1 kv=100000:f"     A's states take 100,000 bytes per token, format "f"
+    "speed A 100 20"             A reads 100 prompt tokens/s and writes 20 tokens/s
+    "submit r1 s1 chars=600"     r1's conversation has 600 characters
+    "finish r1 usage=2000+32"    r1's prompt was 2,000 tokens and its answer 32
+    "chunk r1 tokens=100"        a chunk of 100 tokens
+
 and the actions:  "r1->A" dispatch, "r1->A hit" (affinity), "r1->A prefix" (the preferred
 worker), "r1->B spill", "r1->B retry", "r1->B failover" (continue a streamed answer),
 "fail r1 busy", "cancel r1@A", "dead A".
@@ -26,7 +34,8 @@ from __future__ import annotations
 
 import pytest
 
-from pichat.protocol import RequestId, SessionId
+from pichat.protocol import RequestId, SessionId, Usage
+from pichat.router.costs import Speed
 from pichat.router.scheduler import (
     CancelOnWorker,
     Dispatch,
@@ -37,6 +46,21 @@ from pichat.router.scheduler import (
     WorkerDead,
     WorkerId,
 )
+
+
+def _long_history_on_busy_a(b_format: str) -> list[tuple[str, list[str]]]:
+    """s1 holds 2,032 tokens on A (100,000 bytes each, format f), which is busy for ~5.6 s
+    more; B (states of `b_format`) is free."""
+    return [
+        ("worker A 1 kv=100000:f", []), (f"worker B 1 kv=100000:{b_format}", []),
+        ("speed A 100 20", []), ("speed B 100 20", []),
+        ("submit r1 s1 chars=6600 @0", ["r1->A"]),
+        ("finish r1 @1 usage=2000+32", []),
+        ("submit r2 s2 chars=150 @1", ["r2->B"]),
+        ("finish r2 @2 usage=50+32", []),
+        ("submit r3 s3 chars=300 @2 >A", ["r3->A prefix"]),
+    ]
+
 
 CASES: dict[str, tuple[dict, list[tuple[str, list[str]]]]] = {
     "a new session goes to the worker with the most free slots": ({}, [
@@ -350,6 +374,84 @@ CASES: dict[str, tuple[dict, list[tuple[str, list[str]]]]] = {
         ("finish r5 @8", []),
         ("submit r6 s1 @8", ["r6->B hit"]),          # its home is B now (A is still busy)
     ]),
+    # Spill by cost. Speeds 100 prompt tokens/s, 20 answer tokens/s; an answer is taken to
+    # be 128 tokens until answers are seen, a prompt 0.3 tokens per character.
+    "a long history waits for its busy warm worker rather than be read again elsewhere": (
+        {"affinity_wait": 5, "worker_expiry": 100}, [
+        ("worker A 1", []), ("worker B 1", []), ("speed A 100 20", []), ("speed B 100 20", []),
+        ("submit r1 s1 chars=6600 @0", ["r1->A"]),
+        ("finish r1 @1 usage=2000+32", []),          # s1 holds 2,032 tokens on A
+        ("submit r2 s2 chars=150 @1", ["r2->B"]),
+        ("finish r2 @2 usage=50+32", []),
+        ("submit r3 s3 chars=300 @2 >A", ["r3->A prefix"]),  # A busy for ~5.6 s
+        ("submit r4 s1 chars=300 @2", []),           # B would read 2,032 tokens: ~20 s
+        ("tick @6.9", []),
+        ("tick @7", ["r4->B spill from A"]),         # --affinity-wait: the upper bound
+    ]),
+    "a short history goes to a free worker at once rather than wait": (
+        {"affinity_wait": 5, "worker_expiry": 100}, [
+        ("worker A 1", []), ("worker B 1", []), ("speed A 100 20", []), ("speed B 100 20", []),
+        ("submit r1 s1 chars=660 @0", ["r1->A"]),
+        ("finish r1 @1 usage=200+32", []),           # s1 holds 232 tokens on A
+        ("submit r2 s2 chars=150 @1", ["r2->B"]),
+        ("finish r2 @2 usage=50+32", []),
+        ("submit r3 s3 chars=300 @2 >A", ["r3->A prefix"]),
+        ("submit r4 s1 chars=800 @2", ["r4->B spill from A"]),  # ~2.3 s on B < ~5.6 s
+    ]),
+    "a state that moves fast spills at once even with a long history": (
+        {"affinity_wait": 5, "worker_expiry": 100}, [
+        *_long_history_on_busy_a("f"),
+        ("submit r4 s1 chars=300 @2", ["r4->B spill from A"]),  # 203 MB at 50 MB/s: ~4.1 s
+    ]),
+    "with migration off the same state is read again, so it waits": (
+        {"affinity_wait": 5, "worker_expiry": 100, "migration": False}, [
+        *_long_history_on_busy_a("f"),
+        ("submit r4 s1 chars=300 @2", []),
+        ("finish r3 @4", ["r4->A hit"]),
+    ]),
+    "states of another format cannot move: read again, so it waits": (
+        {"affinity_wait": 5, "worker_expiry": 100}, [
+        *_long_history_on_busy_a("g"),
+        ("submit r4 s1 chars=300 @2", []),
+    ]),
+    "a history of unknown size waits until the upper bound": (
+        {"affinity_wait": 5, "worker_expiry": 100}, [
+        ("worker A 1 m s1", []), ("worker B 1", []),
+        ("submit r1 - chars=300 @0 >A", ["r1->A prefix"]),
+        ("submit r2 s1 @0", []),                     # no text: nothing to weigh
+        ("tick @5", ["r2->B spill from A"]),
+    ]),
+    # A and its sessions s1, s4, s5 (claimed at start: sizes estimated from their text).
+    "alone, a mid-sized history waits for its warm worker": (
+        {"affinity_wait": 60, "worker_expiry": 100}, [
+        ("worker A 1 m s1,s4,s5", []), ("worker B 1", []),
+        ("speed A 100 20", []), ("speed B 100 20", []),
+        ("submit r1 s1 chars=300 @0", ["r1->A hit"]),  # ~6.4 s left
+        ("submit r3 s5 chars=2700 @0", []),            # 810 tokens: ~8.1 s on B
+    ]),
+    "requests queued before it for the same worker lengthen its wait": (
+        {"affinity_wait": 60, "worker_expiry": 100}, [
+        ("worker A 1 m s1,s4,s5", []), ("worker B 1", []),
+        ("speed A 100 20", []), ("speed B 100 20", []),
+        ("submit r1 s1 chars=300 @0", ["r1->A hit"]),
+        ("submit r2 s4 chars=10000 @0", []),           # 3,000 tokens: waits for A
+        ("submit r3 s5 chars=2700 @0", ["r3->B spill from A"]),  # after r1 and r2: ~13 s
+    ]),
+    "an answer nearly written shortens the wait": (
+        {"affinity_wait": 60, "worker_expiry": 100}, [
+        ("worker A 1 m s1,s5", []), ("worker B 1", []),
+        ("speed A 100 20", []), ("speed B 100 20", []),
+        ("submit r1 s1 chars=300 @0", ["r1->A hit"]),
+        ("chunk r1 tokens=120", []),                   # ~8 tokens left: ~0.4 s
+        ("submit r3 s5 chars=2000 @0", []),            # 600 tokens: ~6 s on B
+    ]),
+    "a slow warm worker loses the request to a fast free one": (
+        {"affinity_wait": 60, "worker_expiry": 100}, [
+        ("worker A 1 m s1,s5", []), ("worker B 1", []),
+        ("speed A 100 2", []), ("speed B 100 20", []),  # A writes 2 tokens/s
+        ("submit r1 s1 chars=300 @0", ["r1->A hit"]),  # ~64 s left
+        ("submit r3 s5 chars=20000 @0", ["r3->B spill from A"]),  # 6,000 tokens: 60 s
+    ]),
     "round-robin ignores sessions and takes turns": ({"policy": "round-robin"}, [
         ("worker A 2", []), ("worker B 2", []),
         ("submit r1 s1 @0", ["r1->A"]),
@@ -379,7 +481,8 @@ def _describe(action) -> str:
 
 
 def _step(s: Scheduler, step: str) -> list[str]:
-    words = step.split()
+    opts = dict(w.split("=", 1) for w in step.split() if "=" in w)
+    words = [w for w in step.split() if "=" not in w]
     owner = words.pop()[1:] if words[-1].startswith("%") else ""
     prefer = WorkerId(words.pop()[1:].encode()) if words[-1].startswith(">") else None
     at = float(words.pop()[1:]) if words[-1].startswith("@") else 0.0
@@ -389,16 +492,26 @@ def _step(s: Scheduler, step: str) -> list[str]:
         case "worker":
             model = args[2] if len(args) > 2 else "m"
             sessions = tuple(args[3].split(",")) if len(args) > 3 else ()
-            out = s.add_worker(W(args[0]), model, int(args[1]), at, sessions)
+            kv, _, fmt = opts.get("kv", "0:").partition(":")
+            out = s.add_worker(W(args[0]), model, int(args[1]), at, sessions,
+                               speed=Speed(kv_token_bytes=int(kv), state_format=fmt))
+        case "speed":
+            s.measured(W(args[0]), float(args[1]), float(args[2]))
+            out = []
         case "submit":
             session = None if args[1] == "-" else SessionId(args[1])
             model = args[2] if len(args) > 2 else None
             out = s.submit(RequestId(args[0]), session, at, model=model, prefer=prefer,
-                           owner=owner)
+                           owner=owner, prompt_chars=int(opts.get("chars", 0)))
         case "finish":
-            out = s.finished(RequestId(args[0]), at)
+            usage = None
+            if "usage" in opts:
+                prompt, answer = map(int, opts["usage"].split("+"))
+                usage = Usage(prompt_tokens=prompt, completion_tokens=answer)
+            out = s.finished(RequestId(args[0]), at, usage)
         case "chunk":
-            s.chunk_seen(RequestId(args[0]), resumable=args[1:] != ["plain"])
+            s.chunk_seen(RequestId(args[0]), resumable=args[1:] != ["plain"],
+                         tokens=int(opts.get("tokens", 1)))
             out = []
         case "bounce":
             out = s.bounce(RequestId(args[0]), at)

@@ -32,7 +32,9 @@ R, S, W = RouterConfig, SchedulerConfig, WorkerConfig
          help="affinity: a session returns to the worker holding its KV cache; "
               "round-robin: the baseline.")
 @o.field(S, "affinity_wait", "--affinity-wait", env="AFFINITY_WAIT", type=click.FloatRange(0),
-         help="Seconds a request waits for its busy warm worker before spilling to another.")
+         help="The longest a request waits for its busy warm worker; sooner, it goes to "
+              "another when that is expected to start it sooner (state move or re-read "
+              "counted).")
 @o.field(R, "migration", "--migration", env="MIGRATION", type=click.Choice(["auto", "off"]),
          help="auto: a conversation that changes worker takes its KV state along when that "
               "beats reading it again; off: never.")

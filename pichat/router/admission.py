@@ -34,6 +34,8 @@ class Admitted:
     """A session holding a prefix this request shares: prefer its worker."""
     continued: bool = False
     """Its session was recognised from its messages (a stateless client's next turn)."""
+    chars: int = 0
+    """Characters of conversation text (what the scheduler sizes it by)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,4 +71,4 @@ def admit(request: Request, owner: str, *, prefixes: PrefixIndex | None, isolate
         return Refused("too_large", ErrorCode.BAD_REQUEST,
                        "the request is larger than a worker accepts "
                        f"(--max-message-bytes {max_message_bytes})")
-    return Admitted(admitted, shared, continued)
+    return Admitted(admitted, shared, continued, size)

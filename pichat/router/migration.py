@@ -3,23 +3,25 @@
 When the scheduler places a request of a session on another worker than the one holding it
 warm (a spill while that one is busy, a draining worker, a new placement) and the warm one
 is alive, the state can move instead of being recomputed. Whether it should is a cost
-model, per token, since both costs grow with the history alike:
+model, per token, since both costs grow with the history alike (pichat/router/costs.py):
 
     moving:     the source's KV bytes per token / the link's measured bytes per second
     recomputing: 1 / the target's measured prompt tokens per second
 
 (states move only between workers of one `state_format`: the same model file and KV
-type). The router sends MIGRATE to the source and holds the REQUEST back; the source's
-STATE pieces are relayed to the target and the target's STATE_ACKs back (at most `WINDOW`
-pieces in flight, pichat/worker/migration.py); when the target is done or refuses, or the
-source aborts, or the transfer stalls for `STALL_S`, the REQUEST goes out. Nothing waits
+type). The scheduler counts the same cost when it weighs a spill.
+
+The router sends MIGRATE to the source and holds the REQUEST back; the source's STATE
+pieces are relayed to the target and the target's STATE_ACKs back (at most `WINDOW` pieces
+in flight, pichat/worker/migration.py); when the target is done or refuses, or the source
+aborts, or the transfer stalls for `STALL_S`, the REQUEST goes out. Nothing waits
 on a transfer longer than that, and a failed one only costs the recompute it tried to
 avoid.
 
 What a worker can make the router do here is bounded: only the transfer's source may send
 its pieces and only its target acknowledge them; piece 0 must name the transfer's session
 and the request's owner; the bytes relayed may not exceed what piece 0 announced; there
-are at most `MAX_TRANSFERS` at once and one per target.
+are at most `MAX_TRANSFERS` at once and `PER_WORKER` into or out of each worker.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from pichat.logs import clip
 from pichat.protocol import Migrate, RequestId, SessionId, State, StateAck, encode
+from pichat.router.costs import move_beats_read
 from pichat.router.identity import session_owner
 from pichat.router.records import WorkerId
 
@@ -45,13 +48,12 @@ log = logging.getLogger(__name__)
 
 STALL_S = 10.0
 MAX_TRANSFERS = 8
+PER_WORKER = 2
+"""Transfers into one worker at once, and out of one (what a worker takes on:
+pichat/worker/migration.py), so a turn's move is not held up by a draining worker's
+handover between the same workers."""
 MAX_HANDOVER = 256
 """A draining worker's conversations handed over at most (the most recently used)."""
-DEFAULT_LINK_BPS = 50e6
-"""Bytes per second assumed until a transfer has been measured (a loaded gigabit LAN)."""
-DEFAULT_PROMPT_TPS = 300.0
-"""Prompt tokens per second assumed for workers that have not reported theirs (this VM's
-2 cores on the 0.5B default model; a Pi reads a 3B model at ~15)."""
 
 
 @dataclass(slots=True)
@@ -76,7 +78,6 @@ class Migrations:
         self._release = release
         """Send the held-back request to its worker (or free its slot if it is gone)."""
         self.transfers: dict[str, Transfer] = {}
-        self.link_bps = DEFAULT_LINK_BPS
         self._handover: dict[WorkerId, deque[SessionId]] = {}
         """Sessions of draining workers still to hand over, one transfer at a time each."""
 
@@ -84,19 +85,16 @@ class Migrations:
 
     def worth_it(self, source: WorkerId, target: WorkerId) -> bool:
         """Would moving a state from `source` to `target` beat `target` reading it?"""
-        ws = self.router.workerside
-        src, dst = ws.meta(source), ws.meta(target)
+        sched = self.router.scheduler
+        src, dst = sched.workers.get(source), sched.workers.get(target)
         if src is None or dst is None or source == target:
             return False
-        fmt = src.ready.state_format
-        if not fmt or fmt != dst.ready.state_format or src.ready.kv_token_bytes <= 0:
+        running = self.transfers.values()
+        if (len(self.transfers) >= MAX_TRANSFERS
+                or sum(t.target == target for t in running) >= PER_WORKER
+                or sum(t.source == source for t in running) >= PER_WORKER):
             return False
-        if len(self.transfers) >= MAX_TRANSFERS or any(
-                t.target == target for t in self.transfers.values()):
-            return False
-        # Unmeasured yet: the source reads as fast (same model), else a fast machine's speed.
-        prompt_tps = dst.heartbeat.prompt_tps or src.heartbeat.prompt_tps or DEFAULT_PROMPT_TPS
-        return src.ready.kv_token_bytes / self.link_bps < 1.0 / prompt_tps
+        return move_beats_read(src.speed, dst.speed, sched.estimates.link_bps)
 
     def hand_over(self, worker: WorkerId) -> None:
         """`worker` is draining: move its warm conversations (the most recent
@@ -178,7 +176,7 @@ class Migrations:
         elif ack.done:
             seconds = max(now - t.started, 1e-3)
             if t.relayed >= 1 << 20:  # long enough to say something about the link
-                self.link_bps = 0.7 * self.link_bps + 0.3 * (t.relayed / seconds)
+                self.router.scheduler.estimates.learn_link(t.relayed, seconds)
             events = self.router.stats.events
             events["states_moved"] += 1
             events["state_bytes_moved"] += t.relayed

@@ -1,19 +1,20 @@
 """Which worker a request goes to now, if any: pure functions over the scheduler's records.
 
 `affinity`: a request whose session is warm on a worker goes there if it has a free slot;
-if not, it waits until `spill_at` (re-reading a long history on a cold worker can cost
-minutes on a Pi, so a short wait for the warm one usually wins), then spills to the least
-loaded worker. A request that
-names a preferred worker (one holding a prefix it shares) gets it while that worker's load
-stays within the bound (`within_bound`). Otherwise the worker with the most free slots
-(ties: the less loaded, the one holding fewer conversations). `round-robin`: the next
-worker in turn with a free slot.
+if not, it waits for it unless a free worker is expected to start it sooner, counting what
+bringing the conversation there costs (its state moved, or its history read again: on a
+Pi, minutes for a long one); the scheduler weighs that (pichat/router/costs.py) and a
+request waits no longer than `spill_at` in any case. A request that names a preferred
+worker (one holding a prefix it shares) gets it while that worker's load stays within the
+bound (`within_bound`). Otherwise the worker with the most free slots (ties: the less
+loaded, the one holding fewer conversations). `round-robin`: the next worker in turn with
+a free slot.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from pichat.protocol import SessionId
 from pichat.router.records import Job, SchedulerConfig, WorkerId, WorkerView
@@ -23,8 +24,12 @@ __all__ = ["place", "within_bound"]
 
 def place(job: Job, workers: Mapping[WorkerId, WorkerView],
           affinity: Mapping[SessionId, WorkerId], config: SchedulerConfig, rr_next: int,
-          now: float) -> tuple[WorkerId, bool, bool] | None:
-    """(worker, affinity hit, spilled) for `job` now, or None to keep it waiting."""
+          now: float, spill_pays: Callable[[WorkerView, WorkerView], bool] | None = None,
+          ) -> tuple[WorkerId, bool, bool] | None:
+    """(worker, affinity hit, spilled) for `job` now, or None to keep it waiting.
+
+    `spill_pays(home, other)`: is `other` (free now) expected to start the job sooner than
+    its busy warm worker `home`? None: nothing is known; wait until `job.spill_at`."""
     eligible = [w for w in workers.values()
                 if not w.draining and w.id not in job.avoid
                 and (job.model is None or w.model == job.model)]
@@ -35,22 +40,25 @@ def place(job: Job, workers: Mapping[WorkerId, WorkerView],
         ordered = sorted(free, key=lambda w: w.order)
         pick = next((w for w in ordered if w.order >= rr_next), ordered[0])
         return pick.id, False, False
-    home = affinity.get(job.session) if job.session is not None else None
-    spilled = False
-    if home is not None and home in workers and workers[home] in eligible:
-        if workers[home].free > 0:
-            return home, True, False
-        if now < job.spill_at:
-            return None
-        spilled = True
+    home_id = affinity.get(job.session) if job.session is not None else None
+    home = workers.get(home_id) if home_id is not None else None
+    if home is not None and home not in eligible:
+        home = None  # draining, refused it, another model: it goes elsewhere at once
+    if home is not None and home.free > 0:
+        return home.id, True, False
     if not free:
         return None
     preferred = workers.get(job.prefer) if job.prefer is not None else None
     if preferred is not None and preferred in free and within_bound(preferred, eligible,
                                                                     config.prefix_load_factor):
-        return preferred.id, False, spilled
-    best = min(free, key=lambda w: (-w.free, w.busy / w.slots, w.warm, w.order))
-    return best.id, False, spilled
+        pick = preferred
+    else:
+        pick = min(free, key=lambda w: (-w.free, w.busy / w.slots, w.warm, w.order))
+    if home is None:
+        return pick.id, False, False
+    if now >= job.spill_at or (spill_pays is not None and spill_pays(home, pick)):
+        return pick.id, False, True
+    return None
 
 
 def within_bound(view: WorkerView, eligible: list[WorkerView], load_factor: float) -> bool:

@@ -10,6 +10,7 @@ from typing import Any, Literal, NewType, TypeAlias
 
 from pichat.errors import ErrorCode
 from pichat.protocol import RequestId, SessionId
+from pichat.router.costs import Speed
 
 __all__ = [
     "Policy", "POLICIES", "WorkerId", "SchedulerConfig", "Placement", "Dispatch", "Fail",
@@ -26,8 +27,12 @@ WorkerId = NewType("WorkerId", bytes)
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     policy: Policy = "affinity"
-    affinity_wait: float = 5.0
-    """Seconds a request waits for its busy warm worker before spilling elsewhere."""
+    affinity_wait: float = 30.0
+    """Seconds a request waits for its busy warm worker at most: sooner, it goes elsewhere
+    when that is expected to start it sooner (pichat/router/costs.py)."""
+    migration: bool = True
+    """States may move between workers (else a conversation placed elsewhere is read
+    again): what going elsewhere is expected to cost."""
     queue_limit: int = 256
     """Requests that may wait for a slot; more are refused with `busy`."""
     queue_timeout: float = 120.0
@@ -122,6 +127,7 @@ class Job:
     queue_deadline: float
     deadline: float
     spill_at: float
+    """When it stops waiting for its busy warm worker, whatever the estimates say."""
     prefer: WorkerId | None = None
     worker: WorkerId | None = None
     streamed: bool = False
@@ -141,6 +147,19 @@ class Job:
     client: Any = None
     """The service's side of the request (its reply sink, its stream): opaque here. This
     job is the router's one record of the request."""
+    prompt_chars: int = 0
+    """Characters of conversation text (0: unknown; then it waits for its warm worker
+    until `spill_at`)."""
+    history: float = 0.0
+    """Tokens its session's state holds where it is warm (known from the session's last
+    turn, else estimated from `prompt_chars`)."""
+    max_tokens: int = 0
+    started: float = 0.0
+    """When it was dispatched."""
+    read_tokens: float = 0.0
+    """Prompt tokens its worker is expected to read (those not already warm there)."""
+    tokens_out: int = 0
+    """Answer tokens streamed so far."""
 
 
 @dataclass(slots=True)
@@ -158,6 +177,7 @@ class WorkerView:
     meta: Any = None
     """The service's facts about the worker (its READY, its heartbeats): opaque here. This
     view is the router's one record of the worker."""
+    speed: Speed = field(default_factory=Speed)
 
     @property
     def free(self) -> int:

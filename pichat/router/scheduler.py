@@ -5,11 +5,14 @@ monotonic origin) and returns the `Action`s the router must carry out, in order.
 keeps the policy testable as a table of cases (tests/test_scheduler.py).
 
 Where a request goes once a slot is free is placement's (pichat/router/placement.py):
-with policy `affinity` (the default) a session returns to the worker that holds it warm,
-waiting for it up to `affinity_wait` seconds before spilling elsewhere (the session's
-affinity moves along); a new session goes to the least loaded worker, or to one holding a
-prefix it shares while that worker's load stays bounded. Policy `round-robin` (the
-benchmarks' baseline) ignores sessions.
+with policy `affinity` (the default) a session returns to the worker that holds it warm;
+while that one is busy, the request waits for it unless a free worker is expected to start
+it sooner, the conversation's state moved or its history read again included
+(pichat/router/costs.py: the warm worker's expected wait comes from the work left in what
+it runs and in what is queued for it before this request, from measured speeds), and
+never longer than `affinity_wait`; the session's affinity moves along. A new session goes
+to the least loaded worker, or to one holding a prefix it shares while that worker's load
+stays bounded. Policy `round-robin` (the benchmarks' baseline) ignores sessions.
 
 Both policies queue requests when no suitable slot is free, up to `queue_limit`; past it a
 request fails at once with `busy`. Every request has a deadline in the queue and one in
@@ -34,10 +37,19 @@ rest fail with `worker_lost`. A draining worker gets no new requests.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from dataclasses import replace
 from typing import Any
 
 from pichat.errors import ErrorCode
-from pichat.protocol import RequestId, SessionId
+from pichat.protocol import RequestId, SessionId, Usage
+from pichat.router.costs import (
+    Estimates,
+    SlotClock,
+    Speed,
+    bring_seconds,
+    left_seconds,
+    run_seconds,
+)
 from pichat.router.placement import place
 from pichat.router.records import (
     POLICIES,
@@ -94,11 +106,15 @@ class Scheduler:
         """Queued requests failed to make room for another owner's."""
         self.cancels_ignored = 0
         """Cancelled requests whose worker never confirmed within `cancel_grace`."""
+        self.estimates = Estimates()
+        self.history: OrderedDict[SessionId, int] = OrderedDict()
+        """Tokens each session's state held after its last turn (`max_sessions` at most)."""
 
     # --- workers ----------------------------------------------------------------------
 
     def add_worker(self, worker: WorkerId, model: str, slots: int, now: float,
-                   sessions: tuple[str, ...] = (), meta: Any = None) -> list[Action]:
+                   sessions: tuple[str, ...] = (), meta: Any = None,
+                   speed: Speed | None = None) -> list[Action]:
         """A worker announced itself (READY). A known worker re-announcing has restarted:
         whatever it was running is lost."""
         actions: list[Action] = []
@@ -106,7 +122,7 @@ class Scheduler:
             actions += self._drop_worker(worker, now, "worker re-registered")
         self._registrations += 1
         self.workers[worker] = WorkerView(worker, model, slots, now, order=self._registrations,
-                                          meta=meta)
+                                          meta=meta, speed=speed or Speed())
         for job in self.jobs.values():  # a fresh registration: it may take them now
             job.avoid.discard(worker)
         for session in sessions:
@@ -124,6 +140,12 @@ class Scheduler:
             return False
         view.last_seen = now
         return True
+
+    def measured(self, worker: WorkerId, prompt_tps: float, decode_tps: float) -> None:
+        """The worker's latest speeds (its heartbeat)."""
+        view = self.workers.get(worker)
+        if view is not None:
+            view.speed = replace(view.speed, prompt_tps=prompt_tps, decode_tps=decode_tps)
 
     def forget_sessions(self, worker: WorkerId, sessions: tuple[str, ...]) -> None:
         """The worker evicted these sessions' KV state: they are no longer warm there."""
@@ -163,8 +185,9 @@ class Scheduler:
     def submit(self, job_id: RequestId, session: SessionId | None, now: float, *,
                model: str | None = None, timeout: float | None = None,
                prefer: WorkerId | None = None, owner: str = "",
-               client: Any = None) -> list[Action]:
-        """A new request. The caller guarantees `job_id` is not in use."""
+               client: Any = None, prompt_chars: int = 0, max_tokens: int = 0) -> list[Action]:
+        """A new request. The caller guarantees `job_id` is not in use. `prompt_chars`
+        (the conversation's text) and `max_tokens` size it for the cost estimates."""
         cfg = self.config
         deadline = now + min(timeout, cfg.request_timeout) if timeout else now + cfg.request_timeout
         job = Job(
@@ -178,7 +201,13 @@ class Scheduler:
             prefer=prefer,
             owner=owner,
             client=client,
+            prompt_chars=prompt_chars,
+            max_tokens=max_tokens,
         )
+        if session is not None and session in self.history:
+            job.history = self.history[session]
+        else:  # at most the whole conversation
+            job.history = prompt_chars * self.estimates.tokens_per_char
         if not self._serving(model):
             grace_end = self.started + cfg.startup_grace
             if now >= grace_end or (model and self.workers):
@@ -191,7 +220,8 @@ class Scheduler:
             return [Fail(job_id, ErrorCode.BUSY,
                          f"you have {mine} requests waiting already (at most "
                          f"{cfg.owner_max_queued}); retry later", client)]
-        if len(self.queue) >= cfg.queue_limit and self._place(job, now) is None:
+        if (len(self.queue) >= cfg.queue_limit
+                and self._place(job, now, self._home_waits(now, job)) is None):
             hog = max(waiting, key=lambda o: len(waiting[o]), default=None)
             if hog is None or len(waiting[hog]) <= mine + 1:
                 return [Fail(job_id, ErrorCode.BUSY,
@@ -207,11 +237,12 @@ class Scheduler:
         self.queue.append(job_id)
         return actions + self._pump(now)
 
-    def chunk_seen(self, job_id: RequestId, resumable: bool = True) -> None:
+    def chunk_seen(self, job_id: RequestId, resumable: bool = True, tokens: int = 1) -> None:
         job = self.jobs.get(job_id)
         if job is not None:
             job.streamed = True
             job.resumable = job.resumable and resumable
+            job.tokens_out += tokens
 
     def bounce(self, job_id: RequestId, now: float) -> list[Action]:
         """The worker refused the request (full, draining, resetting) before starting it:
@@ -234,11 +265,21 @@ class Scheduler:
         self.queue.appendleft(job_id)
         return self._pump(now)
 
-    def finished(self, job_id: RequestId, now: float) -> list[Action]:
-        """The worker ended the request (DONE or ERROR): its slot is free again."""
+    def finished(self, job_id: RequestId, now: float, usage: Usage | None = None) -> list[Action]:
+        """The worker ended the request (DONE, with its `usage`, or ERROR): its slot is
+        free again."""
         job = self.jobs.pop(job_id, None)
         if job is None:
             return []
+        if usage is not None and job.failovers == 0:
+            answer = usage.completion_tokens
+            self.estimates.learn(job.prompt_chars, usage.prompt_tokens,
+                                 min(answer, job.max_tokens) if job.max_tokens else answer)
+            if job.session is not None:
+                self.history[job.session] = usage.prompt_tokens + usage.completion_tokens
+                self.history.move_to_end(job.session)
+                while len(self.history) > self.config.max_sessions:
+                    self.history.popitem(last=False)
         if job.worker is not None and job.worker in self.workers:
             view = self.workers[job.worker]
             view.busy -= 1
@@ -336,8 +377,47 @@ class Scheduler:
         what = f"serving model {job.model!r}" if job.model and self.workers else "connected"
         return Fail(job.id, ErrorCode.NO_WORKERS, f"no worker {what}", job.client)
 
-    def _place(self, job: Job, now: float) -> tuple[WorkerId, bool, bool] | None:
-        return place(job, self.workers, self.affinity, self.config, self._rr_next, now)
+    def _place(self, job: Job, now: float,
+               waits: dict[RequestId, float]) -> tuple[WorkerId, bool, bool] | None:
+        wait = waits.get(job.id)
+        if wait is None or not (job.prompt_chars or job.session in self.history):
+            return place(job, self.workers, self.affinity, self.config, self._rr_next, now)
+
+        def spill_pays(home: WorkerView, other: WorkerView) -> bool:
+            bring = bring_seconds(job.history, home.speed, other.speed,
+                                  self.estimates.link_bps, self.config.migration)
+            return bring < wait
+
+        return place(job, self.workers, self.affinity, self.config, self._rr_next, now,
+                     spill_pays)
+
+    def _home_waits(self, now: float, extra: Job | None = None) -> dict[RequestId, float]:
+        """For each queued request (and `extra`, as if queued last) whose warm worker is
+        busy: seconds until that worker is expected to have a slot for it, the requests
+        queued before it for the same worker served first."""
+        if self.config.policy != "affinity":
+            return {}
+        est = self.estimates
+        clocks: dict[WorkerId, SlotClock] = {}
+        waits: dict[RequestId, float] = {}
+        queued = [self.jobs[j] for j in self.queue] + ([extra] if extra is not None else [])
+        for job in queued:
+            home = self.affinity.get(job.session) if job.session is not None else None
+            view = self.workers.get(home) if home is not None else None
+            if view is None or view.draining or view.free > 0:
+                continue
+            clock = clocks.get(view.id)
+            if clock is None:
+                clock = clocks[view.id] = SlotClock(view.slots, [
+                    left_seconds(self.jobs[j], view.speed, est, now) for j in view.jobs])
+            waits[job.id] = clock.next_free()
+            clock.take(run_seconds(self._new_tokens(job), est.answer(job.max_tokens),
+                                   view.speed))
+        return waits
+
+    def _new_tokens(self, job: Job) -> float:
+        """Prompt tokens of `job` not in its session's state (the new turn)."""
+        return max(job.prompt_chars * self.estimates.tokens_per_char - job.history, 1.0)
 
     def _abandon(self, job: Job, now: float) -> None:
         job.abandoned = True
@@ -355,6 +435,7 @@ class Scheduler:
         served least recently first); within an owner, the oldest request that can be
         placed now."""
         waiting = self._queued_by_owner()
+        waits = self._home_waits(now)
         cap = self.config.owner_max_running
         running: dict[str, int] = {}
         if cap:
@@ -366,7 +447,7 @@ class Scheduler:
                 continue
             for job_id in waiting[owner]:
                 job = self.jobs[job_id]
-                placed = self._place(job, now)
+                placed = self._place(job, now, waits)
                 if placed is not None:
                     return job, placed
         return None
@@ -389,6 +470,9 @@ class Scheduler:
             self._rr_next = view.order + 1
             view.busy += 1
             view.jobs.add(job_id)
+            job.started = now
+            job.read_tokens = (self._new_tokens(job) if hit
+                               else job.prompt_chars * self.estimates.tokens_per_char)
             warm_on = None
             if job.session is not None:
                 previous = self.affinity.get(job.session)

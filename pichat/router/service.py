@@ -79,7 +79,8 @@ class Router:
 
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
-        self.scheduler = Scheduler(config.scheduler)
+        self.scheduler = Scheduler(replace(config.scheduler,
+                                           migration=config.migration == "auto"))
         self.stats = Stats()
         self.prefixes = PrefixIndex(max_entries=4 * config.scheduler.max_sessions)
         self.metrics = RouterMetrics(self.stats, self.snapshot)
@@ -256,7 +257,8 @@ class Router:
         prefer = self.scheduler.warm_worker(decision.shared) if decision.shared else None
         self.apply(self.scheduler.submit(
             request.id, request.session, now, model=request.model, timeout=request.timeout,
-            prefer=prefer, owner=owner, client=ClientJob(sink, request, now, owner=owner)))
+            prefer=prefer, owner=owner, client=ClientJob(sink, request, now, owner=owner),
+            prompt_chars=decision.chars, max_tokens=request.sampling.max_tokens))
 
     def cancel(self, job_id: RequestId) -> None:
         """The submitter gave up on the request: stop it, send nothing more."""

@@ -30,6 +30,7 @@ from pichat.protocol import (
     decode,
     encode,
 )
+from pichat.router.costs import Speed
 from pichat.router.scheduler import WorkerDead, WorkerId
 
 if TYPE_CHECKING:
@@ -106,6 +107,7 @@ class WorkerSide:
                     if r.config.migration == "auto":
                         r.migrations.hand_over(worker)
                 meta.heartbeat = message
+                r.scheduler.measured(worker, message.prompt_tps, message.tps)
                 if message.evicted:
                     r.scheduler.forget_sessions(worker, message.evicted)
             case Chunk():
@@ -193,7 +195,9 @@ class WorkerSide:
                  clip(ready.worker, 60), clip(ready.model, 60), ready.backend, ready.slots,
                  ready.ctx, len(warm))
         meta = WorkerMeta(ready, time.time(), Heartbeat(warm=len(warm)), identity)
-        actions = r.scheduler.add_worker(worker, ready.model, ready.slots, now, warm, meta)
+        speed = Speed(kv_token_bytes=ready.kv_token_bytes, state_format=ready.state_format)
+        actions = r.scheduler.add_worker(worker, ready.model, ready.slots, now, warm, meta,
+                                         speed)
         if old is not None:
             # It registers afresh (it reset itself): what it ran is requeued; no DISCONNECT.
             log.info("worker %s registered again; its running requests are placed again",
@@ -222,7 +226,8 @@ class WorkerSide:
             client.first_chunk = now
             r.metrics.ttft.observe(now - client.arrived)
         numbered = client.cursor.accept(chunk)
-        r.scheduler.chunk_seen(chunk.id, resumable=client.cursor.resumable)
+        r.scheduler.chunk_seen(chunk.id, resumable=client.cursor.resumable,
+                               tokens=len(chunk.tokens) or 1)
         if numbered is not chunk:  # renumbered after a failover
             chunk, frames = numbered, encode(numbered)
         r.deliver(chunk.id, chunk, frames)
@@ -250,7 +255,7 @@ class WorkerSide:
                      done.usage.prompt_tokens, done.usage.cached_tokens,
                      done.usage.completion_tokens, (now - client.arrived) * 1000)
             r.deliver(done.id, done, frames)
-        r.apply(r.scheduler.finished(done.id, now))
+        r.apply(r.scheduler.finished(done.id, now, done.usage))
 
     def _on_error(self, worker: WorkerId, error: Error, frames: list[bytes], now: float) -> None:
         r = self.router

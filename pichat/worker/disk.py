@@ -17,6 +17,12 @@ Writing happens on a thread of its own, behind generation: `put` only queues the
 (the newest state of a session replaces one still waiting), and the queue is bounded in
 bytes. The files are bounded by `budget` bytes, the least recently used deleted first
 (file times keep that order across restarts).
+
+A directory belongs to one worker at a time (a lock file). Replicas that share one volume
+(docker compose `replicas`) name it `PARENT/*`: each takes the first of `PARENT/0`,
+`PARENT/1`, ... that no running worker holds, so a replica started again finds a
+directory of states (its own, or a sibling's from before: the router accepts the claims
+only with valid leases, which replicas sharing a key share).
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ MAGIC = b"PICHATKV1\n"
 MAX_HEADER = 16 * 1024
 MAX_PENDING = 256 << 20
 """Bytes of states waiting to be written, at most (older ones wait for the next turn)."""
+MAX_SHARERS = 64
+"""Workers that can share one `PARENT/*` at most."""
 _SUFFIX = ".kv"
 
 
@@ -59,7 +67,7 @@ class OnDisk:
 
 class DiskStore:
     def __init__(self, directory: str | Path, budget_bytes: int, fmt: str) -> None:
-        self.dir = Path(directory)
+        self.dir, self._lock_file = _claim(str(directory))
         self.budget = budget_bytes
         self.format = fmt
         self.nbytes = 0
@@ -76,8 +84,6 @@ class DiskStore:
         self._idle = threading.Event()
         self._idle.set()
         self._closed = False
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock_file = _lock_dir(self.dir)
         self._scan()
         self._thread = threading.Thread(target=self._writer, name="kv-disk", daemon=True)
         self._thread.start()
@@ -109,9 +115,8 @@ class DiskStore:
             self._index[header["session"]] = OnDisk(path, size, header["owner"],
                                                     header["lease"], header["n_tokens"])
             self.nbytes += size
-        if self._index:
-            log.info("%d warm conversations on disk (%.1f MB) in %s", len(self._index),
-                     self.nbytes / 1e6, self.dir)
+        log.info("KV states kept in %s: %d warm conversations there (%.1f MB)", self.dir,
+                 len(self._index), self.nbytes / 1e6)
         self._evict()
 
     def sessions(self) -> list[tuple[str, str | None]]:
@@ -272,16 +277,33 @@ class DiskStore:
             entry.path.unlink(missing_ok=True)
 
 
+def _claim(spec: str):  # noqa: ANN202 (a path and an open file)
+    """The directory `spec` names, held for this worker (made if missing); for
+    `PARENT/*`, the first numbered one under PARENT that no other worker holds."""
+    if Path(spec).name != "*":
+        return Path(spec), _lock_dir(Path(spec))
+    parent = Path(spec).parent
+    for n in range(MAX_SHARERS):
+        try:
+            return parent / str(n), _lock_dir(parent / str(n))
+        except PichatError:
+            continue
+    raise PichatError(f"all {MAX_SHARERS} directories under {parent} are in use by other "
+                      "workers")
+
+
 def _lock_dir(directory: Path):  # noqa: ANN202 (an open file)
     """Hold the directory for this worker: two workers writing one directory would delete
     each other's states."""
+    directory.mkdir(parents=True, exist_ok=True)
     f = open(directory / ".lock", "a+")  # noqa: SIM115 (held open while the store lives)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
         raise PichatError(f"{directory} is in use by another worker: give each worker a "
-                          "--state-dir of its own") from None
+                          "--state-dir of its own (or share PARENT/* among replicas)"
+                          ) from None
     return f
 
 
