@@ -33,6 +33,7 @@ from pichat.protocol import (
     Cancel,
     ChatMessage,
     Chunk,
+    Conversations,
     Done,
     Error,
     Heartbeat,
@@ -87,6 +88,8 @@ class Client:
         self._channel: Channel | None = None
         self._pending: dict[str, asyncio.Queue] = {}
         self._status_waiters: deque[asyncio.Future] = deque()
+        self._queries: dict[str, asyncio.Future] = {}
+        """CONVERSATIONS asked, by ref."""
         self._last_heard = 0.0
         self._link: Link | None = None
         self._refused: str | None = None
@@ -121,10 +124,11 @@ class Client:
 
     async def stream(self, messages: Sequence[ChatMessage], *, session: str | None = None,
                      sampling: Sampling | None = None, model: str | None = None,
-                     timeout: float | None = None,
-                     request_id: str | None = None) -> AsyncIterator[Chunk | Done]:
+                     timeout: float | None = None, request_id: str | None = None,
+                     conversation: str | None = None) -> AsyncIterator[Chunk | Done]:
         """Send one chat request; yield its chunks, then its DONE. Raises RequestFailed
-        (with the ERROR's code) or RouterUnavailable."""
+        (with the ERROR's code) or RouterUnavailable. `conversation`: a stored one (id or
+        title) that `messages` (only the new ones) continue; the DONE names its id."""
         request = Request(
             id=RequestId(request_id or new_id()),
             messages=tuple(messages),
@@ -132,6 +136,7 @@ class Client:
             session=SessionId(session) if session else None,
             timeout=timeout,
             model=model,
+            conversation=conversation,
         )
         queue: asyncio.Queue = asyncio.Queue()
         self._pending[request.id] = queue
@@ -211,6 +216,22 @@ class Client:
             if future in self._status_waiters:
                 self._status_waiters.remove(future)
 
+    async def conversations(self, op: str, **fields: Any) -> Any:
+        """Ask the router about this client's stored conversations: `op` "list" (offset,
+        limit), "get" (id, offset, limit), "rename" (id, title), "delete" (id). Returns
+        the router's result; raises RequestFailed or RouterUnavailable."""
+        ref = new_id()
+        future = asyncio.get_running_loop().create_future()
+        self._queries[ref] = future
+        try:
+            self._send(encode(Conversations(op, ref, **fields)))
+            return await asyncio.wait_for(asyncio.shield(future),
+                                          self.config.silence_timeout)
+        except TimeoutError:
+            raise RouterUnavailable(self._silence_message()) from None
+        finally:
+            self._queries.pop(ref, None)
+
     async def wait_for_workers(self, count: int | None = None, *,
                                names: set[str] | None = None, timeout: float = 60.0,
                                check: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -286,6 +307,14 @@ class Client:
         except ProtocolError:
             return  # nothing we can do with it; the request will time out or finish
         match message:
+            case Error() if message.id in self._queries:
+                future = self._queries[message.id]
+                if not future.done():
+                    future.set_exception(RequestFailed(message.message, message.code))
+            case Conversations():
+                future = self._queries.get(message.ref)
+                if future is not None and not future.done():
+                    future.set_result(message.result)
             case Chunk() | Done() | Error():
                 queue = self._pending.get(message.id)
                 if queue is not None:

@@ -84,6 +84,13 @@ class RouterConfig:
     off: the other worker reads it."""
     status_per_s: float = 10.0
     """STATUS requests answered per second per client connection (twice that in a burst)."""
+    db: str = "~/.local/state/pichat/conversations.db"
+    """Where stored conversations are kept (an SQLite file); "off": nowhere."""
+    db_max_mb: int = 1024
+    """The conversation store's size at most (least recently used conversations dropped
+    past it; one owner's past a quarter of it)."""
+    db_max_conversations: int = 1000
+    """Stored conversations per owner at most (more are refused)."""
     http_max_connections: int = 1024
     """Open HTTP connections at most; more are answered 503 and closed."""
     http_idle_timeout: float = 15.0

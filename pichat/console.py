@@ -9,7 +9,7 @@ from typing import Any
 
 from pichat.client import Client, Reply, new_id
 from pichat.config import ClientConfig
-from pichat.errors import PichatError
+from pichat.errors import ErrorCode, PichatError
 from pichat.protocol import ChatMessage, Sampling
 
 __all__ = ["ask_once", "chat_loop", "format_status", "format_stats"]
@@ -54,7 +54,12 @@ async def ask_once(config: ClientConfig, prompt: str, *, system: str | None,
 
 
 async def chat_loop(config: ClientConfig, *, session: str | None, system: str | None,
-                    sampling: Sampling, model: str | None, timeout: float | None) -> None:
+                    sampling: Sampling, model: str | None, timeout: float | None,
+                    conversation: str | None = None) -> None:
+    if conversation:
+        await _stored_chat(config, conversation, system=system, sampling=sampling,
+                           model=model, timeout=timeout)
+        return
     loop = asyncio.get_running_loop()
     session = session or new_id()
     history: list[ChatMessage] = [ChatMessage("system", system)] if system else []
@@ -82,6 +87,49 @@ async def chat_loop(config: ClientConfig, *, session: str | None, system: str | 
             _write("\n")
             print(format_stats(reply), file=sys.stderr)
             history.append(ChatMessage("assistant", reply.text))
+
+
+async def _stored_chat(config: ClientConfig, name: str, *, system: str | None,
+                       sampling: Sampling, model: str | None, timeout: float | None) -> None:
+    """A conversation the router keeps: only each new line is sent."""
+    loop = asyncio.get_running_loop()
+    async with Client(config) as client:
+        try:
+            stored = await client.conversations("get", id=name, offset=0, limit=1000)
+        except PichatError as exc:
+            if getattr(exc, "code", None) != ErrorCode.BAD_REQUEST:
+                raise
+            stored = None
+        if stored:
+            total = stored["total"]
+            print(f"pichat chat, conversation {stored['id']} ({stored['title'] or 'untitled'}"
+                  f", {total} messages). /quit leaves.", file=sys.stderr)
+            for m in stored["messages"][-6:]:
+                if m["role"] in ("user", "assistant"):
+                    print(("> " if m["role"] == "user" else "") + m["content"], file=sys.stderr)
+        else:
+            print(f"pichat chat, a new conversation {name!r}. /quit leaves.", file=sys.stderr)
+        first = not stored or not stored["total"]
+        while True:
+            line = await loop.run_in_executor(None, _read_line)
+            if line is None or line.strip() == "/quit":
+                return
+            if not line.strip():
+                continue
+            new = [ChatMessage("user", line)]
+            if first and system:
+                new.insert(0, ChatMessage("system", system))
+            try:
+                reply = await client.chat(new, sampling=sampling, model=model,
+                                          timeout=timeout, on_text=_write,
+                                          conversation=name)
+            except PichatError as exc:
+                print(f"\n(error: {exc})", file=sys.stderr)
+                continue
+            first = False
+            name = reply.done.conversation or name  # its id from now on
+            _write("\n")
+            print(format_stats(reply), file=sys.stderr)
 
 
 def _read_line() -> str | None:

@@ -34,6 +34,14 @@ belongs to ZeroMQ, not to this protocol.)
                                         worker: "I am leaving"), sessions? (its warm ones)
     STATUS      client -> router        empty; the reply (router -> client) is a snapshot
                 router -> client        of the cluster (see `Status`)
+    CONVERSATIONS client -> router      op ("list" | "get" | "rename" | "delete"), ref?,
+                router -> client        id?, title?, offset?, limit?; the reply: the same
+                                        op and ref, and result (see `Conversations`); an
+                                        ERROR's id is the ref
+
+A REQUEST may name a stored `conversation` (its id, or a title: the owner's conversation
+of that title, made if there is none): its messages are then only the new ones, the
+router adds the history and keeps the turn, and the DONE names the `conversation` id.
 
 Decoding validates every field it reads and raises `ProtocolError` for anything
 malformed; fields it does not know are ignored, so a newer peer may add fields without a
@@ -81,6 +89,7 @@ __all__ = [
     "Migrate",
     "State",
     "StateAck",
+    "Conversations",
     "MAX_STATE_PIECE",
     "Message",
     "LIMITS",
@@ -108,6 +117,8 @@ MAX_ID_CHARS = 64
 MAX_SESSION_CHARS = 192
 """A client's session id (128) with the router's owner prefix."""
 MAX_NAME_CHARS = 256
+MAX_TITLE_CHARS = 200
+"""A stored conversation's title (or id)."""
 MAX_MESSAGES = 4096
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 256
@@ -148,6 +159,8 @@ class Command(IntEnum):
     """A piece of a KV state on its way from one worker to another (through the router)."""
     STATE_ACK = 12
     """The receiving worker has these pieces (a credit for more), or is done, or refuses."""
+    CONVERSATIONS = 13
+    """A client's stored conversations: list, read, rename, delete (and the answer)."""
 
 
 class _Fields:
@@ -454,6 +467,9 @@ class Request:
     """No KV reuse across owners at all (the router's --isolate-cache)."""
     lease: str | None = None
     """The router's signature of (this worker, session): announced back in READY."""
+    conversation: str | None = None
+    """A stored conversation this request continues (client -> router): `messages` are
+    only the new ones (pichat/memory)."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Request:
@@ -482,6 +498,8 @@ class Request:
             isolate=f.bool("isolate"),
             lease=f.str("lease", min_chars=1, max_chars=MAX_ID_CHARS, required=False,
                         default=None),
+            conversation=f.str("conversation", min_chars=1, max_chars=MAX_TITLE_CHARS,
+                               required=False, default=None),
         )
 
     def to_body(self) -> dict[str, Any]:
@@ -490,7 +508,7 @@ class Request:
             "messages": [{"role": m.role, "content": m.content} for m in self.messages],
             "sampling": self.sampling.to_body(),
         }
-        for key in ("session", "timeout", "model", "prompt", "owner", "lease"):
+        for key in ("session", "timeout", "model", "prompt", "owner", "lease", "conversation"):
             value = getattr(self, key)
             if value is not None:
                 body[key] = value
@@ -536,6 +554,8 @@ class Done:
     usage: Usage
     failovers: int = 0
     """Times the router moved this answer to another worker mid-stream."""
+    conversation: str | None = None
+    """The stored conversation the turn was kept in (router -> client)."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Done:
@@ -548,6 +568,8 @@ class Done:
             finish=finish,
             usage=Usage.parse(f.map("usage")),
             failovers=f.int("failovers", hi=1000, required=False),
+            conversation=f.str("conversation", min_chars=1, max_chars=MAX_TITLE_CHARS,
+                               required=False, default=None),
         )
 
     def to_body(self) -> dict[str, Any]:
@@ -555,6 +577,8 @@ class Done:
                 "usage": asdict(self.usage)}
         if self.failovers:
             body["failovers"] = self.failovers
+        if self.conversation:
+            body["conversation"] = self.conversation
         return body
 
     def continued(self, resumed: int, failovers: int) -> Done:
@@ -743,9 +767,56 @@ class StateAck:
         return body
 
 
+@dataclass(frozen=True, slots=True)
+class Conversations:
+    """A client's question about its stored conversations, or the router's answer (the
+    same `op`, with `result`): `list` (offset, limit: summaries, most recent first), `get`
+    (id, offset, limit: the conversation with up to `limit` of its messages from
+    `offset`, and `total`), `rename` (id, title), `delete` (id)."""
+
+    COMMAND: ClassVar[Command] = Command.CONVERSATIONS
+    op: str
+    ref: str = ""
+    """The asker's token, echoed in the answer (or in the ERROR's id)."""
+    id: str = ""
+    title: str = ""
+    offset: int = 0
+    limit: int = 100
+    result: Any = None
+    """The router's answer: a list of maps (list) or a map."""
+
+    OPS: ClassVar[tuple[str, ...]] = ("list", "get", "rename", "delete")
+
+    @classmethod
+    def from_body(cls, f: _Fields) -> Conversations:
+        op = f.str("op", max_chars=16)
+        if op not in cls.OPS:
+            raise ProtocolError(f"CONVERSATIONS: op must be one of {list(cls.OPS)}")
+        result = f.data.get("result")
+        if result is not None and not isinstance(result, (list, Mapping)):
+            raise ProtocolError("CONVERSATIONS: result must be a list or a map")
+        return cls(op=op, ref=f.str("ref", max_chars=MAX_ID_CHARS, required=False),
+                   id=f.str("id", max_chars=MAX_TITLE_CHARS, required=False),
+                   title=f.str("title", max_chars=MAX_TITLE_CHARS, required=False),
+                   offset=f.int("offset", hi=1 << 31, required=False),
+                   limit=f.int("limit", lo=1, hi=1000, required=False, default=100),
+                   result=result)
+
+    def to_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"op": self.op}
+        for key in ("ref", "id", "title", "offset"):
+            if getattr(self, key):
+                body[key] = getattr(self, key)
+        if self.limit != 100:
+            body["limit"] = self.limit
+        if self.result is not None:
+            body["result"] = self.result
+        return body
+
+
 Message: TypeAlias = (
     Ready | Heartbeat | Request | Chunk | Done | Error | Cancel | Disconnect | Status
-    | Migrate | State | StateAck
+    | Migrate | State | StateAck | Conversations
 )
 
 LIMITS: dict[Command, Limits] = {
@@ -761,6 +832,7 @@ LIMITS: dict[Command, Limits] = {
     Command.MIGRATE: Limits(objects=64, depth=4),
     Command.STATE: Limits(objects=64, ints=MAX_TOKEN_LIST, depth=4, max_str=MAX_STATE_PIECE),
     Command.STATE_ACK: Limits(objects=64, depth=4, max_str=MAX_SMALL_TEXT),
+    Command.CONVERSATIONS: Limits(objects=1 << 16, depth=6),
 }
 """What a body of each command may decode to (pichat/unpack.py). Bodies up to 16 KiB
 decode in one call whatever these say (at most 16 Ki objects)."""
@@ -768,7 +840,7 @@ decode in one call whatever these say (at most 16 Ki objects)."""
 _TYPES: dict[Command, Any] = {
     cls.COMMAND: cls
     for cls in (Ready, Heartbeat, Request, Chunk, Done, Error, Cancel, Disconnect, Status,
-                Migrate, State, StateAck)
+                Migrate, State, StateAck, Conversations)
 }
 _COMMAND_BYTES: dict[Command, bytes] = {c: bytes((c.value,)) for c in Command}
 _BY_BYTE: dict[bytes, Command] = {v: k for k, v in _COMMAND_BYTES.items()}

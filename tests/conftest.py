@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # Hermetic: no test picks up the keys of whoever runs it (~/.config/pichat/keys); the
 # security tests make their own.
 os.environ["PICHAT_KEYS"] = "off"
+# ... nor writes conversations into theirs (~/.local/state/pichat): routers share one
+# store of this run; tests about the store give each router its own (--db).
+os.environ["PICHAT_DB"] = os.path.join(tempfile.mkdtemp(prefix="pichat-test-db-"),
+                                       "conversations.db")
 
 
 @pytest.fixture(scope="session")

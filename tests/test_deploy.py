@@ -65,7 +65,7 @@ def test_systemd_units_are_hardened(units, unit):
     assert exposure * 10 <= SECURITY_THRESHOLD
 
 
-def test_units_run_as_a_dynamic_user_with_only_the_model_cache_writable():
+def test_units_run_as_a_dynamic_user_with_only_their_state_writable():
     worker = (ROOT / "systemd" / "pichat-worker.service").read_text()
     router = (ROOT / "systemd" / "pichat-router.service").read_text()
     for unit in (worker, router):
@@ -73,8 +73,10 @@ def test_units_run_as_a_dynamic_user_with_only_the_model_cache_writable():
                      "NoNewPrivileges=yes", "Restart=on-failure", "After=network-online.target",
                      "EnvironmentFile=-/etc/pichat/pichat.env"):
             assert line in unit
-    assert "StateDirectory=pichat" in worker and "StateDirectory" not in router
+    # The worker: its models and KV states; the router: the conversations it keeps.
+    assert "StateDirectory=pichat\n" in worker and "StateDirectory=pichat-router\n" in router
     assert "PICHAT_MODEL_DIR=%S/pichat/models" in worker
+    assert "PICHAT_DB=%S/pichat-router/conversations.db" in router
 
 
 def option_envvars() -> set[str]:

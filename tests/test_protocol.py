@@ -14,6 +14,7 @@ from pichat.protocol import (
     ChatMessage,
     Chunk,
     Command,
+    Conversations,
     Disconnect,
     Done,
     Error,
@@ -52,6 +53,13 @@ MESSAGES = [
     Disconnect("bye"),
     Status(),
     Status({"workers": [{"name": "pi1"}], "queue": {"depth": 0}}),
+    Request(RequestId("r5"), (ChatMessage("user", "and then?"),), conversation="trip"),
+    Done(RequestId("r5"), "pi1", "stop", Usage(10, 4, 5, 1.0, 2.0), conversation="c0ffee"),
+    Conversations("list", "ref1", limit=20),
+    Conversations("get", "ref2", id="c0ffee", offset=40, limit=10,
+                  result={"id": "c0ffee", "messages": [{"role": "user", "content": "hi"}]}),
+    Conversations("rename", id="trip", title="Oslo 2027"),
+    Conversations("list", "ref3", result=[{"id": "a", "title": "t"}]),
 ]
 
 
@@ -116,6 +124,14 @@ MALFORMED = [
      "cached_tokens"),
     (_frames(Command.HEARTBEAT, {"evicted": "s1"}), "evicted"),
     (_frames(Command.STATUS, {"cluster": [1]}), "cluster"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "conversation": ""}), "conversation"),
+    (_frames(Command.REQUEST, {**GOOD_REQUEST, "conversation": "x" * 201}), "conversation"),
+    (_frames(Command.CONVERSATIONS, {"op": "drop table"}), "op must be one of"),
+    (_frames(Command.CONVERSATIONS, {}), "op"),
+    (_frames(Command.CONVERSATIONS, {"op": "list", "limit": 0}), "limit"),
+    (_frames(Command.CONVERSATIONS, {"op": "list", "limit": 10**6}), "limit"),
+    (_frames(Command.CONVERSATIONS, {"op": "get", "id": 5}), "'id'"),
+    (_frames(Command.CONVERSATIONS, {"op": "list", "result": "x"}), "result"),
     # Wrong types where a hashable value was assumed, and huge values: a clear, short error.
     (_frames(Command.REQUEST, {**GOOD_REQUEST, "messages": [{"role": ["user"], "content": "x"}]}),
      "messages[0].role"),

@@ -5,7 +5,7 @@ so a systemd EnvironmentFile or a compose file can hold the whole configuration,
 every option's default is its config dataclass's (pichat/config.py), stated once.
 
     daemons.py   pichat router, pichat worker
-    clients.py   pichat ask, chat, status
+    clients.py   pichat ask, chat, status, conversations
     tools.py     pichat up, health, keygen, models
     options.py   what they share
 """
@@ -33,5 +33,6 @@ def main() -> None:
 
 
 for command in (daemons.router, daemons.worker, clients.ask, clients.chat, clients.status,
-                tools.up, tools.models, tools.health, tools.keygen_command):
+                clients.conversations, tools.up, tools.models, tools.health,
+                tools.keygen_command):
     main.add_command(command)

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import sys
+import time
 from typing import Any
 
 import click
@@ -15,7 +16,7 @@ from pichat.config import ClientConfig
 from pichat.errors import PichatError
 from pichat.protocol import Sampling
 
-__all__ = ["ask", "chat", "status"]
+__all__ = ["ask", "chat", "status", "conversations"]
 
 
 def _client_options(f: Any) -> Any:
@@ -104,6 +105,9 @@ def ask(prompt: str | None, client: ClientConfig, **opts: Any) -> None:
 @_client_options
 @o.option("--session", env="SESSION", default=None,
           help="Resume this conversation id [default: a new one].")
+@o.option("--conversation", env="CONVERSATION", default=None,
+          help="A conversation the router keeps (its id or title; a new one of that title "
+               "if none): continue it from any machine with the keys.")
 @_sampling_options
 def chat(client: ClientConfig, **opts: Any) -> None:
     """Chat interactively; the whole conversation is one session, so each turn reuses the
@@ -112,6 +116,7 @@ def chat(client: ClientConfig, **opts: Any) -> None:
     \b
     Example:
       pichat chat --system "You are a terse assistant."
+      pichat chat --conversation "trip planning"     # kept by the router
     """
     from pichat.console import chat_loop
 
@@ -146,3 +151,115 @@ def status(client: ClientConfig, as_json: bool) -> None:
     except PichatError as exc:
         o.fail(exc)
     click.echo(json.dumps(snapshot, indent=2) if as_json else format_status(snapshot))
+
+
+@click.group()
+def conversations() -> None:
+    """The conversations the router keeps for you (`pichat chat --conversation`): list,
+    show, rename, delete, export. A conversation is named by its id or its title.
+
+    \b
+    Example:
+      pichat conversations list
+      pichat conversations export "trip planning" --format markdown > trip.md
+    """
+
+
+def _ask_router(client: ClientConfig, op: str, **fields: Any) -> Any:
+    from pichat.client import Client
+
+    async def run() -> Any:
+        async with Client(client) as connection:
+            return await connection.conversations(op, **fields)
+
+    try:
+        return asyncio.run(run())
+    except PichatError as exc:
+        o.fail(exc)
+
+
+def _whole(client: ClientConfig, name: str) -> dict[str, Any]:
+    """The conversation with all its messages (asked for page by page)."""
+    from pichat.client import Client
+
+    async def run() -> dict[str, Any]:
+        async with Client(client) as connection:
+            page = await connection.conversations("get", id=name, offset=0, limit=1000)
+            messages = list(page["messages"])
+            while page["messages"] and len(messages) < page["total"]:
+                page = await connection.conversations("get", id=page["id"],
+                                                      offset=len(messages), limit=1000)
+                messages += page["messages"]
+            return {**page, "offset": 0, "messages": messages}
+
+    try:
+        return asyncio.run(run())
+    except PichatError as exc:
+        o.fail(exc)
+
+
+@conversations.command("list")
+@_client_options
+@o.option("--json", "as_json", env="JSON", is_flag=True, help="Print them as JSON.")
+def list_conversations(client: ClientConfig, as_json: bool) -> None:
+    """Your conversations, the most recently used first."""
+    found = _ask_router(client, "list", limit=1000)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo("no stored conversations")
+    for c in found:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c["updated"]))
+        click.echo(f"{c['id']}  {when}  {c['messages']:>4} messages  {c['title']}")
+
+
+@conversations.command("show")
+@click.argument("name")
+@_client_options
+def show_conversation(name: str, client: ClientConfig) -> None:
+    """A conversation, message by message (and its memory of what slid out of context)."""
+    click.echo(_markdown(_whole(client, name)))
+
+
+@conversations.command("export")
+@click.argument("name")
+@_client_options
+@o.option("--format", "fmt", env="FORMAT", type=click.Choice(["json", "markdown"]),
+          default="json", help="JSON (everything stored) or Markdown (to read).")
+def export_conversation(name: str, client: ClientConfig, fmt: str) -> None:
+    """A whole conversation, to standard output."""
+    whole = _whole(client, name)
+    click.echo(json.dumps(whole, indent=2, ensure_ascii=False) if fmt == "json"
+               else _markdown(whole))
+
+
+@conversations.command("rename")
+@click.argument("name")
+@click.argument("title")
+@_client_options
+def rename_conversation(name: str, title: str, client: ClientConfig) -> None:
+    """Give a conversation another title."""
+    done = _ask_router(client, "rename", id=name, title=title)
+    click.echo(f"{done['id']}: {done['title']}")
+
+
+@conversations.command("delete")
+@click.argument("name")
+@_client_options
+def delete_conversation(name: str, client: ClientConfig) -> None:
+    """Delete a conversation for good."""
+    done = _ask_router(client, "delete", id=name)
+    click.echo(f"deleted {done['id']}")
+
+
+def _markdown(c: dict[str, Any]) -> str:
+    lines = [f"# {c['title'] or 'Untitled conversation'}", "",
+             f"id {c['id']}, {c['total']} messages"
+             + (f", model {c['model']}" if c.get("model") else ""), ""]
+    if c.get("memory"):
+        lines += [f"> Remembered of the first {c['remembered']} messages: {c['memory']}", ""]
+    for m in c["messages"]:
+        by = f" ({m['worker']})" if m.get("worker") else ""
+        lines += [f"**{m['role']}**{by}:", "", m["content"], ""]
+    return "\n".join(lines).rstrip() + "\n"

@@ -109,6 +109,13 @@ R, S, W = RouterConfig, SchedulerConfig, WorkerConfig
          type=click.FloatRange(0.1),
          help="Repeated log lines of one kind (refused handshakes, bad messages) are held "
               "back for this many seconds and then summed up in one line.")
+@o.field(R, "db", "--db", env="DB",
+         help="Keep conversations here (SQLite); 'off' for none.")
+@o.field(R, "db_max_mb", "--db-max-mb", env="DB_MAX_MB", type=click.IntRange(1),
+         help="Size of the conversation store at most: the least recently used are dropped "
+              "past it (one user's past a quarter of it).")
+@o.field(R, "db_max_conversations", "--db-max-conversations", env="DB_MAX_CONVERSATIONS",
+         type=click.IntRange(1), help="Stored conversations per user at most.")
 @o.field(R, "ready_file", "--ready-file", env="READY_FILE", show_default=False,
          help="Once everything is up, write the bound endpoints here as JSON (port 0 "
               "resolved).")

@@ -16,6 +16,7 @@ from pichat.errors import ErrorCode, ProtocolError
 from pichat.protocol import (
     Cancel,
     Chunk,
+    Conversations,
     Done,
     Error,
     Heartbeat,
@@ -74,6 +75,9 @@ class ClientSide:
             return
         if isinstance(message, Status):
             self._send_status(client)
+            return
+        if isinstance(message, Conversations):
+            r.memory.on_query(client, message, sender)
             return
         r.changed()
         match message:

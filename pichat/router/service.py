@@ -31,6 +31,8 @@ from pichat.daemon import give_big_buffers_back, on_stop_signals, raise_fd_limit
 from pichat.errors import ErrorCode
 from pichat.health import HealthEndpoint
 from pichat.logs import Throttle
+from pichat.memory.sqlite import SQLiteStore
+from pichat.memory.store import Limits
 from pichat.protocol import Cancel, Chunk, Done, Error, Request, RequestId, encode
 from pichat.ready import announce_ready
 from pichat.router.admission import Refused, admit
@@ -38,6 +40,7 @@ from pichat.router.clientside import ClientSide
 from pichat.router.http import start_http
 from pichat.router.identity import Leases, NameBook
 from pichat.router.jobs import ClientJob, ReplySink
+from pichat.router.memory import Memory
 from pichat.router.metrics import RouterMetrics, watch_loop_lag
 from pichat.router.migration import Migrations
 from pichat.router.prefix import PrefixIndex
@@ -94,6 +97,7 @@ class Router:
         self.status_limit = RateLimit(config.status_per_s, 2 * config.status_per_s)
         self.workerside = WorkerSide(self)
         self.clientside = ClientSide(self)
+        self.memory = Memory(self, None)
         self.started = time.time()
         self.clients_endpoint = self.workers_endpoint = self.http_endpoint = ""
         self.clients_channel: Channel | None = None
@@ -142,6 +146,11 @@ class Router:
             workers.bind(cfg.workers_bind)
             self.clients_endpoint = clients.getsockopt_string(zmq.LAST_ENDPOINT)
             self.workers_endpoint = workers.getsockopt_string(zmq.LAST_ENDPOINT)
+            if cfg.db.lower() not in ("", "off", "none"):
+                self.memory = Memory(self, await SQLiteStore.open(cfg.db, Limits(
+                    conversations_per_owner=cfg.db_max_conversations,
+                    max_bytes=cfg.db_max_mb << 20)))
+                log.info("conversations kept in %s", self.memory.path)
             if cfg.health_bind:
                 health = HealthEndpoint(ctx, cfg.health_bind, self._health, loop)
             if cfg.http:
@@ -174,6 +183,7 @@ class Router:
                 heartbeats.cancel()
                 lag.cancel()
         finally:
+            await self.memory.close()
             if self.gatekeeper is not None:
                 self.gatekeeper.close()
             if http is not None:
@@ -231,6 +241,9 @@ class Router:
     def submit(self, request: Request, sink: ReplySink, *, owner: str = "") -> None:
         """Accept a request of `owner`; its chunks, DONE or ERROR go to `sink`."""
         self.changed()
+        if request.conversation is not None and self._accepting:
+            self.memory.submit(request, sink, owner)  # it comes back here with its history
+            return
         existing = self.scheduler.jobs.get(request.id)
         if existing is not None:
             if existing.client is not None and existing.client.sink.key == sink.key:

@@ -1,0 +1,123 @@
+"""Conversations kept by the router: what a store holds and the interface every store
+offers (SQLite by default: pichat/memory/sqlite.py).
+
+A conversation belongs to its owner (the client key or API key that created it): every
+call names the owner, and a conversation of another owner is, to that caller, one that
+does not exist. What one owner can make the store hold is bounded (`Limits`): a call
+past a bound fails with `LimitReached` and stores nothing; the whole store is kept under
+its byte bound by dropping the least recently updated conversations (an owner over its
+own share loses its oldest first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from pichat.errors import BadRequest, PichatError
+
+__all__ = [
+    "Conversation", "Limits", "LimitReached", "Message", "NewerStore", "NotFound",
+    "Store", "Summary",
+]
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class NotFound(BadRequest):
+    """No conversation of this id is the caller's."""
+
+
+class LimitReached(BadRequest):
+    """A bound of the store (messages, conversations, bytes) would be passed."""
+
+
+class NewerStore(PichatError):
+    """The database was written by a newer pichat: refused rather than damaged."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    conversations_per_owner: int = 1000
+    messages_per_conversation: int = 5000
+    message_chars: int = 256 * 1024
+    conversation_bytes: int = 8 << 20
+    """One conversation's text at most (a turn past it is refused: start a new one)."""
+    max_bytes: int = 1 << 30
+    """The whole store: least recently updated conversations dropped past it."""
+    owner_share: float = 0.25
+    """Of `max_bytes`, what one owner may hold before its own oldest are dropped (an owner
+    alone cannot push every other owner's conversations out)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: str
+    content: str
+    created: float = 0.0
+    model: str = ""
+    worker: str = ""
+    """Who answered (assistant messages)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """A conversation as a list shows it."""
+
+    id: str
+    title: str
+    model: str
+    created: float
+    updated: float
+    messages: int
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    id: str
+    owner: str
+    title: str
+    model: str
+    created: float
+    updated: float
+    messages: tuple[Message, ...] = ()
+    memory: str = ""
+    """What the model wrote of the turns that slid out of its context."""
+    remembered: int = 0
+    """How many of the first messages `memory` stands for."""
+    total: int = 0
+    """Messages it holds (`messages` may be a page of them)."""
+
+
+class Store(Protocol):
+    """What the router asks of a store. Every method may block on I/O: the router calls
+    them off its event loop (`pichat.memory.sqlite.SQLiteStore` runs them on a thread of
+    its own)."""
+
+    async def create(self, owner: str, *, title: str = "", model: str = "",
+                     messages: tuple[Message, ...] = ()) -> Conversation: ...
+
+    async def get(self, owner: str, conversation: str, offset: int = 0,
+                  limit: int | None = None) -> Conversation:
+        """With its messages from `offset` (`limit` of them; None: all). Raises NotFound."""
+
+    async def find(self, owner: str, title: str) -> Conversation | None:
+        """The owner's most recently updated conversation of this title (without its
+        messages)."""
+
+    async def list(self, owner: str, limit: int = 100, offset: int = 0) -> list[Summary]:
+        """Most recently updated first."""
+
+    async def append(self, owner: str, conversation: str,
+                     messages: tuple[Message, ...]) -> None:
+        """Raises NotFound, LimitReached (then nothing is stored)."""
+
+    async def rename(self, owner: str, conversation: str, title: str) -> None: ...
+
+    async def remember(self, owner: str, conversation: str, memory: str,
+                       remembered: int) -> None:
+        """Keep `memory` as what the first `remembered` messages said."""
+
+    async def delete(self, owner: str, conversation: str) -> bool: ...
+
+    async def close(self) -> None: ...

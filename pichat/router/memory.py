@@ -1,0 +1,264 @@
+"""The router's side of stored conversations (the store itself: pichat/memory).
+
+A REQUEST naming a `conversation` carries only its new messages. The router finds the
+owner's conversation (by id, else by title; one of an unknown title is started), puts its
+history in front, and sends the request on as its session `conv-ID` (so its turns keep
+returning to the worker holding it warm). The answer streams back as any other; the turn
+(the new messages and the answer) is stored before the DONE, which names the
+conversation, goes out: a client that has the DONE can count on its turn being kept, and
+its next turn sees it. One turn of a conversation at a time: another while one is being
+answered is refused.
+
+CONVERSATIONS (list, get, rename, delete) is answered from the store. Every store call
+runs off the event loop; at most `MAX_PENDING` of them wait at once (more are refused
+`busy`), and a page of messages is cut to fit a client's message size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from pichat.errors import ErrorCode, PichatError
+from pichat.logs import clip
+from pichat.memory.store import Conversation, Message, NotFound, Store
+from pichat.protocol import (
+    ChatMessage,
+    Chunk,
+    Conversations,
+    Done,
+    Error,
+    Request,
+    RequestId,
+    SessionId,
+    encode,
+)
+from pichat.router.jobs import ReplySink
+
+if TYPE_CHECKING:
+    from pichat.router.service import Router
+
+__all__ = ["Memory", "MAX_PENDING"]
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING = 256
+"""Store calls waiting at once (turns being looked up or kept, CONVERSATIONS asked)."""
+TITLE_CHARS = 60
+
+
+@dataclass(slots=True)
+class _Turn:
+    owner: str
+    conversation: str
+    new: tuple[ChatMessage, ...]
+    model: str
+    answer: list[str]
+
+
+class TurnSink:
+    """The client's sink, with the turn kept in the store before its DONE goes on."""
+
+    __slots__ = ("inner", "memory", "job", "key")
+
+    def __init__(self, inner: ReplySink, memory: Memory, job: RequestId) -> None:
+        self.inner = inner
+        self.memory = memory
+        self.job = job
+        self.key = inner.key
+
+    def deliver(self, message: Chunk | Done | Error, frames: list[bytes] | None) -> bool:
+        turn = self.memory.turns.get(self.job)
+        if isinstance(message, Chunk):
+            if turn is not None:
+                turn.answer.append(message.text)
+            return self.inner.deliver(message, frames)
+        if isinstance(message, Done) and turn is not None:
+            self.memory.keep(self.job, message, self.inner)
+            return True
+        self.memory.end(self.job)
+        return self.inner.deliver(message, frames)
+
+    def keepalive(self) -> bool:
+        return self.inner.keepalive()
+
+
+class Memory:
+    def __init__(self, router: Router, store: Store | None) -> None:
+        self.router = router
+        self.store = store
+        self.turns: dict[RequestId, _Turn] = {}
+        self._busy: dict[tuple[str, str], RequestId] = {}
+        """(owner, conversation id) -> the request answering its turn now."""
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- turns ------------------------------------------------------------------------
+
+    def submit(self, request: Request, sink: ReplySink, owner: str) -> None:
+        """A REQUEST naming a conversation (the router's submit for the rest)."""
+        if self.store is None:
+            sink.deliver(Error(request.id, ErrorCode.BAD_REQUEST,
+                               "this router keeps no conversations (it runs with --db off)"),
+                         None)
+            return
+        self._spawn(self._begin(request, sink, owner), request.id, sink)
+
+    async def _begin(self, request: Request, sink: ReplySink, owner: str) -> None:
+        assert self.store is not None
+        name = request.conversation or ""
+        if request.id in self.turns:
+            sink.deliver(Error(request.id, ErrorCode.BAD_REQUEST,
+                               f"request id {request.id!r} is already in use"), None)
+            return
+        try:
+            conv = await self._resolve(owner, name, request)
+        except PichatError as exc:
+            sink.deliver(Error(request.id, exc.code, str(exc)), None)
+            return
+        key = (owner, conv.id)
+        if key in self._busy:
+            sink.deliver(Error(request.id, ErrorCode.BAD_REQUEST,
+                               "a turn of this conversation is still being answered"), None)
+            return
+        history = [ChatMessage(m.role, m.content) for m in conv.messages]  # type: ignore[arg-type]
+        full = replace(request, messages=(*history, *request.messages), conversation=None,
+                       session=SessionId(f"conv-{conv.id}"))
+        self._busy[key] = request.id
+        self.turns[request.id] = _Turn(owner, conv.id, request.messages,
+                                       request.model or "", [])
+        self.router.submit(full, TurnSink(sink, self, request.id), owner=owner)
+
+    async def _lookup(self, owner: str, name: str, offset: int = 0,
+                      limit: int | None = None) -> Conversation:
+        """The owner's conversation of this id, else of this title, with its messages from
+        `offset` (`limit` of them; None: all); raises NotFound."""
+        assert self.store is not None
+        try:
+            return await self.store.get(owner, name, offset, limit)
+        except NotFound:
+            found = await self.store.find(owner, name)
+            if found is None:
+                raise
+            return await self.store.get(owner, found.id, offset, limit)
+
+    async def _resolve(self, owner: str, name: str, request: Request) -> Conversation:
+        """The owner's conversation of this id or title; a new one of this title."""
+        assert self.store is not None
+        try:
+            return await self._lookup(owner, name)
+        except NotFound:
+            log.info("req=%s: a new conversation %r", request.id, clip(name, 60))
+            return await self.store.create(owner, title=name, model=request.model or "")
+
+    def keep(self, job: RequestId, done: Done, sink: ReplySink) -> None:
+        """The answer is done: store the turn, then pass the DONE on."""
+        turn = self.turns.get(job)
+        assert turn is not None and self.store is not None
+        store = self.store
+
+        async def store_then_deliver() -> None:
+            try:
+                if done.finish != "cancelled":
+                    messages = tuple(Message(m.role, m.content) for m in turn.new) + (
+                        Message("assistant", "".join(turn.answer),
+                                model=turn.model or "", worker=done.worker),)
+                    await store.append(turn.owner, turn.conversation, messages)
+            except PichatError as exc:
+                log.warning("req=%s: the turn was answered but not kept in conversation %s: "
+                            "%s", job, turn.conversation, exc)
+            finally:
+                self.end(job)
+                sink.deliver(replace(done, conversation=turn.conversation), None)
+
+        self._spawn(store_then_deliver(), job, sink, limit=False)
+
+    def end(self, job: RequestId) -> None:
+        turn = self.turns.pop(job, None)
+        if turn is not None:
+            self._busy.pop((turn.owner, turn.conversation), None)
+
+    # --- CONVERSATIONS ----------------------------------------------------------------
+
+    def on_query(self, client: bytes, query: Conversations, owner: str) -> None:
+        r = self.router
+        if self.store is None:
+            r.send_client(client, encode(Error(query.ref, ErrorCode.BAD_REQUEST,
+                                               "this router keeps no conversations")))
+            return
+        self._spawn(self._answer(client, query, owner), RequestId(query.ref), None,
+                    client=client)
+
+    async def _answer(self, client: bytes, query: Conversations, owner: str) -> None:
+        assert self.store is not None
+        r = self.router
+        try:
+            result: Any
+            match query.op:
+                case "list":
+                    result = [_summary(s) for s in
+                              await self.store.list(owner, query.limit, query.offset)]
+                case "get":
+                    conv = await self._lookup(owner, query.id, query.offset, query.limit)
+                    result = _page(conv, query.offset, r.config.max_message_bytes // 2)
+                case "rename":
+                    conv = await self._lookup(owner, query.id, 0, 0)
+                    await self.store.rename(owner, conv.id, query.title)
+                    result = {"id": conv.id, "title": query.title}
+                case _:
+                    conv = await self._lookup(owner, query.id, 0, 0)
+                    result = {"id": conv.id, "deleted": await self.store.delete(owner,
+                                                                               conv.id)}
+        except PichatError as exc:
+            r.send_client(client, encode(Error(query.ref, exc.code, str(exc))))
+            return
+        r.send_client(client, encode(replace(query, result=result)))
+
+    # --- internals --------------------------------------------------------------------
+
+    def _spawn(self, work: Coroutine[Any, Any, None], job: RequestId | None,
+               sink: ReplySink | None, *, limit: bool = True, client: bytes = b"") -> None:
+        if limit and len(self._tasks) >= MAX_PENDING:
+            work.close()
+            busy = Error(job or "", ErrorCode.BUSY, "the conversation store is busy; retry")
+            if sink is not None:
+                sink.deliver(busy, None)
+            else:
+                self.router.send_client(client, encode(busy))
+            return
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def path(self) -> str:
+        return str(getattr(self.store, "path", ""))
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=10)
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+
+
+def _summary(s: Any) -> dict[str, Any]:
+    return {"id": s.id, "title": s.title, "model": s.model, "created": s.created,
+            "updated": s.updated, "messages": s.messages}
+
+
+def _page(conv: Conversation, offset: int, max_chars: int) -> dict[str, Any]:
+    """The conversation with its page of messages (from `offset`), cut to `max_chars`."""
+    messages, size = [], 0
+    for m in conv.messages:
+        size += len(m.content) + 64
+        if messages and size > max_chars:
+            break
+        messages.append({"role": m.role, "content": m.content, "created": m.created,
+                         "model": m.model, "worker": m.worker})
+    return {"id": conv.id, "title": conv.title, "model": conv.model,
+            "created": conv.created, "updated": conv.updated, "memory": conv.memory,
+            "remembered": conv.remembered, "total": conv.total, "offset": offset,
+            "messages": messages}

@@ -1,0 +1,171 @@
+"""Conversations the router keeps (pichat/router/memory.py): continued with only the new
+message, after a router restart and from another client, each owner's own, and the
+`pichat conversations` commands. Real router and sim workers on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, Cluster
+from pichat.client import Client
+from pichat.config import ClientConfig
+from pichat.errors import RequestFailed
+from pichat.protocol import ChatMessage, Sampling
+from pichat.security import keygen, resolve_keys
+
+pytestmark = pytest.mark.asyncio
+
+GREEDY = Sampling(temperature=0, max_tokens=8)
+
+
+def user(text: str) -> list[ChatMessage]:
+    return [ChatMessage("user", text)]
+
+
+async def test_a_stored_conversation_goes_on_after_a_router_restart_from_another_client(
+        cluster: Cluster, tmp_path):
+    db = str(tmp_path / "conversations.db")
+    router = cluster.router("--db", db)
+    cluster.worker("w1", "--sim-reply-tokens", "6")
+    await cluster.wait_workers(1)
+    async with cluster.client() as c:
+        first = await c.chat(user("My name is Ada."), sampling=GREEDY, conversation="intro")
+        cid = first.done.conversation
+        assert cid and first.text
+        second = await c.chat(user("I live in Lyon."), sampling=GREEDY, conversation=cid)
+        assert second.done.conversation == cid
+        # The router sent the history: the worker found it warm (its session is the
+        # conversation's) and read only the new message.
+        assert second.usage.prompt_tokens > first.usage.prompt_tokens
+        assert second.usage.cached_tokens >= first.usage.prompt_tokens
+    router.stop()  # SIGTERM: drained and gone
+    cluster.router("--db", db)
+    await cluster.wait_workers(1)
+    async with cluster.client() as other:  # another connection: another client
+        listed = await other.conversations("list")
+        assert [(c["id"], c["title"], c["messages"]) for c in listed] == [(cid, "intro", 4)]
+        third = await other.chat(user("Where do I live?"), sampling=GREEDY,
+                                 conversation="intro")  # by its title
+        assert third.done.conversation == cid
+        assert third.usage.prompt_tokens > second.usage.prompt_tokens
+        stored = await other.conversations("get", id=cid)
+        assert [(m["role"], m["content"]) for m in stored["messages"]] == [
+            ("user", "My name is Ada."), ("assistant", first.text),
+            ("user", "I live in Lyon."), ("assistant", second.text),
+            ("user", "Where do I live?"), ("assistant", third.text)]
+        assert stored["messages"][1]["worker"] == "w1"
+
+
+async def test_one_owner_cannot_see_or_continue_anothers_conversation(cluster: Cluster,
+                                                                        tmp_path):
+    keys = tmp_path / "keys"
+    keygen(keys, clients=("alice", "mallory"))
+    cluster.keys = keys
+    cluster.router("--keys", str(keys), "--db", str(tmp_path / "c.db"))
+    cluster.worker("w1", "--keys", str(keys), "--sim-reply-tokens", "4")
+    await cluster.wait_workers(1)
+
+    def as_(name: str) -> Client:
+        return Client(ClientConfig(router=cluster.client_endpoint,
+                                   keys=resolve_keys(str(keys)), key_name=name))
+
+    async with as_("alice") as alice, as_("mallory") as mallory:
+        reply = await alice.chat(user("My PIN is 1234."), sampling=GREEDY,
+                                 conversation="bank")
+        cid = reply.done.conversation
+        assert await mallory.conversations("list") == []
+        for op, fields in (("get", {"id": cid}), ("get", {"id": "bank"}),
+                           ("delete", {"id": cid}), ("rename", {"id": cid, "title": "x"})):
+            with pytest.raises(RequestFailed, match="no conversation"):
+                await mallory.conversations(op, **fields)
+        # Naming alice's id only starts a conversation of mallory's own under that title.
+        theirs = await mallory.chat(user("What is my PIN?"), sampling=GREEDY,
+                                    conversation=cid)
+        assert theirs.done.conversation != cid
+        assert theirs.usage.prompt_tokens < reply.usage.prompt_tokens + 5
+        mine = await alice.conversations("get", id=cid)
+        assert mine["total"] == 2 and mine["title"] == "bank"
+
+
+async def test_turns_of_one_conversation_go_one_at_a_time(cluster: Cluster, tmp_path):
+    cluster.router("--db", str(tmp_path / "c.db"))
+    cluster.worker("w1", "--sim-reply-tokens", "400", "--sim-gen-tps", "200", "--slots", "2")
+    await cluster.wait_workers(1)
+    async with cluster.client() as c:
+        first = asyncio.ensure_future(c.chat(user("a long one"), conversation="solo"))
+        while not (await c.status())["requests"].get("active"):
+            await asyncio.sleep(0.01)
+        with pytest.raises(RequestFailed, match="still being answered"):
+            await c.chat(user("meanwhile"), conversation="solo")
+        assert (await first).done.conversation
+        again = await c.chat(user("now"), sampling=GREEDY, conversation="solo")
+        assert (await c.conversations("get", id=again.done.conversation))["total"] == 4
+
+
+async def test_a_flood_of_questions_is_answered_or_refused_and_the_router_serves_on(
+        cluster: Cluster, tmp_path):
+    cluster.router("--db", str(tmp_path / "c.db"))
+    cluster.worker("w1", "--sim-reply-tokens", "4")
+    await cluster.wait_workers(1)
+    async with cluster.client() as c:
+        await c.chat(user("keep me"), sampling=GREEDY, conversation="kept")
+        outcomes = await asyncio.gather(
+            *[c.conversations("get", id="kept") for _ in range(600)],
+            *[c.conversations("get", id=f"missing-{i}") for i in range(200)],
+            return_exceptions=True)
+        got = [o for o in outcomes[:600] if isinstance(o, dict)]
+        refused = [o for o in outcomes if isinstance(o, RequestFailed)]
+        assert len(got) + len(refused) == 800  # every one answered, one way or the other
+        assert all(o["total"] == 2 for o in got)
+        assert {str(e.code) for e in refused} <= {"busy", "bad_request"}
+        assert sum(isinstance(o, RequestFailed) and o.code == "bad_request"
+                   for o in outcomes[600:]) + sum(isinstance(o, RequestFailed) and
+                                                  o.code == "busy"
+                                                  for o in outcomes[600:]) == 200
+        assert (await c.chat(user("still there?"), sampling=GREEDY,
+                             conversation="kept")).done.conversation
+
+
+async def test_a_router_without_a_store_says_so(cluster: Cluster):
+    cluster.router("--db", "off")
+    cluster.worker("w1")
+    await cluster.wait_workers(1)
+    async with cluster.client() as c:
+        with pytest.raises(RequestFailed, match="keeps no conversations"):
+            await c.chat(user("hi"), conversation="x")
+        with pytest.raises(RequestFailed, match="keeps no conversations"):
+            await c.conversations("list")
+        assert (await c.chat(user("hi"), sampling=GREEDY)).text  # the rest works
+
+
+def pichat(cluster: Cluster, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "pichat", *args, "--router",
+                           cluster.client_endpoint], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, env={**os.environ, "PICHAT_KEYS": "off"})
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+async def test_the_conversations_commands(cluster: Cluster, tmp_path):
+    cluster.router("--db", str(tmp_path / "c.db"))
+    cluster.worker("w1", "--sim-reply-tokens", "4")
+    await cluster.wait_workers(1)
+    async with cluster.client() as c:
+        reply = await c.chat(user("Plan a trip to Oslo."), sampling=GREEDY,
+                             conversation="trip")
+    cid = reply.done.conversation
+    assert f"{cid}" in pichat(cluster, "conversations", "list")
+    exported = json.loads(pichat(cluster, "conversations", "export", "trip"))
+    assert [m["content"] for m in exported["messages"]] == ["Plan a trip to Oslo.", reply.text]
+    markdown = pichat(cluster, "conversations", "export", cid, "--format", "markdown")
+    assert markdown.startswith("# trip") and "Plan a trip to Oslo." in markdown
+    assert "Oslo 2027" in pichat(cluster, "conversations", "rename", cid, "Oslo 2027")
+    assert "Oslo 2027" in pichat(cluster, "conversations", "show", cid)
+    assert f"deleted {cid}" in pichat(cluster, "conversations", "delete", "Oslo 2027")
+    assert "no stored conversations" in pichat(cluster, "conversations", "list")

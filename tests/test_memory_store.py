@@ -1,0 +1,219 @@
+"""The conversation store (pichat/memory/sqlite.py): what it keeps, for whom, within which
+bounds, and that a kill never costs a committed turn nor damages the file."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pichat.errors import PichatError
+from pichat.memory.sqlite import SCHEMA_VERSION, SQLiteStore
+from pichat.memory.store import LimitReached, Limits, Message, NewerStore, NotFound
+
+pytestmark = pytest.mark.asyncio
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+async def opened(tmp_path, **limits) -> SQLiteStore:
+    return await SQLiteStore.open(tmp_path / "db" / "conversations.db", Limits(**limits),
+                                  clock=Clock())
+
+
+def turn(question: str, answer: str) -> tuple[Message, Message]:
+    return Message("user", question), Message("assistant", answer, model="m", worker="w1")
+
+
+async def test_a_conversation_is_kept_listed_found_renamed_and_deleted(tmp_path):
+    store = await opened(tmp_path)
+    try:
+        first = await store.create("alice", title="Moon", model="m",
+                                   messages=(Message("system", "Be brief."),))
+        second = await store.create("alice", title="Mars")
+        await store.append("alice", first.id, turn("How far is it?", "384,400 km."))
+        got = await store.get("alice", first.id)
+        assert [(m.role, m.content) for m in got.messages] == [
+            ("system", "Be brief."), ("user", "How far is it?"), ("assistant", "384,400 km.")]
+        assert got.messages[2].worker == "w1" and got.messages[1].created > 0
+        assert [s.id for s in await store.list("alice")] == [first.id, second.id]  # recent
+        assert (await store.list("alice"))[0].messages == 3
+        assert (await store.find("alice", "Mars")).id == second.id
+        page = await store.get("alice", first.id, offset=1, limit=1)
+        assert [m.content for m in page.messages] == ["How far is it?"] and page.total == 3
+        assert await store.find("alice", "Venus") is None
+        await store.rename("alice", second.id, "Red planet")
+        assert (await store.get("alice", second.id)).title == "Red planet"
+        await store.remember("alice", first.id, "The user asked about the Moon.", 2)
+        got = await store.get("alice", first.id)
+        assert (got.memory, got.remembered) == ("The user asked about the Moon.", 2)
+        assert await store.delete("alice", second.id)
+        assert not await store.delete("alice", second.id)
+        with pytest.raises(NotFound):
+            await store.get("alice", second.id)
+    finally:
+        await store.close()
+
+
+async def test_one_owner_never_reaches_another_owners_conversation(tmp_path):
+    store = await opened(tmp_path)
+    try:
+        mine = await store.create("alice", title="secret",
+                                  messages=turn("My PIN is 1234", "Noted."))
+        assert await store.list("mallory") == []
+        assert await store.find("mallory", "secret") is None
+        for call in (store.get("mallory", mine.id),
+                     store.append("mallory", mine.id, turn("and?", "...")),
+                     store.rename("mallory", mine.id, "mine now"),
+                     store.remember("mallory", mine.id, "x", 1)):
+            with pytest.raises(NotFound):
+                await call
+        assert not await store.delete("mallory", mine.id)
+        kept = await store.get("alice", mine.id)
+        assert (kept.title, len(kept.messages)) == ("secret", 2)
+    finally:
+        await store.close()
+
+
+async def test_limits_refuse_with_a_clear_error_and_store_nothing(tmp_path):
+    store = await opened(tmp_path, conversations_per_owner=2, messages_per_conversation=4,
+                         message_chars=100)
+    try:
+        c = await store.create("alice", messages=turn("a", "b"))
+        await store.create("alice")
+        with pytest.raises(LimitReached, match="delete some"):
+            await store.create("alice")
+        await store.create("bob")  # another owner's count is its own
+        with pytest.raises(LimitReached, match="at most 4"):
+            await store.append("alice", c.id, turn("c", "d") + turn("e", "f"))
+        with pytest.raises(LimitReached, match="100"):
+            await store.append("alice", c.id, (Message("user", "x" * 101),))
+        with pytest.raises(LimitReached, match="role"):
+            await store.append("alice", c.id, (Message("robot", "x"),))
+        assert len((await store.get("alice", c.id)).messages) == 2  # nothing of those
+    finally:
+        await store.close()
+
+
+async def test_past_its_byte_bound_the_store_drops_the_least_recently_used(tmp_path):
+    # 10 KB in all, 5 KB per owner: ~1 KB per conversation of one 900-character message.
+    store = await opened(tmp_path, max_bytes=10_000, owner_share=0.5)
+    try:
+        big = "x" * 900
+        others = [await store.create(f"user{i}", messages=(Message("user", big),))
+                  for i in range(4)]
+        alices = [await store.create("alice", messages=(Message("user", big),))
+                  for _ in range(6)]
+        # alice is over her share: her oldest went, nobody else's.
+        assert [s.id for s in await store.list("alice")] == [c.id for c in alices[1:]][::-1]
+        assert all([await store.list(f"user{i}") for i in range(4)])
+        for i in range(4):  # now the store: the least recently used of anyone's
+            await store.create(f"late{i}", messages=(Message("user", big),))
+        assert [bool(await store.list(f"user{i}")) for i in range(4)] == [
+            False, False, False, True]
+        assert all([await store.list(f"late{i}") for i in range(4)])
+        assert len(await store.list("alice")) == 5
+        assert store.dropped == 4
+        with pytest.raises(LimitReached, match="too large"):  # one bigger than a share
+            await store.append("alice", alices[-1].id,
+                               tuple(Message("user", big) for _ in range(5)))
+        assert len(others) == 4
+    finally:
+        await store.close()
+
+
+async def test_a_restart_keeps_every_turn_and_the_file_is_private(tmp_path):
+    store = await opened(tmp_path)
+    c = await store.create("alice", title="t", messages=turn("q", "a"))
+    await store.append("alice", c.id, turn("q2", "a2"))
+    await store.close()
+    path = tmp_path / "db" / "conversations.db"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    store = await opened(tmp_path)
+    try:
+        assert [m.content for m in (await store.get("alice", c.id)).messages] == [
+            "q", "a", "q2", "a2"]
+    finally:
+        await store.close()
+
+
+async def test_a_database_from_a_newer_pichat_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "db" / "conversations.db"
+    store = await opened(tmp_path)
+    await store.close()
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    before = path.read_bytes()
+    with pytest.raises(NewerStore, match="newer pichat"):
+        await SQLiteStore.open(path)
+    assert path.read_bytes() == before
+
+
+async def test_a_store_that_cannot_be_opened_says_where_and_what_to_do(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PichatError, match="cannot open the conversation store.*--db off"):
+        await SQLiteStore.open(blocker / "conversations.db")
+    (tmp_path / "junk.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(PichatError, match="cannot open the conversation store"):
+        await SQLiteStore.open(tmp_path / "junk.db")
+
+
+WRITER = textwrap.dedent("""
+    import asyncio, sys
+    from pichat.memory.sqlite import SQLiteStore
+    from pichat.memory.store import Message
+
+    async def main():
+        store = await SQLiteStore.open(sys.argv[1])
+        c = await store.create("alice")
+        print(c.id, flush=True)
+        n = 0
+        while True:
+            await store.append("alice", c.id, (Message("user", f"q{n} " + "x" * 2000),
+                                               Message("assistant", f"a{n}")))
+            n += 1
+            print(n, flush=True)   # stored: the transaction committed
+
+    asyncio.run(main())
+""")
+
+
+async def test_a_kill_mid_write_loses_no_committed_turn_and_leaves_the_file_whole(tmp_path):
+    path = tmp_path / "conversations.db"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        cid = proc.stdout.readline().strip()
+        acked = 0
+        while acked < 40:  # killed while it keeps writing, at no chosen point
+            acked = int(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    store = await SQLiteStore.open(path)
+    try:
+        messages = (await store.get("alice", cid)).messages
+        assert len(messages) >= 2 * acked and len(messages) % 2 == 0  # whole turns only
+        assert [m.content[:4].strip() for m in messages[1::2]] == [
+            f"a{i}" for i in range(len(messages) // 2)]
+        (listed,) = await store.list("alice")
+        assert listed.messages == len(messages)
+        await store.append("alice", cid, turn("after", "the kill"))  # and it goes on
+    finally:
+        await store.close()
