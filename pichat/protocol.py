@@ -416,6 +416,8 @@ class Heartbeat:
     """States read back from disk since the worker started."""
     disk_refused: int = 0
     """State files found damaged or made for another model, and deleted."""
+    disk_refused_format: int = 0
+    """Of those, the ones made for another model or KV type."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Heartbeat:
@@ -433,6 +435,7 @@ class Heartbeat:
             disk_bytes=f.int("disk_bytes", hi=1 << 60, required=False),
             disk_restored=f.int("disk_restored", hi=1 << 60, required=False),
             disk_refused=f.int("disk_refused", hi=1 << 60, required=False),
+            disk_refused_format=f.int("disk_refused_format", hi=1 << 60, required=False),
         )
 
     def to_body(self) -> dict[str, Any]:

@@ -84,3 +84,4 @@ async def test_a_damaged_state_file_is_refused_and_the_conversation_read_again(
                              ["disk_states_refused"] == 1)
     assert again.finish in ("stop", "length") and again.usage.cached_tokens == 0
     assert restored(status) == 0
+    assert status["workers"][0]["memory"]["disk_states_refused_format"] == 0  # damaged

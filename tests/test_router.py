@@ -448,6 +448,7 @@ async def refused(h, w1, w2, first):
     await w2.expect(Request, id="r2")
     events = h.router.snapshot()["requests"]
     assert events["state_messages_refused"] == 3 and events["state_transfers_failed"] == 1
+    assert events["states_refused_corrupt"] == 1
     assert "states_moved" not in events
 
 
@@ -462,6 +463,7 @@ async def test_a_source_that_never_answers_delays_the_turn_only_until_the_stall_
         assert abort.abort and "stalled" in abort.abort
         await w2.expect(Request, id="r2")
     assert h.router.snapshot()["requests"]["state_transfers_failed"] == 1
+    assert h.router.snapshot()["requests"]["states_refused_stalled"] == 1
 
 
 async def test_no_transfer_between_workers_of_different_formats(h):

@@ -9,6 +9,7 @@ import hashlib
 import pytest
 
 from pichat.protocol import MAX_STATE_PIECE, Migrate, State, StateAck, decode
+from pichat.router.migration import refusal_reason
 from pichat.worker.backend import SavedState
 from pichat.worker.migration import WINDOW, StateMover
 
@@ -147,3 +148,20 @@ def test_a_receiver_takes_at_most_two_transfers_at_once_and_expires_stalled_ones
     monkeypatch.setattr(migration.time, "monotonic", lambda: clock[0])
     target.mover.expire()
     assert sorted(a.transfer for a in target.sent if "stalled" in a.refused) == ["a", "b"]
+
+
+@pytest.mark.parametrize("failure, reason", [
+    ("the target refused it: made for llama:a:f16, not llama:b:f16", "format"),
+    ("the target refused it: 900 bytes is more than the session store holds", "size"),
+    ("the target refused it: 5000 tokens do not fit the context", "size"),
+    ("the target refused it: the digest does not match", "corrupt"),
+    ("the target refused it: fewer bytes than announced", "corrupt"),
+    ("its first piece names another session or owner", "corrupt"),
+    ("the target refused it: too many transfers at once", "busy"),
+    ("the source gave up: the session is not warm here", "not_warm"),
+    ("stalled for 10s", "stalled"),
+    ("a worker of the transfer was lost", "lost"),
+    ("the target refused it: " + "made up by a hostile worker " * 40, "other"),
+])
+def test_failed_transfers_are_counted_by_one_of_a_few_reasons(failure, reason):
+    assert refusal_reason(failure) == reason

@@ -22,6 +22,9 @@ What a worker can make the router do here is bounded: only the transfer's source
 its pieces and only its target acknowledge them; piece 0 must name the transfer's session
 and the request's owner; the bytes relayed may not exceed what piece 0 announced; there
 are at most `MAX_TRANSFERS` at once and `PER_WORKER` into or out of each worker.
+
+Failed transfers are counted by reason (`states_refused_format`, `_size`, `_corrupt`,
+`_busy`, `_not_warm`, `_stalled`, `_lost`, `_other`) in status and /metrics.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from pichat.router.records import WorkerId
 if TYPE_CHECKING:
     from pichat.router.service import Router
 
-__all__ = ["Migrations", "STALL_S", "MAX_TRANSFERS"]
+__all__ = ["Migrations", "STALL_S", "MAX_TRANSFERS", "refusal_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +218,9 @@ class Migrations:
         if t is None:
             return
         if failure is not None:
-            self.router.stats.events["state_transfers_failed"] += 1
+            events = self.router.stats.events
+            events["state_transfers_failed"] += 1
+            events[f"states_refused_{refusal_reason(failure)}"] += 1
             if t.job is None:  # a handover (the whole cluster may be stopping)
                 log.info("session=%s: not handed over (%s)", t.session, failure)
             else:
@@ -233,3 +238,24 @@ class Migrations:
         r.throttle.log(r.now(), logging.WARNING, "stray state message",
                        "worker %s sent a %s for no transfer of its own; dropped", name, what,
                        detail=name)
+
+
+REFUSAL_REASONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("format", ("made for",)),
+    ("size", ("more than the session store", "do not fit the context")),
+    ("corrupt", ("digest", "bytes than announced", "out of order", "names another",
+                 "before the first")),
+    ("busy", ("too many transfers", "busy sending")),
+    ("not_warm", ("not warm",)),
+    ("stalled", ("stalled",)),
+    ("lost", ("lost", "unreachable")),
+)
+
+
+def refusal_reason(failure: str) -> str:
+    """Why a transfer failed, as one of a few fixed words (what status counts by): the
+    text may come from a worker, so it only picks a word, never becomes a key itself."""
+    for reason, signs in REFUSAL_REASONS:
+        if any(sign in failure for sign in signs):
+            return reason
+    return "other"

@@ -102,4 +102,5 @@ def _worker_memory(ready: Ready, beat: Heartbeat) -> dict[str, Any]:
         "disk_mb": round(beat.disk_bytes / mib, 1),
         "restored_from_disk": beat.disk_restored,
         "disk_states_refused": beat.disk_refused,
+        "disk_states_refused_format": beat.disk_refused_format,
     }

@@ -556,6 +556,7 @@ class Worker:
             disk_bytes=disk.nbytes if disk else 0,
             disk_restored=disk.restored if disk else 0,
             disk_refused=sum(disk.refused.values()) if disk else 0,
+            disk_refused_format=disk.refused["format"] if disk else 0,
             busy=self.slots.busy,
             warm=len(self.slots.warm_sessions()),
             evicted=tuple(self.slots.take_evicted()),
