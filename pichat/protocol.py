@@ -22,11 +22,14 @@ belongs to ZeroMQ, not to this protocol.)
                                         also: owner? (whose request: KV reuse across owners
                                         stops at message boundaries), isolate? (no reuse
                                         across owners), lease? (the router's proof that it
-                                        placed the session on this worker)
+                                        placed the session on this worker); truncate?
+                                        (false: a conversation too long for the context
+                                        fails instead of dropping its oldest turns)
     CHUNK       worker -> router        id, seq (0, 1, 2...), text, tokens (their ids)
                 -> client
     DONE        worker -> router        id, worker, finish ("stop" | "length" |
-                -> client               "cancelled"), usage, failovers?
+                -> client               "cancelled"), usage (dropped_tokens: what slid
+                                        out of the context), failovers?, conversation?
     ERROR       any direction           id ("" when no request is concerned), code, message
     CANCEL      client -> router        id
                 router -> worker
@@ -34,7 +37,7 @@ belongs to ZeroMQ, not to this protocol.)
                                         worker: "I am leaving"), sessions? (its warm ones)
     STATUS      client -> router        empty; the reply (router -> client) is a snapshot
                 router -> client        of the cluster (see `Status`)
-    CONVERSATIONS client -> router      op ("list" | "get" | "rename" | "delete"), ref?,
+    CONVERSATIONS client -> router      op ("list"|"get"|"create"|"rename"|"delete"), ref?,
                 router -> client        id?, title?, offset?, limit?; the reply: the same
                                         op and ref, and result (see `Conversations`); an
                                         ERROR's id is the ref
@@ -228,8 +231,8 @@ class _Fields:
             raise self._fail(key, f"a list of at most {max_items} token ids")
         return tuple(value)
 
-    def bool(self, key: str) -> bool:
-        value = self._get(key, False, False)
+    def bool(self, key: str, default: bool = False) -> bool:
+        value = self._get(key, default, False)
         if not isinstance(value, bool):
             raise self._fail(key, "a boolean")
         return value
@@ -314,6 +317,8 @@ class Usage:
     """Restoring the session's KV state and evaluating the uncached prompt tokens."""
     generate_ms: float = 0.0
     """From the first generated token to the last."""
+    dropped_tokens: int = 0
+    """Tokens of the oldest turns left out so that the conversation fits the context."""
 
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> Usage:
@@ -324,6 +329,7 @@ class Usage:
             completion_tokens=f.int("completion_tokens"),
             prompt_ms=f.float("prompt_ms"),
             generate_ms=f.float("generate_ms"),
+            dropped_tokens=f.int("dropped_tokens", required=False),
         )
         if usage.cached_tokens > usage.prompt_tokens:
             raise ProtocolError("DONE: usage.cached_tokens exceeds usage.prompt_tokens")
@@ -473,6 +479,9 @@ class Request:
     conversation: str | None = None
     """A stored conversation this request continues (client -> router): `messages` are
     only the new ones (pichat/memory)."""
+    truncate: bool = True
+    """A conversation too long for the context drops its oldest turns (False: the request
+    fails with `context_length` instead)."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Request:
@@ -503,6 +512,7 @@ class Request:
                         default=None),
             conversation=f.str("conversation", min_chars=1, max_chars=MAX_TITLE_CHARS,
                                required=False, default=None),
+            truncate=f.bool("truncate", default=True),
         )
 
     def to_body(self) -> dict[str, Any]:
@@ -519,6 +529,8 @@ class Request:
             body["continuation"] = list(self.continuation)
         if self.isolate:
             body["isolate"] = True
+        if not self.truncate:
+            body["truncate"] = False
         return body
 
 
@@ -775,7 +787,8 @@ class Conversations:
     """A client's question about its stored conversations, or the router's answer (the
     same `op`, with `result`): `list` (offset, limit: summaries, most recent first), `get`
     (id, offset, limit: the conversation with up to `limit` of its messages from
-    `offset`, and `total`), `rename` (id, title), `delete` (id)."""
+    `offset`, and `total`), `create` (title: an empty one), `rename` (id, title),
+    `delete` (id)."""
 
     COMMAND: ClassVar[Command] = Command.CONVERSATIONS
     op: str
@@ -788,7 +801,7 @@ class Conversations:
     result: Any = None
     """The router's answer: a list of maps (list) or a map."""
 
-    OPS: ClassVar[tuple[str, ...]] = ("list", "get", "rename", "delete")
+    OPS: ClassVar[tuple[str, ...]] = ("list", "get", "create", "rename", "delete")
 
     @classmethod
     def from_body(cls, f: _Fields) -> Conversations:

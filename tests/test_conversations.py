@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import aiohttp
 import pytest
 
 from conftest import ROOT, Cluster
@@ -144,6 +145,60 @@ async def test_a_router_without_a_store_says_so(cluster: Cluster):
         assert (await c.chat(user("hi"), sampling=GREEDY)).text  # the rest works
 
 
+async def test_the_http_routes_keep_and_continue_a_conversation(cluster: Cluster, tmp_path):
+    keys = tmp_path / "api-keys"
+    keys.write_text("key-ann\nkey-bob\n")
+    cluster.router("--db", str(tmp_path / "c.db"), "--api-key-file", str(keys))
+    cluster.worker("w1", "--sim-reply-tokens", "5")
+    await cluster.wait_workers(1)
+    base = f"{cluster.http_url}/v1/conversations"
+    ann = {"Authorization": "Bearer key-ann"}
+    bob = {"Authorization": "Bearer key-bob"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base, json={"title": "web"}, headers=ann) as r:
+            assert r.status == 201
+            cid = (await r.json())["id"]
+        turn = {"content": "Hello there", "max_tokens": 8, "temperature": 0}
+        async with http.post(f"{base}/{cid}/messages", json=turn, headers=ann) as r:
+            first = await r.json()
+        assert first["object"] == "chat.completion"
+        assert first["pichat"]["conversation"] == cid
+        answer = first["choices"][0]["message"]["content"]
+        streamed = {**turn, "content": "And again", "stream": True}
+        async with http.post(f"{base}/{cid}/messages", json=streamed, headers=ann) as r:
+            events = [line for line in (await r.text()).splitlines() if line.startswith("data:")]
+        assert events[-1] == "data: [DONE]"
+        last = json.loads(events[-2][5:])
+        assert last["pichat"]["conversation"] == cid
+        async with http.get(f"{base}/{cid}?offset=1&limit=2", headers=ann) as r:
+            page = await r.json()
+        assert page["total"] == 4 and [m["content"] for m in page["messages"]] == [
+            answer, "And again"]
+        async with http.get(base, headers=bob) as r:
+            assert (await r.json())["data"] == []
+        for method in ("get", "delete", "patch"):
+            async with http.request(method, f"{base}/{cid}", json={"title": "x"},
+                                    headers=bob) as r:
+                assert r.status == 404, method
+        async with http.patch(f"{base}/{cid}", json={"title": "renamed"}, headers=ann) as r:
+            assert (await r.json())["title"] == "renamed"
+        async with http.get(base, headers=ann) as r:
+            assert [(c["title"], c["messages"]) for c in (await r.json())["data"]] == [
+                ("renamed", 4)]
+        for method, url, body, param in (
+                ("post", f"{base}/{cid}/messages", {"max_tokens": 8}, "content"),
+                ("post", base, {"title": "x" * 201}, "title"),
+                ("get", f"{base}?limit=0", None, None),
+                ("get", f"{base}?offset=minus", None, None)):
+            async with http.request(method, url, json=body, headers=ann) as r:
+                assert r.status == 400, url
+                assert (await r.json())["error"]["param"] == param
+        async with http.delete(f"{base}/{cid}", headers=ann) as r:
+            assert (await r.json())["deleted"] is True
+        async with http.get(f"{base}/{cid}", headers=ann) as r:
+            assert r.status == 404
+
+
 def pichat(cluster: Cluster, *args: str) -> str:
     done = subprocess.run([sys.executable, "-m", "pichat", *args, "--router",
                            cluster.client_endpoint], capture_output=True, text=True,
@@ -169,3 +224,51 @@ async def test_the_conversations_commands(cluster: Cluster, tmp_path):
     assert "Oslo 2027" in pichat(cluster, "conversations", "show", cid)
     assert f"deleted {cid}" in pichat(cluster, "conversations", "delete", "Oslo 2027")
     assert "no stored conversations" in pichat(cluster, "conversations", "list")
+
+
+async def test_a_conversation_longer_than_the_context_slides_and_keeps_hitting_the_cache(
+        cluster: Cluster, tmp_path):
+    cluster.router("--db", str(tmp_path / "c.db"))
+    cluster.worker("w1", "--ctx", "1024", "--sim-reply-tokens", "20", "--sim-gen-tps", "2000",
+                   "--sim-prompt-tps", "50000")
+    await cluster.wait_workers(1)
+    rows = []
+    async with cluster.client() as c:
+        for turn in range(60):  # ~36 tokens a turn: ~2,200 tokens in all
+            reply = await c.chat(user(f"turn {turn} " + "word " * 10),
+                                 sampling=Sampling(temperature=0, max_tokens=20),
+                                 conversation="long")
+            u = reply.usage
+            rows.append((u.prompt_tokens, u.cached_tokens, u.dropped_tokens))
+        stored = await c.conversations("get", id="long", limit=1000)
+    assert stored["total"] == 120  # the store keeps everything; the worker read a window
+    assert all(prompt + 20 <= 1024 for prompt, _, _ in rows)
+    sliding = [r for r in rows if r[2]]
+    assert len(sliding) >= 25 and rows[0][2] == 0
+    # Between two slides the kept start holds still: the turn reads only what is new.
+    warm = [r for r in sliding if r[1] >= r[0] - 40]
+    assert len(warm) >= 0.7 * len(sliding), rows
+    drops = sorted({r[2] for r in sliding})
+    assert len(drops) <= 8  # it moved a block at a time, not every turn
+
+
+async def test_a_client_can_ask_for_an_error_instead_of_a_slide(cluster: Cluster):
+    cluster.router()
+    cluster.worker("w1", "--ctx", "256", "--sim-reply-tokens", "4")
+    await cluster.wait_workers(1)
+    history = []
+    for t in range(12):
+        history += [{"role": "user", "content": f"q{t} " + "w " * 20},
+                    {"role": "assistant", "content": "a " * 10}]
+    history.append({"role": "user", "content": "and?"})
+    url = f"{cluster.http_url}/v1/chat/completions"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, json={"messages": history, "max_tokens": 16}) as r:
+            body = await r.json()
+            assert r.status == 200 and body["pichat"]["dropped_tokens"] > 0
+        async with http.post(url, json={"messages": history, "max_tokens": 16,
+                                         "truncate": False}) as r:
+            body = await r.json()
+            assert r.status == 400 and body["error"]["code"] == "context_length_exceeded"
+        async with http.post(url, json={"messages": history, "truncate": "no"}) as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "truncate"

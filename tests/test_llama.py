@@ -227,3 +227,35 @@ def test_another_owners_kv_is_reused_only_up_to_a_message_boundary(tiny_model):
         assert turn("mallory", "my password is correct").cached_tokens > boundary
     finally:
         model.close()
+
+
+def test_a_conversation_past_the_context_slides_with_the_real_template(model):
+    from pichat.protocol import Request, RequestId, SessionId
+    from pichat.worker.slots import SlotManager
+
+    manager = SlotManager(model, 1, threads=1, cache_bytes=8 << 20)
+    history = [ChatMessage("system", "You are terse.")]
+    rows = []
+    for t in range(60):  # turns of ~30 tokens; a block is 128 (a quarter of 512)
+        history.append(ChatMessage("user", f"q{t}"))
+        slot = manager.acquire(SessionId("long"))
+        try:
+            sent: list[str] = []
+            result = manager.run(slot, Request(RequestId(f"r{t}"), tuple(history),
+                                               Sampling(temperature=0.0, max_tokens=4),
+                                               session=SessionId("long")),
+                                 TextStream(lambda text, _, sent=sent: sent.append(text)),
+                                 threading.Event())
+        finally:
+            manager.release(slot)
+        history.append(ChatMessage("assistant", "".join(sent)))
+        new = len(model.chat_tokens(history[-2:-1]))
+        rows.append((result.prompt_tokens, result.cached_tokens, result.dropped_tokens, new))
+    assert len(model.chat_tokens(history)) > 2 * model.n_ctx  # it went far past the context
+    assert all(prompt + 4 <= model.n_ctx for prompt, *_ in rows)
+    sliding = [r for r in rows if r[2]]
+    assert sliding and rows[0][2] == 0
+    # Between slides the kept start stays: only the new message (and the answer before it)
+    # is read.
+    warm = [r for r in sliding if r[1] >= r[0] - r[3] - 16]
+    assert len(warm) >= len(sliding) // 2, rows

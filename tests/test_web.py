@@ -98,3 +98,79 @@ async def test_the_page_takes_its_api_key_from_the_link_and_drops_it_from_the_ad
     await page.fill("#input", "hello")
     await page.keyboard.press("Enter")  # answered without asking for a key
     await page.wait_for_selector(".msg.assistant[data-done='1']", timeout=20_000)
+
+
+async def answered(page, n: int) -> None:
+    await page.wait_for_function(
+        f"() => document.querySelectorAll('.msg.assistant')[{n - 1}]?.dataset.done === '1'",
+        timeout=20_000)
+
+
+async def test_conversations_are_listed_reopened_after_a_reload_continued_renamed_deleted(
+        cluster: Cluster, browser, tmp_path):
+    cluster.router("--db", str(tmp_path / "c.db"))
+    cluster.worker("w1", "--sim-reply-tokens", "6")
+    await cluster.wait_workers(1)
+    page = await browser.new_page(viewport={"width": 1100, "height": 800})
+    await page.goto(cluster.http_url + "/")
+    await page.fill("#input", "Plan a picnic")
+    await page.keyboard.press("Enter")
+    await answered(page, 1)
+    first_answer = await page.locator(".msg.assistant").nth(0).text_content()
+    item = page.locator("#conversations li[data-id]")
+    await item.first.wait_for()
+    assert await item.count() == 1
+    assert await item.first.locator("button.open").text_content() == "Plan a picnic"
+
+    await page.reload()  # the open conversation comes back, and goes on
+    await page.wait_for_selector(".msg.assistant[data-done='1']")
+    assert await page.locator(".msg.user").all_text_contents() == ["Plan a picnic"]
+    assert await page.locator(".msg.assistant").nth(0).text_content() == first_answer
+    await page.fill("#input", "Where?")
+    await page.keyboard.press("Enter")
+    await answered(page, 2)
+    stats = await page.locator(".stats").last.text_content()
+    assert re.search(r"[1-9]\d*/\d+ prompt tokens cached", stats), stats  # its history, warm
+    async with cluster.client() as c:
+        (listed,) = await c.conversations("list")
+    assert listed["messages"] == 4
+
+    await page.click("#new-chat")  # another one, then back to the first from the list
+    await page.fill("#input", "Something else")
+    await page.keyboard.press("Enter")
+    await answered(page, 1)
+    await page.wait_for_function(
+        "() => document.querySelectorAll('#conversations li[data-id]').length === 2")
+    await page.locator("#conversations li", has_text="Plan a picnic").locator(
+        "button.open").click()
+    await page.wait_for_function("() => document.querySelectorAll('.msg.user').length === 2")
+    assert await page.locator(".msg.user").all_text_contents() == ["Plan a picnic", "Where?"]
+
+    page.once("dialog", lambda d: d.accept("Picnic 2027"))
+    await page.locator("#conversations li", has_text="Plan a picnic").locator(
+        "button.rename").click()
+    await page.wait_for_selector("#conversations li:has-text('Picnic 2027')")
+    page.once("dialog", lambda d: d.accept())
+    await page.locator("#conversations li", has_text="Picnic 2027").locator(
+        "button.delete").click()
+    await page.wait_for_function(
+        "() => document.querySelectorAll('#conversations li[data-id]').length === 1")
+    assert await page.locator(".msg").count() == 0  # the open one was deleted: a new chat
+    async with cluster.client() as c:
+        assert [x["title"] for x in await c.conversations("list")] == ["Something else"]
+
+
+async def test_without_a_store_the_page_chats_statelessly_with_no_list(cluster: Cluster,
+                                                                        browser):
+    cluster.router("--db", "off")
+    cluster.worker("w1", "--sim-reply-tokens", "6")
+    await cluster.wait_workers(1)
+    page = await browser.new_page(viewport={"width": 1100, "height": 800})
+    await page.goto(cluster.http_url + "/")
+    for n, text in enumerate(["First", "Second"], 1):
+        await page.fill("#input", text)
+        await page.keyboard.press("Enter")
+        await answered(page, n)
+    assert not await page.locator("#sidebar").is_visible()
+    stats = await page.locator(".stats").last.text_content()
+    assert re.search(r"[1-9]\d*/\d+ prompt tokens cached", stats), stats

@@ -8,6 +8,17 @@
     POST /v1/chat/completions    OpenAI-compatible chat, streaming (SSE) or not
     POST /v1/completions         OpenAI-compatible plain completion
 
+    GET    /v1/conversations             the caller's stored conversations (?limit, ?offset)
+    POST   /v1/conversations             a new one ({"title"})
+    GET    /v1/conversations/{id}        one, with its messages (?offset, ?limit)
+    PATCH  /v1/conversations/{id}        rename it ({"title"})
+    DELETE /v1/conversations/{id}        delete it
+    POST   /v1/conversations/{id}/messages   a turn: {"content", and chat completion
+                                         fields: stream, max_tokens, temperature, ...};
+                                         only the new message is sent, the router adds
+                                         the history; answered as a chat completion
+                                         (its `pichat.conversation` names the id)
+
 A request goes straight into `Router.submit` with an `HttpSink`: no extra hop. With API
 keys configured, everything but `/health` and the page itself needs
 `Authorization: Bearer KEY`; the key is the request's owner (fair scheduling, session
@@ -25,14 +36,17 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from importlib.resources import files
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from pichat.client import new_id
+from pichat.errors import ErrorCode, PichatError
 from pichat.logs import clip
-from pichat.protocol import Chunk, Done, Error, Request, RequestId
+from pichat.memory.store import NotFound
+from pichat.protocol import Chunk, Conversations, Done, Error, Request, RequestId
 from pichat.router import openai
 from pichat.router.metrics import CONTENT_TYPE, RouterMetrics
 from pichat.router.openai import ApiError, ChatCall
@@ -95,6 +109,9 @@ class RouterFace(Protocol):
     def served_models(self) -> dict[str, float]: ...
 
     def worker_count(self) -> int: ...
+
+    @property
+    def memory(self) -> Any: ...
 
 
 def create_app(router: RouterFace, *, api_keys: tuple[str, ...] = (),
@@ -170,6 +187,72 @@ def create_app(router: RouterFace, *, api_keys: tuple[str, ...] = (),
                                        default_max_tokens=default_max_tokens)
         return await _answer(router, request, call)
 
+    async def ask_store(request: web.Request, query: Conversations) -> Any:
+        memory = router.memory
+        if memory.busy:
+            raise openai.status_for(ErrorCode.BUSY, "the conversation store is busy; retry")
+        try:
+            return await memory.query(request["owner"], query)
+        except NotFound as exc:
+            raise ApiError(404, str(exc), code="not_found") from None
+        except PichatError as exc:
+            raise openai.status_for(exc.code, str(exc)) from None
+
+    def paging(request: web.Request) -> tuple[int, int]:
+        try:
+            offset = int(request.query.get("offset", 0))
+            limit = int(request.query.get("limit", 100))
+        except ValueError:
+            raise ApiError(400, "offset and limit must be integers") from None
+        if not (0 <= offset < 1 << 31 and 1 <= limit <= 1000):
+            raise ApiError(400, "offset must be 0 or more, limit 1 to 1000")
+        return offset, limit
+
+    def title_of(body: Any) -> str:
+        title = body.get("title", "") if isinstance(body, dict) else None
+        if not isinstance(title, str) or len(title) > 200:
+            raise ApiError(400, "'title' must be a string of at most 200 characters",
+                           param="title")
+        return title
+
+    async def list_conversations(request: web.Request) -> web.Response:
+        offset, limit = paging(request)
+        found = await ask_store(request, Conversations("list", offset=offset, limit=limit))
+        return web.json_response({"object": "list", "data": found})
+
+    async def create_conversation(request: web.Request) -> web.Response:
+        title = title_of(await _json(request, body_timeout))
+        return web.json_response(await ask_store(request, Conversations("create",
+                                                                        title=title)),
+                                 status=201)
+
+    async def get_conversation(request: web.Request) -> web.Response:
+        offset, limit = paging(request)
+        return web.json_response(await ask_store(request, Conversations(
+            "get", id=request.match_info["id"][:200], offset=offset, limit=limit)))
+
+    async def rename_conversation(request: web.Request) -> web.Response:
+        title = title_of(await _json(request, body_timeout))
+        return web.json_response(await ask_store(request, Conversations(
+            "rename", id=request.match_info["id"][:200], title=title)))
+
+    async def delete_conversation(request: web.Request) -> web.Response:
+        return web.json_response(await ask_store(request, Conversations(
+            "delete", id=request.match_info["id"][:200])))
+
+    async def conversation_turn(request: web.Request) -> web.StreamResponse:
+        body = await _json(request, body_timeout)
+        if not isinstance(body, dict) or not isinstance(body.get("content"), str) \
+                or not body["content"].strip():
+            raise ApiError(400, "'content' must be the new message's text", param="content")
+        fields = {k: v for k, v in body.items() if k != "content"}
+        fields["messages"] = [{"role": "user", "content": body["content"]}]
+        call = openai.parse_chat(fields, new_id(), default_max_tokens=default_max_tokens)
+        conversation = request.match_info["id"][:200]
+        call = ChatCall(replace(call.request, conversation=conversation), call.model,
+                        call.stream, call.include_usage, call.kind)
+        return await _answer(router, request, call)
+
     app = web.Application(client_max_size=max_body_bytes, middlewares=[errors, auth])
     app.add_routes([
         web.get("/", index),
@@ -180,6 +263,12 @@ def create_app(router: RouterFace, *, api_keys: tuple[str, ...] = (),
         web.get("/v1/models", models),
         web.post("/v1/chat/completions", chat),
         web.post("/v1/completions", completions),
+        web.get("/v1/conversations", list_conversations),
+        web.post("/v1/conversations", create_conversation),
+        web.get("/v1/conversations/{id}", get_conversation),
+        web.patch("/v1/conversations/{id}", rename_conversation),
+        web.delete("/v1/conversations/{id}", delete_conversation),
+        web.post("/v1/conversations/{id}/messages", conversation_turn),
     ])
     return app
 

@@ -22,7 +22,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from pichat.errors import ErrorCode, PichatError
+from pichat.errors import BadRequest, ErrorCode, PichatError
 from pichat.logs import clip
 from pichat.memory.store import Conversation, Message, NotFound, Store
 from pichat.protocol import (
@@ -192,35 +192,42 @@ class Memory:
                     client=client)
 
     async def _answer(self, client: bytes, query: Conversations, owner: str) -> None:
-        assert self.store is not None
         r = self.router
         try:
-            result: Any
-            match query.op:
-                case "list":
-                    result = [_summary(s) for s in
-                              await self.store.list(owner, query.limit, query.offset)]
-                case "get":
-                    conv = await self._lookup(owner, query.id, query.offset, query.limit)
-                    result = _page(conv, query.offset, r.config.max_message_bytes // 2)
-                case "rename":
-                    conv = await self._lookup(owner, query.id, 0, 0)
-                    await self.store.rename(owner, conv.id, query.title)
-                    result = {"id": conv.id, "title": query.title}
-                case _:
-                    conv = await self._lookup(owner, query.id, 0, 0)
-                    result = {"id": conv.id, "deleted": await self.store.delete(owner,
-                                                                               conv.id)}
+            result = await self.query(owner, query)
         except PichatError as exc:
             r.send_client(client, encode(Error(query.ref, exc.code, str(exc))))
             return
         r.send_client(client, encode(replace(query, result=result)))
 
+    async def query(self, owner: str, query: Conversations) -> Any:
+        """The answer to `query` about `owner`'s conversations (the same for ZeroMQ and
+        HTTP clients). Raises PichatError (NotFound, LimitReached, busy, none kept)."""
+        if self.store is None:
+            raise BadRequest("this router keeps no conversations (it runs with --db off)")
+        match query.op:
+            case "list":
+                return [_summary(s) for s in
+                        await self.store.list(owner, query.limit, query.offset)]
+            case "get":
+                conv = await self._lookup(owner, query.id, query.offset, query.limit)
+                return _page(conv, query.offset, self.router.config.max_message_bytes // 2)
+            case "create":
+                conv = await self.store.create(owner, title=query.title)
+                return _page(conv, 0, 0)
+            case "rename":
+                conv = await self._lookup(owner, query.id, 0, 0)
+                await self.store.rename(owner, conv.id, query.title)
+                return {"id": conv.id, "title": query.title}
+            case _:
+                conv = await self._lookup(owner, query.id, 0, 0)
+                return {"id": conv.id, "deleted": await self.store.delete(owner, conv.id)}
+
     # --- internals --------------------------------------------------------------------
 
     def _spawn(self, work: Coroutine[Any, Any, None], job: RequestId | None,
                sink: ReplySink | None, *, limit: bool = True, client: bytes = b"") -> None:
-        if limit and len(self._tasks) >= MAX_PENDING:
+        if limit and self.busy:
             work.close()
             busy = Error(job or "", ErrorCode.BUSY, "the conversation store is busy; retry")
             if sink is not None:
@@ -231,6 +238,11 @@ class Memory:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    @property
+    def busy(self) -> bool:
+        """As many store calls wait as may: refuse more (`busy`)."""
+        return len(self._tasks) >= MAX_PENDING
 
     @property
     def path(self) -> str:

@@ -198,12 +198,17 @@ def parse_chat(body: Any, request_id: str, *, session: str | None = None,
     the body's `user`."""
     body, sampling, model, stream, include_usage, session = _common(
         body, session, default_max_tokens)
+    truncate = body.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise _bad("'truncate' must be a boolean (false: a conversation too long for the "
+                   "context is an error instead of dropping its oldest turns)", "truncate")
     request = Request(
         id=RequestId(request_id),
         messages=_messages(body),
         sampling=sampling,
         session=SessionId(session[:128]) if session else None,
         model=None if model in ANY_MODEL else model,
+        truncate=truncate,
     )
     return ChatCall(request, model or "pichat", stream, include_usage, "chat")
 
@@ -270,9 +275,14 @@ def usage_object(done: Done) -> dict[str, Any]:
 def _pichat(done: Done) -> dict[str, Any]:
     """pichat's own fields (OpenAI clients ignore unknown ones)."""
     u = done.usage
-    return {"worker": done.worker, "prompt_ms": u.prompt_ms, "generate_ms": u.generate_ms,
-            "tokens_per_s": round(u.tokens_per_s, 2), "finish": done.finish,
-            "failovers": done.failovers}
+    out = {"worker": done.worker, "prompt_ms": u.prompt_ms, "generate_ms": u.generate_ms,
+           "tokens_per_s": round(u.tokens_per_s, 2), "finish": done.finish,
+           "failovers": done.failovers}
+    if done.conversation:
+        out["conversation"] = done.conversation
+    if u.dropped_tokens:
+        out["dropped_tokens"] = u.dropped_tokens
+    return out
 
 
 def _finish(done: Done) -> str:

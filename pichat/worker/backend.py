@@ -42,6 +42,8 @@ class Generation:
     completion_tokens: int
     prompt_ms: float
     generate_ms: float
+    dropped_tokens: int = 0
+    """Tokens of the oldest turns the conversation left out to fit (pichat/worker/window.py)."""
 
 
 class Context(Protocol):

@@ -486,7 +486,8 @@ class Worker:
                                              f"backend failure: {exc}")))
         else:
             usage = Usage(result.prompt_tokens, result.cached_tokens, result.completion_tokens,
-                          round(result.prompt_ms, 2), round(result.generate_ms, 2))
+                          round(result.prompt_ms, 2), round(result.generate_ms, 2),
+                          result.dropped_tokens)
             if rate := usage.tokens_per_s:  # for `status`
                 self.tps = _moving_average(self.tps, rate)
             read = usage.prompt_tokens - usage.cached_tokens

@@ -39,6 +39,7 @@ from pichat.protocol import MAX_LISTED_SESSIONS, ChatMessage, Request, SessionId
 from pichat.worker.backend import Context, Generation, Model, SavedState, common_prefix
 from pichat.worker.disk import DiskStore
 from pichat.worker.textstream import TextStream
+from pichat.worker.window import slide
 
 __all__ = ["SessionStore", "Slot", "SlotManager", "message_boundary", "MIN_SHARED"]
 
@@ -216,6 +217,24 @@ class SlotManager:
         if outside is not None:
             raise BadRequest(f"continuation token {outside} is outside the model's vocabulary "
                              f"({self.model.n_vocab} tokens)")
+        dropped = 0
+        n_ctx = self.model.n_ctx
+        reserve = min(request.sampling.max_tokens, n_ctx // 4)
+        if request.prompt is None and request.truncate and len(prompt) + reserve > n_ctx:
+            try:
+                window = slide(request.messages, count=lambda m: len(self.model.chat_tokens(m)),
+                               n_ctx=n_ctx - len(request.continuation), reserve=reserve,
+                               block=n_ctx // 4)
+            except ContextTooLong:
+                if len(prompt) + len(request.continuation) >= n_ctx:
+                    raise
+            else:
+                if window.dropped:
+                    prompt = self.model.chat_tokens(window.messages)
+                    dropped = window.dropped_tokens
+                    log.info("req=%s session=%s: the %d oldest messages (~%d tokens) left "
+                             "out to fit the context", request.id, request.session,
+                             window.dropped, dropped)
         prompt = [*prompt, *request.continuation]
         if not prompt:
             raise BadRequest("the prompt is empty")
@@ -241,10 +260,8 @@ class SlotManager:
         # Session switch (save/restore) counts as prompt time: it is part of the wait.
         switch_ms = (time.perf_counter() - started) * 1000 - result.prompt_ms - result.generate_ms
         if switch_ms > 0:
-            result = Generation(result.finish, result.prompt_tokens, result.cached_tokens,
-                                result.completion_tokens, result.prompt_ms + switch_ms,
-                                result.generate_ms)
-        return result
+            result = replace(result, prompt_ms=result.prompt_ms + switch_ms)
+        return replace(result, dropped_tokens=dropped) if dropped else result
 
     def _bring_in(self, slot: Slot, request: Request, prompt: Sequence[int]) -> None:
         """Make `slot`'s context hold the best state available for `request`'s prompt,
