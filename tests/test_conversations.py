@@ -272,3 +272,21 @@ async def test_a_client_can_ask_for_an_error_instead_of_a_slide(cluster: Cluster
             assert r.status == 400 and body["error"]["code"] == "context_length_exceeded"
         async with http.post(url, json={"messages": history, "truncate": "no"}) as r:
             assert r.status == 400 and (await r.json())["error"]["param"] == "truncate"
+
+
+async def test_a_stored_conversation_longer_than_a_request_may_be_still_goes_on(
+        cluster: Cluster, tmp_path):
+    cluster.router("--db", str(tmp_path / "c.db"), "--max-prompt-chars", "3000")
+    cluster.worker("w1", "--sim-reply-tokens", "8", "--sim-gen-tps", "2000")
+    await cluster.wait_workers(1)
+    async with cluster.client() as c:
+        for turn in range(20):  # ~330 characters a turn: 6,600 in all
+            reply = await c.chat(user(f"turn {turn} " + "word " * 60), sampling=GREEDY,
+                                 conversation="big")
+            assert reply.text
+        stored = await c.conversations("get", id="big", limit=1000)
+    assert stored["total"] == 40  # all kept; each request carried what fits
+    # A request of its own that size is still refused, as before.
+    async with cluster.client() as c:
+        with pytest.raises(RequestFailed, match="3000"):
+            await c.chat(user("x " * 2000), sampling=GREEDY)

@@ -458,10 +458,22 @@ async def test_a_source_that_never_answers_delays_the_turn_only_until_the_stall_
 
     monkeypatch.setattr(migration, "STALL_S", 0.3)
     async with spill_setup(h) as (w1, w2, client, first):
-        await w1.expect(Migrate)
+        migrate = await w1.expect(Migrate)
         abort = await w2.expect(State, timeout=5)  # after 0.3 s of silence from w1
         assert abort.abort and "stalled" in abort.abort
         await w2.expect(Request, id="r2")
+        # The source's piece that crossed the abort is dropped quietly; a piece for a
+        # transfer it never had is not.
+        await w1.send(State(migrate.transfer, 0, b"late", last=True))
+        await w1.send(State("never-was", 0, b"x", last=True))
+        # A DONE for no request of its own is counted (stale_results) once both are read
+        # (one connection: in order).
+        await w1.send(Done(RequestId("ghost"), "w1", "stop", Usage(1, 0, 1, 1.0, 1.0)))
+        for _ in range(500):
+            if h.router.snapshot()["requests"].get("stale_results"):
+                break
+            await asyncio.sleep(0.01)
+        assert h.router.snapshot()["requests"]["state_messages_refused"] == 1
     assert h.router.snapshot()["requests"]["state_transfers_failed"] == 1
     assert h.router.snapshot()["requests"]["states_refused_stalled"] == 1
 

@@ -124,6 +124,9 @@ class Memory:
                                "a turn of this conversation is still being answered"), None)
             return
         history = [ChatMessage(m.role, m.content) for m in conv.messages]  # type: ignore[arg-type]
+        room = self.router.config.max_prompt_chars - sum(len(m.content)
+                                                         for m in request.messages)
+        history = _within(history, room)
         full = replace(request, messages=(*history, *request.messages), conversation=None,
                        session=SessionId(f"conv-{conv.id}"))
         self._busy[key] = request.id
@@ -254,6 +257,24 @@ class Memory:
         if self.store is not None:
             await self.store.close()
             self.store = None
+
+
+def _within(history: list[ChatMessage], chars: int) -> list[ChatMessage]:
+    """`history` with its oldest whole turns (after the system messages) left out until
+    its text is at most `chars` characters: what a router accepts in one request (the
+    worker slides the rest to fit its context; the store keeps it all)."""
+    head = 0
+    while head < len(history) and history[head].role == "system":
+        head += 1
+    total = sum(len(m.content) for m in history)
+    cut = head
+    while total > chars and cut < len(history):
+        total -= len(history[cut].content)
+        cut += 1
+        while cut < len(history) and history[cut].role != "user":  # whole turns
+            total -= len(history[cut].content)
+            cut += 1
+    return history[:head] + history[cut:]
 
 
 def _summary(s: Any) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -55,6 +55,7 @@ PER_WORKER = 2
 """Transfers into one worker at once, and out of one (what a worker takes on:
 pichat/worker/migration.py), so a turn's move is not held up by a draining worker's
 handover between the same workers."""
+ENDED_KEPT = 64
 MAX_HANDOVER = 256
 """A draining worker's conversations handed over at most (the most recently used)."""
 
@@ -81,6 +82,9 @@ class Migrations:
         self._release = release
         """Send the held-back request to its worker (or free its slot if it is gone)."""
         self.transfers: dict[str, Transfer] = {}
+        self._ended: OrderedDict[str, tuple[WorkerId, WorkerId]] = OrderedDict()
+        """Transfers that ended lately, and their workers: pieces and acks still on the
+        way from those workers are dropped quietly (an abort crosses them on the wire)."""
         self._handover: dict[WorkerId, deque[SessionId]] = {}
         """Sessions of draining workers still to hand over, one transfer at a time each."""
 
@@ -145,7 +149,8 @@ class Migrations:
     def on_state(self, worker: WorkerId, piece: State, now: float) -> None:
         t = self.transfers.get(piece.transfer)
         if t is None or worker != t.source:
-            self._stray(worker, "STATE")
+            if self._ended.get(piece.transfer, (None,))[0] != worker:
+                self._stray(worker, "STATE")
             return
         t.heard = now
         if piece.abort:
@@ -170,7 +175,8 @@ class Migrations:
     def on_ack(self, worker: WorkerId, ack: StateAck, now: float) -> None:
         t = self.transfers.get(ack.transfer)
         if t is None or worker != t.target:
-            self._stray(worker, "STATE_ACK")
+            if self._ended.get(ack.transfer, (None, None))[1] != worker:
+                self._stray(worker, "STATE_ACK")
             return
         t.heard = now
         self.router.send_worker(t.source, encode(ack))
@@ -217,6 +223,9 @@ class Migrations:
         t = self.transfers.pop(tid, None)
         if t is None:
             return
+        self._ended[tid] = (t.source, t.target)
+        if len(self._ended) > ENDED_KEPT:
+            self._ended.popitem(last=False)
         if failure is not None:
             events = self.router.stats.events
             events["state_transfers_failed"] += 1
