@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING = 256
 """Store calls waiting at once (turns being looked up or kept, CONVERSATIONS asked)."""
-TITLE_CHARS = 60
 
 
 @dataclass(slots=True)
