@@ -20,6 +20,7 @@ import http_affinity  # noqa: E402
 import migration  # noqa: E402
 import overhead  # noqa: E402
 import proxy  # noqa: E402
+import sliding  # noqa: E402
 
 BENCHMARKS = {
     "batched": ("One worker, many conversations: the batched engine vs one context per slot "
@@ -34,6 +35,9 @@ BENCHMARKS = {
              "conversations sharing a system prompt, 2 workers x 2 slots", http_affinity.main),
     "overhead": ("Router overhead: the default model direct vs through the router; "
                  "router forwarding rate", overhead.main),
+    "sliding": ("A 60-turn conversation at --ctx 1024: sliding in blocks with context shift "
+                "(and a note) vs dropping the oldest turn every turn and reading again "
+                "(default model, 1 worker, 2 threads)", sliding.main),
     "connections": ("Router memory per client connection, as the messages it carried grow "
                     "(libzmq's pipes; explains the soak's memory curve)", connections.main),
 }

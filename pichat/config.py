@@ -36,6 +36,7 @@ DEFAULT_HEALTH_ENDPOINT = "ipc:///tmp/pichat-health.ipc"
 Backend: TypeAlias = Literal["llama", "sim"]
 Engine: TypeAlias = Literal["batched", "contexts"]
 KvType: TypeAlias = Literal["f16", "q8_0", "q4_0"]
+Memory: TypeAlias = Literal["summary", "none"]
 
 
 def default_worker_name() -> str:
@@ -137,6 +138,16 @@ class WorkerConfig:
     kv_type: KvType = "f16"
     """llama: what the KV cache stores, f16 or quantized (q8_0 about half the RAM, q4_0
     about a quarter; flash attention is on for those)."""
+    context_shift: bool = True
+    """A conversation that slid out of the context keeps the KV cells of its kept turns,
+    moved (llama.cpp's context shift), instead of reading them again; an answer that
+    reaches the end of the context shifts it and goes on (the batched engine)."""
+    slide_block: int = 0
+    """Tokens that leave the context at once when a conversation slides (0: a quarter of
+    ctx; 1: just enough, every turn)."""
+    memory: Memory = "summary"
+    """What a sliding conversation keeps of the turns that leave: `summary`, a note the
+    model writes, kept after the system prompt; `none`."""
     cache_mb: int = 256
     """RAM for saved KV states of conversations that are not in a slot."""
     state_dir: str = ""

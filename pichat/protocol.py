@@ -24,12 +24,16 @@ belongs to ZeroMQ, not to this protocol.)
                                         across owners), lease? (the router's proof that it
                                         placed the session on this worker); truncate?
                                         (false: a conversation too long for the context
-                                        fails instead of dropping its oldest turns)
+                                        fails instead of dropping its oldest turns);
+                                        memory?, remembered? (a note standing for the
+                                        first `remembered` messages after the system ones)
     CHUNK       worker -> router        id, seq (0, 1, 2...), text, tokens (their ids)
                 -> client
     DONE        worker -> router        id, worker, finish ("stop" | "length" |
                 -> client               "cancelled"), usage (dropped_tokens: what slid
-                                        out of the context), failovers?, conversation?
+                                        out of the context), failovers?, conversation?;
+                                        worker -> router: memory?, remembered? (a note
+                                        of the turns that slid out, written now)
     ERROR       any direction           id ("" when no request is concerned), code, message
     CANCEL      client -> router        id
                 router -> worker
@@ -121,6 +125,8 @@ MAX_SESSION_CHARS = 192
 """A client's session id (128) with the router's owner prefix."""
 MAX_NAME_CHARS = 256
 MAX_TITLE_CHARS = 200
+MAX_MEMORY_CHARS = 4000
+"""A conversation's note of its turns that slid out of the context (pichat/worker/summary.py)."""
 """A stored conversation's title (or id)."""
 MAX_MESSAGES = 4096
 MAX_STOP_STRINGS = 8
@@ -482,6 +488,10 @@ class Request:
     truncate: bool = True
     """A conversation too long for the context drops its oldest turns (False: the request
     fails with `context_length` instead)."""
+    memory: str | None = None
+    """A note of the conversation's start (router -> worker, a stored conversation's):
+    it stands for the first `remembered` messages after the system messages."""
+    remembered: int = 0
 
     @classmethod
     def from_body(cls, f: _Fields) -> Request:
@@ -513,6 +523,9 @@ class Request:
             conversation=f.str("conversation", min_chars=1, max_chars=MAX_TITLE_CHARS,
                                required=False, default=None),
             truncate=f.bool("truncate", default=True),
+            memory=f.str("memory", min_chars=1, max_chars=MAX_MEMORY_CHARS, required=False,
+                         default=None),
+            remembered=f.int("remembered", hi=MAX_MESSAGES, required=False),
         )
 
     def to_body(self) -> dict[str, Any]:
@@ -531,6 +544,9 @@ class Request:
             body["isolate"] = True
         if not self.truncate:
             body["truncate"] = False
+        if self.memory:
+            body["memory"] = self.memory
+            body["remembered"] = self.remembered
         return body
 
 
@@ -571,6 +587,10 @@ class Done:
     """Times the router moved this answer to another worker mid-stream."""
     conversation: str | None = None
     """The stored conversation the turn was kept in (router -> client)."""
+    memory: str | None = None
+    """A note the worker wrote of the turns that slid out (worker -> router), standing for
+    the request's first `remembered` messages after its system messages."""
+    remembered: int = 0
 
     @classmethod
     def from_body(cls, f: _Fields) -> Done:
@@ -585,6 +605,9 @@ class Done:
             failovers=f.int("failovers", hi=1000, required=False),
             conversation=f.str("conversation", min_chars=1, max_chars=MAX_TITLE_CHARS,
                                required=False, default=None),
+            memory=f.str("memory", min_chars=1, max_chars=MAX_MEMORY_CHARS, required=False,
+                         default=None),
+            remembered=f.int("remembered", hi=MAX_MESSAGES, required=False),
         )
 
     def to_body(self) -> dict[str, Any]:
@@ -594,6 +617,9 @@ class Done:
             body["failovers"] = self.failovers
         if self.conversation:
             body["conversation"] = self.conversation
+        if self.memory:
+            body["memory"] = self.memory
+            body["remembered"] = self.remembered
         return body
 
     def continued(self, resumed: int, failovers: int) -> Done:

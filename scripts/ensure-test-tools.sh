@@ -3,8 +3,11 @@
 #   chromium    the web page test (tests/test_web.py, through Playwright)
 #   iptables    the fault lab's packet loss (tests/test_faultlab.py; it also needs root
 #               for network namespaces, with iproute2's `ip`)
+#   postgresql  the PostgreSQL conversation store's tests (tests/pg.py starts a server of
+#               its own in a temporary directory)
 # Otherwise say which tests will be skipped. Never fails the build.
 here="$(dirname "${BASH_SOURCE[0]}")"
 browser=chromium:chromium
 command -v chromium-browser >/dev/null 2>&1 && browser=chromium-browser:chromium
-exec "$here/ensure-tools.sh" --optional "$browser" iptables:iptables ip:iproute2
+exec "$here/ensure-tools.sh" --optional "$browser" iptables:iptables ip:iproute2 \
+    pg_ctlcluster:postgresql

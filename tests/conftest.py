@@ -44,6 +44,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server of this session (tests/pg.py); skipped, with the reason,
+    where it cannot start."""
+    from pg import PostgresServer
+
+    server, why = PostgresServer.start()
+    if server is None:
+        pytest.skip(why)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def default_model() -> Path:
     """The default model, installed by `make install` (skipped only if it is absent)."""
     from pichat.errors import ModelNotFound

@@ -258,3 +258,69 @@ def test_the_default_model_with_each_kv_type(default_model, kv_type):
         assert 0 < per_token - model.kv_token_bytes < 16 * 24  # metadata per layer at most
     finally:
         model.close()
+
+
+def test_a_slid_prompt_moves_the_kept_cells_and_a_saved_state_holds_them_moved(tmp_path):
+    """Context shift on a real context: the turns that left are removed, the kept ones
+    moved (and a note put in front of them), and only the new message is read. A state
+    saved right after holds the moved cells as they are used: restored elsewhere, it
+    answers exactly as the lane itself does."""
+    model = LlamaModel(write_tiny_model(tmp_path / "e.gguf", endless=True), n_ctx=512,
+                       threads=1, lanes=3)
+    lanes = [model.new_context(1) for _ in range(3)]
+    try:
+        slid(model, lanes)
+    finally:
+        model.close()
+
+
+def slid(model, lanes):
+    rng = __import__("random").Random(5)
+    words = lambda n: [rng.randrange(10, model.n_vocab) for _ in range(n)]  # noqa: E731
+    system, old, kept = words(20), words(150), words(250)
+    note, new = words(40), words(12)
+    held = system + old + kept
+    generate(lanes[0], held + words(1), Sampling(temperature=0, max_tokens=1))
+    lanes[0].truncate(len(held))
+    prompt = system + note + kept + new
+    reused = lanes[0].splice(prompt)
+    assert reused == len(system) + len(note) + len(kept)
+    assert list(lanes[0].tokens()) == prompt[:reused]
+    saved = lanes[0].save()
+    here, result = generate(lanes[0], prompt)
+    assert result.cached_tokens == reused and result.prompt_tokens == len(prompt)
+    assert lanes[1].restore(saved)
+    there, _ = generate(lanes[1], prompt)
+    assert here and there == here
+    # Moved cells are not the cells of a fresh read (they were computed after what
+    # left): the answer may differ from one read from scratch, but it is an answer.
+    lanes[2].clear()
+    fresh, cold = generate(lanes[2], prompt)
+    assert cold.cached_tokens == 0 and fresh
+
+
+def test_an_answer_that_reaches_the_end_of_the_context_shifts_it_and_goes_on(tmp_path):
+    from pichat.worker.backend import Room
+
+    path = write_tiny_model(tmp_path / "endless.gguf", endless=True)
+    model = LlamaModel(path, n_ctx=256, threads=1, lanes=1)
+    try:
+        lane = model.new_context(1)
+        prompt = model.chat_tokens([ChatMessage("system", "keep this"),
+                                    ChatMessage("user", "tell me everything")])
+        long = Sampling(temperature=0, max_tokens=600)
+        out = TextStream(lambda *_: None)
+        stopped = lane.generate(prompt, long, out, threading.Event())
+        assert stopped.finish == "length"  # no room: it ends where the context does
+        assert stopped.completion_tokens == 256 - len(prompt) and not stopped.dropped_tokens
+        lane.clear()
+        keep = len(model.prefix_tokens([ChatMessage("system", "keep this")], 1))
+        went_on = lane.generate(prompt, long, TextStream(lambda *_: None), threading.Event(),
+                                room=Room(keep, 64))
+        assert went_on.finish == "length" and went_on.completion_tokens == 600
+        assert went_on.dropped_tokens >= 600 + len(prompt) - 256
+        assert went_on.dropped_tokens % 64 == 0
+        held = list(lane.tokens())
+        assert len(held) <= 256 and held[:keep] == prompt[:keep]  # the system prompt stayed
+    finally:
+        model.close()

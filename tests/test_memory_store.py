@@ -1,5 +1,6 @@
-"""The conversation store (pichat/memory/sqlite.py): what it keeps, for whom, within which
-bounds, and that a kill never costs a committed turn nor damages the file."""
+"""The conversation stores (pichat/memory/sqlite.py, and pichat/memory/postgres.py against
+a real PostgreSQL server): what they keep, for whom, within which bounds, and that a kill
+never costs a committed turn nor damages the database."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import textwrap
 import pytest
 
 from pichat.errors import PichatError
+from pichat.memory.postgres import SCHEMA_VERSION as PG_SCHEMA
+from pichat.memory.postgres import PostgresStore
 from pichat.memory.sqlite import SCHEMA_VERSION, SQLiteStore
 from pichat.memory.store import LimitReached, Limits, Message, NewerStore, NotFound
 
@@ -33,12 +36,22 @@ async def opened(tmp_path, **limits) -> SQLiteStore:
                                   clock=Clock())
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def make(request, tmp_path):
+    """An async factory of an empty store of each kind, with these limits."""
+    if request.param == "sqlite":
+        return lambda **limits: opened(tmp_path, **limits)
+    server = request.getfixturevalue("postgres")
+    url = server.new_database()
+    return lambda **limits: PostgresStore.open(url, Limits(**limits), clock=Clock())
+
+
 def turn(question: str, answer: str) -> tuple[Message, Message]:
     return Message("user", question), Message("assistant", answer, model="m", worker="w1")
 
 
-async def test_a_conversation_is_kept_listed_found_renamed_and_deleted(tmp_path):
-    store = await opened(tmp_path)
+async def test_a_conversation_is_kept_listed_found_renamed_and_deleted(make):
+    store = await make()
     try:
         first = await store.create("alice", title="Moon", model="m",
                                    messages=(Message("system", "Be brief."),))
@@ -67,8 +80,8 @@ async def test_a_conversation_is_kept_listed_found_renamed_and_deleted(tmp_path)
         await store.close()
 
 
-async def test_one_owner_never_reaches_another_owners_conversation(tmp_path):
-    store = await opened(tmp_path)
+async def test_one_owner_never_reaches_another_owners_conversation(make):
+    store = await make()
     try:
         mine = await store.create("alice", title="secret",
                                   messages=turn("My PIN is 1234", "Noted."))
@@ -87,9 +100,9 @@ async def test_one_owner_never_reaches_another_owners_conversation(tmp_path):
         await store.close()
 
 
-async def test_limits_refuse_with_a_clear_error_and_store_nothing(tmp_path):
-    store = await opened(tmp_path, conversations_per_owner=2, messages_per_conversation=4,
-                         message_chars=100)
+async def test_limits_refuse_with_a_clear_error_and_store_nothing(make):
+    store = await make(conversations_per_owner=2, messages_per_conversation=4,
+                       message_chars=100)
     try:
         c = await store.create("alice", messages=turn("a", "b"))
         await store.create("alice")
@@ -107,9 +120,9 @@ async def test_limits_refuse_with_a_clear_error_and_store_nothing(tmp_path):
         await store.close()
 
 
-async def test_past_its_byte_bound_the_store_drops_the_least_recently_used(tmp_path):
+async def test_past_its_byte_bound_the_store_drops_the_least_recently_used(make):
     # 10 KB in all, 5 KB per owner: ~1 KB per conversation of one 900-character message.
-    store = await opened(tmp_path, max_bytes=10_000, owner_share=0.5)
+    store = await make(max_bytes=10_000, owner_share=0.5)
     try:
         big = "x" * 900
         others = [await store.create(f"user{i}", messages=(Message("user", big),))
@@ -173,11 +186,13 @@ async def test_a_store_that_cannot_be_opened_says_where_and_what_to_do(tmp_path)
 
 WRITER = textwrap.dedent("""
     import asyncio, sys
+    from pichat.memory.postgres import PostgresStore, is_postgres
     from pichat.memory.sqlite import SQLiteStore
     from pichat.memory.store import Message
 
     async def main():
-        store = await SQLiteStore.open(sys.argv[1])
+        kind = PostgresStore if is_postgres(sys.argv[1]) else SQLiteStore
+        store = await kind.open(sys.argv[1])
         c = await store.create("alice")
         print(c.id, flush=True)
         n = 0
@@ -191,9 +206,14 @@ WRITER = textwrap.dedent("""
 """)
 
 
-async def test_a_kill_mid_write_loses_no_committed_turn_and_leaves_the_file_whole(tmp_path):
-    path = tmp_path / "conversations.db"
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE,
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_a_kill_mid_write_loses_no_committed_turn_and_leaves_the_file_whole(
+        tmp_path, request, kind):
+    if kind == "sqlite":
+        where, kind_of = str(tmp_path / "conversations.db"), SQLiteStore
+    else:
+        where, kind_of = request.getfixturevalue("postgres").new_database(), PostgresStore
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, where], stdout=subprocess.PIPE,
                             text=True)
     try:
         cid = proc.stdout.readline().strip()
@@ -204,9 +224,10 @@ async def test_a_kill_mid_write_loses_no_committed_turn_and_leaves_the_file_whol
         proc.kill()
         proc.wait()
         proc.stdout.close()
-    with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    store = await SQLiteStore.open(path)
+    if kind == "sqlite":
+        with sqlite3.connect(where) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    store = await kind_of.open(where)
     try:
         messages = (await store.get("alice", cid)).messages
         assert len(messages) >= 2 * acked and len(messages) % 2 == 0  # whole turns only
@@ -217,3 +238,29 @@ async def test_a_kill_mid_write_loses_no_committed_turn_and_leaves_the_file_whol
         await store.append("alice", cid, turn("after", "the kill"))  # and it goes on
     finally:
         await store.close()
+
+
+async def test_postgres_from_a_newer_pichat_is_refused_and_a_bad_url_says_what_to_do(
+        postgres):
+    import psycopg
+
+    url = postgres.new_database()
+    store = await PostgresStore.open(url)
+    c = await store.create("alice", messages=turn("q", "a"))
+    await store.close()
+    again = await PostgresStore.open(url)  # reopened: migrated once, the turn still there
+    assert len((await again.get("alice", c.id)).messages) == 2
+    await again.close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE pichat_schema SET version = version + 1")
+    with pytest.raises(NewerStore, match="newer pichat"):
+        await PostgresStore.open(url)
+    with psycopg.connect(url) as conn:  # left alone
+        assert conn.execute("SELECT version FROM pichat_schema").fetchone()[0] == \
+            PG_SCHEMA + 1
+        assert conn.execute("SELECT count(*) FROM pichat_messages").fetchone()[0] == 2
+    secret = url.replace("postgres@", "postgres:hunter2@")
+    bad = secret.rsplit("?", 1)[0] + "?host=/nonexistent/socket"
+    with pytest.raises(PichatError, match="cannot (open|reach) the conversation store") as err:
+        await PostgresStore.open(bad)
+    assert "hunter2" not in str(err.value) and "--db" in str(err.value)

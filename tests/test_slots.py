@@ -215,3 +215,58 @@ def test_message_boundary_finds_the_longest_run_of_whole_messages():
     assert message_boundary(model, messages, prompt, len(prompt)) == 13 + 9
     assert message_boundary(model, messages, prompt, 13 + 8) == 13
     assert message_boundary(model, messages, prompt, 12) == 0
+
+
+def sliding_turns(manager: SlotManager, turns: int, *, session: str | None = "s",
+                  memory: str | None = None, remembered: int = 0):
+    """A conversation of `turns` turns of ~25 words through `manager`; each turn's result
+    (the history sent in full each time, as a stateless client does)."""
+    history = [ChatMessage("system", "You are terse.")]
+    results = []
+    for t in range(turns):
+        history.append(ChatMessage("user", f"q{t} " + "w " * 20))
+        slot = manager.acquire(SessionId(session) if session else None)
+        out = TextStream(lambda *_: None)
+        try:
+            results.append(manager.run(slot, Request(
+                RequestId(f"r{t}"), tuple(history), Sampling(temperature=0, max_tokens=5),
+                session=SessionId(session) if session else None, owner="o", memory=memory,
+                remembered=remembered), out, threading.Event()))
+        finally:
+            manager.release(slot)
+        out.close()
+        history.append(ChatMessage("assistant", out.text))
+    return results
+
+
+def test_a_note_is_written_once_per_slide_and_kept_between_slides():
+    manager = SlotManager(SimModel(FAST, 512), 1, threads=1, cache_bytes=1 << 20)
+    results = sliding_turns(manager, 40)
+    slides = [i for i, (a, b) in enumerate(zip(results, results[1:]), 1)
+              if b.dropped_tokens != a.dropped_tokens]
+    notes = [i for i, r in enumerate(results) if r.note is not None]
+    assert slides and notes == slides  # a new note exactly when the window moves
+    assert all(results[i].note.covers % 2 == 0 for i in notes)  # whole turns
+    # Between slides the note stays in the prompt unchanged: the prompt's start is warm.
+    between = [r for i, r in enumerate(results) if r.dropped_tokens and i not in slides]
+    assert between and all(r.cached_tokens >= r.prompt_tokens - 40 for r in between)
+    # With --memory none nothing is written and the same turns slide.
+    plain = sliding_turns(SlotManager(SimModel(FAST, 512), 1, threads=1, cache_bytes=1 << 20,
+                                      memory="none"), 40)
+    assert all(r.note is None for r in plain) and any(r.dropped_tokens for r in plain)
+
+
+def test_a_note_sent_with_the_request_is_used_and_one_far_too_long_is_cut_to_fit():
+    manager = SlotManager(SimModel(FAST, 512), 1, threads=1, cache_bytes=1 << 20)
+    # A stored conversation's note that stands for what slides: no new note is written
+    # until more than it stands for slides out.
+    results = sliding_turns(manager, 30, session="a", memory="Ada lives in Lisbon.",
+                            remembered=24)
+    sliding = [r for r in results if r.dropped_tokens]
+    assert sliding and sliding[0].note is None
+    assert all(r.note is None or r.note.covers > 24 for r in sliding)
+    # A client's note of 4,000 characters (what the protocol lets through): the prompt
+    # still fits the context with room for the answer, shortened rather than refused.
+    huge = sliding_turns(manager, 30, session="b", memory="word " * 800, remembered=24)
+    assert all(r.prompt_tokens + 5 <= 512 for r in huge)
+    assert all(r.finish == "stop" for r in huge)

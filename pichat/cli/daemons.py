@@ -110,7 +110,8 @@ R, S, W = RouterConfig, SchedulerConfig, WorkerConfig
          help="Repeated log lines of one kind (refused handshakes, bad messages) are held "
               "back for this many seconds and then summed up in one line.")
 @o.field(R, "db", "--db", env="DB",
-         help="Keep conversations here (SQLite); 'off' for none.")
+         help="Keep conversations here: an SQLite file, or postgresql://USER:PASSWORD@HOST/DB "
+              "(PICHAT_DB keeps the password off the command line); 'off' for none.")
 @o.field(R, "db_max_mb", "--db-max-mb", env="DB_MAX_MB", type=click.IntRange(1),
          help="Size of the conversation store at most: the least recently used are dropped "
               "past it (one user's past a quarter of it).")
@@ -186,6 +187,16 @@ def model_options(f: Any) -> Any:
 @o.option("--name", env="WORKER_NAME", default=None,
           help="Name shown in status [default: HOSTNAME-PID].")
 @model_options
+@o.field(W, "memory", "--memory", env="MEMORY", type=click.Choice(["summary", "none"]),
+         help="What a conversation too long for the context keeps of the turns that "
+              "slide out: a note the model writes of them, or nothing.")
+@o.option("--context-shift/--no-context-shift", "context_shift", env="CONTEXT_SHIFT",
+          default=o.default(W, "context_shift"),
+          help="Move a sliding conversation's KV cells instead of reading its kept "
+               "turns again; a long answer shifts the context and goes on.")
+@o.field(W, "slide_block", "--slide-block", env="SLIDE_BLOCK", type=click.IntRange(0),
+         help="Tokens that leave the context at once when a conversation slides "
+              "(0: a quarter of --ctx; 1: just enough, every turn).")
 @o.field(W, "threads", "--threads", env="THREADS", type=click.IntRange(1),
          help="CPU threads for inference, shared by the slots.")
 @o.field(W, "engine", "--engine", env="ENGINE", type=click.Choice(["batched", "contexts"]),

@@ -26,14 +26,15 @@ from typing import Any, TypeVar
 
 from pichat.errors import PichatError
 from pichat.memory.store import (
-    ROLES,
     Conversation,
-    LimitReached,
     Limits,
     Message,
     NewerStore,
     NotFound,
     Summary,
+    check_count,
+    measure,
+    victims,
 )
 
 __all__ = ["SQLiteStore", "SCHEMA_VERSION"]
@@ -41,9 +42,6 @@ __all__ = ["SQLiteStore", "SCHEMA_VERSION"]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-MESSAGE_OVERHEAD = 64
-"""Bytes a message is counted for beyond its text (its row, its index entry)."""
 
 MIGRATIONS: list[list[str]] = [
     [  # 1: conversations and their messages
@@ -181,12 +179,9 @@ class SQLiteStore:
 
     def _create(self, owner: str, title: str, model: str,
                 messages: tuple[Message, ...]) -> Conversation:
-        lim = self.limits
         (count,) = self.db.execute("SELECT count(*) FROM conversations WHERE owner = ?",
                                    (owner,)).fetchone()
-        if count >= lim.conversations_per_owner:
-            raise LimitReached(f"you have {count} stored conversations, the most this router "
-                               "keeps per user: delete some first")
+        check_count(count, self.limits)
         now = self.clock()
         cid = secrets.token_hex(8)
         self.db.execute("BEGIN IMMEDIATE")
@@ -248,21 +243,7 @@ class SQLiteStore:
                 messages: tuple[Message, ...]) -> None:
         """Add `messages` to conversation `cid` (holding `n` messages of `nbytes`), within
         the limits, inside the caller's transaction."""
-        lim = self.limits
-        if n + len(messages) > lim.messages_per_conversation:
-            raise LimitReached(f"the conversation has {n} messages, and this router keeps at "
-                               f"most {lim.messages_per_conversation}: start a new one")
-        added = 0
-        for m in messages:
-            if m.role not in ROLES:
-                raise LimitReached(f"a message's role must be one of {ROLES}")
-            if len(m.content) > lim.message_chars:
-                raise LimitReached(f"a message of {len(m.content)} characters; this router "
-                                   f"keeps at most {lim.message_chars}")
-            added += len(m.content.encode()) + MESSAGE_OVERHEAD
-        if nbytes + added > min(lim.conversation_bytes, lim.max_bytes * lim.owner_share):
-            raise LimitReached("the conversation is too large for this router to keep: "
-                               "start a new one")
+        added = measure(messages, self.limits, n, nbytes)
         now = self.clock()
         self.db.executemany(
             "INSERT INTO messages (conversation, seq, role, content, created, model, worker) "
@@ -301,13 +282,8 @@ class SQLiteStore:
                 continue
             rows = self.db.execute(f"SELECT id, bytes FROM conversations {where} "
                                    f"ORDER BY updated", args).fetchall()
-            for cid, nbytes in rows:
-                if total <= bound:
-                    break
-                if cid == keep:
-                    continue
+            for cid, nbytes in victims(rows, total, bound, keep):
                 self.db.execute("DELETE FROM conversations WHERE id = ?", (cid,))
-                total -= nbytes
                 dropped, freed = dropped + 1, freed + nbytes
         if dropped:
             self.dropped += dropped

@@ -18,10 +18,13 @@ from pichat.errors import BadRequest, PichatError
 
 __all__ = [
     "Conversation", "Limits", "LimitReached", "Message", "NewerStore", "NotFound",
-    "Store", "Summary",
+    "Store", "Summary", "check_count", "measure", "victims", "MESSAGE_OVERHEAD",
 ]
 
 ROLES = ("system", "user", "assistant", "tool")
+
+MESSAGE_OVERHEAD = 64
+"""Bytes a message is counted for beyond its text (its row, its index entry)."""
 
 
 class NotFound(BadRequest):
@@ -84,7 +87,7 @@ class Conversation:
     memory: str = ""
     """What the model wrote of the turns that slid out of its context."""
     remembered: int = 0
-    """How many of the first messages `memory` stands for."""
+    """How many of the first messages (after the system ones) `memory` stands for."""
     total: int = 0
     """Messages it holds (`messages` may be a page of them)."""
 
@@ -121,3 +124,46 @@ class Store(Protocol):
     async def delete(self, owner: str, conversation: str) -> bool: ...
 
     async def close(self) -> None: ...
+
+
+# --- the bounds every store keeps the same way -------------------------------------------
+
+def check_count(count: int, limits: Limits) -> None:
+    """Before an owner holding `count` conversations makes another."""
+    if count >= limits.conversations_per_owner:
+        raise LimitReached(f"you have {count} stored conversations, the most this router "
+                           "keeps per user: delete some first")
+
+
+def measure(messages: tuple[Message, ...], limits: Limits, n: int, nbytes: int) -> int:
+    """The bytes `messages` add to a conversation of `n` messages and `nbytes`; raises
+    LimitReached if they may not be added."""
+    if n + len(messages) > limits.messages_per_conversation:
+        raise LimitReached(f"the conversation has {n} messages, and this router keeps at "
+                           f"most {limits.messages_per_conversation}: start a new one")
+    added = 0
+    for m in messages:
+        if m.role not in ROLES:
+            raise LimitReached(f"a message's role must be one of {ROLES}")
+        if len(m.content) > limits.message_chars:
+            raise LimitReached(f"a message of {len(m.content)} characters; this router "
+                               f"keeps at most {limits.message_chars}")
+        added += len(m.content.encode()) + MESSAGE_OVERHEAD
+    if nbytes + added > min(limits.conversation_bytes, limits.max_bytes * limits.owner_share):
+        raise LimitReached("the conversation is too large for this router to keep: "
+                           "start a new one")
+    return added
+
+
+def victims(rows: list[tuple[str, int]], total: int, bound: float, keep: str
+            ) -> list[tuple[str, int]]:
+    """Of conversations `rows` (id, bytes; least recently updated first) holding `total`
+    bytes, those to drop to get within `bound`, never `keep`."""
+    out = []
+    for cid, nbytes in rows:
+        if total <= bound:
+            break
+        if cid != keep:
+            out.append((cid, nbytes))
+            total -= nbytes
+    return out

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+import re
+import secrets
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,7 @@ from pichat.protocol import (
     Error,
     Request,
     RequestId,
+    Sampling,
     SessionId,
     encode,
 )
@@ -48,6 +51,14 @@ log = logging.getLogger(__name__)
 MAX_PENDING = 256
 """Store calls waiting at once (turns being looked up or kept, CONVERSATIONS asked)."""
 
+TITLE_CHARS = 60
+TITLE_SYSTEM = "You give each conversation a short title."
+TITLE_ASK = ('Conversation\'s first message: "{message}"\n\nWrite a title of at most six words '
+             'for this conversation. Reply with the title only, no quotes.')
+"""How the model is asked for a title (tried on the default model: "How do I reverse a
+list in Python?" -> "Reverse a List in Python"; asked without a system prompt, it
+answered the message instead)."""
+
 
 @dataclass(slots=True)
 class _Turn:
@@ -56,6 +67,10 @@ class _Turn:
     new: tuple[ChatMessage, ...]
     model: str
     answer: list[str]
+    left: int = 0
+    """Messages of the history the router left out of the request (`_within`)."""
+    untitled: bool = False
+    """The conversation's first turn, and no title given: the model writes one."""
 
 
 class TurnSink:
@@ -125,12 +140,17 @@ class Memory:
         history = [ChatMessage(m.role, m.content) for m in conv.messages]  # type: ignore[arg-type]
         room = self.router.config.max_prompt_chars - sum(len(m.content)
                                                          for m in request.messages)
-        history = _within(history, room)
+        history, left = _within(history, room)
+        # The note of what slid out (pichat/worker/summary.py), counted from the
+        # messages sent.
+        memory = conv.memory or None
         full = replace(request, messages=(*history, *request.messages), conversation=None,
-                       session=SessionId(f"conv-{conv.id}"))
+                       session=SessionId(f"conv-{conv.id}"), memory=memory,
+                       remembered=max(0, conv.remembered - left) if memory else 0)
         self._busy[key] = request.id
         self.turns[request.id] = _Turn(owner, conv.id, request.messages,
-                                       request.model or "", [])
+                                       request.model or "", [], left,
+                                       untitled=not conv.title and not conv.total)
         self.router.submit(full, TurnSink(sink, self, request.id), owner=owner)
 
     async def _lookup(self, owner: str, name: str, offset: int = 0,
@@ -162,20 +182,57 @@ class Memory:
         store = self.store
 
         async def store_then_deliver() -> None:
+            title_from = ""
             try:
                 if done.finish != "cancelled":
                     messages = tuple(Message(m.role, m.content) for m in turn.new) + (
                         Message("assistant", "".join(turn.answer),
                                 model=turn.model or "", worker=done.worker),)
                     await store.append(turn.owner, turn.conversation, messages)
+                if done.memory:
+                    await store.remember(turn.owner, turn.conversation, done.memory,
+                                         done.remembered + turn.left)
+                if turn.untitled and done.finish != "cancelled":
+                    title_from = next((m.content for m in turn.new if m.role == "user"), "")
+                    await store.rename(turn.owner, turn.conversation, _excerpt(title_from))
             except PichatError as exc:
                 log.warning("req=%s: the turn was answered but not kept in conversation %s: "
                             "%s", job, turn.conversation, exc)
             finally:
                 self.end(job)
-                sink.deliver(replace(done, conversation=turn.conversation), None)
+                sink.deliver(replace(done, conversation=turn.conversation, memory=None,
+                                     remembered=0), None)
+            if title_from:
+                self._entitle(turn, title_from)
 
         self._spawn(store_then_deliver(), job, sink, limit=False)
+
+    def _entitle(self, turn: _Turn, first: str) -> None:
+        """Have the model write the conversation's title from its first message, off the
+        hot path: only while no request waits, after the turn's DONE; it replaces the
+        excerpt the conversation was given meanwhile (unless renamed since)."""
+        if not first or self.router.scheduler.queue_depth or self.store is None:
+            return
+        store, excerpt = self.store, _excerpt(first)
+        ask = Request(RequestId(f"title-{turn.conversation}-{secrets.token_hex(4)}"),
+                      (ChatMessage("system", TITLE_SYSTEM),
+                       ChatMessage("user", TITLE_ASK.format(message=_cut(first, 600)))),
+                      Sampling(temperature=0.0, max_tokens=16), model=turn.model or None)
+
+        def written(text: str) -> None:
+            title = _title(text)
+            if title and not self.busy:
+                self._spawn(retitle(title), None, None, limit=False)
+
+        async def retitle(title: str) -> None:
+            try:
+                conv = await store.get(turn.owner, turn.conversation, 0, 0)
+                if conv.title == excerpt:
+                    await store.rename(turn.owner, turn.conversation, title)
+            except PichatError as exc:  # deleted meanwhile, say
+                log.debug("conversation %s: no title kept: %s", turn.conversation, exc)
+
+        self.router.submit(ask, _Collect(written), owner=turn.owner)
 
     def end(self, job: RequestId) -> None:
         turn = self.turns.pop(job, None)
@@ -258,10 +315,11 @@ class Memory:
             self.store = None
 
 
-def _within(history: list[ChatMessage], chars: int) -> list[ChatMessage]:
+def _within(history: list[ChatMessage], chars: int) -> tuple[list[ChatMessage], int]:
     """`history` with its oldest whole turns (after the system messages) left out until
     its text is at most `chars` characters: what a router accepts in one request (the
-    worker slides the rest to fit its context; the store keeps it all)."""
+    worker slides the rest to fit its context; the store keeps it all); and how many
+    messages left."""
     head = 0
     while head < len(history) and history[head].role == "system":
         head += 1
@@ -273,7 +331,43 @@ def _within(history: list[ChatMessage], chars: int) -> list[ChatMessage]:
         while cut < len(history) and history[cut].role != "user":  # whole turns
             total -= len(history[cut].content)
             cut += 1
-    return history[:head] + history[cut:]
+    return history[:head] + history[cut:], cut - head
+
+
+class _Collect:
+    """A sink for the router's own request: the text, to `then`, once it is done."""
+
+    def __init__(self, then: Callable[[str], None]) -> None:
+        self.key = object()
+        self._then = then
+        self._parts: list[str] = []
+
+    def deliver(self, message: Chunk | Done | Error, frames: list[bytes] | None) -> bool:
+        if isinstance(message, Chunk):
+            self._parts.append(message.text)
+        elif isinstance(message, Done) and message.finish != "cancelled":
+            self._then("".join(self._parts))
+        return True
+
+    def keepalive(self) -> bool:
+        return True
+
+
+def _title(text: str) -> str:
+    """A model's answer as a title: its first line, without quotes or a label."""
+    line = next((x for x in text.strip().splitlines() if x.strip()), "")
+    line = re.sub(r"^(title|titre)\s*:\s*", "", line.strip(), flags=re.IGNORECASE)
+    line = line.strip().strip("\"'*#`“”").strip()
+    return _cut(line, TITLE_CHARS)
+
+
+def _excerpt(message: str) -> str:
+    """A conversation's title until the model's: the start of its first message."""
+    return _cut(" ".join(message.split()), TITLE_CHARS)
+
+
+def _cut(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n - 1].rstrip() + "\u2026"
 
 
 def _summary(s: Any) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from pichat.daemon import give_big_buffers_back, on_stop_signals, raise_fd_limit
 from pichat.errors import ErrorCode
 from pichat.health import HealthEndpoint
 from pichat.logs import Throttle
+from pichat.memory.postgres import PostgresStore, is_postgres
 from pichat.memory.sqlite import SQLiteStore
 from pichat.memory.store import Limits
 from pichat.protocol import Cancel, Chunk, Done, Error, Request, RequestId, encode
@@ -147,9 +148,10 @@ class Router:
             self.clients_endpoint = clients.getsockopt_string(zmq.LAST_ENDPOINT)
             self.workers_endpoint = workers.getsockopt_string(zmq.LAST_ENDPOINT)
             if cfg.db.lower() not in ("", "off", "none"):
-                self.memory = Memory(self, await SQLiteStore.open(cfg.db, Limits(
-                    conversations_per_owner=cfg.db_max_conversations,
-                    max_bytes=cfg.db_max_mb << 20)))
+                limits = Limits(conversations_per_owner=cfg.db_max_conversations,
+                                max_bytes=cfg.db_max_mb << 20)
+                kind = PostgresStore if is_postgres(cfg.db) else SQLiteStore
+                self.memory = Memory(self, await kind.open(cfg.db, limits))
                 log.info("conversations kept in %s", self.memory.path)
             if cfg.health_bind:
                 health = HealthEndpoint(ctx, cfg.health_bind, self._health, loop)

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pichat.protocol import ChatMessage, Finish, Sampling
+from pichat.worker.summary import Note
 from pichat.worker.textstream import TextStream
 
-__all__ = ["Model", "Context", "SavedState", "Generation", "common_prefix"]
+__all__ = ["Model", "Context", "SavedState", "Generation", "Room", "common_prefix"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +44,20 @@ class Generation:
     prompt_ms: float
     generate_ms: float
     dropped_tokens: int = 0
-    """Tokens of the oldest turns the conversation left out to fit (pichat/worker/window.py)."""
+    """Tokens that left the context: the oldest turns of a conversation too long for it
+    (pichat/worker/window.py), and what an answer reaching its end shifted out."""
+    note: Note | None = None
+    """A note of the turns that left, written for this request (pichat/worker/summary.py)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    """How an answer that reaches the end of the context goes on (context shift): the
+    first `keep` tokens (the system prompt) stay, the next `block` leave, the rest move
+    down, and generation continues."""
+
+    keep: int
+    block: int
 
 
 class Context(Protocol):
@@ -67,10 +81,18 @@ class Context(Protocol):
         the backend can; returns how many tokens of `prefix` this context now holds (0,
         and unchanged, if the backend cannot)."""
 
+    def splice(self, prompt: Sequence[int]) -> int:
+        """Hold as much of `prompt` as this context's cells can give after their common
+        start, by removing what the prompt left out and moving the rest
+        (pichat/worker/shift.py); returns how many of the prompt's tokens it now holds
+        (the common start alone where the backend cannot shift)."""
+
     def generate(self, prompt: Sequence[int], sampling: Sampling, out: TextStream,
-                 cancelled: threading.Event, resume: int = 0) -> Generation:
+                 cancelled: threading.Event, resume: int = 0, room: Room | None = None
+                 ) -> Generation:
         """Evaluate the part of `prompt` not already held (the common prefix is reused),
-        then sample until a stop, `sampling.max_tokens`, the context's end, or
+        then sample until a stop, `sampling.max_tokens`, the context's end (unless `room`
+        lets the answer shift the context and go on, where the backend can), or
         `cancelled`. Text goes to `out` as it is generated. The last `resume` tokens of
         `prompt` are an answer already begun (a failover): generation continues it."""
 

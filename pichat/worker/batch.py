@@ -44,7 +44,8 @@ from typing import Any
 
 from pichat.errors import PichatError
 from pichat.protocol import Sampling
-from pichat.worker.backend import Generation, SavedState, common_prefix
+from pichat.worker import shift
+from pichat.worker.backend import Generation, Room, SavedState, common_prefix
 from pichat.worker.llamalib import KV_TYPES, Pieces, load_seq, save_seq
 from pichat.worker.textstream import TextStream
 
@@ -69,8 +70,11 @@ class _Job:
     cancelled: threading.Event
     chain: Any
     limit: int
+    room: Room | None = None
     future: Future = field(default_factory=Future)
     generated: int = 0
+    dropped: int = 0
+    """Tokens that left the context to make room for the answer."""
     last: int | None = None
     """The token sampled last, fed back next step."""
     started: float = field(default_factory=time.perf_counter)
@@ -101,6 +105,7 @@ class BatchEngine:
         if not self.ctx:
             raise PichatError(f"llama.cpp could not make a context of {lanes} x {n_ctx} tokens")
         self._mem = lib.llama_get_memory(self.ctx)
+        self.can_shift = bool(lib.llama_memory_can_shift(self._mem))
         self._vocab = llm._model.vocab
         self._n_vocab = llm.n_vocab()
         self._n_batch = params.n_batch
@@ -127,8 +132,9 @@ class BatchEngine:
         return future.result()
 
     def generate(self, lane: int, prompt: Sequence[int], sampling: Sampling, out: TextStream,
-                 cancelled: threading.Event) -> Generation:
-        job = self.call(lambda: self._start(lane, list(prompt), sampling, out, cancelled))
+                 cancelled: threading.Event, room: Room | None = None) -> Generation:
+        job = self.call(lambda: self._start(lane, list(prompt), sampling, out, cancelled,
+                                            room if self.can_shift else None))
         return job.future.result()
 
     def close(self) -> None:
@@ -177,14 +183,16 @@ class BatchEngine:
                 future.set_exception(exc)
 
     def _start(self, lane: int, prompt: list[int], sampling: Sampling, out: TextStream,
-               cancelled: threading.Event) -> _Job:
+               cancelled: threading.Event, room: Room | None) -> _Job:
         if lane in self._jobs:
             raise PichatError(f"lane {lane} is busy")
         held = self.tokens[lane]
         cached = min(common_prefix(held, prompt), len(prompt) - 1)
         self._truncate(lane, cached)
+        limit = sampling.max_tokens if room else min(sampling.max_tokens,
+                                                     self.n_ctx - len(prompt))
         job = _Job(lane, prompt[cached:], len(prompt), cached, sampling, out, cancelled,
-                   self._chain(sampling), min(sampling.max_tokens, self.n_ctx - len(prompt)))
+                   self._chain(sampling), limit, room)
         self._jobs[lane] = job
         return job
 
@@ -203,6 +211,9 @@ class BatchEngine:
         for lane in sorted(self._jobs):
             job = self._jobs[lane]
             if job.last is not None:  # generating: one token
+                if len(self.tokens[lane]) >= self.n_ctx and not self._make_room(lane, job):
+                    self._finish(lane, "length")
+                    continue
                 self._put(n, job.last, len(self.tokens[lane]), lane, True)
                 self.tokens[lane].append(job.last)
                 outputs[lane] = n
@@ -268,7 +279,7 @@ class BatchEngine:
         t0, t1 = job.started, job.first or time.perf_counter()
         job.future.set_result(Generation(
             finish, job.prompt_tokens, job.cached, job.generated,  # type: ignore[arg-type]
-            (t1 - t0) * 1000, ((job.last_at or t1) - t1) * 1000))
+            (t1 - t0) * 1000, ((job.last_at or t1) - t1) * 1000, job.dropped))
 
     def _chain(self, s: Sampling) -> Any:
         lib = self._lib
@@ -286,6 +297,34 @@ class BatchEngine:
         add(lib.llama_sampler_init_dist(s.seed if s.seed is not None
                                         else random.getrandbits(32)))
         return chain
+
+    def _make_room(self, lane: int, job: _Job) -> bool:
+        """The answer has reached the end of the lane's cells: drop `room.block` tokens
+        after the kept start and move the rest down (context shift). False if it may not."""
+        room, held = job.room, self.tokens[lane]
+        if room is None:
+            return False
+        n = min(room.block, len(held) - room.keep - 1)
+        if n <= 0:
+            return False
+        lib, mem = self._lib, self._mem
+        lib.llama_memory_seq_rm(mem, lane, room.keep, room.keep + n)
+        lib.llama_memory_seq_add(mem, lane, room.keep + n, -1, -n)
+        del held[room.keep:room.keep + n]
+        job.dropped += n
+        return True
+
+    def _read(self, lane: int, tokens: Sequence[int], pos: int) -> None:
+        """Evaluate `tokens` in `lane` from position `pos` on, without logits (between
+        steps: the batch is free)."""
+        for start in range(0, len(tokens), self._n_batch):
+            part = tokens[start:start + self._n_batch]
+            for i, token in enumerate(part):
+                self._put(i, token, pos + start + i, lane, False)
+            self._batch.n_tokens = len(part)
+            rc = self._lib.llama_decode(self.ctx, self._batch)
+            if rc != 0:
+                raise PichatError(f"llama_decode failed ({rc})")
 
     def _truncate(self, lane: int, n: int) -> None:
         if n < len(self.tokens[lane]):
@@ -326,6 +365,28 @@ class BatchEngine:
         return n
 
 
+    def splice(self, lane: int, prompt: Sequence[int]) -> int:
+        """Make `lane` hold what it can of `prompt` beyond their common start by moving
+        its cells (pichat/worker/shift.py); how many tokens of `prompt` it then holds."""
+        held = self.tokens[lane]
+        plan = shift.plan(held, prompt) if self.can_shift else None
+        if plan is None:
+            return common_prefix(held, prompt)
+        lib, mem = self._lib, self._mem
+        remove = lambda p0, p1: lib.llama_memory_seq_rm(mem, lane, p0, p1)  # noqa: E731
+        read = lambda tokens, pos: self._read(lane, tokens, pos)  # noqa: E731
+        try:
+            shift.apply(plan, remove=remove, read=read, prompt=prompt,
+                        move=lambda p0, p1, d: lib.llama_memory_seq_add(mem, lane, p0, p1, d))
+            shift.settle(plan, remove=remove, read=read, prompt=prompt)
+        except PichatError:
+            lib.llama_memory_seq_rm(mem, lane, -1, -1)
+            self.tokens[lane] = []
+            raise
+        self.tokens[lane] = list(prompt[:plan.reused])
+        return plan.reused
+
+
 class Lane:
     """One sequence of a `BatchEngine`, as a slot's `Context`."""
 
@@ -353,6 +414,10 @@ class Lane:
             return 0
         return self.engine.call(lambda: self.engine.adopt(self.index, donor.index, prefix))
 
+    def splice(self, prompt: Sequence[int]) -> int:
+        return self.engine.call(lambda: self.engine.splice(self.index, prompt))
+
     def generate(self, prompt: Sequence[int], sampling: Sampling, out: TextStream,
-                 cancelled: threading.Event, resume: int = 0) -> Generation:
-        return self.engine.generate(self.index, prompt, sampling, out, cancelled)
+                 cancelled: threading.Event, resume: int = 0, room: Room | None = None
+                 ) -> Generation:
+        return self.engine.generate(self.index, prompt, sampling, out, cancelled, room)

@@ -28,7 +28,8 @@ from typing import Any
 from pichat.errors import BadRequest, PichatError
 from pichat.logs import clip
 from pichat.protocol import ChatMessage, Sampling
-from pichat.worker.backend import Generation, SavedState, common_prefix
+from pichat.worker import shift
+from pichat.worker.backend import Generation, Room, SavedState, common_prefix
 from pichat.worker.llamalib import (
     KV_TYPES,
     Pieces,
@@ -217,10 +218,36 @@ class LlamaContext:
     def adopt(self, donor: Any, prefix: Sequence[int]) -> int:
         return 0  # contexts share no cells
 
+    def splice(self, prompt: Sequence[int]) -> int:
+        llm, lib = self.llm, self._lib
+        held = self.tokens()
+        mem = lib.llama_get_memory(llm.ctx)
+        plan = shift.plan(held, prompt) if lib.llama_memory_can_shift(mem) else None
+        if plan is None:
+            return common_prefix(held, prompt)
+        remove = lambda p0, p1: lib.llama_memory_seq_rm(mem, _SEQ, p0, p1)  # noqa: E731
+
+        def read(tokens: Sequence[int], pos: int) -> None:
+            llm.n_tokens = pos
+            llm.eval(list(tokens))
+
+        try:
+            shift.apply(plan, remove=remove, read=read, prompt=prompt,
+                        move=lambda p0, p1, d: lib.llama_memory_seq_add(mem, _SEQ, p0, p1, d))
+            shift.settle(plan, remove=remove, read=read, prompt=prompt)
+        except Exception:
+            self.clear()
+            raise
+        llm.input_ids[:plan.reused] = prompt[:plan.reused]
+        llm.n_tokens = plan.reused
+        return plan.reused
+
     def generate(self, prompt: Sequence[int], sampling: Sampling, out: TextStream,
-                 cancelled: threading.Event, resume: int = 0) -> Generation:
+                 cancelled: threading.Event, resume: int = 0, room: Room | None = None
+                 ) -> Generation:
         """`resume`: how many of the prompt's last tokens are an answer begun elsewhere;
-        the model simply continues after them."""
+        the model simply continues after them. `room` is not used: `Llama.generate` stops
+        at the context's end (the batched engine shifts and goes on)."""
         llm = self.llm
         t0 = time.perf_counter()
         cached = min(common_prefix(self.tokens(), prompt), len(prompt) - 1)

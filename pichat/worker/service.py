@@ -112,7 +112,8 @@ class Worker:
         disk = (DiskStore(config.state_dir, config.disk_cache_mb << 20, model.format)
                 if config.state_dir else None)
         self.slots = SlotManager(model, config.slots, config.threads, config.cache_mb << 20,
-                                 disk)
+                                 disk, shift=config.context_shift, block=config.slide_block,
+                                 memory=config.memory)
         self.jobs: dict[RequestId, _Running] = {}
         self.mover = StateMover(send=self._send, export=self._export_state,
                                 accept=self.slots.accept, state_format=model.format,
@@ -499,7 +500,10 @@ class Worker:
                      usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
             # Chunks were queued with call_soon_threadsafe before the thread returned, so
             # they are sent before this DONE.
-            self._send_for(job, encode(Done(request.id, self.config.name, result.finish, usage)))
+            note = result.note
+            self._send_for(job, encode(Done(request.id, self.config.name, result.finish, usage,
+                                            memory=note.text if note else None,
+                                            remembered=note.covers if note else 0)))
         finally:
             self.slots.release(job.slot)
             if self.jobs.get(request.id) is job:

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 from pichat.config import SimConfig
 from pichat.protocol import ChatMessage, Sampling
-from pichat.worker.backend import Generation, SavedState, common_prefix
+from pichat.worker import shift
+from pichat.worker.backend import Generation, Room, SavedState, common_prefix
 from pichat.worker.textstream import TextStream
 
 __all__ = ["SimModel", "SimContext"]
@@ -105,8 +106,17 @@ class SimContext:
     def adopt(self, donor: object, prefix: Sequence[int]) -> int:
         return 0  # simulated contexts share no cells
 
+    def splice(self, prompt: Sequence[int]) -> int:
+        plan = shift.plan(self._tokens, prompt)
+        if plan is None:
+            return common_prefix(self._tokens, prompt)
+        time.sleep((plan.at - plan.keep + 1) / self.model.config.prompt_tps)  # Z, settle
+        self._tokens = list(prompt[:plan.reused])
+        return plan.reused
+
     def generate(self, prompt: Sequence[int], sampling: Sampling, out: TextStream,
-                 cancelled: threading.Event, resume: int = 0) -> Generation:
+                 cancelled: threading.Event, resume: int = 0, room: Room | None = None
+                 ) -> Generation:
         cfg = self.model.config
         t0 = time.perf_counter()
         cached = min(common_prefix(self._tokens, prompt), len(prompt) - 1)
@@ -130,8 +140,9 @@ class SimContext:
             rng = random.Random()
         for _ in range(resume):
             rng.choice(_WORDS)
-        room = self.model.n_ctx - len(prompt)
-        limit = min(sampling.max_tokens, room)
+        limit = sampling.max_tokens if room else min(sampling.max_tokens,
+                                                     self.model.n_ctx - len(prompt))
+        dropped = 0
         wanted = max(0, cfg.reply_tokens - resume)
         finish = "stop" if wanted <= limit else "length"
         n = 0
@@ -144,6 +155,10 @@ class SimContext:
                 break
             word = rng.choice(_WORDS)
             n += 1
+            if room and len(self._tokens) >= self.model.n_ctx:  # context shift
+                gone = min(room.block, len(self._tokens) - room.keep - 1)
+                del self._tokens[room.keep:room.keep + gone]
+                dropped += gone
             self._tokens.append(_word_id(word))
             if out.push(((" " if i else "") + word).encode(), _word_id(word)):
                 finish = "stop"
@@ -152,4 +167,5 @@ class SimContext:
             # As in llama.cpp, the last sampled token was never fed back: not in the KV.
             self._tokens.pop()
         t2 = time.perf_counter()
-        return Generation(finish, len(prompt), cached, n, (t1 - t0) * 1000, (t2 - t1) * 1000)
+        return Generation(finish, len(prompt), cached, n, (t1 - t0) * 1000, (t2 - t1) * 1000,
+                          dropped)

@@ -36,8 +36,10 @@ from dataclasses import dataclass, replace
 
 from pichat.errors import BadRequest, ContextTooLong
 from pichat.protocol import MAX_LISTED_SESSIONS, ChatMessage, Request, SessionId
-from pichat.worker.backend import Context, Generation, Model, SavedState, common_prefix
+from pichat.worker import shift, summary
+from pichat.worker.backend import Context, Generation, Model, Room, SavedState, common_prefix
 from pichat.worker.disk import DiskStore
+from pichat.worker.summary import Note, Notes
 from pichat.worker.textstream import TextStream
 from pichat.worker.window import slide
 
@@ -103,8 +105,17 @@ class Slot:
 
 class SlotManager:
     def __init__(self, model: Model, slots: int, threads: int, cache_bytes: int,
-                 disk: DiskStore | None = None) -> None:
+                 disk: DiskStore | None = None, *, shift: bool = True, block: int = 0,
+                 memory: str = "summary") -> None:
         self.model = model
+        self.shift = shift
+        """Context shift: a sliding conversation's kept turns are moved, not read again,
+        and a long answer goes past the end of the context."""
+        self.block = block
+        """Tokens that leave at once when a conversation slides (0: a quarter of n_ctx)."""
+        self.memory = memory
+        """`summary`: a note of what slides out stays after the system prompt; `none`."""
+        self.notes = Notes()
         per_slot = max(1, threads // slots)
         self.slots = [Slot(i, model.new_context(per_slot)) for i in range(slots)]
         self.store = SessionStore(cache_bytes)
@@ -217,24 +228,16 @@ class SlotManager:
         if outside is not None:
             raise BadRequest(f"continuation token {outside} is outside the model's vocabulary "
                              f"({self.model.n_vocab} tokens)")
-        dropped = 0
         n_ctx = self.model.n_ctx
         reserve = min(request.sampling.max_tokens, n_ctx // 4)
-        if request.prompt is None and request.truncate and len(prompt) + reserve > n_ctx:
-            try:
-                window = slide(request.messages, count=lambda m: len(self.model.chat_tokens(m)),
-                               n_ctx=n_ctx - len(request.continuation), reserve=reserve,
-                               block=n_ctx // 4)
-            except ContextTooLong:
-                if len(prompt) + len(request.continuation) >= n_ctx:
-                    raise
-            else:
-                if window.dropped:
-                    prompt = self.model.chat_tokens(window.messages)
-                    dropped = window.dropped_tokens
-                    log.info("req=%s session=%s: the %d oldest messages (~%d tokens) left "
-                             "out to fit the context", request.id, request.session,
-                             window.dropped, dropped)
+        dropped, note, keep = 0, None, 1
+        if request.prompt is None:
+            if request.truncate and len(prompt) + len(request.continuation) + reserve > n_ctx:
+                prompt, dropped, note, keep = self._fit(slot, request, prompt, reserve,
+                                                        cancelled)
+            elif self.shift and request.truncate:
+                keep = len(self.model.prefix_tokens(request.messages,
+                                                    summary.head_of(request.messages)))
         prompt = [*prompt, *request.continuation]
         if not prompt:
             raise BadRequest("the prompt is empty")
@@ -245,9 +248,11 @@ class SlotManager:
             )
         with self._switch:  # one slot's owner and tokens change while no other looks
             self._bring_in(slot, request, prompt)
+        room = Room(max(1, keep), self.block or n_ctx // 4) \
+            if self.shift and request.truncate else None
         try:
             result = slot.context.generate(prompt, request.sampling, out, cancelled,
-                                           resume=len(request.continuation))
+                                           resume=len(request.continuation), room=room)
             out.close()
             if self.disk is not None and request.session is not None:
                 # Written behind, on the disk's own thread: the answer is already out.
@@ -257,11 +262,121 @@ class SlotManager:
             slot.context.clear()
             slot.resident = slot.owner = None
             raise
-        # Session switch (save/restore) counts as prompt time: it is part of the wait.
+        # Session switch (save/restore) and a note written first count as prompt time:
+        # they are part of the wait.
         switch_ms = (time.perf_counter() - started) * 1000 - result.prompt_ms - result.generate_ms
         if switch_ms > 0:
             result = replace(result, prompt_ms=result.prompt_ms + switch_ms)
-        return replace(result, dropped_tokens=dropped) if dropped else result
+        return replace(result, dropped_tokens=dropped + result.dropped_tokens, note=note)
+
+    def _fit(self, slot: Slot, request: Request, prompt: list[int], reserve: int,
+             cancelled: threading.Event) -> tuple[list[int], int, Note | None, int]:
+        """A conversation too long for the context slides (pichat/worker/window.py), with
+        a note of what leaves (pichat/worker/summary.py): (the prompt, tokens left out,
+        the note if one was written now, the tokens of its system prompt)."""
+        messages = request.messages
+        head = summary.head_of(messages)
+        n_ctx = self.model.n_ctx - len(request.continuation)
+        count = lambda m: len(self.model.chat_tokens(m))  # noqa: E731
+        current = self._current_note(request)
+        noting = bool(self.memory == "summary" and summary.budget(n_ctx)
+                      and (request.session is not None or current))
+        room = summary.budget(n_ctx) + summary.HEADER_TOKENS if noting else 0
+        try:
+            window = slide(messages, count=count, reserve=reserve, block=self.block or n_ctx // 4,
+                           n_ctx=n_ctx - room)
+        except ContextTooLong:
+            if len(prompt) + len(request.continuation) >= self.model.n_ctx:
+                raise
+            return prompt, 0, None, len(self.model.prefix_tokens(messages, head))
+        cut, new = window.dropped, None
+        if current is not None and cut <= current.covers < len(messages) - head - 1 \
+                and messages[head + current.covers].role == "user":
+            cut = current.covers  # the note stands for these: leave them all out
+        elif noting:
+            new = self._write_note(slot, request, current, head, cut, cancelled)
+            current = new or current
+        note = current.text if current is not None else None
+        kept = (*summary.with_note(messages[:head], note), *messages[head + cut:])
+        while note and count(kept) + reserve > n_ctx:  # a note past its room (a client's?)
+            note = note[:len(note) // 2].rstrip()
+            kept = (*summary.with_note(messages[:head], note), *messages[head + cut:])
+        if new is not None and new.text != note:
+            new = replace(new, text=note or "")
+        dropped = window.dropped_tokens if cut == window.dropped else \
+            len(prompt) - count((*messages[:head], *messages[head + cut:]))
+        log.info("req=%s session=%s: the %d oldest messages (~%d tokens) left out to fit the "
+                 "context%s", request.id, request.session, cut, dropped,
+                 ", a note of them kept" if note else "")
+        return (self.model.chat_tokens(kept), dropped, new,
+                len(self.model.prefix_tokens(kept, head if head else int(bool(note)))))
+
+    def _current_note(self, request: Request) -> Note | None:
+        """The note of the conversation's start that is in effect: the router's (a stored
+        conversation), else the one this worker last wrote or was sent for its session."""
+        if self.memory != "summary":
+            return None
+        messages = request.messages
+        head = summary.head_of(messages)
+        if request.memory:
+            covers = min(request.remembered, len(messages) - head)
+            return Note(summary.clean(request.memory), covers,
+                        summary.digest(messages[head:head + covers]))
+        if request.session is None:
+            return None
+        with self._lock:
+            return self.notes.get(request.owner or "", request.session, messages)
+
+    def _write_note(self, slot: Slot, request: Request, current: Note | None, head: int,
+                    cut: int, cancelled: threading.Event) -> Note | None:
+        """Have the model write a note of the conversation before its first `cut`
+        messages (after the system ones) leave, in `slot`, where the conversation's KV
+        state ends (pichat/worker/summary.py). None if it cannot fit or is cancelled."""
+        messages = request.messages
+        how = summary.sampling(self.model.n_ctx)
+        limit = self.model.n_ctx - how.max_tokens - 1
+        # As much of the conversation as the context holds with the note (whole turns: it
+        # ends before a user message, as the instruction is one).
+        ends = [i for i, m in enumerate(messages) if m.role == "user" and i >= head + cut]
+        for end in reversed(ends):
+            try:
+                asked = self.model.chat_tokens(summary.request_messages(messages, current, end))
+            except BadRequest:  # a template that will not take the instruction
+                return None
+            if len(asked) <= limit:
+                break
+        else:  # noted as nothing, so the turns until the next slide do not try again
+            log.info("req=%s: no room to write a note of the oldest messages", request.id)
+            if request.session is not None:
+                with self._lock:
+                    self.notes.put(request.owner or "", request.session,
+                                   Note("", cut, summary.digest(messages[head:head + cut])))
+            return None
+        with self._switch:
+            self._bring_in(slot, request, asked)
+        written = TextStream(lambda text, tokens: None, flush_tokens=1 << 20,
+                             flush_interval=1e9)
+        result = slot.context.generate(asked, how, written, cancelled)
+        written.close()
+        text = summary.clean(written.text)
+        if result.finish == "cancelled" or not text:
+            return None
+        note = Note(text, cut, summary.digest(messages[head:head + cut]))
+        if request.session is not None:
+            with self._lock:
+                self.notes.put(request.owner or "", request.session, note)
+        log.info("req=%s session=%s: a note of the %d messages sliding out (%d tokens read, "
+                 "%d written, %.1f s)", request.id, request.session, cut,
+                 result.prompt_tokens - result.cached_tokens, result.completion_tokens,
+                 (result.prompt_ms + result.generate_ms) / 1000)
+        return note
+
+    def _reusable(self, held: Sequence[int], prompt: Sequence[int]) -> int:
+        """How many tokens of `prompt` a context holding `held` can give (moving cells
+        where the conversation slid, with context shift on)."""
+        common = common_prefix(held, prompt)
+        splice = shift.plan(held, prompt) if self.shift else None
+        return max(common, splice.reused) if splice else common
 
     def _bring_in(self, slot: Slot, request: Request, prompt: Sequence[int]) -> None:
         """Make `slot`'s context hold the best state available for `request`'s prompt,
@@ -282,13 +397,13 @@ class SlotManager:
                     state = self.store.peek(session)
                     # Restore only if it beats what the context may already share with the
                     # prompt (e.g. a common system prompt).
-                    if state is not None and common_prefix(state.tokens, prompt) > keep:
+                    if state is not None and self._reusable(state.tokens, prompt) > keep:
                         self.store.take(session)
                     else:
                         state = None
                 if state is None and self.disk is not None:  # after a restart, say
                     state = self.disk.load(session)
-                    if state is not None and common_prefix(state.tokens, prompt) <= keep:
+                    if state is not None and self._reusable(state.tokens, prompt) <= keep:
                         state = None
                 if state is not None:
                     restored = ctx.restore(state)
@@ -297,6 +412,8 @@ class SlotManager:
                     if not restored:
                         log.warning("session=%s: the backend refused its saved state; "
                                     "starting cold", session)
+        if self.shift and slot.owner == request.owner and keep < len(ctx.tokens()):
+            keep = max(keep, ctx.splice(prompt))  # the conversation slid: move its cells
         if keep < len(ctx.tokens()):
             ctx.truncate(keep)
         self._share_prefix(slot, request, prompt, keep)
