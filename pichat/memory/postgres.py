@@ -117,6 +117,10 @@ class PostgresStore:
                               "'psycopg[binary,pool]' (or: pip install 'pichat[postgres]')"
                               ) from None
         try:
+            # One connection first: a wrong address or password fails at once, with
+            # the server's reason (the pool would retry until its timeout).
+            probe = await psycopg.AsyncConnection.connect(url, connect_timeout=10)
+            await probe.close()
             await store.pool.open(wait=True, timeout=10.0)
             await store._migrate()
         except (psycopg.Error, OSError) as exc:
