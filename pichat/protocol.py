@@ -125,6 +125,8 @@ MAX_SESSION_CHARS = 192
 """A client's session id (128) with the router's owner prefix."""
 MAX_NAME_CHARS = 256
 MAX_TITLE_CHARS = 200
+MAX_TOOLS_CHARS = 64 * 1024
+"""Tool definitions, a message's tool calls, a response format's schema: JSON as text."""
 MAX_MEMORY_CHARS = 4000
 """A conversation's note of its turns that slid out of the context (pichat/worker/summary.py)."""
 """A stored conversation's title (or id)."""
@@ -260,6 +262,11 @@ class _Fields:
 class ChatMessage:
     role: Role
     content: str
+    tool_calls: str = ""
+    """An assistant message's tool calls: a JSON array of {"id", "name", "arguments"}
+    (arguments: the call's JSON object as text)."""
+    tool_call_id: str = ""
+    """A tool message: the call it answers."""
 
     @classmethod
     def parse(cls, value: Any, index: int) -> ChatMessage:
@@ -272,7 +279,21 @@ class ChatMessage:
                 f"(got {clip(role, 40)})")
         if not isinstance(content, str):
             raise ProtocolError(f"REQUEST: messages[{index}].content must be a string")
-        return cls(role, content)
+        calls, answers = value.get("tool_calls", ""), value.get("tool_call_id", "")
+        if not isinstance(calls, str) or len(calls) > MAX_TOOLS_CHARS:
+            raise ProtocolError(f"REQUEST: messages[{index}].tool_calls must be a string of "
+                                f"at most {MAX_TOOLS_CHARS} characters")
+        if not isinstance(answers, str) or len(answers) > MAX_ID_CHARS:
+            raise ProtocolError(f"REQUEST: messages[{index}].tool_call_id must be a string")
+        return cls(role, content, calls, answers)
+
+    def to_body(self) -> dict[str, Any]:
+        body = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            body["tool_calls"] = self.tool_calls
+        if self.tool_call_id:
+            body["tool_call_id"] = self.tool_call_id
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +308,12 @@ class Sampling:
     seed: int | None = None
     max_tokens: int = 512
     stop: tuple[str, ...] = ()
+    grammar: str = ""
+    """A GBNF grammar the answer must follow: set by the worker from the request's
+    `format` or `tool_choice` (pichat/worker/tools.py), never sent on the wire."""
+    grammar_trigger: str = ""
+    """If set, the grammar applies only from where the first group of one of these regexes
+    (one per line) matches the answer (a tool call's start; before it, free text)."""
 
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> Sampling:
@@ -309,6 +336,7 @@ class Sampling:
     def to_body(self) -> dict[str, Any]:
         body = asdict(self)
         body["stop"] = list(self.stop)
+        del body["grammar"], body["grammar_trigger"]
         return body
 
 
@@ -492,6 +520,15 @@ class Request:
     """A note of the conversation's start (router -> worker, a stored conversation's):
     it stands for the first `remembered` messages after the system messages."""
     remembered: int = 0
+    tools: str = ""
+    """Functions the model may call: a JSON array of {"name", "description",
+    "parameters"} (the chat template shows them to the model)."""
+    tool_choice: str = ""
+    """"" or "auto": the model decides; "none"; "required": a call, always; "function:NAME":
+    a call of that one (the last two are enforced by a grammar)."""
+    format: str = ""
+    """"json": the answer is a JSON object; else a JSON schema (as text) it matches; ""
+    free text. Enforced by a grammar."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Request:
@@ -526,12 +563,16 @@ class Request:
             memory=f.str("memory", min_chars=1, max_chars=MAX_MEMORY_CHARS, required=False,
                          default=None),
             remembered=f.int("remembered", hi=MAX_MESSAGES, required=False),
+            tools=f.str("tools", max_chars=MAX_TOOLS_CHARS, required=False, default=""),
+            tool_choice=f.str("tool_choice", max_chars=MAX_NAME_CHARS + 16, required=False,
+                              default=""),
+            format=f.str("format", max_chars=MAX_TOOLS_CHARS, required=False, default=""),
         )
 
     def to_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
             "id": self.id,
-            "messages": [{"role": m.role, "content": m.content} for m in self.messages],
+            "messages": [m.to_body() for m in self.messages],
             "sampling": self.sampling.to_body(),
         }
         for key in ("session", "timeout", "model", "prompt", "owner", "lease", "conversation"):
@@ -547,6 +588,9 @@ class Request:
         if self.memory:
             body["memory"] = self.memory
             body["remembered"] = self.remembered
+        for key in ("tools", "tool_choice", "format"):
+            if getattr(self, key):
+                body[key] = getattr(self, key)
         return body
 
 

@@ -51,6 +51,7 @@ from pichat.router import openai
 from pichat.router.metrics import CONTENT_TYPE, RouterMetrics
 from pichat.router.openai import ApiError, ChatCall
 from pichat.router.stats import Stats
+from pichat.router.tools import Spotter
 
 __all__ = ["HttpSink", "RouterFace", "create_app", "start_http"]
 
@@ -322,6 +323,9 @@ async def _answer(router: RouterFace, request: web.Request,
                        f"models: {clip(', '.join(sorted(served)), 200)}",
                        "invalid_request_error", "model_not_found", "model")
     sink = HttpSink(request)
+    events = router.stats.events
+    events["tool_requests"] += bool(call.request.tools)
+    events["structured_requests"] += bool(call.request.format)
     router.submit(call.request, sink, owner=request["owner"])
     created = openai.now()
     finished = False
@@ -339,22 +343,35 @@ async def _answer(router: RouterFace, request: web.Request,
                 parts.append(message.text)
                 message = await _next(sink)
             finished = True
-            return web.json_response(openai.completion_object(call, "".join(parts), message,
-                                                              created),
-                                     headers={"X-Request-Id": call.request.id})
+            body = openai.completion_object(call, "".join(parts), message, created)
+            events["tool_calls"] += len(body["choices"][0].get("message", {})
+                                        .get("tool_calls") or ())
+            return web.json_response(body, headers={"X-Request-Id": call.request.id})
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no", "X-Request-Id": call.request.id})
         await response.prepare(request)
         if call.kind == "chat":
             await _event(response, openai.chunk_object(call, created, first=True, text=""))
+        spotter = Spotter(call.calls) if call.calls is not None else None
         while True:
             if message is _KEEPALIVE:
                 await response.write(b": keepalive\n\n")
             elif isinstance(message, Chunk):
-                await _event(response, openai.chunk_object(call, created, text=message.text))
+                out = spotter.feed(message.text) if spotter is not None else message.text
+                if out:
+                    await _event(response, openai.chunk_object(call, created, text=out))
             elif isinstance(message, Done):
-                await _event(response, openai.chunk_object(call, created, done=message))
+                found: list = []
+                if spotter is not None:
+                    rest, found = spotter.finish()
+                    if rest:
+                        await _event(response, openai.chunk_object(call, created, text=rest))
+                    if found:
+                        events["tool_calls"] += len(found)
+                        await _event(response, openai.chunk_object(call, created, calls=found))
+                await _event(response, openai.chunk_object(call, created, done=message,
+                                                           called=bool(found)))
                 if call.include_usage:
                     await _event(response, openai.chunk_object(call, created, done=message,
                                                                usage_only=True))

@@ -15,6 +15,7 @@ from typing import Any
 
 from pichat.errors import ErrorCode
 from pichat.protocol import (
+    MAX_ID_CHARS,
     MAX_MESSAGES,
     MAX_NAME_CHARS,
     MAX_STOP_CHARS,
@@ -26,6 +27,7 @@ from pichat.protocol import (
     Sampling,
     SessionId,
 )
+from pichat.router import tools
 
 __all__ = [
     "ApiError",
@@ -68,6 +70,8 @@ class ChatCall:
     include_usage: bool
     kind: str
     """"chat" (/v1/chat/completions) or "text" (/v1/completions)."""
+    calls: frozenset[str] | None = None
+    """The functions the answer may call (pichat/router/tools.py); None: no calls."""
 
 
 def _bad(message: str, param: str | None = None) -> ApiError:
@@ -141,7 +145,14 @@ def _messages(body: dict) -> tuple[ChatMessage, ...]:
         role = _ROLES.get(role) if isinstance(role, str) else None
         if role is None:
             raise _bad(f"messages[{i}].role must be one of {sorted(_ROLES)}", f"messages[{i}].role")
-        out.append(ChatMessage(role, _content(m.get("content"), i)))  # type: ignore[arg-type]
+        calls = tools.calls_of(m.get("tool_calls"), i) if role == "assistant" else ""
+        answers = m.get("tool_call_id", "") if role == "tool" else ""
+        if not isinstance(answers, str) or len(answers) > MAX_ID_CHARS:
+            raise _bad(f"messages[{i}].tool_call_id must be a string of at most "
+                       f"{MAX_ID_CHARS} characters", f"messages[{i}].tool_call_id")
+        out.append(ChatMessage(role, _content(m.get("content"), i),  # type: ignore[arg-type]
+                               calls, answers))
+    tools.check_tool_messages([(m.role, m.tool_calls, m.tool_call_id) for m in out])
     return tuple(out)
 
 
@@ -202,15 +213,25 @@ def parse_chat(body: Any, request_id: str, *, session: str | None = None,
     if not isinstance(truncate, bool):
         raise _bad("'truncate' must be a boolean (false: a conversation too long for the "
                    "context is an error instead of dropping its oldest turns)", "truncate")
-    request = Request(
-        id=RequestId(request_id),
-        messages=_messages(body),
-        sampling=sampling,
-        session=SessionId(session[:128]) if session else None,
-        model=None if model in ANY_MODEL else model,
-        truncate=truncate,
-    )
-    return ChatCall(request, model or "pichat", stream, include_usage, "chat")
+    try:
+        functions, names = tools.tools_of(body)
+        request = Request(
+            id=RequestId(request_id),
+            messages=_messages(body),
+            sampling=sampling,
+            session=SessionId(session[:128]) if session else None,
+            model=None if model in ANY_MODEL else model,
+            truncate=truncate,
+            # tool_choice none: the tools are not shown at all (a small model shown tools
+            # tends to call one whatever it is told).
+            tools=functions if body.get("tool_choice") != "none" else "",
+            tool_choice=tools.choice_of(body, names),
+            format=tools.format_of(body),
+        )
+    except tools.ToolError as exc:
+        raise _bad(str(exc), exc.param) from None
+    return ChatCall(request, model or "pichat", stream, include_usage, "chat",
+                    calls=frozenset(names) if request.tools else None)
 
 
 def parse_completion(body: Any, request_id: str, *, session: str | None = None,
@@ -285,15 +306,25 @@ def _pichat(done: Done) -> dict[str, Any]:
     return out
 
 
-def _finish(done: Done) -> str:
+def _finish(done: Done, calls: bool = False) -> str:
+    if calls:
+        return "tool_calls"
     return "length" if done.finish == "length" else "stop"
 
 
 def completion_object(call: ChatCall, text: str, done: Done, created: int) -> dict[str, Any]:
     """The whole answer (stream = false)."""
     if call.kind == "chat":
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                  "finish_reason": _finish(done), "logprobs": None}
+        found: list[tools.Call] = []
+        if call.calls is not None:
+            text, found = tools.extract(text, call.calls)
+        message: dict[str, Any] = {"role": "assistant", "content": text or None}
+        if found:
+            message["tool_calls"] = [c.openai() for c in found]
+        elif message["content"] is None:
+            message["content"] = ""
+        choice: dict[str, Any] = {"index": 0, "message": message,
+                                  "finish_reason": _finish(done, bool(found)), "logprobs": None}
         kind = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "finish_reason": _finish(done), "logprobs": None}
@@ -303,7 +334,9 @@ def completion_object(call: ChatCall, text: str, done: Done, created: int) -> di
 
 
 def chunk_object(call: ChatCall, created: int, *, text: str | None = None, first: bool = False,
-                 done: Done | None = None, usage_only: bool = False) -> dict[str, Any]:
+                 done: Done | None = None, usage_only: bool = False,
+                 calls: list[tools.Call] | None = None, called: bool = False
+                 ) -> dict[str, Any]:
     """One server-sent event of a stream."""
     kind = "chat.completion.chunk" if call.kind == "chat" else "text_completion"
     out: dict[str, Any] = {"id": _id(call), "object": kind, "created": created,
@@ -319,12 +352,14 @@ def chunk_object(call: ChatCall, created: int, *, text: str | None = None, first
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
+        if calls:
+            delta["tool_calls"] = [c.openai(i) for i, c in enumerate(calls)]
         choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None,
                                   "finish_reason": None}
     else:
         choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": None}
     if done is not None:
-        choice["finish_reason"] = _finish(done)
+        choice["finish_reason"] = _finish(done, called)
         out["pichat"] = _pichat(done)
     out["choices"] = [choice]
     return out

@@ -113,11 +113,15 @@ class Model(Protocol):
     format: str
     """What a saved state of this model is valid for (`SavedState.format`)."""
 
-    def chat_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """The prompt for `messages` in the model's chat template, ending where the
-        assistant's answer starts."""
+    tool_family: str
+    """How the model writes a tool call: hermes, llama3, generic (pichat/worker/tools.py)."""
 
-    def prefix_tokens(self, messages: Sequence[ChatMessage], k: int) -> list[int]:
+    def chat_tokens(self, messages: Sequence[ChatMessage], tools: str = "") -> list[int]:
+        """The prompt for `messages` (and the functions the model may call, `tools`: JSON
+        text) in the model's chat template, ending where the assistant's answer starts."""
+
+    def prefix_tokens(self, messages: Sequence[ChatMessage], k: int, tools: str = ""
+                      ) -> list[int]:
         """The tokens of the first `k` messages as the chat template renders them before
         any later message: for a template that renders a conversation message by message,
         a prefix of `chat_tokens(messages)`; its length is a message boundary."""

@@ -32,6 +32,7 @@ needs for a quantized V cache, is on for those).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import random
@@ -42,12 +43,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from pichat.errors import PichatError
+from pichat.errors import BadRequest, PichatError
 from pichat.protocol import Sampling
 from pichat.worker import shift
 from pichat.worker.backend import Generation, Room, SavedState, common_prefix
 from pichat.worker.llamalib import KV_TYPES, Pieces, load_seq, save_seq
 from pichat.worker.textstream import TextStream
+from pichat.worker.tools import TOOL_CALL
 
 __all__ = ["BatchEngine", "Lane", "PREFILL_SLICE"]
 
@@ -132,9 +134,10 @@ class BatchEngine:
         return future.result()
 
     def generate(self, lane: int, prompt: Sequence[int], sampling: Sampling, out: TextStream,
-                 cancelled: threading.Event, room: Room | None = None) -> Generation:
+                 cancelled: threading.Event, room: Room | None = None, resume: int = 0
+                 ) -> Generation:
         job = self.call(lambda: self._start(lane, list(prompt), sampling, out, cancelled,
-                                            room if self.can_shift else None))
+                                            room if self.can_shift else None, resume))
         return job.future.result()
 
     def close(self) -> None:
@@ -183,7 +186,7 @@ class BatchEngine:
                 future.set_exception(exc)
 
     def _start(self, lane: int, prompt: list[int], sampling: Sampling, out: TextStream,
-               cancelled: threading.Event, room: Room | None) -> _Job:
+               cancelled: threading.Event, room: Room | None, resume: int = 0) -> _Job:
         if lane in self._jobs:
             raise PichatError(f"lane {lane} is busy")
         held = self.tokens[lane]
@@ -191,8 +194,12 @@ class BatchEngine:
         self._truncate(lane, cached)
         limit = sampling.max_tokens if room else min(sampling.max_tokens,
                                                      self.n_ctx - len(prompt))
+        chain = self._chain(sampling)
+        if sampling.grammar:  # an answer begun elsewhere: the grammar goes on after it
+            for token in prompt[len(prompt) - resume:]:
+                self._lib.llama_sampler_accept(chain, token)
         job = _Job(lane, prompt[cached:], len(prompt), cached, sampling, out, cancelled,
-                   self._chain(sampling), limit, room)
+                   chain, limit, room)
         self._jobs[lane] = job
         return job
 
@@ -285,6 +292,24 @@ class BatchEngine:
         lib = self._lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         add = lambda sampler: lib.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+        if s.grammar:  # first: the others choose among the tokens it allows
+            if s.grammar_trigger:
+                # The call's start may be one special token (Qwen's <tool_call>), which
+                # llama.cpp matches by id rather than by text.
+                ids = self._llm.tokenize(TOOL_CALL.encode(), add_bos=False, special=True)
+                tokens = (ctypes.c_int32 * 1)(ids[0] if len(ids) == 1 else 0)
+                triggers = [t.encode() for t in s.grammar_trigger.split("\n")]
+                patterns = (ctypes.c_char_p * len(triggers))(*triggers)
+                grammar = lib.llama_sampler_init_grammar_lazy_patterns(
+                    self._vocab, s.grammar.encode(), b"root", patterns, len(triggers), tokens,
+                    1 if len(ids) == 1 else 0)
+            else:
+                grammar = lib.llama_sampler_init_grammar(self._vocab, s.grammar.encode(),
+                                                         b"root")
+            if not grammar:
+                lib.llama_sampler_free(chain)
+                raise BadRequest("the answer's grammar does not parse")
+            add(grammar)
         if s.repeat_penalty != 1.0:
             add(lib.llama_sampler_init_penalties(self._n_vocab, 64, s.repeat_penalty, 0.0, 0.0))
         if s.temperature <= 0:
@@ -420,4 +445,4 @@ class Lane:
     def generate(self, prompt: Sequence[int], sampling: Sampling, out: TextStream,
                  cancelled: threading.Event, resume: int = 0, room: Room | None = None
                  ) -> Generation:
-        return self.engine.generate(self.index, prompt, sampling, out, cancelled, room)
+        return self.engine.generate(self.index, prompt, sampling, out, cancelled, room, resume)

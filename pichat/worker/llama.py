@@ -39,6 +39,7 @@ from pichat.worker.llamalib import (
     save_seq,
 )
 from pichat.worker.textstream import TextStream
+from pichat.worker.tools import family_of, template_messages, template_tools
 
 __all__ = ["LlamaModel", "LlamaContext", "FALLBACK_TEMPLATE"]
 
@@ -112,6 +113,8 @@ class LlamaModel:
         eos, bos = first.token_eos(), first.token_bos()
         tokens = {"eos_token": first._model.token_get_text(eos) if eos != -1 else "",
                   "bos_token": first._model.token_get_text(bos) if bos != -1 else ""}
+        self.tool_family = family_of(template)
+        """How the model writes a tool call (pichat/worker/tools.py)."""
         self._formatter = Jinja2ChatFormatter(template=template, **tokens)
         self._prefix_formatter = Jinja2ChatFormatter(template=template,
                                                      add_generation_prompt=False, **tokens)
@@ -134,16 +137,19 @@ class LlamaModel:
         except (ValueError, RuntimeError) as exc:
             raise PichatError(f"cannot load GGUF model {self.path}: {exc}") from None
 
-    def chat_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
-        return self._render(self._formatter, messages)
+    def chat_tokens(self, messages: Sequence[ChatMessage], tools: str = "") -> list[int]:
+        return self._render(self._formatter, messages, tools)
 
-    def prefix_tokens(self, messages: Sequence[ChatMessage], k: int) -> list[int]:
-        return self._render(self._prefix_formatter, messages[:k]) if k else []
+    def prefix_tokens(self, messages: Sequence[ChatMessage], k: int, tools: str = ""
+                      ) -> list[int]:
+        return self._render(self._prefix_formatter, messages[:k], tools) if k else []
 
-    def _render(self, formatter: Any, messages: Sequence[ChatMessage]) -> list[int]:
+    def _render(self, formatter: Any, messages: Sequence[ChatMessage], tools: str) -> list[int]:
+        functions = template_tools(tools)
         try:
             rendered = formatter(
-                messages=[{"role": m.role, "content": m.content} for m in messages]
+                messages=template_messages(messages, functions, self.tool_family),
+                tools=functions if self.tool_family != "generic" else None,
             )
         except Exception as exc:  # the template's raise_exception, or a Jinja error
             raise BadRequest(f"the model's chat template rejected the messages: "
@@ -266,6 +272,14 @@ class LlamaContext:
         finish = "length"
         n = 0
         t1 = t_last = time.perf_counter()
+        grammar = None
+        if sampling.grammar and not sampling.grammar_trigger:  # (no lazy grammars here)
+            from llama_cpp.llama_grammar import LlamaGrammar
+
+            try:
+                grammar = LlamaGrammar.from_string(sampling.grammar, verbose=False)
+            except ValueError:
+                raise BadRequest("the answer's grammar does not parse") from None
         for token in llm.generate(
             prompt,
             temp=sampling.temperature,
@@ -274,6 +288,7 @@ class LlamaContext:
             min_p=sampling.min_p,
             repeat_penalty=sampling.repeat_penalty,
             reset=True,
+            grammar=grammar,
         ):
             t_last = time.perf_counter()
             if n == 0:

@@ -45,6 +45,7 @@ def _word_id(word: str) -> int:
 
 class SimModel:
     backend = engine = "sim"
+    tool_family = "hermes"
     n_vocab = 100 + _VOCAB
     kv_type = "f16"
     weights_bytes = 0
@@ -56,10 +57,11 @@ class SimModel:
         self.kv_token_bytes = config.kv_bytes_per_token
         self.format = f"sim:{name}"
 
-    def chat_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
+    def chat_tokens(self, messages: Sequence[ChatMessage], tools: str = "") -> list[int]:
         return [*self.prefix_tokens(messages, len(messages)), _MARKERS["assistant"]]
 
-    def prefix_tokens(self, messages: Sequence[ChatMessage], k: int) -> list[int]:
+    def prefix_tokens(self, messages: Sequence[ChatMessage], k: int, tools: str = ""
+                      ) -> list[int]:
         tokens: list[int] = []
         for message in messages[:k]:
             tokens.append(_MARKERS[message.role])

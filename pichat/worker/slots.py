@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 
 from pichat.errors import BadRequest, ContextTooLong
 from pichat.protocol import MAX_LISTED_SESSIONS, ChatMessage, Request, SessionId
-from pichat.worker import shift, summary
+from pichat.worker import shift, summary, tools
 from pichat.worker.backend import Context, Generation, Model, Room, SavedState, common_prefix
 from pichat.worker.disk import DiskStore
 from pichat.worker.summary import Note, Notes
@@ -223,7 +223,7 @@ class SlotManager:
         if request.prompt is not None:
             prompt = self.model.text_tokens(request.prompt)
         else:
-            prompt = self.model.chat_tokens(request.messages)
+            prompt = self.model.chat_tokens(request.messages, request.tools)
         outside = next((t for t in request.continuation if t >= self.model.n_vocab), None)
         if outside is not None:
             raise BadRequest(f"continuation token {outside} is outside the model's vocabulary "
@@ -236,8 +236,8 @@ class SlotManager:
                 prompt, dropped, note, keep = self._fit(slot, request, prompt, reserve,
                                                         cancelled)
             elif self.shift and request.truncate:
-                keep = len(self.model.prefix_tokens(request.messages,
-                                                    summary.head_of(request.messages)))
+                keep = len(self.model.prefix_tokens(
+                    request.messages, summary.head_of(request.messages), request.tools))
         prompt = [*prompt, *request.continuation]
         if not prompt:
             raise BadRequest("the prompt is empty")
@@ -246,12 +246,16 @@ class SlotManager:
                 f"the prompt is {len(prompt)} tokens but the model's context holds "
                 f"{self.model.n_ctx} (prompt and answer together); shorten the conversation"
             )
+        sampling = request.sampling
+        grammar, trigger = tools.grammar_for(request, self.model.tool_family)
+        if grammar:
+            sampling = replace(sampling, grammar=grammar, grammar_trigger=trigger)
         with self._switch:  # one slot's owner and tokens change while no other looks
             self._bring_in(slot, request, prompt)
         room = Room(max(1, keep), self.block or n_ctx // 4) \
             if self.shift and request.truncate else None
         try:
-            result = slot.context.generate(prompt, request.sampling, out, cancelled,
+            result = slot.context.generate(prompt, sampling, out, cancelled,
                                            resume=len(request.continuation), room=room)
             out.close()
             if self.disk is not None and request.session is not None:
@@ -277,7 +281,7 @@ class SlotManager:
         messages = request.messages
         head = summary.head_of(messages)
         n_ctx = self.model.n_ctx - len(request.continuation)
-        count = lambda m: len(self.model.chat_tokens(m))  # noqa: E731
+        count = lambda m: len(self.model.chat_tokens(m, request.tools))  # noqa: E731
         current = self._current_note(request)
         noting = bool(self.memory == "summary" and summary.budget(n_ctx)
                       and (request.session is not None or current))
@@ -288,7 +292,7 @@ class SlotManager:
         except ContextTooLong:
             if len(prompt) + len(request.continuation) >= self.model.n_ctx:
                 raise
-            return prompt, 0, None, len(self.model.prefix_tokens(messages, head))
+            return prompt, 0, None, len(self.model.prefix_tokens(messages, head, request.tools))
         cut, new = window.dropped, None
         if current is not None and cut <= current.covers < len(messages) - head - 1 \
                 and messages[head + current.covers].role == "user":
@@ -308,8 +312,9 @@ class SlotManager:
         log.info("req=%s session=%s: the %d oldest messages (~%d tokens) left out to fit the "
                  "context%s", request.id, request.session, cut, dropped,
                  ", a note of them kept" if note else "")
-        return (self.model.chat_tokens(kept), dropped, new,
-                len(self.model.prefix_tokens(kept, head if head else int(bool(note)))))
+        return (self.model.chat_tokens(kept, request.tools), dropped, new,
+                len(self.model.prefix_tokens(kept, head if head else int(bool(note)),
+                                             request.tools)))
 
     def _current_note(self, request: Request) -> Note | None:
         """The note of the conversation's start that is in effect: the router's (a stored
@@ -340,7 +345,8 @@ class SlotManager:
         ends = [i for i, m in enumerate(messages) if m.role == "user" and i >= head + cut]
         for end in reversed(ends):
             try:
-                asked = self.model.chat_tokens(summary.request_messages(messages, current, end))
+                asked = self.model.chat_tokens(summary.request_messages(messages, current, end),
+                                               request.tools)
             except BadRequest:  # a template that will not take the instruction
                 return None
             if len(asked) <= limit:
@@ -449,23 +455,23 @@ class SlotManager:
             return common
         if request.isolate or not request.messages:
             return 0
-        return message_boundary(self.model, request.messages, prompt, common)
+        return message_boundary(self.model, request.messages, prompt, common, request.tools)
 
 
 def message_boundary(model: Model, messages: Sequence[ChatMessage], prompt: Sequence[int],
-                     limit: int) -> int:
+                     limit: int, tools: str = "") -> int:
     """The length of the longest run of whole messages at the start of `prompt` that is
     at most `limit` tokens long (0 if none): found by bisection over the number of
     messages, checked against the prompt's own tokens."""
     lo, hi = 0, len(messages)
     while lo < hi:  # the largest k whose rendering is at most `limit` tokens
         k = (lo + hi + 1) // 2
-        if len(model.prefix_tokens(messages, k)) <= limit:
+        if len(model.prefix_tokens(messages, k, tools)) <= limit:
             lo = k
         else:
             hi = k - 1
     for k in range(lo, 0, -1):
-        tokens = model.prefix_tokens(messages, k)
+        tokens = model.prefix_tokens(messages, k, tools)
         if len(tokens) <= limit and list(prompt[:len(tokens)]) == tokens:
             return len(tokens)
     return 0
