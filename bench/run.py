@@ -21,6 +21,7 @@ import migration  # noqa: E402
 import overhead  # noqa: E402
 import proxy  # noqa: E402
 import sliding  # noqa: E402
+import structured  # noqa: E402
 
 BENCHMARKS = {
     "batched": ("One worker, many conversations: the batched engine vs one context per slot "
@@ -38,6 +39,9 @@ BENCHMARKS = {
     "sliding": ("A 60-turn conversation at --ctx 1024: sliding in blocks with context shift "
                 "(and a note) vs dropping the oldest turn every turn and reading again "
                 "(default model, 1 worker, 2 threads)", sliding.main),
+    "structured": ("What a grammar costs: answers free vs held to a JSON schema or a tool "
+                   "call (default model, batched engine, 2 threads, in-process)",
+                   structured.main),
     "connections": ("Router memory per client connection, as the messages it carried grow "
                     "(libzmq's pipes; explains the soak's memory curve)", connections.main),
 }
