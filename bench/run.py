@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import affinity  # noqa: E402
 import batched  # noqa: E402
 import connections  # noqa: E402
+import embeddings  # noqa: E402
 import http_affinity  # noqa: E402
 import migration  # noqa: E402
 import overhead  # noqa: E402
@@ -42,6 +43,8 @@ BENCHMARKS = {
     "structured": ("What a grammar costs: answers free vs held to a JSON schema or a tool "
                    "call (default model, batched engine, 2 threads, in-process)",
                    structured.main),
+    "embeddings": ("Embeddings per second for short sentences: many inputs per request vs "
+                   "one at a time (default model, 2 threads, in-process)", embeddings.main),
     "connections": ("Router memory per client connection, as the messages it carried grow "
                     "(libzmq's pipes; explains the soak's memory curve)", connections.main),
 }

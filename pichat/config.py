@@ -138,6 +138,9 @@ class WorkerConfig:
     kv_type: KvType = "f16"
     """llama: what the KV cache stores, f16 or quantized (q8_0 about half the RAM, q4_0
     about a quarter; flash attention is on for those)."""
+    embedding: bool = False
+    """The model is an embedding model (nomic-embed, bge, MiniLM...): serve embeddings
+    requests only (a chat model serves both)."""
     context_shift: bool = True
     """A conversation that slid out of the context keeps the KV cells of its kept turns,
     moved (llama.cpp's context shift), instead of reading them again; an answer that

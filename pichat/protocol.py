@@ -125,6 +125,10 @@ MAX_SESSION_CHARS = 192
 """A client's session id (128) with the router's owner prefix."""
 MAX_NAME_CHARS = 256
 MAX_TITLE_CHARS = 200
+MAX_EMBED_INPUTS = 128
+MAX_EMBED_CHARS = 32 * 1024
+MAX_EMBED_BYTES = 64 * 1024
+"""One embedding vector at most (16,384 float32s)."""
 MAX_TOOLS_CHARS = 64 * 1024
 """Tool definitions, a message's tool calls, a response format's schema: JSON as text."""
 MAX_MEMORY_CHARS = 4000
@@ -229,6 +233,14 @@ class _Fields:
             isinstance(v, str) and min_chars <= len(v) <= max_chars for v in value
         ):
             raise self._fail(key, f"a list of at most {max_items} strings")
+        return tuple(value)
+
+    def bytes_list(self, key: str, *, max_items: int, max_bytes: int) -> tuple[bytes, ...]:
+        value = self._get(key, [], False)
+        if not isinstance(value, (list, tuple)) or len(value) > max_items or not all(
+            isinstance(v, bytes) and len(v) <= max_bytes for v in value
+        ):
+            raise self._fail(key, f"a list of at most {max_items} binaries")
         return tuple(value)
 
     def int_list(self, key: str, *, max_items: int, hi: int = (1 << 31) - 1) -> tuple[int, ...]:
@@ -399,6 +411,8 @@ class Ready:
     state_format: str = ""
     """What the worker's KV states are valid for (model file, KV type): states move only
     between workers of one format."""
+    embedding_only: bool = False
+    """The worker serves an embedding model: embeddings requests only, no chat."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Ready:
@@ -423,6 +437,7 @@ class Ready:
             kv_token_bytes=f.int("kv_token_bytes", hi=1 << 30, required=False),
             cache_bytes=f.int("cache_bytes", hi=1 << 50, required=False),
             state_format=f.str("state_format", max_chars=MAX_FORMAT_CHARS, required=False),
+            embedding_only=f.bool("embedding_only"),
         )
 
     def to_body(self) -> dict[str, Any]:
@@ -529,16 +544,21 @@ class Request:
     format: str = ""
     """"json": the answer is a JSON object; else a JSON schema (as text) it matches; ""
     free text. Enforced by a grammar."""
+    embed: tuple[str, ...] = ()
+    """Texts to embed (instead of `messages`): the DONE carries their vectors."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Request:
         raw = f.data.get("messages")
         prompt = f.str("prompt", max_chars=DEFAULT_MAX_MESSAGE_BYTES, required=False,
                        default=None)
-        if prompt is None and (
+        embed = f.str_list("embed", max_items=MAX_EMBED_INPUTS, max_chars=MAX_EMBED_CHARS)
+        if prompt is None and not embed and (
             not isinstance(raw, (list, tuple)) or not 1 <= len(raw) <= MAX_MESSAGES
         ):
             raise ProtocolError(f"REQUEST: messages must be a list of 1 to {MAX_MESSAGES} maps")
+        if embed and (raw or prompt is not None):
+            raise ProtocolError("REQUEST: give embed, or messages or prompt, not both")
         if prompt is not None and raw:
             raise ProtocolError("REQUEST: give messages or prompt, not both")
         return cls(
@@ -567,6 +587,7 @@ class Request:
             tool_choice=f.str("tool_choice", max_chars=MAX_NAME_CHARS + 16, required=False,
                               default=""),
             format=f.str("format", max_chars=MAX_TOOLS_CHARS, required=False, default=""),
+            embed=tuple(embed),
         )
 
     def to_body(self) -> dict[str, Any]:
@@ -591,6 +612,8 @@ class Request:
         for key in ("tools", "tool_choice", "format"):
             if getattr(self, key):
                 body[key] = getattr(self, key)
+        if self.embed:
+            body["embed"] = list(self.embed)
         return body
 
 
@@ -635,6 +658,8 @@ class Done:
     """A note the worker wrote of the turns that slid out (worker -> router), standing for
     the request's first `remembered` messages after its system messages."""
     remembered: int = 0
+    embeddings: tuple[bytes, ...] = ()
+    """An embed request's vectors, one per input, each little-endian float32s."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Done:
@@ -652,6 +677,8 @@ class Done:
             memory=f.str("memory", min_chars=1, max_chars=MAX_MEMORY_CHARS, required=False,
                          default=None),
             remembered=f.int("remembered", hi=MAX_MESSAGES, required=False),
+            embeddings=f.bytes_list("embeddings", max_items=MAX_EMBED_INPUTS,
+                                    max_bytes=MAX_EMBED_BYTES),
         )
 
     def to_body(self) -> dict[str, Any]:
@@ -664,6 +691,8 @@ class Done:
         if self.memory:
             body["memory"] = self.memory
             body["remembered"] = self.remembered
+        if self.embeddings:
+            body["embeddings"] = list(self.embeddings)
         return body
 
     def continued(self, resumed: int, failovers: int) -> Done:
@@ -910,7 +939,7 @@ LIMITS: dict[Command, Limits] = {
     Command.HEARTBEAT: Limits(objects=MAX_LISTED_SESSIONS + 64, depth=4, max_str=MAX_SMALL_TEXT),
     Command.REQUEST: Limits(objects=5 * MAX_MESSAGES + 256, ints=MAX_TOKEN_LIST, depth=5),
     Command.CHUNK: Limits(objects=64, ints=MAX_TOKEN_LIST, depth=4, max_str=1 << 20),
-    Command.DONE: Limits(objects=128, depth=4, max_str=MAX_SMALL_TEXT),
+    Command.DONE: Limits(objects=128 + MAX_EMBED_INPUTS, depth=4, max_str=MAX_EMBED_BYTES),
     Command.ERROR: Limits(objects=64, depth=4, max_str=MAX_SMALL_TEXT),
     Command.CANCEL: Limits(objects=64, depth=4, max_str=MAX_SMALL_TEXT),
     Command.DISCONNECT: Limits(objects=MAX_LISTED_SESSIONS + 64, depth=4, max_str=MAX_SMALL_TEXT),

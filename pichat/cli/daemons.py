@@ -187,6 +187,10 @@ def model_options(f: Any) -> Any:
 @o.option("--name", env="WORKER_NAME", default=None,
           help="Name shown in status [default: HOSTNAME-PID].")
 @model_options
+@o.option("--embedding", "embedding", env="EMBEDDING", is_flag=True,
+          default=o.default(W, "embedding"),
+          help="The model is an embedding model: serve /v1/embeddings only (a chat model "
+               "serves embeddings too, from its own hidden states).")
 @o.field(W, "memory", "--memory", env="MEMORY", type=click.Choice(["summary", "none"]),
          help="What a conversation too long for the context keeps of the turns that "
               "slide out: a note the model writes of them, or nothing.")

@@ -50,7 +50,8 @@ def admit(request: Request, owner: str, *, prefixes: PrefixIndex | None, isolate
           max_prompt_chars: int, max_message_bytes: int) -> Admitted | Refused:
     """`prefixes`: the index of conversations seen (None: no session is recognised, as
     under the round-robin policy)."""
-    size = sum(len(m.content) for m in request.messages) + len(request.prompt or "")
+    size = (sum(len(m.content) for m in request.messages) + len(request.prompt or "")
+            + sum(map(len, request.embed)))
     if size > max_prompt_chars:
         return Refused("prompt_too_large", ErrorCode.BAD_REQUEST,
                        f"the conversation is {size} characters; this router accepts at most "

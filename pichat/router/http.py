@@ -188,6 +188,27 @@ def create_app(router: RouterFace, *, api_keys: tuple[str, ...] = (),
                                        default_max_tokens=default_max_tokens)
         return await _answer(router, request, call)
 
+    async def embeddings(request: web.Request) -> web.Response:
+        call = openai.parse_embeddings(await _json(request, body_timeout), new_id())
+        _check_model(router, call.request.model)
+        sink = HttpSink(request)
+        router.stats.events["embeddings_requests"] += 1
+        router.stats.events["embeddings"] += len(call.request.embed)
+        router.submit(call.request, sink, owner=request["owner"])
+        finished = False
+        try:
+            message = await _next(sink)
+            while isinstance(message, Chunk):
+                message = await _next(sink)
+            finished = True
+            if isinstance(message, Error):
+                raise openai.status_for(message.code, message.message)
+            return web.json_response(openai.embeddings_object(call, message),
+                                     headers={"X-Request-Id": call.request.id})
+        finally:
+            if not finished:
+                router.cancel(call.request.id)
+
     async def ask_store(request: web.Request, query: Conversations) -> Any:
         memory = router.memory
         if memory.busy:
@@ -264,6 +285,7 @@ def create_app(router: RouterFace, *, api_keys: tuple[str, ...] = (),
         web.get("/v1/models", models),
         web.post("/v1/chat/completions", chat),
         web.post("/v1/completions", completions),
+        web.post("/v1/embeddings", embeddings),
         web.get("/v1/conversations", list_conversations),
         web.post("/v1/conversations", create_conversation),
         web.get("/v1/conversations/{id}", get_conversation),
@@ -315,13 +337,17 @@ async def _next(sink: HttpSink, skip_keepalive: bool = True) -> Any:
         return item
 
 
-async def _answer(router: RouterFace, request: web.Request,
-                  call: ChatCall) -> web.StreamResponse:
+def _check_model(router: RouterFace, model: str | None) -> None:
     served = router.served_models()
-    if call.request.model is not None and served and call.request.model not in served:
-        raise ApiError(404, f"the model {clip(call.request.model, 60)!r} is not served here; "
+    if model is not None and served and model not in served:
+        raise ApiError(404, f"the model {clip(model, 60)!r} is not served here; "
                        f"models: {clip(', '.join(sorted(served)), 200)}",
                        "invalid_request_error", "model_not_found", "model")
+
+
+async def _answer(router: RouterFace, request: web.Request,
+                  call: ChatCall) -> web.StreamResponse:
+    _check_model(router, call.request.model)
     sink = HttpSink(request)
     events = router.stats.events
     events["tool_requests"] += bool(call.request.tools)

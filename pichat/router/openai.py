@@ -8,6 +8,8 @@ OpenAI-compatible servers commonly do.
 
 from __future__ import annotations
 
+import array
+import base64
 import math
 import time
 from dataclasses import dataclass
@@ -15,6 +17,8 @@ from typing import Any
 
 from pichat.errors import ErrorCode
 from pichat.protocol import (
+    MAX_EMBED_CHARS,
+    MAX_EMBED_INPUTS,
     MAX_ID_CHARS,
     MAX_MESSAGES,
     MAX_NAME_CHARS,
@@ -254,6 +258,52 @@ def parse_completion(body: Any, request_id: str, *, session: str | None = None,
         model=None if model in ANY_MODEL else model,
     )
     return ChatCall(request, model or "pichat", stream, include_usage, "text")
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedCall:
+    request: Request
+    model: str
+    base64: bool
+
+
+def parse_embeddings(body: Any, request_id: str) -> EmbedCall:
+    """A /v1/embeddings body: `input` a string or a list of strings."""
+    if not isinstance(body, dict):
+        raise _bad("the body must be a JSON object")
+    model = text(body.get("model", ""), "model", MAX_NAME_CHARS)
+    raw = body.get("input")
+    inputs = [raw] if isinstance(raw, str) else raw
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) for x in inputs):
+        raise _bad("'input' must be a string or a non-empty list of strings (token arrays are "
+                   "not supported)", "input")
+    if len(inputs) > MAX_EMBED_INPUTS:
+        raise _bad(f"at most {MAX_EMBED_INPUTS} inputs per request", "input")
+    for i, x in enumerate(inputs):
+        text(x, f"input[{i}]", MAX_EMBED_CHARS)
+        if not x:
+            raise _bad(f"input[{i}] is empty", "input")
+    encoding = body.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise _bad("'encoding_format' must be float or base64", "encoding_format")
+    if body.get("dimensions") is not None:
+        raise _bad("'dimensions' is not supported: each model has its own", "dimensions")
+    request = Request(id=RequestId(request_id), messages=(), embed=tuple(inputs),
+                      model=None if model in ANY_MODEL else model)
+    return EmbedCall(request, model or "pichat", encoding == "base64")
+
+
+def embeddings_object(call: EmbedCall, done: Done) -> dict[str, Any]:
+    data = []
+    for i, vector in enumerate(done.embeddings):
+        if call.base64:
+            value: Any = base64.b64encode(vector).decode()
+        else:
+            value = [float(x) for x in array.array("f", vector)]
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    tokens = done.usage.prompt_tokens
+    return {"object": "list", "data": data, "model": call.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 # --- responses ----------------------------------------------------------------------

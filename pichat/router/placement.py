@@ -32,7 +32,8 @@ def place(job: Job, workers: Mapping[WorkerId, WorkerView],
     its busy warm worker `home`? None: nothing is known; wait until `job.spill_at`."""
     eligible = [w for w in workers.values()
                 if not w.draining and w.id not in job.avoid
-                and (job.model is None or w.model == job.model)]
+                and (job.model is None or w.model == job.model)
+                and (job.embed or not w.embedding_only)]
     free = [w for w in eligible if w.free > 0]
     if config.policy == "round-robin":
         if not free:

@@ -140,6 +140,8 @@ class Job:
     """Workers that refused this request (until they register again)."""
     abandoned: bool = False
     """The client was answered (cancel, timeout); only the worker's slot is still held."""
+    embed: bool = False
+    """An embeddings request: an embedding-only worker may take it (and nothing else)."""
     attempts: int = 0
     owner: str = ""
     cancel_deadline: float = math.inf
@@ -172,6 +174,8 @@ class WorkerView:
     warm: int = 0
     """Sessions whose affinity points here."""
     draining: bool = False
+    embedding_only: bool = False
+    """It serves an embedding model: it takes embeddings requests only."""
     order: int = 0
     jobs: set[RequestId] = field(default_factory=set)
     meta: Any = None

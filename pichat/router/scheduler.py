@@ -114,7 +114,7 @@ class Scheduler:
 
     def add_worker(self, worker: WorkerId, model: str, slots: int, now: float,
                    sessions: tuple[str, ...] = (), meta: Any = None,
-                   speed: Speed | None = None) -> list[Action]:
+                   speed: Speed | None = None, embedding_only: bool = False) -> list[Action]:
         """A worker announced itself (READY). A known worker re-announcing has restarted:
         whatever it was running is lost."""
         actions: list[Action] = []
@@ -122,7 +122,8 @@ class Scheduler:
             actions += self._drop_worker(worker, now, "worker re-registered")
         self._registrations += 1
         self.workers[worker] = WorkerView(worker, model, slots, now, order=self._registrations,
-                                          meta=meta, speed=speed or Speed())
+                                          meta=meta, speed=speed or Speed(),
+                                          embedding_only=embedding_only)
         for job in self.jobs.values():  # a fresh registration: it may take them now
             job.avoid.discard(worker)
         for session in sessions:
@@ -185,7 +186,8 @@ class Scheduler:
     def submit(self, job_id: RequestId, session: SessionId | None, now: float, *,
                model: str | None = None, timeout: float | None = None,
                prefer: WorkerId | None = None, owner: str = "",
-               client: Any = None, prompt_chars: int = 0, max_tokens: int = 0) -> list[Action]:
+               client: Any = None, prompt_chars: int = 0, max_tokens: int = 0,
+               embed: bool = False) -> list[Action]:
         """A new request. The caller guarantees `job_id` is not in use. `prompt_chars`
         (the conversation's text) and `max_tokens` size it for the cost estimates."""
         cfg = self.config
@@ -203,12 +205,13 @@ class Scheduler:
             client=client,
             prompt_chars=prompt_chars,
             max_tokens=max_tokens,
+            embed=embed,
         )
         if session is not None and session in self.history:
             job.history = self.history[session]
         else:  # at most the whole conversation
             job.history = prompt_chars * self.estimates.tokens_per_char
-        if not self._serving(model):
+        if not self._serving(model, embed):
             grace_end = self.started + cfg.startup_grace
             if now >= grace_end or (model and self.workers):
                 return [self._no_workers(job)]
@@ -325,7 +328,7 @@ class Scheduler:
                 waited = now - job.arrived
                 actions.append(Fail(job.id, ErrorCode.TIMEOUT,
                                     f"no slot became free within {waited:.0f}s", job.client)
-                               if self._serving(job.model) else self._no_workers(job))
+                               if self._serving(job.model, job.embed) else self._no_workers(job))
             elif job.worker is not None and not job.abandoned and now >= job.deadline:
                 self._abandon(job, now)
                 actions.append(Fail(job.id, ErrorCode.TIMEOUT,
@@ -368,10 +371,11 @@ class Scheduler:
 
     # --- internals --------------------------------------------------------------------
 
-    def _serving(self, model: str | None) -> bool:
-        """Is a worker that takes new work (of `model`, if named) connected?"""
+    def _serving(self, model: str | None, embed: bool = False) -> bool:
+        """Is a worker that takes new work (of `model`, if named; chat, or `embed`)
+        connected?"""
         return any((model is None or w.model == model) and not w.draining
-                   for w in self.workers.values())
+                   and (embed or not w.embedding_only) for w in self.workers.values())
 
     def _no_workers(self, job: Job) -> Fail:
         what = f"serving model {job.model!r}" if job.model and self.workers else "connected"

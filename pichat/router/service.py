@@ -273,7 +273,8 @@ class Router:
         self.apply(self.scheduler.submit(
             request.id, request.session, now, model=request.model, timeout=request.timeout,
             prefer=prefer, owner=owner, client=ClientJob(sink, request, now, owner=owner),
-            prompt_chars=decision.chars, max_tokens=request.sampling.max_tokens))
+            prompt_chars=decision.chars, max_tokens=request.sampling.max_tokens,
+            embed=bool(request.embed)))
 
     def cancel(self, job_id: RequestId) -> None:
         """The submitter gave up on the request: stop it, send nothing more."""

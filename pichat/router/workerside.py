@@ -197,7 +197,7 @@ class WorkerSide:
         meta = WorkerMeta(ready, time.time(), Heartbeat(warm=len(warm)), identity)
         speed = Speed(kv_token_bytes=ready.kv_token_bytes, state_format=ready.state_format)
         actions = r.scheduler.add_worker(worker, ready.model, ready.slots, now, warm, meta,
-                                         speed)
+                                         speed, embedding_only=ready.embedding_only)
         if old is not None:
             # It registers afresh (it reset itself): what it ran is requeued; no DISCONNECT.
             log.info("worker %s registered again; its running requests are placed again",

@@ -48,6 +48,8 @@ class Generation:
     (pichat/worker/window.py), and what an answer reaching its end shifted out."""
     note: Note | None = None
     """A note of the turns that left, written for this request (pichat/worker/summary.py)."""
+    embeddings: tuple[bytes, ...] = ()
+    """An embed request's vectors (little-endian float32s, unit length)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +130,10 @@ class Model(Protocol):
 
     def text_tokens(self, text: str) -> list[int]:
         """The prompt for plain text (no chat template), as a completion continues it."""
+
+    def embed(self, texts: Sequence[str]) -> tuple[list[bytes], int]:
+        """Each text's embedding (mean-pooled, unit length, float32 bytes) and the tokens
+        read. Raises BadRequest for a text longer than the model embeds at once."""
 
     def new_context(self, threads: int) -> Context: ...
 

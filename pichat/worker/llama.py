@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pichat.errors import BadRequest, PichatError
 from pichat.logs import clip
 from pichat.protocol import ChatMessage, Sampling
@@ -56,6 +58,10 @@ FALLBACK_TEMPLATE = (
 _SEQ = 0
 """Each context holds one conversation, as llama.cpp sequence 0."""
 
+EMBED_TOKENS = 512
+"""The longest input an embeddings request may have, in tokens (the embedding context
+decodes 2,048 tokens of up to 16 inputs at once)."""
+
 PREFILL_SLICE = 128
 """Prompt tokens evaluated per call, so a cancel is noticed between calls. Measured here
 (0.5B model, 2 threads, 1024-token prompt): 512, 256 and 128 all read ~300 tokens/s, 64
@@ -76,6 +82,9 @@ class LlamaModel:
 
         self._llama_cpp = llama_cpp
         self.path = str(path)
+        self._threads = threads
+        self._embedder: Any = None
+        self._embed_lock = threading.Lock()
         self.weights_bytes = Path(path).stat().st_size
         self.kv_type = kv_type
         self.engine = "batched" if lanes else "contexts"
@@ -160,6 +169,33 @@ class LlamaModel:
 
     def text_tokens(self, text: str) -> list[int]:
         return self._ref.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
+    def embed(self, texts: Sequence[str]) -> tuple[list[bytes], int]:
+        """On a context of its own (made at the first call, sharing the mapped weights):
+        inputs of up to `EMBED_TOKENS` tokens, up to 16 per decode."""
+        with self._embed_lock:
+            if self._embedder is None:
+                self._embedder = self._load_embedder()
+            llm = self._embedder
+            counts = [len(llm.tokenize(t.encode("utf-8"), add_bos=True, special=False))
+                      for t in texts]
+            for i, n in enumerate(counts):
+                if n > EMBED_TOKENS:
+                    raise BadRequest(f"input {i} is {n} tokens; this worker embeds at most "
+                                     f"{EMBED_TOKENS} at once: split it")
+            vectors = llm.embed(list(texts), normalize=True, truncate=False)
+        return [np.asarray(v, dtype="<f4").tobytes() for v in vectors], sum(counts)
+
+    def _load_embedder(self) -> Any:
+        try:
+            return self._llama_cpp.Llama(
+                model_path=self.path, embedding=True, n_ctx=EMBED_TOKENS * 4,
+                n_batch=EMBED_TOKENS * 4, n_ubatch=EMBED_TOKENS * 4, n_seq_max=16,
+                pooling_type=self._llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                n_threads=self._threads, n_threads_batch=self._threads, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise PichatError(f"cannot make an embedding context of {self.path}: {exc}"
+                              ) from None
 
     def new_context(self, threads: int) -> Any:
         if self.batch is not None:

@@ -113,7 +113,7 @@ class Worker:
                 if config.state_dir else None)
         self.slots = SlotManager(model, config.slots, config.threads, config.cache_mb << 20,
                                  disk, shift=config.context_shift, block=config.slide_block,
-                                 memory=config.memory)
+                                 memory=config.memory, embedding_only=config.embedding)
         self.jobs: dict[RequestId, _Running] = {}
         self.mover = StateMover(send=self._send, export=self._export_state,
                                 accept=self.slots.accept, state_format=model.format,
@@ -503,7 +503,8 @@ class Worker:
             note = result.note
             self._send_for(job, encode(Done(request.id, self.config.name, result.finish, usage,
                                             memory=note.text if note else None,
-                                            remembered=note.covers if note else 0)))
+                                            remembered=note.covers if note else 0,
+                                            embeddings=result.embeddings)))
         finally:
             self.slots.release(job.slot)
             if self.jobs.get(request.id) is job:
@@ -546,6 +547,7 @@ class Worker:
             kv_token_bytes=model.kv_token_bytes,
             cache_bytes=self.slots.store.budget,
             state_format=model.format,
+            embedding_only=self.config.embedding,
         )))
         self.slots.take_evicted()  # the READY's session list supersedes them
         log.info("worker %s: READY sent to %s (%s, %d slots)", self.config.name,

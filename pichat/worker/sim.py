@@ -14,6 +14,7 @@ seed), so a later turn that quotes it re-tokenizes to the same ids.
 from __future__ import annotations
 
 import random
+import struct
 import threading
 import time
 import zlib
@@ -71,6 +72,19 @@ class SimModel:
 
     def text_tokens(self, text: str) -> list[int]:
         return [_word_id(w) for w in text.split()]
+
+    def embed(self, texts: Sequence[str]) -> tuple[list[bytes], int]:
+        """A bag of words hashed into 64 dimensions: texts sharing words are close."""
+        out, n = [], 0
+        for text in texts:
+            vector = [0.0] * 64
+            for word in text.lower().split():
+                vector[zlib.crc32(word.encode()) % 64] += 1.0
+                n += 1
+            norm = sum(v * v for v in vector) ** 0.5 or 1.0
+            out.append(struct.pack("<64f", *(v / norm for v in vector)))
+        time.sleep(n / self.config.prompt_tps)
+        return out, n
 
     def new_context(self, threads: int) -> SimContext:
         return SimContext(self)

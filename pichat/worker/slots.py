@@ -106,8 +106,10 @@ class Slot:
 class SlotManager:
     def __init__(self, model: Model, slots: int, threads: int, cache_bytes: int,
                  disk: DiskStore | None = None, *, shift: bool = True, block: int = 0,
-                 memory: str = "summary") -> None:
+                 memory: str = "summary", embedding_only: bool = False) -> None:
         self.model = model
+        self.embedding_only = embedding_only
+        """The model is an embedding model: chat requests are refused."""
         self.shift = shift
         """Context shift: a sliding conversation's kept turns are moved, not read again,
         and a long answer goes past the end of the context."""
@@ -218,6 +220,12 @@ class SlotManager:
             cancelled: threading.Event) -> Generation:
         """Generate `request` in `slot` (call from the slot's thread only)."""
         started = time.perf_counter()
+        if request.embed:
+            vectors, read = self.model.embed(request.embed)
+            return Generation("stop", read, 0, 0, (time.perf_counter() - started) * 1000, 0.0,
+                              embeddings=tuple(vectors))
+        if self.embedding_only:
+            raise BadRequest("this worker serves an embedding model: embeddings only")
         if request.session is not None and request.lease is not None:
             self._leases[request.session] = request.lease
         if request.prompt is not None:
