@@ -217,3 +217,38 @@ async def test_with_tool_choice_auto_calls_are_made_and_always_name_a_real_funct
     for c in calls:
         assert c.function.name in ("get_weather", "get_time") and finish == "tool_calls"
         assert isinstance(json.loads(c.function.arguments)["city"], str)
+
+
+@pytest.mark.slow
+async def test_langchain_binds_tools_and_gets_structured_output(qwen, cluster: Cluster):
+    import httpx
+    from langchain_openai import ChatOpenAI
+
+    async with httpx.AsyncClient(timeout=120) as http:  # closed here, not at exit
+        llm = ChatOpenAI(base_url=f"{cluster.http_url}/v1", api_key="none", model="pichat",
+                         temperature=0, max_tokens=96, max_retries=0, http_async_client=http)
+        await langchain_round(llm)
+
+
+async def langchain_round(llm) -> None:
+    from pydantic import BaseModel, Field
+
+    class GetWeather(BaseModel):
+        """The current weather in a city."""
+
+        city: str = Field(description="The city's name")
+
+    called = await llm.bind_tools([GetWeather], tool_choice="GetWeather").ainvoke(
+        "What is the weather like in Madrid?")
+    (call,) = called.tool_calls
+    assert call["name"] == "GetWeather" and "madrid" in call["args"]["city"].lower()
+
+    class Person(BaseModel):
+        """A person."""
+
+        name: str
+        age: int
+
+    person = await llm.with_structured_output(Person, method="json_schema").ainvoke(
+        "Invent a person called Ana who is 31 years old.")
+    assert isinstance(person, Person) and isinstance(person.age, int) and person.name

@@ -42,16 +42,17 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+import pichat
 from pichat.client import new_id
 from pichat.errors import ErrorCode, PichatError
 from pichat.logs import clip
 from pichat.memory.store import NotFound
 from pichat.protocol import Chunk, Conversations, Done, Error, Request, RequestId
-from pichat.router import openai
+from pichat.router import ollama, openai
 from pichat.router.metrics import CONTENT_TYPE, RouterMetrics
 from pichat.router.openai import ApiError, ChatCall
 from pichat.router.stats import Stats
-from pichat.router.tools import Spotter
+from pichat.router.tools import Spotter, extract
 
 __all__ = ["HttpSink", "RouterFace", "create_app", "start_http"]
 
@@ -109,6 +110,8 @@ class RouterFace(Protocol):
 
     def served_models(self) -> dict[str, float]: ...
 
+    def worker_facts(self) -> list[tuple[Any, float]]: ...
+
     def worker_count(self) -> int: ...
 
     @property
@@ -140,6 +143,8 @@ def create_app(router: RouterFace, *, api_keys: tuple[str, ...] = (),
             log.exception("HTTP %s %s failed", request.method, clip(request.path, 80))
             error = ApiError(500, "internal error", "server_error")
         router.stats.http_errors[error.status] += 1
+        if request.path.startswith("/api/"):  # Ollama's shape
+            return web.json_response({"error": error.message}, status=error.status)
         return _error_response(error)
 
     @web.middleware
@@ -191,23 +196,59 @@ def create_app(router: RouterFace, *, api_keys: tuple[str, ...] = (),
     async def embeddings(request: web.Request) -> web.Response:
         call = openai.parse_embeddings(await _json(request, body_timeout), new_id())
         _check_model(router, call.request.model)
-        sink = HttpSink(request)
         router.stats.events["embeddings_requests"] += 1
         router.stats.events["embeddings"] += len(call.request.embed)
-        router.submit(call.request, sink, owner=request["owner"])
-        finished = False
-        try:
-            message = await _next(sink)
-            while isinstance(message, Chunk):
-                message = await _next(sink)
-            finished = True
-            if isinstance(message, Error):
-                raise openai.status_for(message.code, message.message)
-            return web.json_response(openai.embeddings_object(call, message),
-                                     headers={"X-Request-Id": call.request.id})
-        finally:
-            if not finished:
-                router.cancel(call.request.id)
+        done = await _whole(router, request, call.request)
+        return web.json_response(openai.embeddings_object(call, done),
+                                 headers={"X-Request-Id": call.request.id})
+
+    # --- Ollama's API (pichat/router/ollama.py) ------------------------------------------
+
+    async def ollama_chat(request: web.Request) -> web.StreamResponse:
+        body = await _json(request, body_timeout)
+        call = ollama.parse_chat(body, new_id(), default_max_tokens=default_max_tokens)
+        return await _ollama_answer(router, request, call)
+
+    async def ollama_generate(request: web.Request) -> web.StreamResponse:
+        body = await _json(request, body_timeout)
+        if isinstance(body, dict) and not body.get("prompt"):  # Ollama's "load the model"
+            return web.json_response({"model": body.get("model", ""), "created_at":
+                                      ollama.now(), "response": "", "done": True,
+                                      "done_reason": "load"})
+        call = ollama.parse_generate(body, new_id(), default_max_tokens=default_max_tokens)
+        return await _ollama_answer(router, request, call)
+
+    async def ollama_embed(request: web.Request) -> web.Response:
+        legacy = request.path.endswith("/embeddings")
+        embed, model = ollama.parse_embed(await _json(request, body_timeout), new_id(),
+                                          legacy=legacy)
+        _check_model(router, embed.model)
+        router.stats.events["embeddings_requests"] += 1
+        router.stats.events["embeddings"] += len(embed.embed)
+        done = await _whole(router, request, embed)
+        return web.json_response(ollama.embed_object(model, done, legacy))
+
+    async def ollama_tags(request: web.Request) -> web.Response:
+        return web.json_response(ollama.tags(router.worker_facts()))
+
+    async def ollama_ps(request: web.Request) -> web.Response:
+        return web.json_response(ollama.ps(router.worker_facts()))
+
+    async def ollama_show(request: web.Request) -> web.Response:
+        body = await _json(request, body_timeout)
+        name = body.get("model") or body.get("name") if isinstance(body, dict) else None
+        found = ollama.show(name, router.worker_facts()) if isinstance(name, str) else None
+        if found is None:
+            raise ApiError(404, f"model {clip(str(name), 60)!r} not found")
+        return web.json_response(found)
+
+    async def ollama_version(request: web.Request) -> web.Response:
+        return web.json_response({"version": f"0.6.0-pichat-{pichat.__version__}"})
+
+    async def ollama_manage(request: web.Request) -> web.Response:
+        raise ApiError(400, "pichat serves the models its workers load: install one with "
+                            "`pichat models NAME` on a worker and start it with --model "
+                            "(models are not pulled, pushed or deleted through the router)")
 
     async def ask_store(request: web.Request, query: Conversations) -> Any:
         memory = router.memory
@@ -286,6 +327,15 @@ def create_app(router: RouterFace, *, api_keys: tuple[str, ...] = (),
         web.post("/v1/chat/completions", chat),
         web.post("/v1/completions", completions),
         web.post("/v1/embeddings", embeddings),
+        web.post("/api/chat", ollama_chat),
+        web.post("/api/generate", ollama_generate),
+        web.post("/api/embed", ollama_embed),
+        web.post("/api/embeddings", ollama_embed),
+        web.get("/api/tags", ollama_tags),
+        web.get("/api/ps", ollama_ps),
+        web.post("/api/show", ollama_show),
+        web.get("/api/version", ollama_version),
+        *(web.route("*", f"/api/{name}", ollama_manage) for name in ollama.MANAGEMENT),
         web.get("/v1/conversations", list_conversations),
         web.post("/v1/conversations", create_conversation),
         web.get("/v1/conversations/{id}", get_conversation),
@@ -337,6 +387,88 @@ async def _next(sink: HttpSink, skip_keepalive: bool = True) -> Any:
         return item
 
 
+async def _whole(router: RouterFace, request: web.Request, job: Request) -> Done:
+    """Submit `job` and wait for its DONE (chunks skipped); an ERROR is raised as an
+    ApiError."""
+    sink = HttpSink(request)
+    router.submit(job, sink, owner=request["owner"])
+    finished = False
+    try:
+        _, done = await _whole_text(sink, await _next(sink))
+        finished = True
+        return done
+    finally:
+        if not finished:
+            router.cancel(job.id)
+
+
+async def _whole_text(sink: HttpSink, message: Any) -> tuple[str, Done]:
+    """The answer's text up to its DONE (from `message` on); an ERROR raised as an
+    ApiError (the request is over: nothing to cancel)."""
+    parts: list[str] = []
+    while not isinstance(message, Done):
+        if isinstance(message, Error):
+            raise openai.status_for(message.code, message.message)
+        parts.append(message.text)
+        message = await _next(sink)
+    return "".join(parts), message
+
+
+async def _ollama_answer(router: RouterFace, request: web.Request,
+                         call: ollama.OllamaCall) -> web.StreamResponse:
+    """An answer in Ollama's shapes: one JSON object, or newline-delimited JSON streamed."""
+    _check_model(router, call.request.model)
+    sink = HttpSink(request)
+    events = router.stats.events
+    events["ollama_requests"] += 1
+    events["tool_requests"] += bool(call.request.tools)
+    events["structured_requests"] += bool(call.request.format)
+    router.submit(call.request, sink, owner=request["owner"])
+    finished = False
+    try:
+        message = await _next(sink)
+        if isinstance(message, Error):
+            finished = True
+            raise openai.status_for(message.code, message.message)
+        spotter = Spotter(call.calls) if call.calls is not None else None
+        if not call.stream:
+            answer, message = await _whole_text(sink, message)
+            finished = True
+            found: list = []
+            if call.calls is not None:
+                answer, found = extract(answer, call.calls)
+            events["tool_calls"] += len(found)
+            return web.json_response(ollama.final(call, message, answer, found))
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        while True:
+            if isinstance(message, Chunk):
+                out = spotter.feed(message.text) if spotter is not None else message.text
+                if out:
+                    await _line(response, ollama.line(call, out))
+            elif isinstance(message, Done):
+                rest, found = spotter.finish() if spotter is not None else ("", [])
+                events["tool_calls"] += len(found)
+                if rest or found:
+                    await _line(response, ollama.line(call, rest, found))
+                await _line(response, ollama.final(call, message))
+                break
+            elif isinstance(message, Error):
+                await _line(response, {"error": message.message})
+                break
+            message = await _next(sink)
+        finished = True
+        await response.write_eof()
+        return response
+    finally:
+        if not finished:
+            router.cancel(call.request.id)
+
+
+async def _line(response: web.StreamResponse, payload: dict[str, Any]) -> None:
+    await response.write(json.dumps(payload, separators=(",", ":")).encode() + b"\n")
+
+
 def _check_model(router: RouterFace, model: str | None) -> None:
     served = router.served_models()
     if model is not None and served and model not in served:
@@ -361,15 +493,9 @@ async def _answer(router: RouterFace, request: web.Request,
             finished = True
             raise openai.status_for(message.code, message.message)
         if not call.stream:
-            parts: list[str] = []
-            while not isinstance(message, Done):
-                if isinstance(message, Error):
-                    finished = True
-                    raise openai.status_for(message.code, message.message)
-                parts.append(message.text)
-                message = await _next(sink)
+            answer, message = await _whole_text(sink, message)
             finished = True
-            body = openai.completion_object(call, "".join(parts), message, created)
+            body = openai.completion_object(call, answer, message, created)
             events["tool_calls"] += len(body["choices"][0].get("message", {})
                                         .get("tool_calls") or ())
             return web.json_response(body, headers={"X-Request-Id": call.request.id})

@@ -296,6 +296,12 @@ class Router:
                 models[view.model] = min(joined, view.meta.joined)
         return models
 
+    def worker_facts(self) -> list[tuple[Any, float]]:
+        """(READY, when it joined) of each live worker, in registration order."""
+        return [(v.meta.ready, v.meta.joined) for v in
+                sorted(self.scheduler.workers.values(), key=lambda v: v.order)
+                if v.meta is not None]
+
     def worker_count(self) -> int:
         return len(self.scheduler.workers)
 
