@@ -33,6 +33,8 @@ async def test_a_sentence_is_closer_to_its_paraphrase_than_to_another(cluster: C
         reply = await c.embeddings.create(model="pichat", input=texts)
         packed = await c.embeddings.create(model="pichat", input=texts[0],
                                            encoding_format="base64")
+        with pytest.raises(openai.BadRequestError, match="input 1 is .* tokens"):
+            await c.embeddings.create(model="pichat", input=["short", "word " * 700])
     vectors = np.array([d.embedding for d in reply.data])
     assert [d.index for d in reply.data] == list(range(5)) and vectors.shape[1] >= 256
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)  # unit length

@@ -252,3 +252,56 @@ async def langchain_round(llm) -> None:
     person = await llm.with_structured_output(Person, method="json_schema").ainvoke(
         "Invent a person called Ana who is 31 years old.")
     assert isinstance(person, Person) and isinstance(person.age, int) and person.name
+
+
+# --- the worker's side (pure) ------------------------------------------------------------
+
+def test_template_families_and_the_generic_format_for_templates_without_tools():
+    from pichat.protocol import ChatMessage
+    from pichat.worker.tools import family_of, template_messages, template_tools
+
+    assert family_of("{% if tools %}<tool_call>{% endif %}") == "hermes"
+    assert family_of("<|python_tag|>{{ x }}") == "llama3"
+    assert family_of("{% for m in messages %}{{ m.content }}{% endfor %}") == "generic"
+    functions = template_tools(json.dumps([WEATHER["function"]]))
+    call = json.dumps([{"id": "call_1", "name": "get_weather", "arguments": '{"city": "Oslo"}'}])
+    messages = [ChatMessage("user", "Weather in Oslo?"), ChatMessage("assistant", "", call),
+                ChatMessage("tool", "cold", tool_call_id="call_1")]
+    native = template_messages(messages, functions, "hermes")
+    assert native[1]["tool_calls"][0]["function"] == {"name": "get_weather",
+                                                      "arguments": {"city": "Oslo"}}
+    assert native[2] == {"role": "tool", "content": "cold", "tool_call_id": "call_1"}
+    generic = template_messages(messages, functions, "generic")
+    assert generic[0]["role"] == "system" and "get_weather" in generic[0]["content"]
+    assert "<tool_call>" in generic[2]["content"]  # the call, as the model would write it
+    assert generic[3] == {"role": "user", "content": "<tool_response>\ncold\n</tool_response>"}
+
+
+def test_grammars_for_calls_and_formats_and_what_cannot_be_enforced():
+    from pichat.errors import BadRequest
+    from pichat.protocol import ChatMessage, Request, RequestId
+    from pichat.worker.tools import TRIGGERS, grammar_for
+
+    tools = json.dumps([WEATHER["function"], TIME["function"]])
+    ask = lambda **kw: Request(RequestId("r"), (ChatMessage("user", "x"),), **kw)  # noqa: E731
+    assert grammar_for(ask(), "hermes") == ("", "")
+    forced, trigger = grammar_for(ask(tools=tools, tool_choice="required"), "hermes")
+    assert trigger == "" and forced.startswith('root ::= "<tool_call>\\n" call')
+    assert '"\\"get_weather\\""' in forced and '"\\"get_time\\""' in forced
+    named, _ = grammar_for(ask(tools=tools, tool_choice="function:get_time"), "llama3")
+    assert "get_time" in named and "get_weather" not in named and "parameters" in named
+    lazy, trigger = grammar_for(ask(tools=tools), "hermes")
+    assert trigger.split("\n") == list(TRIGGERS) and " | call" in lazy.splitlines()[0]
+    assert grammar_for(ask(tools=tools, tool_choice="none"), "hermes") == ("", "")
+    assert "root" in grammar_for(ask(format="json"), "hermes")[0]
+    for request, message in (
+            (ask(tool_choice="required"), "no tools"),
+            (ask(tools=tools, tool_choice="function:nope"), "not among the tools"),
+            (ask(format='{"type": "string", "pattern": "a+"}'), "cannot be enforced"),
+            (ask(format=json.dumps({"type": "array", "minItems": 10**8,
+                                    "items": {"type": "string"}})), "minItems"),
+            (ask(format=json.dumps({"type": "object", "properties": {
+                f"p{i}": {"type": "string", "maxLength": 1000} for i in range(40)}})),
+             "grammar of")):
+        with pytest.raises(BadRequest, match=message):
+            grammar_for(request, "hermes")

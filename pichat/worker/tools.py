@@ -140,9 +140,35 @@ def grammar_for(request: Request, family: Family) -> tuple[str, str]:
     return "", ""
 
 
+MAX_REPEAT = 1000
+"""A schema's minItems, maxLength... at most this: the converter writes each repetition out
+(a `minItems` of 10^8 would be gigabytes of grammar before any check on its size)."""
+
+_REPEATS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties",
+            "maxProperties")
+
+
+def _check_repeats(node: Any, what: str) -> None:
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if key in _REPEATS and isinstance(value, int) and value > MAX_REPEAT:
+                    raise BadRequest(f"{what}: {key} {value} is more than this server "
+                                     f"enforces ({MAX_REPEAT})")
+                stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def _schema_grammar(schema: str, what: str) -> str:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+    try:
+        _check_repeats(json.loads(schema), what)
+    except (ValueError, RecursionError):
+        raise BadRequest(f"{what}: the schema is not JSON (or nested too deeply)") from None
     try:
         grammar = json_schema_to_gbnf(schema)
     except RecursionError:
