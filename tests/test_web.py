@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 
+import aiohttp
 import pytest
 
 from conftest import Cluster
@@ -187,3 +188,25 @@ async def test_without_a_store_the_page_chats_statelessly_with_no_list(cluster: 
     assert not await page.locator("#sidebar").is_visible()
     stats = await page.locator(".stats").last.text_content()
     assert re.search(r"[1-9]\d*/\d+ prompt tokens cached", stats), stats
+
+
+async def test_json_answers_are_asked_for_and_shown_indented(cluster: Cluster, browser):
+    cluster.router()
+    cluster.worker("w1", "--sim-reply-tokens", "4")
+    await cluster.wait_workers(1)
+    page = await browser.new_page(viewport={"width": 1100, "height": 800})
+    await page.goto(cluster.http_url + "/")
+    await page.check("#json")  # response_format json_object: the worker's grammar
+    await page.fill("#input", "Describe a cat")
+    await page.keyboard.press("Enter")
+    await answered(page, 1)
+    shown = await page.locator(".msg.assistant pre.json").text_content()
+    assert "\n" in shown and len(json.loads(shown)["answer"].split()) == 4  # indented JSON
+    await page.uncheck("#json")
+    await page.fill("#input", "And a dog?")
+    await page.keyboard.press("Enter")
+    await answered(page, 2)
+    assert await page.locator(".msg.assistant").nth(1).locator("pre").count() == 0
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{cluster.http_url}/metrics") as r:
+            assert 'pichat_events_total{event="structured_requests"} 1.0' in await r.text()

@@ -13,6 +13,7 @@ seed), so a later turn that quotes it re-tokenizes to the same ids.
 
 from __future__ import annotations
 
+import json
 import random
 import struct
 import threading
@@ -162,6 +163,16 @@ class SimContext:
         wanted = max(0, cfg.reply_tokens - resume)
         finish = "stop" if wanted <= limit else "length"
         n = 0
+        if sampling.grammar and not sampling.grammar_trigger and not resume:
+            # A grammar (a JSON format, a forced call): the simulator answers a JSON object
+            # of its words, so clients see what a constrained answer looks like.
+            words = [rng.choice(_WORDS) for _ in range(min(wanted, limit))]
+            text = json.dumps({"answer": " ".join(words)})
+            out.push(text.encode(), _word_id(words[0]) if words else 0)
+            self._tokens.extend(_word_id(w) for w in words)
+            t2 = time.perf_counter()
+            return Generation("stop", len(prompt), cached, len(words), (t1 - t0) * 1000,
+                              (t2 - t1) * 1000)
         for i in range(resume, resume + min(wanted, limit)):
             if n and cancelled.wait(1.0 / cfg.gen_tps):
                 finish = "cancelled"
