@@ -1,0 +1,198 @@
+"""Join tokens: how a new Pi is let in without copying anyone's secret to it.
+
+`pichat invite` on the router's host makes a token: the router's addresses and public
+key, an invitation id and a one-time secret, with an expiry and a number of uses. The
+router keeps only the secret's hash (`invites/ID.json` in its keys directory, readable by
+its owner only). A joining Pi makes its own key pair, reaches the router over CURVE with
+the router's public key from the token, and proves the secret; the router then admits
+the Pi's public key under its name. So a token carries nothing secret but its own
+one-time secret, and a stolen, used or expired token lets nobody in.
+
+Pure file operations (no sockets): `invite` writes an invitation, `parse` reads a token,
+`redeem` checks and uses one (under a lock: two Pis racing for the last use cannot both
+get it), `admit` writes an admitted key, `members` and `revoke` list and remove them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pichat.errors import PichatError
+
+__all__ = ["Invitation", "InviteRefused", "invite", "parse", "redeem", "admit", "members",
+           "revoke", "PREFIX", "ROLES"]
+
+PREFIX = "pichat1."
+ROLES = ("worker", "client")
+Role = Literal["worker", "client"]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ID = re.compile(r"^[0-9a-f]{16}$")
+MAX_TOKEN_CHARS = 4096
+
+
+class InviteRefused(PichatError):
+    """A token that is unknown, used up, expired or forged: the reason is the message."""
+
+
+@dataclass(frozen=True, slots=True)
+class Invitation:
+    role: Role
+    addresses: tuple[str, ...]
+    """Where the router's join endpoint listens (tcp://HOST:PORT), most likely first."""
+    router_key: str
+    """The router's CURVE public key (Z85, 40 characters)."""
+    id: str
+    secret: str
+
+    def token(self) -> str:
+        body = {"r": self.role, "a": list(self.addresses), "k": self.router_key,
+                "i": self.id, "s": self.secret}
+        raw = json.dumps(body, separators=(",", ":")).encode()
+        return PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def invite(keys_dir: Path, *, role: Role, addresses: tuple[str, ...], router_key: str,
+           ttl: float = 3600.0, uses: int = 1, now: float | None = None) -> Invitation:
+    """A new invitation, kept (hashed) in `keys_dir/invites`."""
+    if role not in ROLES:
+        raise PichatError(f"an invitation is for a worker or a client, not {role!r}")
+    if ttl <= 0 or uses < 1:
+        raise PichatError("an invitation needs a positive --ttl and at least one use")
+    now = time.time() if now is None else now
+    found = Invitation(role, tuple(addresses), router_key, secrets.token_hex(8),
+                       secrets.token_urlsafe(24))
+    folder = _folder(keys_dir)
+    record = {"role": role, "hash": _hash(found.secret), "expires": now + ttl, "uses": uses,
+              "created": now}
+    _write(folder / f"{found.id}.json", record)
+    return found
+
+
+def parse(token: str) -> Invitation:
+    """A token's contents; InviteRefused saying what is wrong with a malformed one."""
+    token = token.strip()
+    if not token.startswith(PREFIX) or len(token) > MAX_TOKEN_CHARS:
+        raise InviteRefused(f"not a pichat join token (it starts with {PREFIX!r}; copy the "
+                            "whole line `pichat invite` printed)")
+    body = token[len(PREFIX):]
+    try:
+        data = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        role, addresses, key = data["r"], tuple(data["a"]), data["k"]
+        ident, secret = data["i"], data["s"]
+    except (binascii.Error, ValueError, KeyError, TypeError):
+        raise InviteRefused("the join token is damaged (copy the whole line again)") from None
+    if role not in ROLES or not all(isinstance(a, str) and a.startswith("tcp://")
+                                    for a in addresses) or not addresses:
+        raise InviteRefused("the join token names no router to join")
+    if not (isinstance(key, str) and len(key) == 40 and isinstance(secret, str)
+            and isinstance(ident, str) and _ID.match(ident)):
+        raise InviteRefused("the join token is damaged (copy the whole line again)")
+    return Invitation(role, addresses, key, ident, secret)
+
+
+def redeem(keys_dir: Path, ident: str, secret: str, now: float | None = None) -> Role:
+    """Use one of invitation `ident`'s uses if `secret` is its secret and it has not
+    expired; its role. InviteRefused otherwise (a wrong secret uses nothing)."""
+    now = time.time() if now is None else now
+    if not _ID.match(ident or ""):
+        raise InviteRefused("unknown invitation")
+    folder = _folder(keys_dir)
+    path = folder / f"{ident}.json"
+    with _locked(folder):
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise InviteRefused("unknown or already used invitation") from None
+        except (OSError, ValueError):
+            raise InviteRefused("the invitation's record is unreadable") from None
+        if not hmac.compare_digest(record.get("hash", ""), _hash(secret)):
+            raise InviteRefused("wrong secret for this invitation (a forged token?)")
+        if now > record.get("expires", 0):
+            path.unlink(missing_ok=True)
+            raise InviteRefused("the invitation has expired: make a new one with "
+                                "`pichat invite`")
+        record["uses"] = int(record.get("uses", 1)) - 1
+        if record["uses"] <= 0:
+            path.unlink()
+        else:
+            _write(path, record)
+        return record["role"]
+
+
+def admit(keys_dir: Path, role: Role, name: str, public_key: str) -> Path:
+    """Let the key `public_key` (Z85) in as `role` `name` (the router's allow-list);
+    refuses a name already held by another key."""
+    if not _NAME.match(name):
+        raise InviteRefused(f"{name[:64]!r} is not a usable name (letters, digits, _ . -)")
+    if len(public_key) != 40:
+        raise InviteRefused("the joining key is not a CURVE public key")
+    path = keys_dir / f"{role}s" / f"{name}.key"
+    if path.exists() and public_key not in path.read_text():
+        raise InviteRefused(f"the name {name!r} is taken by another key: join with --name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"# {role} {name}, admitted by pichat join\n"
+                   f"metadata\ncurve\n    public-key = \"{public_key}\"\n")
+    os.replace(tmp, path)
+    return path
+
+
+def members(keys_dir: Path) -> list[tuple[Role, str]]:
+    """(role, name) of every admitted key."""
+    return [(role, p.stem) for role in ROLES  # type: ignore[misc]
+            for p in sorted((keys_dir / f"{role}s").glob("*.key"))]
+
+
+def revoke(keys_dir: Path, name: str) -> list[Role]:
+    """Remove `name`'s admitted keys (of either role); the roles it had."""
+    gone: list[Role] = []
+    for role in ROLES:
+        path = keys_dir / f"{role}s" / f"{name}.key"
+        if _NAME.match(name) and path.is_file():
+            path.unlink()
+            gone.append(role)  # type: ignore[arg-type]
+    if not gone:
+        raise PichatError(f"no admitted key is named {name[:64]!r} (see `pichat keys list`)")
+    return gone
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _folder(keys_dir: Path) -> Path:
+    folder = keys_dir / "invites"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
+
+
+def _write(path: Path, record: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    fd = os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,104 @@
+"""Join tokens (pichat/invites.py): what a token carries, and that a used, expired, forged
+or damaged one lets nobody in."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+
+import pytest
+import zmq.auth
+
+from pichat.errors import PichatError
+from pichat.invites import InviteRefused, admit, invite, members, parse, redeem, revoke
+from pichat.security import keygen
+
+ADDRESS = ("tcp://192.168.1.10:5557", "tcp://pi1.local:5557")
+
+
+@pytest.fixture
+def keys(tmp_path):
+    keygen(tmp_path / "keys")
+    return tmp_path / "keys"
+
+
+def router_key(keys) -> str:
+    return zmq.auth.load_certificate(keys / "router.key")[0].decode()
+
+
+def test_a_token_carries_the_routers_public_key_and_a_one_time_secret_only(keys):
+    made = invite(keys, role="worker", addresses=ADDRESS, router_key=router_key(keys))
+    token = made.token()
+    assert parse(token) == made and token.startswith("pichat1.") and "\n" not in token
+    # Nothing of any host's secret key travels: only the invitation's own secret.
+    secret_keys = [zmq.auth.load_certificate(p)[1].decode()
+                   for p in keys.glob("*.key_secret")]
+    decoded = json.dumps(parse(token).__repr__())
+    assert not any(s in token or s in decoded for s in secret_keys)
+    record = keys / "invites" / f"{made.id}.json"
+    assert stat.S_IMODE(os.stat(record).st_mode) == 0o600
+    assert made.secret not in record.read_text()  # kept hashed
+
+
+def test_a_token_is_used_once_expires_and_a_wrong_secret_uses_nothing(keys):
+    made = invite(keys, role="client", addresses=ADDRESS, router_key=router_key(keys),
+                  ttl=60, now=1000.0)
+    with pytest.raises(InviteRefused, match="wrong secret"):
+        redeem(keys, made.id, "forged", now=1001.0)
+    assert redeem(keys, made.id, made.secret, now=1001.0) == "client"
+    with pytest.raises(InviteRefused, match="already used"):
+        redeem(keys, made.id, made.secret, now=1002.0)
+    late = invite(keys, role="worker", addresses=ADDRESS, router_key=router_key(keys),
+                  ttl=60, now=1000.0)
+    with pytest.raises(InviteRefused, match="expired"):
+        redeem(keys, late.id, late.secret, now=1061.0)
+    with pytest.raises(InviteRefused, match="unknown"):
+        redeem(keys, "../../etc/passwd", "x")
+
+
+def test_n_uses_hold_when_joiners_race(keys):
+    made = invite(keys, role="worker", addresses=ADDRESS, router_key=router_key(keys), uses=3)
+    results: list[str] = []
+
+    def join() -> None:
+        try:
+            results.append(redeem(keys, made.id, made.secret))
+        except InviteRefused as exc:
+            results.append(str(exc))
+
+    threads = [threading.Thread(target=join) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count("worker") == 3 and len(results) == 8
+
+
+@pytest.mark.parametrize("token,message", [
+    ("docker swarm join --token x", "not a pichat join token"),
+    ("pichat1.!!!notbase64", "damaged"),
+    ("pichat1." + "e30", "damaged"),  # {}
+    ("pichat1." + "x" * 5000, "not a pichat join token"),
+])
+def test_a_damaged_token_says_what_is_wrong(token, message):
+    with pytest.raises(InviteRefused, match=message):
+        parse(token)
+
+
+def test_admitted_keys_are_allow_list_entries_listed_and_revoked(keys):
+    public = zmq.auth.create_certificates(keys.parent, "pi7")[0]
+    key = zmq.auth.load_certificate(public)[0].decode()
+    path = admit(keys, "worker", "pi7", key)
+    assert zmq.auth.load_certificate(path)[0].decode() == key  # what the router reads
+    assert ("worker", "pi7") in members(keys)
+    other = zmq.auth.load_certificate(zmq.auth.create_certificates(keys.parent, "x")[0])[0]
+    with pytest.raises(InviteRefused, match="taken"):
+        admit(keys, "worker", "pi7", other.decode())
+    with pytest.raises(InviteRefused, match="usable name"):
+        admit(keys, "worker", "../router", key)
+    assert revoke(keys, "pi7") == ["worker"]
+    assert ("worker", "pi7") not in members(keys)
+    with pytest.raises(PichatError, match="no admitted key"):
+        revoke(keys, "pi7")
