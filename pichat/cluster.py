@@ -142,7 +142,8 @@ class LocalCluster:
             if http != "off" and self.endpoints.get("http"):
                 http = f"{http.rsplit(':', 1)[0]}:{_port(self.endpoints['http'])}"
         return [sys.executable, "-m", "pichat", "router", "--clients-bind", clients,
-                "--workers-bind", workers, "--policy", cfg.policy, "--http", http,
+                "--workers-bind", workers, "--join-bind", "off", "--policy", cfg.policy,
+                "--http", http,
                 "--keys", cfg.keys, "--log-level", cfg.log_level,
                 "--ready-file", str(self._ready)]
 

@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 DEFAULT_CLIENT_PORT = 5555
+DEFAULT_JOIN_PORT = 5557
 DEFAULT_WORKER_PORT = 5556
 DEFAULT_CLIENT_ENDPOINT = f"tcp://127.0.0.1:{DEFAULT_CLIENT_PORT}"
 DEFAULT_WORKER_ENDPOINT = f"tcp://127.0.0.1:{DEFAULT_WORKER_PORT}"
@@ -99,6 +100,9 @@ class RouterConfig:
     no headers or dribbles them, an idle keep-alive one) before it is closed."""
     http_body_timeout: float = 30.0
     """Seconds a request's body may take to arrive."""
+    join_bind: str = f"tcp://*:{DEFAULT_JOIN_PORT}"
+    """Where new Pis redeem join tokens (`pichat invite` / `pichat join`); only with keys;
+    "off": none."""
     ready_file: str = ""
     """Write the bound endpoints here (JSON) once everything is up; empty: no file."""
     log_repeat_window: float = 60.0

@@ -97,6 +97,7 @@ __all__ = [
     "State",
     "StateAck",
     "Conversations",
+    "Join",
     "MAX_STATE_PIECE",
     "Message",
     "LIMITS",
@@ -176,6 +177,8 @@ class Command(IntEnum):
     """The receiving worker has these pieces (a credit for more), or is done, or refuses."""
     CONVERSATIONS = 13
     """A client's stored conversations: list, read, rename, delete (and the answer)."""
+    JOIN = 14
+    """A new Pi redeems a join token (pichat/invites.py), on the router's join endpoint."""
 
 
 class _Fields:
@@ -929,9 +932,34 @@ class Conversations:
         return body
 
 
+@dataclass(frozen=True, slots=True)
+class Join:
+    """Joiner -> router: redeem invitation `invitation` with its `secret`, to be admitted
+    as `name` (the key is the one the joiner's CURVE handshake proved). Router -> joiner:
+    the same with `workers` and `clients`, the router's endpoints, once admitted."""
+
+    COMMAND: ClassVar[Command] = Command.JOIN
+    invitation: str
+    secret: str
+    name: str
+    workers: str = ""
+    clients: str = ""
+
+    @classmethod
+    def from_body(cls, f: _Fields) -> Join:
+        return cls(invitation=f.str("invitation", min_chars=1, max_chars=MAX_ID_CHARS),
+                   secret=f.str("secret", min_chars=1, max_chars=MAX_ID_CHARS),
+                   name=f.str("name", min_chars=1, max_chars=64),
+                   workers=f.str("workers", max_chars=MAX_NAME_CHARS, required=False),
+                   clients=f.str("clients", max_chars=MAX_NAME_CHARS, required=False))
+
+    def to_body(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 Message: TypeAlias = (
     Ready | Heartbeat | Request | Chunk | Done | Error | Cancel | Disconnect | Status
-    | Migrate | State | StateAck | Conversations
+    | Migrate | State | StateAck | Conversations | Join
 )
 
 LIMITS: dict[Command, Limits] = {
@@ -948,6 +976,7 @@ LIMITS: dict[Command, Limits] = {
     Command.STATE: Limits(objects=64, ints=MAX_TOKEN_LIST, depth=4, max_str=MAX_STATE_PIECE),
     Command.STATE_ACK: Limits(objects=64, depth=4, max_str=MAX_SMALL_TEXT),
     Command.CONVERSATIONS: Limits(objects=1 << 16, depth=6),
+    Command.JOIN: Limits(objects=64, depth=4, max_str=MAX_SMALL_TEXT),
 }
 """What a body of each command may decode to (pichat/unpack.py). Bodies up to 16 KiB
 decode in one call whatever these say (at most 16 Ki objects)."""
@@ -955,7 +984,7 @@ decode in one call whatever these say (at most 16 Ki objects)."""
 _TYPES: dict[Command, Any] = {
     cls.COMMAND: cls
     for cls in (Ready, Heartbeat, Request, Chunk, Done, Error, Cancel, Disconnect, Status,
-                Migrate, State, StateAck, Conversations)
+                Migrate, State, StateAck, Conversations, Join)
 }
 _COMMAND_BYTES: dict[Command, bytes] = {c: bytes((c.value,)) for c in Command}
 _BY_BYTE: dict[bytes, Command] = {v: k for k, v in _COMMAND_BYTES.items()}

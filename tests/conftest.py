@@ -146,6 +146,7 @@ class Cluster:
         """http://127.0.0.1:PORT of the router's HTTP face (when it has one)."""
         self.keys: Path | None = None
         """The keys directory clients use (None: no keys)."""
+        self.join_endpoint = ""
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
         proc = Proc(name, argv, self.log_dir, env)
@@ -161,12 +162,14 @@ class Cluster:
         proc = self.spawn(name, [
             "router", "--clients-bind", f"tcp://{host}:{port(self.client_endpoint)}",
             "--workers-bind", f"tcp://{host}:{port(self.worker_endpoint)}",
+            "--join-bind", f"tcp://{host}:0",
             "--heartbeat", "0.5", "--http", http, "--ready-file", str(ready), *args])
         bound = json.loads(wait_for_file(ready, proc))
         local = lambda e: e.replace("0.0.0.0", "127.0.0.1")  # noqa: E731
         self.client_endpoint = local(bound["clients"])
         self.worker_endpoint = local(bound["workers"])
         self.http_url = local(bound["http"])
+        self.join_endpoint = local(bound.get("join", ""))
         return proc
 
     def worker(self, name: str, *args: str, backend: str = "sim") -> Proc:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import click
 
 from pichat import __version__
-from pichat.cli import clients, daemons, tools
+from pichat.cli import clients, daemons, joining, tools
 
 __all__ = ["main"]
 
@@ -34,5 +34,6 @@ def main() -> None:
 
 for command in (daemons.router, daemons.worker, clients.ask, clients.chat, clients.status,
                 clients.conversations, tools.up, tools.models, tools.health,
-                tools.keygen_command):
+                tools.keygen_command, joining.invite_command, joining.join_command,
+                joining.keys_command):
     main.add_command(command)

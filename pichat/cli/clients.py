@@ -24,7 +24,9 @@ def _client_options(f: Any) -> Any:
 
     @functools.wraps(f)
     def wrapper(*args: Any, router: str, keys: str | None, key_name: str, **kwargs: Any) -> Any:
-        config = ClientConfig(router=router, keys=o.keys_or_fail(keys), key_name=key_name)
+        resolved = o.keys_or_fail(keys)
+        router = o.joined_router(router, o.default(ClientConfig, "router"), resolved, "clients")
+        config = ClientConfig(router=router, keys=resolved, key_name=key_name)
         return f(*args, client=config, **kwargs)
 
     for decorator in reversed([

@@ -28,6 +28,9 @@ R, S, W = RouterConfig, SchedulerConfig, WorkerConfig
          help="ZeroMQ endpoint where clients connect.")
 @o.field(R, "workers_bind", "--workers-bind", env="WORKERS_BIND",
          help="ZeroMQ endpoint where workers connect.")
+@o.field(R, "join_bind", "--join-bind", env="JOIN_BIND",
+         help="ZeroMQ endpoint where new Pis redeem join tokens (`pichat invite`); only "
+              "with keys; 'off' for none.")
 @o.field(S, "policy", "--policy", env="POLICY", type=click.Choice(POLICIES),
          help="affinity: a session returns to the worker holding its KV cache; "
               "round-robin: the baseline.")
@@ -247,8 +250,10 @@ def worker(**opts: Any) -> None:
     from pichat.worker.service import Worker
 
     o.setup_logging(opts["log_level"], f"worker {opts['name'] or ''}".strip())
+    keys = o.keys_or_fail(opts["keys"])
+    opts["router"] = o.joined_router(opts["router"], o.default(W, "router"), keys, "workers")
     config = o.build(WorkerConfig, opts, name=opts["name"] or default_worker_name(),
-                     keys=o.keys_or_fail(opts["keys"]), sim=o.build(SimConfig, opts))
+                     keys=keys, sim=o.build(SimConfig, opts))
 
     async def serve() -> None:
         loaded = load_model(config)

@@ -5,6 +5,7 @@ into a config object."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 from typing import Any, NoReturn
@@ -17,6 +18,7 @@ from pichat.errors import PichatError
 from pichat.security import Keys, resolve_keys
 
 __all__ = ["option", "field", "default", "build", "setup_logging", "fail", "keys_or_fail",
+           "joined_router",
            "log_level", "max_message_bytes", "heartbeat", "liveness", "health_bind", "keys"]
 
 
@@ -50,6 +52,20 @@ def setup_logging(level: str, role: str) -> None:
 def fail(exc: Exception) -> NoReturn:
     click.secho(f"error: {exc}", fg="red", err=True)
     sys.exit(1)
+
+
+def joined_router(router: str, default_router: str, keys: Keys | None, role: str) -> str:
+    """`router`, or, left at its default, the endpoint a `pichat join` stored in the keys
+    directory (router.json) for `role` ("workers" or "clients")."""
+    if router != default_router or keys is None:
+        return router
+    stored = keys.directory / "router.json"
+    try:
+        return str(json.loads(stored.read_text())[role])
+    except FileNotFoundError:
+        return router
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        fail(PichatError(f"{stored} is unreadable ({exc}): run `pichat join` again"))
 
 
 def keys_or_fail(value: str | None) -> Keys | None:

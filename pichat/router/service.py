@@ -41,6 +41,7 @@ from pichat.router.clientside import ClientSide
 from pichat.router.http import start_http
 from pichat.router.identity import Leases, NameBook
 from pichat.router.jobs import ClientJob, ReplySink
+from pichat.router.joins import JoinDesk
 from pichat.router.memory import Memory
 from pichat.router.metrics import RouterMetrics, watch_loop_lag
 from pichat.router.migration import Migrations
@@ -101,6 +102,8 @@ class Router:
         self.memory = Memory(self, None)
         self.started = time.time()
         self.clients_endpoint = self.workers_endpoint = self.http_endpoint = ""
+        self.join_endpoint = ""
+        self.joins = JoinDesk(self)
         self.clients_channel: Channel | None = None
         self.workers_channel: Channel | None = None
         self.gatekeeper: Gatekeeper | None = None
@@ -131,6 +134,7 @@ class Router:
         cfg = self.config
         ctx = zmq.Context()
         clients, workers = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+        joins: zmq.Socket | None = None
         stop = asyncio.Event()
         health: HealthEndpoint | None = None
         http: web.AppRunner | None = None
@@ -147,6 +151,12 @@ class Router:
             workers.bind(cfg.workers_bind)
             self.clients_endpoint = clients.getsockopt_string(zmq.LAST_ENDPOINT)
             self.workers_endpoint = workers.getsockopt_string(zmq.LAST_ENDPOINT)
+            if cfg.keys is not None and cfg.join_bind.lower() not in ("", "off", "none"):
+                joins = ctx.socket(zmq.ROUTER)
+                configure(joins, max_message_bytes=64 * 1024, hwm=64)
+                cfg.keys.secure_server(joins, "join")
+                joins.bind(cfg.join_bind)
+                self.join_endpoint = joins.getsockopt_string(zmq.LAST_ENDPOINT)
             if cfg.db.lower() not in ("", "off", "none"):
                 limits = Limits(conversations_per_owner=cfg.db_max_conversations,
                                 max_bytes=cfg.db_max_mb << 20)
@@ -171,12 +181,16 @@ class Router:
             self.clients_channel = Channel(clients, self.clientside.on_message, loop,
                                            max_frames=_FRAMES, identify=True,
                                            on_dropped=self.clientside.on_dropped)
+            if joins is not None:
+                self.joins.channel = Channel(joins, self.joins.on_message, loop,
+                                             max_frames=4, identify=True)
             log.info("router %s: clients on %s, workers on %s, policy %s", __version__,
                      self.clients_endpoint, self.workers_endpoint, cfg.policy)
             self.ready.set()
             announce_ready(cfg.ready_file, {"clients": self.clients_endpoint,
                                             "workers": self.workers_endpoint,
-                                            "http": self.http_endpoint})
+                                            "http": self.http_endpoint,
+                                            "join": self.join_endpoint})
             async with asyncio.TaskGroup() as tasks:
                 heartbeats = tasks.create_task(self._heartbeat_loop(), name="heartbeats")
                 lag = tasks.create_task(watch_loop_lag(self._on_lag), name="loop-lag")
@@ -194,9 +208,11 @@ class Router:
                 health.close()
             if self._timer is not None:
                 self._timer.cancel()
-            for channel in (self.clients_channel, self.workers_channel):
+            for channel in (self.clients_channel, self.workers_channel, self.joins.channel):
                 if channel is not None:
                     channel.close()
+            if joins is not None:
+                joins.close(linger=0)
             clients.close(linger=0)
             workers.close(linger=0)
             ctx.term()

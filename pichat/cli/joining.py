@@ -1,0 +1,186 @@
+"""`pichat invite`, `pichat join` and `pichat keys`: letting a new Pi in with a token
+(pichat/invites.py), without copying any other host's secret to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import click
+import zmq
+import zmq.auth
+
+from pichat.cli import options as o
+from pichat.config import DEFAULT_JOIN_PORT
+from pichat.errors import PichatError
+from pichat.invites import ROLES, InviteRefused, invite, members, parse, revoke
+from pichat.protocol import Error, Join, decode, encode
+from pichat.security import DEFAULT_KEYS_DIR
+
+__all__ = ["invite_command", "join_command", "keys_command", "ROUTER_FILE", "this_host"]
+
+ROUTER_FILE = "router.json"
+"""In a joined Pi's keys directory: the router's endpoints (what --router defaults to)."""
+
+
+def this_host() -> str:
+    """This machine's address on its LAN (the interface of its default route)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("10.254.254.254", 1))  # no packet is sent
+        return probe.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+    finally:
+        probe.close()
+
+
+@click.command(name="invite")
+@o.option("--keys", env="KEYS", default=str(DEFAULT_KEYS_DIR),
+          help="The router's keys directory.")
+@o.option("--role", env="INVITE_ROLE", type=click.Choice(ROLES), default="worker",
+          help="What the new Pi will be.")
+@o.option("--ttl", env="INVITE_TTL", type=click.FloatRange(1), default=3600.0,
+          help="Seconds the token is good for.")
+@o.option("--uses", env="INVITE_USES", type=click.IntRange(1, 1000), default=1,
+          help="How many Pis may join with it.")
+@o.option("--address", "addresses", env="INVITE_ADDRESS", multiple=True, show_default=False,
+          help=f"The router's join endpoint as the Pi will reach it [default: tcp://THIS "
+               f"HOST'S LAN ADDRESS:{DEFAULT_JOIN_PORT} and tcp://HOSTNAME.local:"
+               f"{DEFAULT_JOIN_PORT}] (repeatable).")
+def invite_command(keys: str, role: str, ttl: float, uses: int,
+                   addresses: tuple[str, ...]) -> None:
+    """Print a one-line token with which a new Pi joins the cluster (`pichat join`).
+
+    \b
+    Example, on the router's host:
+      pichat invite                      # a worker, one use, good for an hour
+      pichat invite --role client --uses 5 --ttl 86400
+    The token holds the router's addresses and public key and a one-time secret; the Pi
+    makes its own keys and the router admits them. No host's secret key travels.
+    """
+    directory = Path(keys).expanduser()
+    try:
+        router_key = zmq.auth.load_certificate(directory / "router.key")[0].decode()
+    except (OSError, ValueError):
+        o.fail(PichatError(f"no router keys in {directory}: run `pichat keygen --keys "
+                           f"{directory}` first (on the router's host)"))
+    where = addresses or (f"tcp://{this_host()}:{DEFAULT_JOIN_PORT}",
+                          f"tcp://{socket.gethostname()}.local:{DEFAULT_JOIN_PORT}")
+    made = invite(directory, role=role, addresses=tuple(where),  # type: ignore[arg-type]
+                  router_key=router_key, ttl=ttl, uses=uses)
+    click.echo(made.token())
+    click.echo(f"(a {role} token, {uses} use{'s' if uses > 1 else ''}, good for "
+               f"{ttl / 60:.0f} minutes: on the new Pi run  pichat join TOKEN)", err=True)
+
+
+@click.command(name="join")
+@click.argument("token")
+@o.option("--keys", env="KEYS", default=str(DEFAULT_KEYS_DIR),
+          help="This Pi's keys directory (made if missing).")
+@o.option("--name", env="JOIN_NAME", default=None,
+          help="The name the router admits this Pi under [default: the hostname].")
+@o.option("--timeout", env="JOIN_TIMEOUT", type=click.FloatRange(0.1), default=10.0,
+          help="Seconds to wait for the router at each address.")
+def join_command(token: str, keys: str, name: str | None, timeout: float) -> None:
+    """Join a cluster with a token from `pichat invite`: make this Pi's own key pair, let
+    the router admit it, and remember the router (then `pichat worker` or `pichat ask`
+    need no --router or --keys).
+
+    \b
+    Example:
+      pichat join pichat1.eyJy...
+    """
+    try:
+        found = parse(token)
+    except InviteRefused as exc:
+        o.fail(exc)
+    directory = Path(keys).expanduser()
+    name = name or socket.gethostname().split(".")[0]
+    try:
+        endpoints = join(found, directory, name, timeout)
+    except PichatError as exc:
+        o.fail(exc)
+    click.echo(f"joined as {found.role} {name!r}: router at {endpoints[found.role + 's']}; "
+               f"keys in {directory}")
+
+
+def join(found, directory: Path, name: str, timeout: float) -> dict[str, str]:
+    """Make this Pi's key pair (if it has none), redeem the token at the first address
+    that answers, and keep the router's public key and endpoints."""
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    role = found.role
+    secret_path = directory / f"{role}.key_secret"
+    if not secret_path.exists():
+        public_path, secret_path_s = zmq.auth.create_certificates(directory, role)
+        os.chmod(secret_path_s, 0o600)
+    public, secret = zmq.auth.load_certificate(secret_path)
+    errors = []
+    for address in found.addresses:
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.curve_serverkey = found.router_key.encode()
+        sock.curve_publickey, sock.curve_secretkey = public, secret
+        try:
+            sock.connect(address)
+            sock.send_multipart(encode(Join(found.id, found.secret, name)))
+            if not sock.poll(timeout * 1000):
+                errors.append(f"{address}: no answer in {timeout:.0f} s")
+                continue
+            reply = decode(sock.recv_multipart())
+        except (zmq.ZMQError, PichatError) as exc:
+            errors.append(f"{address}: {exc}")
+            continue
+        finally:
+            sock.close(linger=0)
+        if isinstance(reply, Error):
+            raise InviteRefused(f"the router refused: {reply.message}")
+        if not isinstance(reply, Join):
+            raise PichatError("the router answered something other than JOIN")
+        host = address.rsplit(":", 1)[0]  # tcp://HOST
+        endpoints = {"workers": _reachable(reply.workers, host),
+                     "clients": _reachable(reply.clients, host)}
+        (directory / "router.key").write_text(
+            "metadata\ncurve\n    public-key = \"" + found.router_key + "\"\n")
+        (directory / ROUTER_FILE).write_text(json.dumps(endpoints) + "\n")
+        return endpoints
+    raise PichatError("could not reach the router: " + "; ".join(errors))
+
+
+def _reachable(bound: str, host: str) -> str:
+    """A bound endpoint (tcp://0.0.0.0:5556) as reached through `host` (tcp://HOST)."""
+    port = bound.rsplit(":", 1)[1]
+    return f"{host}:{port}"
+
+
+@click.command(name="keys")
+@click.argument("action", type=click.Choice(["list", "revoke"]))
+@click.argument("name", required=False)
+@o.option("--keys", env="KEYS", default=str(DEFAULT_KEYS_DIR),
+          help="The router's keys directory.")
+def keys_command(action: str, name: str | None, keys: str) -> None:
+    """List the workers and clients the router admits, or revoke one (its key file goes;
+    the router refuses it from its next handshake).
+
+    \b
+    Example:
+      pichat keys list
+      pichat keys revoke pi7
+    """
+    directory = Path(keys).expanduser()
+    if action == "list":
+        for role, who in members(directory):
+            click.echo(f"{role:7} {who}")
+        return
+    if not name:
+        o.fail(PichatError("name the key to revoke: pichat keys revoke NAME"))
+    try:
+        roles = revoke(directory, name)
+    except PichatError as exc:
+        o.fail(exc)
+    click.echo(f"revoked {name} ({', '.join(roles)})", file=sys.stdout)
