@@ -166,6 +166,8 @@ class AllowList:
         self.directory = directory
         self.domain = domain
         self._keys: dict[bytes, str] = {}
+        self._names: set[str] = set()
+        self._gone: set[str] = set()
         self._stamp: tuple | None = None
         self._dir_stamp: int | None = None
         self._scanned = -1.0
@@ -186,6 +188,24 @@ class AllowList:
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    def names(self) -> set[str]:
+        """The admitted names (the set itself: read, do not change)."""
+        return self._names
+
+    def poll(self, now: float) -> set[str]:
+        """Look at the directory now; the names that were admitted and no longer are
+        since the last poll (a key revoked: `pichat keys revoke`, or its file removed)."""
+        try:
+            dir_stamp: int | None = self.directory.stat().st_mtime_ns
+        except OSError:
+            dir_stamp = None
+        if dir_stamp != self._dir_stamp:
+            self._dir_stamp = dir_stamp
+            self._scanned = now
+            self._refresh()
+        gone, self._gone = self._gone, set()
+        return gone
 
     def _refresh(self) -> None:
         try:
@@ -219,7 +239,9 @@ class AllowList:
                 log.warning("%s: skipping %s: %s", self.domain, path, clip(str(exc), 120))
                 continue
             keys.setdefault(public, name[:-len(".key")])
-        self._keys, self._stamp = keys, stamp
+        names = set(keys.values())
+        self._gone |= self._names - names
+        self._keys, self._stamp, self._names = keys, stamp, names
         log.info("%s: %d allowed keys in %s%s", self.domain, len(keys), self.directory,
                  f" ({skipped} files skipped)" if skipped else "")
 
@@ -268,6 +290,19 @@ class Gatekeeper:
 
     def close(self) -> None:
         self._channel.close()
+
+    def revoked(self, now: float) -> dict[str, set[str]]:
+        """Per domain, the names whose keys left its allow-list since the last call."""
+        return {domain: gone for domain, allow in self.lists.items()
+                if (gone := allow.poll(now))}
+
+    def admits(self, domain: str, sender: str) -> bool:
+        """Does a message's sender ("key:NAME") still hold an admitted key? (A CURVE
+        session outlives its key's removal: messages keep coming with its name.)"""
+        allow = self.lists.get(domain)
+        if allow is None or not sender.startswith("key:"):
+            return True
+        return sender[len("key:"):] in allow.names()
 
     def _on_request(self, frames: list[bytes]) -> None:
         if len(frames) < 4 or frames[1] != b"":

@@ -4,6 +4,7 @@ forged token is refused and logged; no secret but its own lands on the Pi."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from dataclasses import replace
@@ -56,6 +57,21 @@ async def test_a_pi_joins_with_a_token_and_its_worker_needs_no_router_address(
     await cluster.wait_workers(1, names={"pi9"})
     listed = pichat("keys", "list", "--keys", str(router_keys))
     assert "worker  pi9" in listed.stdout
+
+    # Revoked: the live worker is disconnected at once, and what it sends after (its
+    # READY again, on the CURVE session that outlives its key) is ignored.
+    worker = cluster.procs[-1]
+    readies = worker.output().count("READY sent")
+    assert pichat("keys", "revoke", "pi9", "--keys", str(router_keys)).returncode == 0
+    await cluster.wait_workers(0, timeout=10)
+    for _ in range(200):  # until the worker has tried to register again
+        if worker.output().count("READY sent") > readies:
+            break
+        await asyncio.sleep(0.05)
+    assert worker.output().count("READY sent") > readies
+    async with cluster.client() as c:
+        assert (await c.status())["workers"] == []
+    assert "its key 'pi9' was revoked" in cluster.procs[0].output()
 
     # The same token again, and a forged one: refused, said so, logged by the router.
     again = pichat("join", token, "--keys", str(tmp_path / "pi10"), "--name", "pi10")

@@ -63,6 +63,8 @@ class ClientSide:
 
     def on_message(self, frames: list[bytes], sender: str) -> None:
         r = self.router
+        if r.gatekeeper is not None and not r.gatekeeper.admits("clients", sender):
+            return  # its key was revoked
         client, body = frames[0], frames[1:]
         try:
             message = decode(body)

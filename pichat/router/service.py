@@ -34,7 +34,7 @@ from pichat.logs import Throttle
 from pichat.memory.postgres import PostgresStore, is_postgres
 from pichat.memory.sqlite import SQLiteStore
 from pichat.memory.store import Limits
-from pichat.protocol import Cancel, Chunk, Done, Error, Request, RequestId, encode
+from pichat.protocol import Cancel, Chunk, Disconnect, Done, Error, Request, RequestId, encode
 from pichat.ready import announce_ready
 from pichat.router.admission import Refused, admit
 from pichat.router.clientside import ClientSide
@@ -249,6 +249,22 @@ class Router:
             self.throttle.flush(now)
             if self.gatekeeper is not None:
                 self.gatekeeper.throttle.flush(now)
+                self._revoke(self.gatekeeper.revoked(now))
+
+    def _revoke(self, revoked: dict[str, set[str]]) -> None:
+        """Keys taken away: their workers leave now (their requests are placed again);
+        their messages, workers' and clients', are ignored from now on (the sockets'
+        message handlers ask `Gatekeeper.admits`)."""
+        names = revoked.get("workers", set())
+        for worker, view in list(self.scheduler.workers.items()):
+            if view.meta is not None and view.meta.identity in names:
+                log.warning("worker %s: its key %r was revoked; disconnected",
+                            view.meta.ready.worker, view.meta.identity)
+                self.stats.events["revoked_workers"] += 1
+                self.send_worker(worker, encode(Disconnect("your key was revoked")))
+                self.apply(self.scheduler.remove_worker(worker, self.now(), "key revoked"))
+        for domain, gone in revoked.items():
+            log.warning("%s revoked: %s", domain, ", ".join(sorted(gone)))
 
     def _on_lag(self, lag: float, worst: float) -> None:
         self.loop_lag = (lag, worst)

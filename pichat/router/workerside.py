@@ -76,6 +76,8 @@ class WorkerSide:
 
     def on_message(self, frames: list[bytes], sender: str) -> None:
         r = self.router
+        if r.gatekeeper is not None and not r.gatekeeper.admits("workers", sender):
+            return  # its key was revoked: its session lingers, its messages do not count
         worker, body = WorkerId(frames[0]), frames[1:]
         now = r.now()
         r.changed()
