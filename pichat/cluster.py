@@ -142,7 +142,8 @@ class LocalCluster:
             if http != "off" and self.endpoints.get("http"):
                 http = f"{http.rsplit(':', 1)[0]}:{_port(self.endpoints['http'])}"
         return [sys.executable, "-m", "pichat", "router", "--clients-bind", clients,
-                "--workers-bind", workers, "--join-bind", "off", "--policy", cfg.policy,
+                "--workers-bind", workers, "--join-bind", "off", "--no-discovery",
+                "--policy", cfg.policy,
                 "--http", http,
                 "--keys", cfg.keys, "--log-level", cfg.log_level,
                 "--ready-file", str(self._ready)]
@@ -153,7 +154,7 @@ class LocalCluster:
                 "--router", _connect_endpoint(self.endpoints["workers"]), "--name", name,
                 "--backend", cfg.backend, "--model", cfg.model, "--slots", str(cfg.slots),
                 "--threads", str(cfg.threads), "--ctx", str(cfg.ctx), "--keys", cfg.keys,
-                "--log-level", cfg.log_level, *cfg.worker_args]
+                "--log-level", cfg.log_level, "--no-discovery", *cfg.worker_args]
 
     def start(self) -> None:
         """Start the router, wait until it is ready, then start the workers."""

@@ -100,6 +100,8 @@ class RouterConfig:
     no headers or dribbles them, an idle keep-alive one) before it is closed."""
     http_body_timeout: float = 30.0
     """Seconds a request's body may take to arrive."""
+    discovery: bool = True
+    """With keys: announce the router on the LAN (mDNS, `_pichat._tcp`)."""
     join_bind: str = f"tcp://*:{DEFAULT_JOIN_PORT}"
     """Where new Pis redeem join tokens (`pichat invite` / `pichat join`); only with keys;
     "off": none."""
@@ -142,6 +144,9 @@ class WorkerConfig:
     kv_type: KvType = "f16"
     """llama: what the KV cache stores, f16 or quantized (q8_0 about half the RAM, q4_0
     about a quarter; flash attention is on for those)."""
+    discovery: bool = True
+    """With the router's public key (a joined Pi): find the router on the LAN (mDNS) when
+    no address is configured or the configured one stops answering."""
     embedding: bool = False
     """The model is an embedding model (nomic-embed, bge, MiniLM...): serve embeddings
     requests only (a chat model serves both)."""

@@ -162,7 +162,7 @@ class Cluster:
         proc = self.spawn(name, [
             "router", "--clients-bind", f"tcp://{host}:{port(self.client_endpoint)}",
             "--workers-bind", f"tcp://{host}:{port(self.worker_endpoint)}",
-            "--join-bind", f"tcp://{host}:0",
+            "--join-bind", f"tcp://{host}:0", "--no-discovery",
             "--heartbeat", "0.5", "--http", http, "--ready-file", str(ready), *args])
         bound = json.loads(wait_for_file(ready, proc))
         local = lambda e: e.replace("0.0.0.0", "127.0.0.1")  # noqa: E731
@@ -175,6 +175,7 @@ class Cluster:
     def worker(self, name: str, *args: str, backend: str = "sim") -> Proc:
         return self.spawn(name, [
             "worker", "--router", self.worker_endpoint, "--name", name, "--backend", backend,
+            "--no-discovery",
             "--heartbeat", "0.5", "--threads", "1", *args])
 
     def client(self, **kwargs) -> Client:

@@ -56,3 +56,15 @@ def test_fault_scenario(scenario, capsys):
         assert result.failed == 0  # every interrupted answer continued on another worker
         assert result.failovers >= 1
         assert result.detect_s is not None and result.detect_s <= DETECT_LIMIT
+
+
+def test_a_worker_finds_the_router_over_mdns_ignores_a_rogue_and_follows_a_move():
+    """Hosts in the lab's namespaces (multicast stays on its bridge): a joined worker with
+    no router address finds the router by its announcement, ignores one with another key,
+    and finds the router again when it comes back at another address."""
+    import discovery
+
+    seen = discovery.run()
+    assert seen["found"] and seen["found_at"], seen["logs"]
+    assert seen["rogue_ignored"], seen["logs"]
+    assert seen["refound"] and seen["refound_at"], seen["logs"]

@@ -28,6 +28,9 @@ R, S, W = RouterConfig, SchedulerConfig, WorkerConfig
          help="ZeroMQ endpoint where clients connect.")
 @o.field(R, "workers_bind", "--workers-bind", env="WORKERS_BIND",
          help="ZeroMQ endpoint where workers connect.")
+@o.option("--discovery/--no-discovery", "discovery", env="DISCOVERY",
+          default=o.default(R, "discovery"),
+          help="With keys: announce the router on the LAN (mDNS _pichat._tcp).")
 @o.field(R, "join_bind", "--join-bind", env="JOIN_BIND",
          help="ZeroMQ endpoint where new Pis redeem join tokens (`pichat invite`); only "
               "with keys; 'off' for none.")
@@ -190,6 +193,10 @@ def model_options(f: Any) -> Any:
 @o.option("--name", env="WORKER_NAME", default=None,
           help="Name shown in status [default: HOSTNAME-PID].")
 @model_options
+@o.option("--discovery/--no-discovery", "discovery", env="DISCOVERY",
+          default=o.default(W, "discovery"),
+          help="Find the router on the LAN (mDNS) when no --router is set or it stops "
+               "answering; only a router with the key this Pi holds is taken.")
 @o.option("--embedding", "embedding", env="EMBEDDING", is_flag=True,
           default=o.default(W, "embedding"),
           help="The model is an embedding model: serve /v1/embeddings only (a chat model "

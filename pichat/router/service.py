@@ -28,6 +28,7 @@ from aiohttp import web
 from pichat import __version__
 from pichat.config import RouterConfig
 from pichat.daemon import give_big_buffers_back, on_stop_signals, raise_fd_limit
+from pichat.discovery import Announcer
 from pichat.errors import ErrorCode
 from pichat.health import HealthEndpoint
 from pichat.logs import Throttle
@@ -135,6 +136,7 @@ class Router:
         ctx = zmq.Context()
         clients, workers = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
         joins: zmq.Socket | None = None
+        announcer: Announcer | None = None
         stop = asyncio.Event()
         health: HealthEndpoint | None = None
         http: web.AppRunner | None = None
@@ -163,6 +165,15 @@ class Router:
                 kind = PostgresStore if is_postgres(cfg.db) else SQLiteStore
                 self.memory = Memory(self, await kind.open(cfg.db, limits))
                 log.info("conversations kept in %s", self.memory.path)
+            if cfg.keys is not None and cfg.discovery:
+                announcer = Announcer(z85_public(cfg.keys), {
+                    "workers": _port(self.workers_endpoint),
+                    "clients": _port(self.clients_endpoint),
+                    **({"join": _port(self.join_endpoint)} if self.join_endpoint else {})})
+                try:
+                    await announcer.start()
+                except (OSError, RuntimeError) as exc:
+                    log.warning("cannot announce the router on the LAN: %s", exc)
             if cfg.health_bind:
                 health = HealthEndpoint(ctx, cfg.health_bind, self._health, loop)
             if cfg.http:
@@ -199,6 +210,8 @@ class Router:
                 heartbeats.cancel()
                 lag.cancel()
         finally:
+            if announcer is not None:
+                await announcer.close()
             await self.memory.close()
             if self.gatekeeper is not None:
                 self.gatekeeper.close()
@@ -525,3 +538,12 @@ class Router:
         return {"role": "router", "healthy": self._accepting,
                 "workers": len(self.scheduler.workers), "active": self.active(),
                 "queue": self.scheduler.queue_depth}
+
+
+def _port(endpoint: str) -> int:
+    return int(endpoint.rsplit(":", 1)[1])
+
+
+def z85_public(keys: Any) -> str:
+    """The router's public key as a Z85 string."""
+    return keys.pair("router")[0].decode()

@@ -17,13 +17,13 @@ import logging
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import zmq
 
 from pichat import __version__
-from pichat.config import WorkerConfig
+from pichat.config import DEFAULT_WORKER_ENDPOINT, WorkerConfig
 from pichat.daemon import on_stop_signals
 from pichat.errors import ErrorCode, PichatError, ProtocolError
 from pichat.health import HealthEndpoint
@@ -224,8 +224,11 @@ class Worker:
         if warning := self.memory_warning():
             log.warning("%s", warning)
         backoff = _BACKOFF_START
+        heard = self.config.router != DEFAULT_WORKER_ENDPOINT  # none set: look first
         try:
             while self.phase is not Phase.STOPPING:
+                if not heard:
+                    await self._discover()
                 heard = await self._connection()
                 if self.phase is Phase.STOPPING:
                     break
@@ -235,6 +238,24 @@ class Worker:
                 await self._sleep(delay)
         finally:
             await self._shutdown()
+
+    async def _discover(self) -> None:
+        """No router address, or the one we have stopped answering: with the router's
+        public key (a joined Pi) and discovery on, look for it on the LAN
+        (pichat/discovery.py); an announcement with another key is ignored."""
+        cfg = self.config
+        if not cfg.discovery or cfg.keys is None:
+            return
+        try:
+            key = cfg.keys.router_public().decode()
+        except PichatError:
+            return
+        from pichat.discovery import find
+
+        found = await find(key, "workers", timeout=3.0)
+        if found and found != cfg.router:
+            log.info("found the router on the LAN at %s (was %s)", found, cfg.router or "none")
+            self.config = replace(cfg, router=found)
 
     async def _export_state(self, session: str) -> SavedState | None:
         """Session's KV state for another worker: from its slot (saved on the slot's own

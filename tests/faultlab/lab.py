@@ -189,12 +189,13 @@ class Lab:
         self.procs["router"] = self.net.spawn("router", [
             "-m", "pichat", "router", "--clients-bind", f"tcp://{ROUTER_IP}:5555",
             "--workers-bind", f"tcp://{ROUTER_IP}:5556", "--http", f"{ROUTER_IP}:8080",
-            "--keys", str(self.keys)], self.workdir / "router.log")
+            "--keys", str(self.keys), "--no-discovery"], self.workdir / "router.log")
 
     def start_worker(self, name: str) -> None:
         self.procs[name] = self.net.spawn(name, [
             "-m", "pichat", "worker", "--router", f"tcp://{ROUTER_IP}:5556", "--name", name,
-            "--keys", str(self.keys), "--state-dir", str(self.workdir / f"{name}-kv"), *SIM],
+            "--keys", str(self.keys), "--state-dir", str(self.workdir / f"{name}-kv"),
+            "--no-discovery", *SIM],
             self.workdir / f"{name}.log")
 
     def listed(self) -> set[str]:

@@ -1,0 +1,118 @@
+"""Finding the router on the LAN: mDNS / DNS-SD (`_pichat._tcp.local.`, python-zeroconf).
+
+A router with keys announces itself: its addresses, its ports (workers, clients, join)
+and its CURVE public key in the TXT record. A worker or client that holds the router's
+public key (it joined: pichat/invites.py) and has no router address, or has lost the
+one it had (the router's address changed after a DHCP renewal), looks for announcements
+and takes only one whose key is the key it holds: an announcement is never trusted by
+itself, and one with another key (a rogue announcer, another cluster) is ignored and
+logged. The connection that follows is CURVE with that key, so even a forged TXT record
+leads nowhere. `--no-discovery` switches it all off; static addresses keep working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+__all__ = ["SERVICE", "Announcer", "find"]
+
+log = logging.getLogger(__name__)
+
+SERVICE = "_pichat._tcp.local."
+
+
+def _addresses() -> list[bytes]:
+    """This host's IPv4 addresses (not loopback)."""
+    import ifaddr
+
+    out = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str) and not ip.ip.startswith("127."):
+                out.append(socket.inet_aton(ip.ip))
+    return out
+
+
+class Announcer:
+    """The router's announcement, while it runs."""
+
+    def __init__(self, key: str, ports: dict[str, int], name: str | None = None) -> None:
+        self.key = key
+        self.ports = ports
+        self.name = name or socket.gethostname().split(".")[0]
+        self._zc: Any = None
+        self._info: Any = None
+
+    async def start(self) -> None:
+        from zeroconf import IPVersion
+        from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+        addresses = _addresses()
+        if not addresses:
+            log.info("no LAN address to announce the router on (mDNS off)")
+            return
+        props = {"key": self.key, "v": "1", **{k: str(v) for k, v in self.ports.items()}}
+        self._info = AsyncServiceInfo(SERVICE, f"{self.name}.{SERVICE}", addresses=addresses,
+                                      port=self.ports["workers"], properties=props,
+                                      server=f"{self.name}.local.")
+        self._zc = AsyncZeroconf(ip_version=IPVersion.V4Only)
+        await self._zc.async_register_service(self._info, allow_name_change=True)
+        log.info("announced on the LAN (mDNS %s) at %s", SERVICE,
+                 ", ".join(socket.inet_ntoa(a) for a in addresses))
+
+    async def close(self) -> None:
+        if self._zc is not None:
+            try:
+                await self._zc.async_unregister_service(self._info)
+            finally:
+                await self._zc.async_close()
+            self._zc = None
+
+
+async def find(key: str, role: str, timeout: float = 3.0) -> str | None:
+    """The endpoint (`tcp://ADDRESS:PORT`) of `role` ("workers", "clients") of an
+    announced router whose public key is `key`; None if none answers in `timeout`."""
+    from zeroconf import IPVersion, ServiceStateChange
+    from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+    zc = AsyncZeroconf(ip_version=IPVersion.V4Only)
+    found: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    ignored: set[str] = set()
+    pending: set[asyncio.Task] = set()
+
+    async def look(name: str) -> None:
+        info = AsyncServiceInfo(SERVICE, name)
+        if not await info.async_request(zc.zeroconf, 1500):
+            return
+        props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
+        addresses = info.parsed_addresses(IPVersion.V4Only)
+        if props.get("key") != key:
+            if name not in ignored:
+                ignored.add(name)
+                log.warning("ignoring a pichat router announced as %s at %s: not the key "
+                            "this host holds", name, ", ".join(addresses) or "?")
+            return
+        port = props.get(role, "")
+        if addresses and port.isdigit() and not found.done():
+            found.set_result(f"tcp://{addresses[0]}:{port}")
+
+    def on_change(zeroconf: Any, service_type: str, name: str,
+                  state_change: ServiceStateChange) -> None:
+        if state_change in (ServiceStateChange.Added, ServiceStateChange.Updated):
+            task = asyncio.ensure_future(look(name))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+    browser = AsyncServiceBrowser(zc.zeroconf, SERVICE, handlers=[on_change])
+    try:
+        return await asyncio.wait_for(asyncio.shield(found), timeout)
+    except TimeoutError:
+        return None
+    finally:
+        await browser.async_cancel()
+        for task in pending:
+            task.cancel()
+        await zc.async_close()
