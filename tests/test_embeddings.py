@@ -78,3 +78,38 @@ async def test_embeddings_bounds_and_an_embedding_only_worker(cluster: Cluster):
             await c.chat.completions.create(
                 model="minilm", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         assert info.value.status_code == 503
+
+
+async def test_small_requests_of_one_owner_are_batched_and_each_gets_its_vectors():
+    import asyncio
+
+    from pichat.protocol import Done, Error, ErrorCode, Request, RequestId, Usage
+    from pichat.router.embedbatch import EmbedBatcher
+
+    sent: list[Request] = []
+
+    def submit(request, sink, *, owner):
+        sent.append(request)
+        if any(x == "too long" for x in request.embed):  # the worker refuses the batch
+            sink.deliver(Error(request.id, ErrorCode.BAD_REQUEST, "input is too long"), None)
+            return
+        vectors = tuple(struct.pack("<f", float(len(x))) for x in request.embed)
+        sink.deliver(Done(request.id, "w1", "stop", Usage(prompt_tokens=10 * len(vectors)),
+                          embeddings=vectors), None)
+
+    batcher = EmbedBatcher(submit)
+    ask = lambda i, *texts, owner="ann": batcher.embed(  # noqa: E731
+        Request(RequestId(f"r{i}"), (), embed=texts), owner)
+    answers = await asyncio.gather(ask(0, "a"), ask(1, "bb", "ccc"), ask(2, "dddd"),
+                                   ask(3, "e", owner="bob"))
+    # Ann's three requests went as one; Bob's alone (owners never share a batch).
+    assert sorted(len(r.embed) for r in sent) == [1, 4]
+    assert [[struct.unpack("<f", v)[0] for v in a.embeddings] for a in answers] == [
+        [1.0], [2.0, 3.0], [4.0], [1.0]]
+    assert [a.id for a in answers] == ["r0", "r1", "r2", "r3"]
+    assert answers[1].usage.prompt_tokens > answers[0].usage.prompt_tokens
+    # A batch refused as a whole is sent again request by request: only the bad one fails.
+    sent.clear()
+    good, bad = await asyncio.gather(ask(4, "fine"), ask(5, "too long"))
+    assert isinstance(bad, Error) and isinstance(good, Done) and len(good.embeddings) == 1
+    assert [len(r.embed) for r in sent] == [2, 1, 1]

@@ -112,6 +112,9 @@ class RouterFace(Protocol):
 
     def worker_facts(self) -> list[tuple[Any, float]]: ...
 
+    @property
+    def embedder(self) -> Any: ...
+
     def worker_count(self) -> int: ...
 
     @property
@@ -198,7 +201,7 @@ def create_app(router: RouterFace, *, api_keys: tuple[str, ...] = (),
         _check_model(router, call.request.model)
         router.stats.events["embeddings_requests"] += 1
         router.stats.events["embeddings"] += len(call.request.embed)
-        done = await _whole(router, request, call.request)
+        done = await _embedded(router, request, call.request)
         return web.json_response(openai.embeddings_object(call, done),
                                  headers={"X-Request-Id": call.request.id})
 
@@ -225,7 +228,7 @@ def create_app(router: RouterFace, *, api_keys: tuple[str, ...] = (),
         _check_model(router, embed.model)
         router.stats.events["embeddings_requests"] += 1
         router.stats.events["embeddings"] += len(embed.embed)
-        done = await _whole(router, request, embed)
+        done = await _embedded(router, request, embed)
         return web.json_response(ollama.embed_object(model, done, legacy))
 
     async def ollama_tags(request: web.Request) -> web.Response:
@@ -387,19 +390,13 @@ async def _next(sink: HttpSink, skip_keepalive: bool = True) -> Any:
         return item
 
 
-async def _whole(router: RouterFace, request: web.Request, job: Request) -> Done:
-    """Submit `job` and wait for its DONE (chunks skipped); an ERROR is raised as an
-    ApiError."""
-    sink = HttpSink(request)
-    router.submit(job, sink, owner=request["owner"])
-    finished = False
-    try:
-        _, done = await _whole_text(sink, await _next(sink))
-        finished = True
-        return done
-    finally:
-        if not finished:
-            router.cancel(job.id)
+async def _embedded(router: RouterFace, request: web.Request, job: Request) -> Done:
+    """An embeddings request's DONE, batched with the same owner's others
+    (pichat/router/embedbatch.py); an ERROR is raised as an ApiError."""
+    answer = await router.embedder.embed(job, request["owner"])
+    if isinstance(answer, Error):
+        raise openai.status_for(answer.code, answer.message)
+    return answer
 
 
 async def _whole_text(sink: HttpSink, message: Any) -> tuple[str, Done]:

@@ -39,6 +39,7 @@ from pichat.protocol import Cancel, Chunk, Disconnect, Done, Error, Request, Req
 from pichat.ready import announce_ready
 from pichat.router.admission import Refused, admit
 from pichat.router.clientside import ClientSide
+from pichat.router.embedbatch import EmbedBatcher
 from pichat.router.http import start_http
 from pichat.router.identity import Leases, NameBook
 from pichat.router.jobs import ClientJob, ReplySink
@@ -105,6 +106,7 @@ class Router:
         self.clients_endpoint = self.workers_endpoint = self.http_endpoint = ""
         self.join_endpoint = ""
         self.joins = JoinDesk(self)
+        self.embedder = EmbedBatcher(self.submit)
         self.clients_channel: Channel | None = None
         self.workers_channel: Channel | None = None
         self.gatekeeper: Gatekeeper | None = None
