@@ -62,6 +62,12 @@ class JoinDesk:
         try:
             role = redeem(keys.directory, message.invitation, message.secret)
             path = admit(keys.directory, role, message.name, key)
+        except OSError as exc:  # e.g. a keys directory the router may only read
+            log.error("join of %s failed: cannot write the allow-list in %s: %s",
+                      clip(message.name, 64), keys.directory, exc.strerror)
+            reply(Error("", ErrorCode.INTERNAL, "the router cannot write its allow-list; "
+                                                "its keys directory must be writable to it"))
+            return
         except InviteRefused as exc:
             r.stats.events["joins_refused"] += 1
             self.throttle.log(now, logging.WARNING, "join refused", "join refused (%s): %s",
