@@ -113,6 +113,8 @@ class BatchEngine:
             raise PichatError(f"llama.cpp could not make a context of {lanes} x {n_ctx} tokens")
         self._mem = lib.llama_get_memory(self.ctx)
         self.can_shift = bool(lib.llama_memory_can_shift(self._mem))
+        self._call_ids: list[int] | None = None
+        """The tokens of a tool call's start (`TOOL_CALL`), tokenized once."""
         self._vocab = llm._model.vocab
         self._n_vocab = llm.n_vocab()
         self._n_batch = params.n_batch
@@ -310,7 +312,10 @@ class BatchEngine:
         if s.grammar_trigger:
             # The call's start may be one special token (Qwen's <tool_call>), which
             # llama.cpp matches by id rather than by text.
-            ids = self._llm.tokenize(TOOL_CALL.encode(), add_bos=False, special=True)
+            if self._call_ids is None:
+                self._call_ids = self._llm.tokenize(TOOL_CALL.encode(), add_bos=False,
+                                                    special=True)
+            ids = self._call_ids
             tokens = (ctypes.c_int32 * 1)(ids[0] if len(ids) == 1 else 0)
             triggers = [t.encode() for t in s.grammar_trigger.split("\n")]
             patterns = (ctypes.c_char_p * len(triggers))(*triggers)

@@ -243,7 +243,9 @@ class SlotManager:
             if request.truncate and len(prompt) + len(request.continuation) + reserve > n_ctx:
                 prompt, dropped, note, keep = self._fit(slot, request, prompt, reserve,
                                                         cancelled)
-            elif self.shift and request.truncate:
+            elif self.shift and request.truncate and \
+                    len(prompt) + len(request.continuation) + request.sampling.max_tokens > n_ctx:
+                # (only an answer that can reach the context's end needs it)
                 keep = len(self.model.prefix_tokens(
                     request.messages, summary.head_of(request.messages), request.tools))
         prompt = [*prompt, *request.continuation]
