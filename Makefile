@@ -80,9 +80,13 @@ down:
 logs:
 	$(COMPOSE) logs --follow --tail 100
 
+# The router's keys go into its volume on this manager; the workers get a join token
+# (one use per node, an hour) and make key pairs of their own on their nodes.
 swarm-deploy:
-	IMAGE=$(IMAGE) scripts/docker-keys.sh secrets
-	PICHAT_IMAGE=$(IMAGE) $(DOCKER) stack deploy -c docker/stack.yml $(STACK)
+	IMAGE=$(IMAGE) scripts/docker-keys.sh volume $(STACK)_router-keys stack
+	token=$$(IMAGE=$(IMAGE) scripts/docker-keys.sh invite $(STACK)_router-keys \
+		"$$($(DOCKER) node ls -q | wc -l)") && \
+	PICHAT_JOIN="$$token" PICHAT_IMAGE=$(IMAGE) $(DOCKER) stack deploy -c docker/stack.yml $(STACK)
 
 swarm-rm:
 	$(DOCKER) stack rm $(STACK)

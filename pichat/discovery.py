@@ -17,7 +17,7 @@ import logging
 import socket
 from typing import Any
 
-__all__ = ["SERVICE", "Announcer", "find"]
+__all__ = ["SERVICE", "Announcer", "find", "answers", "relocate"]
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +116,39 @@ async def find(key: str, role: str, timeout: float = 3.0) -> str | None:
         for task in pending:
             task.cancel()
         await zc.async_close()
+
+
+def answers(endpoint: str, timeout: float = 1.0) -> bool:
+    """Does anything accept a TCP connection at `endpoint` (tcp://HOST:PORT)? Other
+    transports are taken as answering."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+async def relocate(keys_dir: Any, router_key: str, role: str, was: str | None,
+                   timeout: float = 3.0) -> str | None:
+    """Look on the LAN for the router whose key is `router_key`; if found somewhere other
+    than `was`, keep the new endpoint in a joined Pi's router.json (`keys_dir`), so the
+    next start goes there directly. The endpoint, or None."""
+    from pichat.invites import ROUTER_FILE, remember_router
+
+    try:
+        found = await find(router_key, role, timeout)
+    except (OSError, RuntimeError) as exc:  # no multicast here, or a sandbox (systemd's
+        # RestrictAddressFamilies without AF_NETLINK): look no further, but keep going
+        log.warning("cannot look for the router on the LAN: %s", exc)
+        return None
+    if found and found != was:
+        log.info("found the router on the LAN at %s (was %s)", found, was or "none")
+        if keys_dir is not None and (keys_dir / ROUTER_FILE).exists():
+            try:
+                remember_router(keys_dir, {role: found})
+            except OSError as exc:
+                log.debug("cannot keep the router's new address: %s", exc)
+    return found

@@ -10,7 +10,13 @@ one-time secret, and a stolen, used or expired token lets nobody in.
 
 Pure file operations (no sockets): `invite` writes an invitation, `parse` reads a token,
 `redeem` checks and uses one (under a lock: two Pis racing for the last use cannot both
-get it), `admit` writes an admitted key, `members` and `revoke` list and remove them.
+get it), `admit` writes an admitted key, `members` and `revoke` list and remove them;
+`stored_router` and `remember_router` read and write a joined Pi's router.json.
+
+A keys directory whose group has the setgid bit (`make install-systemd` makes the
+router's so: `sudo pichat invite` runs as root, the router as a systemd dynamic user of
+group pichat) is shared with its group: invitations, the lock and admitted keys are
+written group-readable and -writable there, owner-only everywhere else.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import Literal
 from pichat.errors import PichatError
 
 __all__ = ["Invitation", "InviteRefused", "invite", "parse", "redeem", "admit", "members",
-           "revoke", "PREFIX", "ROLES"]
+           "revoke", "stored_router", "remember_router", "PREFIX", "ROLES", "ROUTER_FILE"]
 
 PREFIX = "pichat1."
 ROLES = ("worker", "client")
@@ -42,6 +48,13 @@ Role = Literal["worker", "client"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ID = re.compile(r"^[0-9a-f]{16}$")
 MAX_TOKEN_CHARS = 4096
+FORGET_AFTER = 86400.0
+"""Seconds an expired invitation is kept (a late joiner is told "expired", not "unknown")
+before a new invitation forgets it."""
+ROUTER_FILE = "router.json"
+"""In a joined Pi's keys directory: the router's endpoints by role ("workers", "clients"),
+what --router defaults to, and the name the Pi joined under ("name", a worker's default
+--name)."""
 
 
 class InviteRefused(PichatError):
@@ -78,8 +91,21 @@ def invite(keys_dir: Path, *, role: Role, addresses: tuple[str, ...], router_key
     folder = _folder(keys_dir)
     record = {"role": role, "hash": _hash(found.secret), "expires": now + ttl, "uses": uses,
               "created": now}
-    _write(folder / f"{found.id}.json", record)
+    with _locked(folder):
+        _prune(folder, now - FORGET_AFTER)
+        _write(folder / f"{found.id}.json", record)
     return found
+
+
+def _prune(folder: Path, before: float) -> None:
+    """Forget invitations expired before `before` (a deployment that invites at every
+    start leaves one behind each time)."""
+    for path in folder.glob("*.json"):
+        try:
+            if json.loads(path.read_text()).get("expires", 0) < before:
+                path.unlink()
+        except (OSError, ValueError, AttributeError):
+            continue
 
 
 def parse(token: str) -> Invitation:
@@ -144,10 +170,8 @@ def admit(keys_dir: Path, role: Role, name: str, public_key: str) -> Path:
     if path.exists() and public_key not in path.read_text():
         raise InviteRefused(f"the name {name!r} is taken by another key: join with --name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"# {role} {name}, admitted by pichat join\n"
-                   f"metadata\ncurve\n    public-key = \"{public_key}\"\n")
-    os.replace(tmp, path)
+    _write_text(path, f"# {role} {name}, admitted by pichat join\n"
+                      f"metadata\ncurve\n    public-key = \"{public_key}\"\n")
     return path
 
 
@@ -174,24 +198,73 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def stored_router(keys_dir: Path, role: str) -> str | None:
+    """What a `pichat join` kept in `keys_dir` for `role` (the router's "workers" or
+    "clients" endpoint, or the "name" joined under); None if it has not joined (or kept
+    no such thing). PichatError if the file is damaged."""
+    path = keys_dir / ROUTER_FILE
+    try:
+        found = json.loads(path.read_text()).get(role)
+        return None if found is None else str(found)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError) as exc:
+        raise PichatError(f"{path} is unreadable ({exc}): run `pichat join` again") from None
+
+
+def remember_router(keys_dir: Path, endpoints: dict[str, str]) -> None:
+    """Keep the router's endpoints (merged into what is kept) for the next start."""
+    path = keys_dir / ROUTER_FILE
+    try:
+        kept = json.loads(path.read_text())
+        kept = kept if isinstance(kept, dict) else {}
+    except (OSError, ValueError):
+        kept = {}
+    _write_text(path, json.dumps({**kept, **endpoints}) + "\n")
+
+
 def _folder(keys_dir: Path) -> Path:
     folder = keys_dir / "invites"
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not folder.is_dir():
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if _shared(keys_dir):
+            os.chmod(folder, 0o2770)
     return folder
 
 
+def _shared(directory: Path) -> bool:
+    """Is `directory` shared with its group (setgid, as make install-systemd makes it)?"""
+    try:
+        return bool(os.stat(directory).st_mode & 0o2000)
+    except OSError:
+        return False
+
+
+def _mode(directory: Path) -> int:
+    return 0o660 if _shared(directory) else 0o600
+
+
 def _write(path: Path, record: dict) -> None:
+    _write_text(path, json.dumps(record))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write `path` whole or not at all, readable by its owner (and a shared group)."""
     tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    mode = _mode(path.parent)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w") as f:
-        json.dump(record, f)
+        os.fchmod(f.fileno(), mode)  # not narrowed by a umask
+        f.write(text)
     os.replace(tmp, path)
 
 
 @contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    fd = os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    fd = os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT, _mode(folder))
     try:
+        if os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, _mode(folder))  # not narrowed by a umask
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:

@@ -2,7 +2,9 @@
 # The Docker paths end to end (`make docker-e2e`; needs root where no engine runs):
 #   1. a Docker engine (started here if none answers; stopped again at the end)
 #   2. base images: pulled if a registry answers, else made locally with debootstrap
-#   3. `make build` (offline: --network none), then `make up` with two workers
+#   3. `make build` (offline: --network none), then `make up` with two workers, which join
+#      with a token (each its own key pair; no file or variable of theirs holds the
+#      router's secret key)
 #   4. a prompt through scripts/send_prompt.sh; both workers SIGKILLed and started again:
 #      each takes a state directory of its own and a conversation is still warm; kill one
 #      worker; a second prompt
@@ -27,7 +29,8 @@ cleanup() {
     PICHAT_PUBLISH="127.0.0.1:$port" scripts/compose.sh -f docker/compose.yml down --volumes >/dev/null 2>&1
     docker stack rm pichat-e2e >/dev/null 2>&1
     [ -n "$swarm_started" ] && docker swarm leave --force >/dev/null 2>&1
-    docker volume rm pichat_models pichat-e2e_models >/dev/null 2>&1
+    docker volume rm pichat_models pichat-e2e_models pichat-e2e_router-keys \
+        pichat-e2e_worker-keys >/dev/null 2>&1
     if [ -n "$started_engine" ]; then scripts/docker-engine.sh stop; fi
 }
 trap cleanup EXIT
@@ -83,6 +86,25 @@ endpoint="tcp://127.0.0.1:$port"
 wait_workers "$endpoint" 2 || { scripts/compose.sh -f docker/compose.yml logs; fail "workers did not register"; }
 $pichat status --router "$endpoint"
 
+step "the workers joined, each with keys of its own, and hold no other secret"
+keys_dir=${PICHAT_KEYS:-$HOME/.config/pichat/keys}
+secret_of() { sed -n 's/.*secret-key = "\(.*\)"/\1/p' "$1"; }
+router_secret=$(secret_of "$keys_dir/router.key_secret")
+client_secret=$(secret_of "$keys_dir/client.key_secret")
+holds_no_secret() {  # container: no file under /keys or /join, nor its environment
+    for s in "$router_secret" "$client_secret"; do
+        ! docker exec "$1" grep -rqF -- "$s" /keys /join 2>/dev/null || return 1
+        ! docker exec "$1" env | grep -qF -- "$s" || return 1
+    done
+}
+for c in $(scripts/compose.sh -f docker/compose.yml ps -q worker); do
+    holds_no_secret "$c" || fail "worker $c holds a secret key that is not its own"
+done
+# The replicas share the worker-keys volume, one directory (and key pair) each.
+pairs=$(docker exec "$c" sh -c 'cat /keys/*/worker.key' | grep 'public-key' | sort -u | wc -l)
+[ "$pairs" -ge 2 ] || fail "the replicas do not hold key pairs of their own"
+docker run --rm -v pichat_keys:/keys:ro pichat:latest keys list --keys /keys
+
 step "a prompt"
 ask "$endpoint" "Hello, how are you?"
 
@@ -115,12 +137,16 @@ dirs=$(for c in $(scripts/compose.sh -f docker/compose.yml ps -q worker); do
     docker exec "$c" sh -c 'for d in /state/*/; do [ -f "$d/.lock" ] && echo "$d"; done'
 done | sort -u | wc -l)
 [ "$dirs" -ge 2 ] || fail "the replicas did not take a state directory each"
+for c in $(scripts/compose.sh -f docker/compose.yml ps -q worker); do  # a restart: no new join
+    [ "$(docker logs "$c" 2>&1 | grep -c 'joined the cluster')" -eq 1 ] ||
+        fail "worker $c joined again after its restart"
+done
 again=$(cached "$endpoint" e2e-warm)
 echo "cached prompt tokens: first turn $first, the same turn after the restart $again"
 [ "$again" -gt "$first" ] || fail "the conversation was not warm after the restart"
 
 step "kill one worker; the other answers"
-victim=$(scripts/compose.sh -f docker/compose.yml ps -q worker | head -1)
+victim=$(scripts/compose.sh -f docker/compose.yml ps -q worker | sed -n 1p)  # not head: SIGPIPE
 docker kill "$victim" >/dev/null
 ask "$endpoint" "What is the capital of France?"
 $pichat status --router "$endpoint"
@@ -142,6 +168,12 @@ seed_volume pichat-e2e_models
 PICHAT_PUBLISH_PORT=$port make --no-print-directory swarm-deploy STACK=pichat-e2e
 wait_workers "$endpoint" 1 || { docker service ps pichat-e2e_router pichat-e2e_worker --no-trunc; docker service logs pichat-e2e_worker; fail "swarm worker did not register"; }
 $pichat status --router "$endpoint"
+for c in $(docker ps -q --filter label=com.docker.swarm.service.name=pichat-e2e_worker); do
+    holds_no_secret "$c" || fail "swarm worker $c holds a secret key that is not its own"
+done
+docker service ps pichat-e2e_worker
+docker service logs pichat-e2e_worker 2>&1 | grep 'joined the cluster' ||
+    fail "the swarm worker did not join"
 ask "$endpoint" "Name one planet."
 make --no-print-directory swarm-rm STACK=pichat-e2e
 

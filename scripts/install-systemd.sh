@@ -3,12 +3,19 @@
 #   a virtual environment in /opt/pichat/venv with llama-cpp-python built for this CPU and
 #   pichat; the default model, assembled (pinned, verified) into the worker's state
 #   directory; the units in /etc/systemd/system; the configuration in
-#   /etc/pichat/pichat.env and CurveZMQ keys in /etc/pichat/keys (both kept if they exist).
-# Then: edit /etc/pichat/pichat.env and `systemctl enable --now pichat-worker` (and
-# pichat-router on the Pi that runs the router).
+#   /etc/pichat/pichat.env (kept if it exists); and keys in /etc/pichat/keys:
+#   - the router's Pi (no token): its CurveZMQ keys are made there (kept if they exist),
+#     shared with the services' group; `sudo pichat invite` then makes join tokens;
+#   - every other Pi (PICHAT_JOIN=TOKEN from `pichat invite`): `pichat join` makes this
+#     Pi's own key pair and the router admits it; the Pi keeps only that pair, the
+#     router's public key and the router's address. No other host's secret is copied.
+# Then: `systemctl enable --now pichat-router` on the router's Pi, `systemctl enable --now
+# pichat-worker` on every Pi that answers.
 #
-# Usage: sudo scripts/install-systemd.sh        (or: sudo make install-systemd)
-# Env:   PREFIX (default /opt/pichat), DESTDIR (stage into another root, for packaging),
+# Usage: sudo make install-systemd                            (the router's Pi)
+#        sudo make install-systemd PICHAT_JOIN=pichat1.eyJ...  (a worker Pi)
+# Env:   PICHAT_JOIN (a join token), PICHAT_JOIN_NAME (default: the hostname),
+#        PREFIX (default /opt/pichat), DESTDIR (stage into another root, for packaging),
 #        PICHAT_FETCH_MODEL (default yes; "no" to skip assembling the default model).
 set -euo pipefail
 
@@ -48,7 +55,11 @@ else
     install -m 0644 "$here/systemd/pichat.env" "$root/etc/pichat/pichat.env"
 fi
 keys="$root/etc/pichat/keys"
-if [ ! -f "$keys/router.key" ]; then
+join=${PICHAT_JOIN:-}
+if [ -n "$join" ] && [ -z "$root" ]; then
+    echo "== joining the cluster"
+    "$venv/bin/pichat" join "$join" --keys "$keys" --name "${PICHAT_JOIN_NAME:-$(hostname -s)}"
+elif [ ! -f "$keys/router.key" ]; then
     "$venv/bin/pichat" keygen --keys "$keys"
 fi
 if [ -z "$root" ]; then
@@ -56,17 +67,33 @@ if [ -z "$root" ]; then
     getent group pichat >/dev/null || groupadd --system pichat
     chgrp -R pichat "$keys"
     chmod -R g+rX,g-w,o-rwx "$keys"
+    if [ -f "$keys/router.key_secret" ]; then
+        # The router admits joining Pis: it writes its allow-lists and uses up
+        # invitations, which `sudo pichat invite` (root) writes. Those folders are shared
+        # with the group (setgid: pichat writes files there group-readable and -writable).
+        for d in workers clients invites; do
+            install -d -g pichat -m 2770 "$keys/$d"
+            chmod 2770 "$keys/$d"
+            find "$keys/$d" -type f -exec chmod g+rw {} +
+        done
+    fi
 fi
 if [ -z "$root" ] && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
 fi
 
+if [ -f "$keys/router.key_secret" ]; then
+    next="on this Pi (the router's):  systemctl enable --now pichat-router
+  then for each other Pi:  sudo $prefix/venv/bin/pichat invite --keys /etc/pichat/keys
+  and on that Pi:          sudo make install-systemd PICHAT_JOIN=<the token>"
+else
+    next="this Pi has joined; the router's address is in /etc/pichat/keys/router.json"
+fi
 cat <<MSG
 
 pichat is installed. Next:
-  1. edit /etc/pichat/pichat.env (at least PICHAT_WORKER_ROUTER on the workers), and give
-     every Pi the same /etc/pichat/keys (copy it from the router's Pi, group pichat)
-  2. on the router's Pi:  systemctl enable --now pichat-router
-  3. on every worker Pi:  systemctl enable --now pichat-worker
+  $next
+  on every Pi that answers:  systemctl enable --now pichat-worker
+  (settings: /etc/pichat/pichat.env)
   logs: journalctl -u pichat-worker -f     health: $prefix/venv/bin/pichat health
 MSG

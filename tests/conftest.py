@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # Hermetic: no test picks up the keys of whoever runs it (~/.config/pichat/keys); the
 # security tests make their own.
 os.environ["PICHAT_KEYS"] = "off"
+# No test looks for a router on the machine's LAN (mDNS): only the fault lab does, in its
+# own namespaces (it turns discovery back on for its hosts).
+os.environ["PICHAT_DISCOVERY"] = "false"
 # ... nor writes conversations into theirs (~/.local/state/pichat): routers share one
 # store of this run; tests about the store give each router its own (--db).
 os.environ["PICHAT_DB"] = os.path.join(tempfile.mkdtemp(prefix="pichat-test-db-"),

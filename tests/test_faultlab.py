@@ -68,3 +68,35 @@ def test_a_worker_finds_the_router_over_mdns_ignores_a_rogue_and_follows_a_move(
     assert seen["found"] and seen["found_at"], seen["logs"]
     assert seen["rogue_ignored"], seen["logs"]
     assert seen["refound"] and seen["refound_at"], seen["logs"]
+
+
+def test_pis_join_with_tokens_hold_only_their_own_keys_and_a_revoked_one_is_out():
+    """The join flow across the lab's hosts: two workers and a client join with tokens (a
+    used, a forged and an expired one are refused); no joined host holds another's
+    secret; a worker revoked under load leaves at once, stays out, and loses nothing; the
+    router moved to another address is found again by a worker and by a client."""
+    import joining
+
+    seen = joining.run()
+    logs = seen["logs"]
+    assert seen["client_joined"] and seen["both_registered"], logs
+    assert seen["used_refused"][0] == 1 and "already used" in seen["used_refused"][1]
+    assert seen["forged_refused"][0] == 1 and "wrong secret" in seen["forged_refused"][1]
+    assert seen["expired_refused"][0] == 1 and "expired" in seen["expired_refused"][1]
+    assert not seen["w3_admitted"]
+    for host, held in seen["held"].items():
+        assert held["leaked"] == [], host
+        secrets = [f for f in held["files"] if f.endswith(".key_secret")]
+        assert secrets == [("client" if host.startswith("client") else "worker")
+                           + ".key_secret"], held
+    print(f"\nrevoked worker gone from the router's view {seen['revoke_s'] * 1000:.0f} ms "
+          f"after its key file was removed")
+    # At the router's next heartbeat (1 s); the bound a dead worker has, for a loaded machine.
+    assert seen["revoke_s"] <= DETECT_LIMIT
+    assert seen["w1_tried_again"] and not seen["w1_back"] and seen["w2_stayed"], logs
+    load = seen["load"]
+    assert load["sent"] > 5 and load["lost"] == 0 and load["corrupted"] == 0, load
+    assert load["failed"] == 0, load  # w1's answers continued on w2
+    assert seen["w2_refound"] and seen["w2_kept"] == f"tcp://{joining.MOVED_IP}:5556", logs
+    assert seen["client_refound"], (seen["client_told"], logs)
+    assert seen["client_kept"]["clients"] == f"tcp://{joining.MOVED_IP}:5555"

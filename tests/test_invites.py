@@ -12,7 +12,17 @@ import pytest
 import zmq.auth
 
 from pichat.errors import PichatError
-from pichat.invites import InviteRefused, admit, invite, members, parse, redeem, revoke
+from pichat.invites import (
+    InviteRefused,
+    admit,
+    invite,
+    members,
+    parse,
+    redeem,
+    remember_router,
+    revoke,
+    stored_router,
+)
 from pichat.security import keygen
 
 ADDRESS = ("tcp://192.168.1.10:5557", "tcp://pi1.local:5557")
@@ -56,6 +66,22 @@ def test_a_token_is_used_once_expires_and_a_wrong_secret_uses_nothing(keys):
         redeem(keys, late.id, late.secret, now=1061.0)
     with pytest.raises(InviteRefused, match="unknown"):
         redeem(keys, "../../etc/passwd", "x")
+    # A new invitation forgets those expired a day ago (a deployment inviting at every
+    # start), not those expired lately: their late joiner is told "expired".
+    stale = invite(keys, role="worker", addresses=ADDRESS, router_key=router_key(keys),
+                   ttl=60, now=1000.0)
+    day = 86400.0
+    live = invite(keys, role="worker", addresses=ADDRESS, router_key=router_key(keys),
+                  ttl=2 * day, now=1000.0 + day)
+    invite(keys, role="worker", addresses=ADDRESS, router_key=router_key(keys), now=1100.0)
+    with pytest.raises(InviteRefused, match="expired"):
+        redeem(keys, stale.id, stale.secret, now=1200.0)
+    stale = invite(keys, role="worker", addresses=ADDRESS, router_key=router_key(keys),
+                   ttl=60, now=1000.0)
+    invite(keys, role="worker", addresses=ADDRESS, router_key=router_key(keys),
+           now=1061.0 + day)
+    assert not (keys / "invites" / f"{stale.id}.json").exists()
+    assert redeem(keys, live.id, live.secret, now=1080.0 + day) == "worker"
 
 
 def test_n_uses_hold_when_joiners_race(keys):
@@ -102,3 +128,43 @@ def test_admitted_keys_are_allow_list_entries_listed_and_revoked(keys):
     assert ("worker", "pi7") not in members(keys)
     with pytest.raises(PichatError, match="no admitted key"):
         revoke(keys, "pi7")
+
+
+def test_a_shared_keys_directory_is_written_for_its_group_others_for_the_owner(keys):
+    """make install-systemd's router keys: `sudo pichat invite` (root) and the router (a
+    dynamic user of group pichat) must both read and redeem invitations and admit keys."""
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    private = invite(keys, role="worker", addresses=ADDRESS, router_key=router_key(keys))
+    redeem(keys, private.id, private.secret)  # writes the lock
+    assert mode(keys / "invites" / ".lock") == 0o600
+    assert mode(keys / "invites") == 0o700
+
+    shared = keys.parent / "shared"
+    keygen(shared)
+    for folder in (shared, shared / "workers"):
+        os.chmod(folder, 0o2770)
+    old = os.umask(0o077)  # the unit's UMask: explicit modes must not be narrowed
+    try:
+        made = invite(shared, role="worker", addresses=ADDRESS, router_key=router_key(shared),
+                      uses=2)
+        redeem(shared, made.id, made.secret)
+        key = zmq.auth.load_certificate(shared / "worker.key")[0].decode()
+        admitted = admit(shared, "worker", "pi3", key)
+    finally:
+        os.umask(old)
+    assert mode(shared / "invites") == 0o2770
+    assert mode(shared / "invites" / f"{made.id}.json") == 0o660
+    assert mode(shared / "invites" / ".lock") == 0o660
+    assert mode(admitted) == 0o660
+
+
+def test_a_joined_pis_router_file_is_kept_merged_and_a_damaged_one_is_an_error(tmp_path):
+    assert stored_router(tmp_path, "workers") is None
+    remember_router(tmp_path, {"workers": "tcp://10.0.0.2:5556", "clients": "tcp://10.0.0.2:5555"})
+    remember_router(tmp_path, {"workers": "tcp://10.0.0.9:5556"})  # found again elsewhere
+    assert stored_router(tmp_path, "workers") == "tcp://10.0.0.9:5556"
+    assert stored_router(tmp_path, "clients") == "tcp://10.0.0.2:5555"
+    assert stored_router(tmp_path, "name") is None  # kept nothing of the kind
+    (tmp_path / "router.json").write_text("{not json")
+    with pytest.raises(PichatError, match="pichat join"):
+        stored_router(tmp_path, "workers")

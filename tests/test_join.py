@@ -5,6 +5,7 @@ forged token is refused and logged; no secret but its own lands on the Pi."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from dataclasses import replace
@@ -51,8 +52,10 @@ async def test_a_pi_joins_with_a_token_and_its_worker_needs_no_router_address(
         assert not any(secret in path.read_bytes() for secret in others), path
     assert zmq.auth.load_certificate(pi / "router.key")[1] is None  # public only
 
-    # The worker finds the router from what join stored, and is admitted by its own key.
-    cluster.spawn("pi9", ["worker", "--name", "pi9", "--keys", str(pi), "--backend", "sim",
+    # The worker finds the router from what join stored, is admitted by its own key, and
+    # is named as it joined.
+    assert json.loads((pi / "router.json").read_text())["name"] == "pi9"
+    cluster.spawn("pi9", ["worker", "--keys", str(pi), "--backend", "sim", "--no-discovery",
                           "--heartbeat", "0.5", "--threads", "1"])
     await cluster.wait_workers(1, names={"pi9"})
     listed = pichat("keys", "list", "--keys", str(router_keys))
@@ -87,3 +90,77 @@ async def test_a_pi_joins_with_a_token_and_its_worker_needs_no_router_address(
     assert "join refused" in cluster.procs[0].output()
     assert pichat("keys", "revoke", "pi12", "--keys", str(router_keys)).returncode == 0
     assert not (router_keys / "workers" / "pi12.key").exists()
+
+
+async def test_replicas_join_with_one_token_each_with_keys_of_their_own(
+        cluster: Cluster, tmp_path: Path):
+    """compose's replicas: one --join token file and one --keys PARENT/* for all; each
+    takes a directory of its own, joins once, and a restart needs no token use."""
+    router_keys = tmp_path / "router-keys"
+    keygen(router_keys)
+    cluster.keys = router_keys
+    cluster.router("--keys", str(router_keys))
+    token = pichat("invite", "--keys", str(router_keys), "--uses", "2", "--address",
+                   cluster.join_endpoint).stdout.strip()
+    token_file = tmp_path / "join-token"
+    token_file.write_text(token + "\n")
+    shared = tmp_path / "replica-keys"
+
+    states = tmp_path / "replica-kv"
+
+    def replica(name: str, log: str | None = None):
+        return cluster.spawn(log or name, ["worker", "--name", name, "--join", str(token_file),
+                                    "--keys", f"{shared}/*", "--state-dir", f"{states}/*",
+                                    "--backend", "sim", "--no-discovery", "--heartbeat", "0.5"])
+
+    def paired(proc) -> str:
+        """The number of the keys directory the replica took; its state directory's must
+        be the same (its KV states are leased to its key)."""
+        out = proc.output()
+        n = out.split(f"keys in {shared}/", 1)[1][0]
+        assert f"KV states in {states}/{n}" in out and f"kept in {states}/{n}:" in out, out
+        return n
+
+    first, second = replica("r1"), replica("r2")
+    await cluster.wait_workers(2, names={"r1", "r2"})
+    pairs = {zmq.auth.load_certificate(shared / n / "worker.key_secret")[0] for n in "01"}
+    admitted = {zmq.auth.load_certificate(router_keys / "workers" / f"{n}.key")[0]
+                for n in ("r1", "r2")}
+    assert pairs == admitted and len(pairs) == 2
+    for n in "01":  # the router's address came with the token; no secret but its own
+        assert sorted(p.name for p in (shared / n).iterdir()) == [
+            ".lock", "router.json", "router.key", "worker.key", "worker.key_secret"]
+
+    taken = paired(first)
+    assert {taken, paired(second)} == {"0", "1"}
+
+    # A restart: the token is used up, and not needed (the replica joined already); the
+    # replica takes its keys and its states back together.
+    assert first.stop() == 0
+    again = replica("r1", log="r1-again")
+    await cluster.wait_workers(2, names={"r1", "r2"})
+    assert "joined the cluster" not in again.output()
+    assert paired(again) == taken
+    assert not list((router_keys / "invites").glob("*.json"))
+
+    # A third replica, with the token used up: a clear refusal, no retrying.
+    third = replica("r3")
+    assert third.popen.wait(60) == 1
+    assert "already used" in third.output()
+    assert not (shared / "2" / "worker.key").exists() or not (
+        router_keys / "workers" / "r3.key").exists()
+    del second
+
+
+async def test_worker_join_refuses_a_client_token_and_an_unreadable_token_file(
+        tmp_path: Path):
+    keys = tmp_path / "router-keys"
+    keygen(keys)
+    client_token = pichat("invite", "--keys", str(keys), "--role", "client", "--address",
+                          "tcp://127.0.0.1:9").stdout.strip()
+    wrong = pichat("worker", "--join", client_token, "--keys", str(tmp_path / "pi"),
+                   "--backend", "sim", "--no-discovery")
+    assert wrong.returncode == 1 and "this is a client token" in wrong.stderr
+    missing = pichat("worker", "--join", str(tmp_path / "nothing"), "--keys",
+                     str(tmp_path / "pi"), "--backend", "sim", "--no-discovery")
+    assert missing.returncode == 1 and "cannot read" in missing.stderr

@@ -23,9 +23,14 @@ def _client_options(f: Any) -> Any:
     """--router, --keys, --key-name, gathered into one `client` ClientConfig argument."""
 
     @functools.wraps(f)
-    def wrapper(*args: Any, router: str, keys: str | None, key_name: str, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, router: str, keys: str | None, key_name: str, discovery: bool,
+                **kwargs: Any) -> Any:
         resolved = o.keys_or_fail(keys)
-        router = o.joined_router(router, o.default(ClientConfig, "router"), resolved, "clients")
+        default = o.default(ClientConfig, "router")
+        if router == default and resolved is not None:
+            router = o.joined_router(router, default, resolved, "clients")
+            if discovery:
+                router = _located(router, resolved)
         config = ClientConfig(router=router, keys=resolved, key_name=key_name)
         return f(*args, client=config, **kwargs)
 
@@ -35,9 +40,29 @@ def _client_options(f: Any) -> Any:
         o.keys,
         o.field(ClientConfig, "key_name", "--key-name", env="CLIENT_KEY_NAME",
                 help="This client's key pair in the keys directory."),
+        o.option("--discovery/--no-discovery", "discovery", env="DISCOVERY", default=True,
+                 help="With no --router, if the router does not answer where it was, find "
+                      "it on the LAN (mDNS; only a router with the key this host holds)."),
     ]):
         wrapper = decorator(wrapper)
     return wrapper
+
+
+def _located(router: str, keys: Any) -> str:
+    """A joined client's router (the router's secret is not here), looked for on the LAN
+    when it does not answer where it was (its address changed)."""
+    from pichat.discovery import answers, relocate
+
+    if (keys.directory / "router.key_secret").exists() or answers(router):
+        return router
+    try:
+        key = keys.router_public().decode()
+    except PichatError:
+        return router
+    found = asyncio.run(relocate(keys.directory, key, "clients", router))
+    if found and found != router:
+        click.echo(f"(the router is now at {found})", err=True)
+    return found or router
 
 
 def _sampling_options(f: Any) -> Any:

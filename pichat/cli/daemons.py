@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import logging
+import socket
+import time
+from pathlib import Path
+from typing import IO, Any
 
 import click
 
@@ -15,10 +19,13 @@ from pichat.config import (
     default_worker_name,
 )
 from pichat.errors import PichatError
+from pichat.invites import stored_router
 from pichat.router.scheduler import POLICIES, SchedulerConfig
 from pichat.security import Keys
 
 __all__ = ["router", "worker", "model_options"]
+
+log = logging.getLogger(__name__)
 
 R, S, W = RouterConfig, SchedulerConfig, WorkerConfig
 
@@ -191,7 +198,7 @@ def model_options(f: Any) -> Any:
 @click.command()
 @o.field(W, "router", "--router", env="WORKER_ROUTER", help="The router's worker endpoint.")
 @o.option("--name", env="WORKER_NAME", default=None,
-          help="Name shown in status [default: HOSTNAME-PID].")
+          help="Name shown in status [default: the name it joined under, else HOSTNAME-PID].")
 @model_options
 @o.option("--discovery/--no-discovery", "discovery", env="DISCOVERY",
           default=o.default(W, "discovery"),
@@ -243,6 +250,10 @@ def model_options(f: Any) -> Any:
 @o.keys
 @o.field(W, "key_name", "--key-name", env="WORKER_KEY_NAME",
          help="This worker's key pair in the keys directory.")
+@o.option("--join", "join", env="JOIN", default=None, show_default=False,
+          help="A worker token from `pichat invite` (or a file holding one): join with it "
+               "first, unless the keys directory has joined already. With --keys PARENT/* "
+               "each replica joins with keys of its own under PARENT.")
 @o.log_level
 def worker(**opts: Any) -> None:
     """Run a worker: serve a model to the router.
@@ -257,9 +268,14 @@ def worker(**opts: Any) -> None:
     from pichat.worker.service import Worker
 
     o.setup_logging(opts["log_level"], f"worker {opts['name'] or ''}".strip())
+    held = _joined_keys(opts)  # noqa: F841 (a claimed keys directory, held while we run)
     keys = o.keys_or_fail(opts["keys"])
     opts["router"] = o.joined_router(opts["router"], o.default(W, "router"), keys, "workers")
-    config = o.build(WorkerConfig, opts, name=opts["name"] or default_worker_name(),
+    try:
+        joined_as = stored_router(keys.directory, "name") if keys is not None else None
+    except PichatError as exc:
+        o.fail(exc)
+    config = o.build(WorkerConfig, opts, name=opts["name"] or joined_as or default_worker_name(),
                      keys=keys, sim=o.build(SimConfig, opts))
 
     async def serve() -> None:
@@ -268,5 +284,48 @@ def worker(**opts: Any) -> None:
 
     try:
         asyncio.run(serve())
+    except PichatError as exc:
+        o.fail(exc)
+
+
+JOIN_PATIENCE = 300.0
+"""Seconds `worker --join` keeps trying a router that does not answer (one starting)."""
+
+
+def _joined_keys(opts: dict[str, Any]) -> IO[str] | None:
+    """--keys PARENT/*: claim a directory of its own under PARENT (and, with --state-dir
+    OTHER/* too, OTHER/ the same number: the KV states a replica keeps are leased to its
+    key, so a restarted replica must find its states and its key together); --join: join
+    with the token unless joined already. Sets opts["keys"] to the directory; returns the
+    claim."""
+    from pichat.claims import claim, is_pattern
+    from pichat.cli.joining import Unreachable, join_once
+    from pichat.security import DEFAULT_KEYS_DIR
+
+    spec, held = opts["keys"], None
+    try:
+        if spec and is_pattern(spec):
+            directory, held = claim(str(Path(spec).expanduser()), "worker", "a --keys")
+            spec = opts["keys"] = str(directory)
+            if opts["state_dir"] and is_pattern(opts["state_dir"]):
+                opts["state_dir"] = str(Path(opts["state_dir"]).parent / directory.name)
+            log.info("keys in %s, KV states in %s", directory, opts["state_dir"] or "memory")
+        if not opts["join"]:
+            return held
+        directory = Path(spec or DEFAULT_KEYS_DIR).expanduser()
+        name = opts["name"] or socket.gethostname().split(".")[0]
+        deadline = time.monotonic() + JOIN_PATIENCE
+        while True:
+            try:
+                if join_once(opts["join"], directory, "worker", name):
+                    log.info("joined the cluster as %r; keys in %s", name, directory)
+                break
+            except Unreachable as exc:  # no answer yet: a router still starting
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("joining: %s; trying again", exc)
+                time.sleep(3)
+        opts["keys"] = str(directory)
+        return held
     except PichatError as exc:
         o.fail(exc)

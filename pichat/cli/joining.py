@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -16,14 +15,22 @@ import zmq.auth
 from pichat.cli import options as o
 from pichat.config import DEFAULT_JOIN_PORT
 from pichat.errors import PichatError
-from pichat.invites import ROLES, InviteRefused, invite, members, parse, revoke
+from pichat.invites import (
+    PREFIX,
+    ROLES,
+    InviteRefused,
+    invite,
+    members,
+    parse,
+    remember_router,
+    revoke,
+    stored_router,
+)
 from pichat.protocol import Error, Join, decode, encode
 from pichat.security import DEFAULT_KEYS_DIR
 
-__all__ = ["invite_command", "join_command", "keys_command", "ROUTER_FILE", "this_host"]
-
-ROUTER_FILE = "router.json"
-"""In a joined Pi's keys directory: the router's endpoints (what --router defaults to)."""
+__all__ = ["invite_command", "join_command", "keys_command", "this_host", "join",
+           "join_once", "Unreachable"]
 
 
 def this_host() -> str:
@@ -147,9 +154,35 @@ def join(found, directory: Path, name: str, timeout: float) -> dict[str, str]:
                      "clients": _reachable(reply.clients, host)}
         (directory / "router.key").write_text(
             "metadata\ncurve\n    public-key = \"" + found.router_key + "\"\n")
-        (directory / ROUTER_FILE).write_text(json.dumps(endpoints) + "\n")
+        remember_router(directory, {**endpoints, "name": name})
         return endpoints
-    raise PichatError("could not reach the router: " + "; ".join(errors))
+    raise Unreachable("could not reach the router: " + "; ".join(errors))
+
+
+class Unreachable(PichatError):
+    """No address of the token answered (the router may still be starting)."""
+
+
+def join_once(token: str, directory: Path, role: str, name: str, timeout: float = 10.0
+              ) -> bool:
+    """`pichat worker --join`: join with `token` (or the token in the file it names)
+    unless `directory` has joined already (this role's key pair, the router's key and
+    endpoints: a restart, or a token given to every replica). True if it joined now."""
+    if ((directory / f"{role}.key_secret").is_file() and (directory / "router.key").is_file()
+            and stored_router(directory, role + "s")):
+        return False
+    if not token.startswith(PREFIX):
+        try:
+            token = Path(token).expanduser().read_text().strip()
+        except OSError as exc:
+            raise PichatError(f"--join takes a token from `pichat invite` or a file holding "
+                              f"one; cannot read {token[:200]!r}: {exc.strerror}") from None
+    found = parse(token)
+    if found.role != role:
+        raise InviteRefused(f"this is a {found.role} token: a {role} needs a {role} token "
+                            f"(pichat invite --role {role})")
+    join(found, directory, name, timeout)
+    return True
 
 
 def _reachable(bound: str, host: str) -> str:

@@ -5,7 +5,6 @@ into a config object."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
 from typing import Any, NoReturn
@@ -15,6 +14,7 @@ import click
 from pichat.config import RouterConfig, WorkerConfig
 from pichat.config import default_of as default
 from pichat.errors import PichatError
+from pichat.invites import stored_router
 from pichat.security import Keys, resolve_keys
 
 __all__ = ["option", "field", "default", "build", "setup_logging", "fail", "keys_or_fail",
@@ -59,13 +59,10 @@ def joined_router(router: str, default_router: str, keys: Keys | None, role: str
     directory (router.json) for `role` ("workers" or "clients")."""
     if router != default_router or keys is None:
         return router
-    stored = keys.directory / "router.json"
     try:
-        return str(json.loads(stored.read_text())[role])
-    except FileNotFoundError:
-        return router
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        fail(PichatError(f"{stored} is unreadable ({exc}): run `pichat join` again"))
+        return stored_router(keys.directory, role) or router
+    except PichatError as exc:
+        fail(exc)
 
 
 def keys_or_fail(value: str | None) -> Keys | None:

@@ -28,7 +28,6 @@ only with valid leases, which replicas sharing a key share).
 from __future__ import annotations
 
 import array
-import fcntl
 import hashlib
 import json
 import logging
@@ -39,7 +38,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from pichat.errors import PichatError
+from pichat.claims import claim
 from pichat.logs import clip
 from pichat.worker.backend import SavedState
 
@@ -51,8 +50,6 @@ MAGIC = b"PICHATKV1\n"
 MAX_HEADER = 16 * 1024
 MAX_PENDING = 256 << 20
 """Bytes of states waiting to be written, at most (older ones wait for the next turn)."""
-MAX_SHARERS = 64
-"""Workers that can share one `PARENT/*` at most."""
 _SUFFIX = ".kv"
 
 
@@ -67,7 +64,7 @@ class OnDisk:
 
 class DiskStore:
     def __init__(self, directory: str | Path, budget_bytes: int, fmt: str) -> None:
-        self.dir, self._lock_file = _claim(str(directory))
+        self.dir, self._lock_file = claim(str(directory), "worker", "a --state-dir")
         self.budget = budget_bytes
         self.format = fmt
         self.nbytes = 0
@@ -275,36 +272,6 @@ class DiskStore:
                 self.nbytes -= entry.nbytes
                 self.dropped.append(session)
             entry.path.unlink(missing_ok=True)
-
-
-def _claim(spec: str):  # noqa: ANN202 (a path and an open file)
-    """The directory `spec` names, held for this worker (made if missing); for
-    `PARENT/*`, the first numbered one under PARENT that no other worker holds."""
-    if Path(spec).name != "*":
-        return Path(spec), _lock_dir(Path(spec))
-    parent = Path(spec).parent
-    for n in range(MAX_SHARERS):
-        try:
-            return parent / str(n), _lock_dir(parent / str(n))
-        except PichatError:
-            continue
-    raise PichatError(f"all {MAX_SHARERS} directories under {parent} are in use by other "
-                      "workers")
-
-
-def _lock_dir(directory: Path):  # noqa: ANN202 (an open file)
-    """Hold the directory for this worker: two workers writing one directory would delete
-    each other's states."""
-    directory.mkdir(parents=True, exist_ok=True)
-    f = open(directory / ".lock", "a+")  # noqa: SIM115 (held open while the store lives)
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise PichatError(f"{directory} is in use by another worker: give each worker a "
-                          "--state-dir of its own (or share PARENT/* among replicas)"
-                          ) from None
-    return f
 
 
 def _file_name(session: str) -> str:

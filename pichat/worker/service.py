@@ -246,15 +246,16 @@ class Worker:
         cfg = self.config
         if not cfg.discovery or cfg.keys is None:
             return
+        if (cfg.keys.directory / "router.key_secret").exists():
+            return  # the router's own keys: this is its host, nothing to look for
         try:
             key = cfg.keys.router_public().decode()
         except PichatError:
             return
-        from pichat.discovery import find
+        from pichat.discovery import relocate
 
-        found = await find(key, "workers", timeout=3.0)
+        found = await relocate(cfg.keys.directory, key, "workers", cfg.router)
         if found and found != cfg.router:
-            log.info("found the router on the LAN at %s (was %s)", found, cfg.router or "none")
             self.config = replace(cfg, router=found)
 
     async def _export_state(self, session: str) -> SavedState | None:

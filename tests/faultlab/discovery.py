@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -29,15 +28,6 @@ async def main():
     await asyncio.sleep(3600)
 asyncio.run(main())
 """
-
-
-def wait(what, predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def run() -> dict:
@@ -73,34 +63,26 @@ def run() -> dict:
 
         rogue = net.spawn("attacker", ["-c", ROGUE], work / "rogue.log")
         procs.append(rogue)
-        wait("rogue", lambda: "announcing" in (work / "rogue.log").read_text())
+        lab.until(lambda: "announcing" in (work / "rogue.log").read_text())
         first = router(lab.ROUTER_IP)
         procs.append(first)
         worker = net.spawn("w1", ["-m", "pichat", "worker", "--name", "w1", "--keys", str(pi),
                                   "--heartbeat", "0.5", *lab.SIM], work / "w1.log")
         procs.append(worker)
-        seen["found"] = wait("w1 listed", lambda: "w1" in listed(lab.ROUTER_IP), 60)
+        seen["found"] = lab.until(lambda: "w1" in listed(lab.ROUTER_IP), 60)
         log = (work / "w1.log").read_text()
         seen["rogue_ignored"] = "ignoring a pichat router announced as rogue" in log
         seen["found_at"] = f"tcp://{lab.ROUTER_IP}:5556" in log
         # The router moves: its host gets another address (a DHCP renewal).
         first.terminate()
         first.wait(20)
-        lab.sh("ip", "-n", net.ns("router"), "addr", "flush", "dev", "eth0")
-        lab.sh("ip", "-n", net.ns("router"), "addr", "add", f"{MOVED_IP}/24", "dev", "eth0")
+        net.move("router", MOVED_IP)
         procs.append(router(MOVED_IP))
-        seen["refound"] = wait("w1 back", lambda: "w1" in listed(MOVED_IP), 90)
+        seen["refound"] = lab.until(lambda: "w1" in listed(MOVED_IP), 90)
         seen["refound_at"] = f"tcp://{MOVED_IP}:5556" in (work / "w1.log").read_text()
-        seen["logs"] = "\n".join(f"--- {p.name} ---\n{p.read_text()[-3000:]}"
-                                 for p in sorted(work.glob("*.log")))
         return seen
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        net.down()
-        shutil.rmtree(work, ignore_errors=True)
+        seen["logs"] = lab.tear_down(procs, net, work)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,8 +46,37 @@ SIM = ["--backend", "sim", "--sim-gen-tps", "20", "--sim-reply-tokens", "40", "-
        "--chunk-tokens", "4"]
 
 
+# Discovery (mDNS) on for the lab's hosts: their multicast stays on the lab's bridge (the
+# test suite switches it off for everything else).
+ENV = {**os.environ, "PICHAT_DISCOVERY": "true"}
+
+
 def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, check=check, capture_output=True, text=True)
+    return subprocess.run(argv, check=check, capture_output=True, text=True, env=ENV)
+
+
+def until(predicate, timeout: float = 30.0) -> bool:
+    """Poll `predicate` (a check across hosts: no event reaches us) until it holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def tear_down(procs: list[subprocess.Popen], net: Network, work: Path) -> str:
+    """Kill what still runs, take the network down and delete `work`; the tail of every
+    log in `work`, for a failing test to show."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    logs = "\n".join(f"--- {p.name} ---\n{p.read_text()[-3000:]}"
+                     for p in sorted(work.glob("*.log")))
+    net.down()
+    shutil.rmtree(work, ignore_errors=True)
+    return logs
 
 
 def available() -> str | None:
@@ -99,6 +129,11 @@ class Network:
             sh("ip", "netns", "del", self.ns(host), check=False)
         sh("ip", "netns", "del", self.bridge_ns, check=False)
 
+    def move(self, host: str, ip: str) -> None:
+        """Give `host` another address (a DHCP renewal)."""
+        sh("ip", "-n", self.ns(host), "addr", "flush", "dev", "eth0")
+        sh("ip", "-n", self.ns(host), "addr", "add", f"{ip}/24", "dev", "eth0")
+
     def cut(self, host: str, cut: bool) -> None:
         sh("ip", "-n", self.bridge_ns, "link", "set", self.port(host), "down" if cut else "up")
 
@@ -113,8 +148,7 @@ class Network:
                "random", "--probability", str(probability), "-j", "DROP")
 
     def spawn(self, host: str, argv: list[str], log: Path) -> subprocess.Popen:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PICHAT_KEYS": "off",
-               "PYTHONPATH": str(ROOT)}
+        env = {**ENV, "PYTHONUNBUFFERED": "1", "PICHAT_KEYS": "off", "PYTHONPATH": str(ROOT)}
         with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
             return subprocess.Popen(["ip", "netns", "exec", self.ns(host), sys.executable,
                                      *argv], stdout=out, stderr=subprocess.STDOUT, env=env,
