@@ -34,6 +34,7 @@ volume)
     $docker volume create "${labels[@]}" "$volume" >/dev/null
     # The router's own pair, the allow-lists and the API keys; not the worker's and the
     # client's secret keys (they stay on this machine, for its own clients).
+    # shellcheck disable=SC2016  # expanded inside the container
     $docker run --rm --user 0 --entrypoint sh -v "$volume":/keys -v "$keys":/src:ro "$image" \
         -c 'cd /src && for f in *; do
                 case "$f" in worker.key_secret|client.key_secret|invites|router.json) ;;
