@@ -40,6 +40,7 @@ work=$(mktemp -d)
 step "install and run on arm64"
 docker run --rm --platform linux/arm64 \
     -v "$here/docker/wheelhouse/linux-arm64":/wheelhouse:ro -v "$cache":/cache -v "$work":/work:ro \
+    -v "$here/docker/wheelhouse/pichat":/wheelhouse-pichat:ro \
     local/debian-py-build:bookworm-arm64 bash -euo pipefail -c '
     echo "machine: $(uname -m), $(python3 --version)"
     python3 -m venv /venv
@@ -48,7 +49,8 @@ docker run --rm --platform linux/arm64 \
         CMAKE_ARGS="-DGGML_NATIVE=OFF" /venv/bin/pip wheel --quiet --no-index \
             --find-links /wheelhouse --no-deps --wheel-dir /cache llama-cpp-python
     fi
-    /venv/bin/pip install --quiet --no-index --find-links /cache --find-links /wheelhouse pichat
+    /venv/bin/pip install --quiet --no-index --find-links /cache --find-links /wheelhouse \
+        --find-links /wheelhouse-pichat pichat
     /venv/bin/pichat --version
     pichat=/venv/bin/pichat
     $pichat router --clients-bind tcp://127.0.0.1:5555 --workers-bind tcp://127.0.0.1:5556 --http 127.0.0.1:8080 --log-level warning &

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Collect everything the Docker image installs into docker/wheelhouse/linux-ARCH, so that
 # `docker build` needs no network (an offline Pi, or a machine without a registry mirror):
-#   - pichat itself, as a wheel built from this checkout;
+#   - pichat itself, as a wheel built from this checkout, in docker/wheelhouse/pichat (apart:
+#     a change to pichat then leaves the image's llama.cpp build layer cached);
 #   - its binary dependencies as wheels for the target platform (CPython 3.11, glibc);
 #   - llama-cpp-python as source (the image compiles it, portably) and its build backend.
 # Usage: scripts/docker-wheelhouse.sh [linux/amd64|linux/arm64] [PYTHON]
@@ -24,8 +25,8 @@ mkdir -p "$out"
 pip=("$python" -m pip --disable-pip-version-check)
 
 echo "== pichat wheel"
-rm -f "$out"/pichat-*.whl
-"${pip[@]}" wheel --quiet --no-deps --wheel-dir "$out" "$here"
+rm -f "$out"/pichat-*.whl "$here"/docker/wheelhouse/pichat/pichat-*.whl
+"${pip[@]}" wheel --quiet --no-deps --wheel-dir "$here/docker/wheelhouse/pichat" "$here"
 
 echo "== binary dependencies for $platform, CPython $py_version"
 # pichat's requirements (from setup.cfg) and llama-cpp-python's, without llama-cpp-python

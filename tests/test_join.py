@@ -85,8 +85,11 @@ async def test_a_pi_joins_with_a_token_and_its_worker_needs_no_router_address(
     bad = pichat("join", forged.token(), "--keys", str(tmp_path / "pi11"), "--name", "pi11")
     assert bad.returncode == 1 and "wrong secret" in bad.stderr
     assert not (router_keys / "workers" / "pi11.key").exists()
-    ok = pichat("join", fresh, "--keys", str(tmp_path / "pi12"), "--name", "pi12")
+    copied = tmp_path / "pi12"  # a Pi set up the old way: the whole keys directory
+    keygen(copied)
+    ok = pichat("join", fresh, "--keys", str(copied), "--name", "pi12")
     assert ok.returncode == 0  # the forged attempt used nothing of the real token
+    assert "also holds client.key_secret, router.key_secret" in ok.stderr
     assert "join refused" in cluster.procs[0].output()
     assert pichat("keys", "revoke", "pi12", "--keys", str(router_keys)).returncode == 0
     assert not (router_keys / "workers" / "pi12.key").exists()

@@ -113,6 +113,12 @@ def join_command(token: str, keys: str, name: str | None, timeout: float) -> Non
         o.fail(exc)
     click.echo(f"joined as {found.role} {name!r}: router at {endpoints[found.role + 's']}; "
                f"keys in {directory}")
+    others = sorted(p.name for p in directory.glob("*.key_secret")
+                    if p.name != f"{found.role}.key_secret")
+    if others:  # a directory copied the old way: the secrets a joined Pi need not hold
+        click.echo(f"warning: {directory} also holds {', '.join(others)}, copied from "
+                   f"elsewhere: this Pi does not need them; delete them so that a stolen "
+                   f"SD card does not give them away", err=True)
 
 
 def join(found, directory: Path, name: str, timeout: float) -> dict[str, str]:
