@@ -86,7 +86,9 @@ swarm-deploy:
 	IMAGE=$(IMAGE) scripts/docker-keys.sh volume $(STACK)_router-keys stack
 	token=$$(IMAGE=$(IMAGE) scripts/docker-keys.sh invite $(STACK)_router-keys \
 		"$$($(DOCKER) node ls -q | wc -l)") && \
-	PICHAT_JOIN="$$token" PICHAT_IMAGE=$(IMAGE) $(DOCKER) stack deploy -c docker/stack.yml $(STACK)
+	PICHAT_JOIN="$$token" PICHAT_IMAGE=$(IMAGE) \
+	PICHAT_ROUTER_NODE="$$($(DOCKER) node inspect self --format '{{.Description.Hostname}}')" \
+		$(DOCKER) stack deploy -c docker/stack.yml $(STACK)
 
 swarm-rm:
 	$(DOCKER) stack rm $(STACK)
