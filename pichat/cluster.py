@@ -43,6 +43,7 @@ from pichat.errors import PichatError
 from pichat.protocol import ChatMessage, Sampling
 from pichat.router.scheduler import Policy, SchedulerConfig
 from pichat.security import resolve_keys
+from pichat.transport import port_of
 
 __all__ = ["ClusterConfig", "LocalCluster", "run_cluster"]
 
@@ -91,10 +92,6 @@ def _connect_endpoint(bound: str) -> str:
     return bound.replace("//*:", "//127.0.0.1:").replace("//0.0.0.0:", "//127.0.0.1:")
 
 
-def _port(endpoint: str) -> str:
-    return endpoint.rsplit(":", 1)[1]
-
-
 @dataclass(slots=True)
 class _Child:
     role: str
@@ -137,10 +134,10 @@ class LocalCluster:
         cfg = self.config
         clients, workers, http = cfg.clients_bind, cfg.workers_bind, cfg.http
         if self.endpoints:  # started again: the ports it had, so the workers find it
-            clients = f"{clients.rsplit(':', 1)[0]}:{_port(self.endpoints['clients'])}"
-            workers = f"{workers.rsplit(':', 1)[0]}:{_port(self.endpoints['workers'])}"
+            clients = f"{clients.rsplit(':', 1)[0]}:{port_of(self.endpoints['clients'])}"
+            workers = f"{workers.rsplit(':', 1)[0]}:{port_of(self.endpoints['workers'])}"
             if http != "off" and self.endpoints.get("http"):
-                http = f"{http.rsplit(':', 1)[0]}:{_port(self.endpoints['http'])}"
+                http = f"{http.rsplit(':', 1)[0]}:{port_of(self.endpoints['http'])}"
         return [sys.executable, "-m", "pichat", "router", "--clients-bind", clients,
                 "--workers-bind", workers, "--join-bind", "off", "--no-discovery",
                 "--policy", cfg.policy,

@@ -40,6 +40,11 @@ KvType: TypeAlias = Literal["f16", "q8_0", "q4_0"]
 Memory: TypeAlias = Literal["summary", "none"]
 
 
+def host_name() -> str:
+    """This machine's short host name (what a Pi joins and announces itself under)."""
+    return socket.gethostname().split(".")[0]
+
+
 def default_worker_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 

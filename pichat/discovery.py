@@ -17,6 +17,8 @@ import logging
 import socket
 from typing import Any
 
+from pichat.config import host_name
+
 __all__ = ["SERVICE", "Announcer", "find", "answers", "relocate"]
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ class Announcer:
     def __init__(self, key: str, ports: dict[str, int], name: str | None = None) -> None:
         self.key = key
         self.ports = ports
-        self.name = name or socket.gethostname().split(".")[0]
+        self.name = name or host_name()
         self._zc: Any = None
         self._info: Any = None
 

@@ -80,6 +80,11 @@ class Keys:
         except (OSError, ValueError) as exc:
             raise PichatError(f"cannot read the router's public key {path}: {exc}") from None
 
+    def on_routers_host(self) -> bool:
+        """Are these the router's own keys (its secret is here): this is its host, where
+        the router is at the default loopback address and nothing need be looked for."""
+        return (self.directory / "router.key_secret").exists()
+
     def allowed(self, role: str) -> Path:
         return self.directory / f"{role}s"
 

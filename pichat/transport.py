@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 import zmq
 
-__all__ = ["Channel", "configure"]
+__all__ = ["Channel", "configure", "port_of"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,11 @@ _BATCH = 256
 """Messages handled per drain before yielding to other callbacks (fairness)."""
 _BUDGET_S = 0.02
 """Seconds of handler time per drain before yielding (a burst of costly messages)."""
+
+
+def port_of(endpoint: str) -> int:
+    """The port of a TCP endpoint (tcp://HOST:PORT, as bound or to connect to)."""
+    return int(endpoint.rsplit(":", 1)[1])
 
 
 def configure(sock: zmq.Socket, *, max_message_bytes: int, hwm: int = 100_000) -> None:

@@ -27,10 +27,10 @@ def _client_options(f: Any) -> Any:
                 **kwargs: Any) -> Any:
         resolved = o.keys_or_fail(keys)
         default = o.default(ClientConfig, "router")
-        if router == default and resolved is not None:
+        if discovery and router == default and resolved is not None:
+            router = _located(o.joined_router(router, default, resolved, "clients"), resolved)
+        else:
             router = o.joined_router(router, default, resolved, "clients")
-            if discovery:
-                router = _located(router, resolved)
         config = ClientConfig(router=router, keys=resolved, key_name=key_name)
         return f(*args, client=config, **kwargs)
 
@@ -53,7 +53,7 @@ def _located(router: str, keys: Any) -> str:
     when it does not answer where it was (its address changed)."""
     from pichat.discovery import answers, relocate
 
-    if (keys.directory / "router.key_secret").exists() or answers(router):
+    if keys.on_routers_host() or answers(router):
         return router
     try:
         key = keys.router_public().decode()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -17,6 +16,7 @@ from pichat.config import (
     SimConfig,
     WorkerConfig,
     default_worker_name,
+    host_name,
 )
 from pichat.errors import PichatError
 from pichat.invites import stored_router
@@ -313,7 +313,7 @@ def _joined_keys(opts: dict[str, Any]) -> IO[str] | None:
         if not opts["join"]:
             return held
         directory = Path(spec or DEFAULT_KEYS_DIR).expanduser()
-        name = opts["name"] or socket.gethostname().split(".")[0]
+        name = opts["name"] or host_name()
         deadline = time.monotonic() + JOIN_PATIENCE
         while True:
             try:

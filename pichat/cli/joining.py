@@ -13,7 +13,7 @@ import zmq
 import zmq.auth
 
 from pichat.cli import options as o
-from pichat.config import DEFAULT_JOIN_PORT
+from pichat.config import DEFAULT_JOIN_PORT, host_name
 from pichat.errors import PichatError
 from pichat.invites import (
     PREFIX,
@@ -28,6 +28,7 @@ from pichat.invites import (
 )
 from pichat.protocol import Error, Join, decode, encode
 from pichat.security import DEFAULT_KEYS_DIR
+from pichat.transport import port_of
 
 __all__ = ["invite_command", "join_command", "keys_command", "this_host", "join",
            "join_once", "Unreachable"]
@@ -106,7 +107,7 @@ def join_command(token: str, keys: str, name: str | None, timeout: float) -> Non
     except InviteRefused as exc:
         o.fail(exc)
     directory = Path(keys).expanduser()
-    name = name or socket.gethostname().split(".")[0]
+    name = name or host_name()
     try:
         endpoints = join(found, directory, name, timeout)
     except PichatError as exc:
@@ -193,8 +194,7 @@ def join_once(token: str, directory: Path, role: str, name: str, timeout: float 
 
 def _reachable(bound: str, host: str) -> str:
     """A bound endpoint (tcp://0.0.0.0:5556) as reached through `host` (tcp://HOST)."""
-    port = bound.rsplit(":", 1)[1]
-    return f"{host}:{port}"
+    return f"{host}:{port_of(bound)}"
 
 
 @click.command(name="keys")

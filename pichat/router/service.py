@@ -64,7 +64,7 @@ from pichat.router.snapshot import snapshot
 from pichat.router.stats import Stats
 from pichat.router.workerside import HEARTBEAT, WorkerSide
 from pichat.security import Gatekeeper, check_exposure
-from pichat.transport import Channel, configure
+from pichat.transport import Channel, configure, port_of
 
 __all__ = ["Router"]
 
@@ -168,10 +168,10 @@ class Router:
                 self.memory = Memory(self, await kind.open(cfg.db, limits))
                 log.info("conversations kept in %s", self.memory.path)
             if cfg.keys is not None and cfg.discovery:
-                announcer = Announcer(z85_public(cfg.keys), {
-                    "workers": _port(self.workers_endpoint),
-                    "clients": _port(self.clients_endpoint),
-                    **({"join": _port(self.join_endpoint)} if self.join_endpoint else {})})
+                announcer = Announcer(cfg.keys.router_public().decode(), {
+                    "workers": port_of(self.workers_endpoint),
+                    "clients": port_of(self.clients_endpoint),
+                    **({"join": port_of(self.join_endpoint)} if self.join_endpoint else {})})
                 try:
                     await announcer.start()
                 except (OSError, RuntimeError) as exc:
@@ -541,11 +541,3 @@ class Router:
                 "workers": len(self.scheduler.workers), "active": self.active(),
                 "queue": self.scheduler.queue_depth}
 
-
-def _port(endpoint: str) -> int:
-    return int(endpoint.rsplit(":", 1)[1])
-
-
-def z85_public(keys: Any) -> str:
-    """The router's public key as a Z85 string."""
-    return keys.pair("router")[0].decode()

@@ -246,8 +246,8 @@ class Worker:
         cfg = self.config
         if not cfg.discovery or cfg.keys is None:
             return
-        if (cfg.keys.directory / "router.key_secret").exists():
-            return  # the router's own keys: this is its host, nothing to look for
+        if cfg.keys.on_routers_host():
+            return
         try:
             key = cfg.keys.router_public().decode()
         except PichatError:
