@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -167,3 +168,39 @@ async def test_worker_join_refuses_a_client_token_and_an_unreadable_token_file(
     missing = pichat("worker", "--join", str(tmp_path / "nothing"), "--keys",
                      str(tmp_path / "pi"), "--backend", "sim", "--no-discovery")
     assert missing.returncode == 1 and "cannot read" in missing.stderr
+
+
+async def test_worker_join_keeps_trying_a_router_that_does_not_answer_yet(
+        cluster: Cluster, tmp_path: Path):
+    """A deployment starts workers and router together: a join that gets no answer is
+    tried again (a refused token is not: see the replicas test)."""
+    router_keys = tmp_path / "router-keys"
+    keygen(router_keys)
+    cluster.keys = router_keys
+    router = cluster.router("--keys", str(router_keys))
+    token = pichat("invite", "--keys", str(router_keys), "--address",
+                   cluster.join_endpoint).stdout.strip()
+    router.signal(signal.SIGSTOP)  # there, but answering nothing (still starting)
+    try:
+        late = cluster.spawn("late", ["worker", "--name", "late", "--join", token, "--keys",
+                                      str(tmp_path / "late"), "--backend", "sim",
+                                      "--no-discovery", "--heartbeat", "0.5"])
+        assert "trying again" in await late.wait_output("trying again", timeout=90)
+        assert late.alive()
+    finally:
+        router.signal(signal.SIGCONT)
+    await cluster.wait_workers(1, names={"late"})
+    assert "joined the cluster as 'late'" in late.output()
+
+
+async def test_a_lan_search_that_cannot_run_is_a_log_line_not_a_crash(tmp_path, monkeypatch,
+                                                                      caplog):
+    """systemd's sandbox without AF_NETLINK: listing the interfaces fails."""
+    import pichat.discovery as discovery
+
+    async def unsupported(*args, **kwargs):
+        raise OSError(97, "Address family not supported by protocol")
+
+    monkeypatch.setattr(discovery, "find", unsupported)
+    assert await discovery.relocate(tmp_path, "k" * 40, "workers", "tcp://10.0.0.1:5556") is None
+    assert "cannot look for the router on the LAN" in caplog.text
