@@ -33,19 +33,26 @@ def claim(spec: str, what: str, option: str) -> tuple[Path, IO[str]]:
     for n in range(MAX_SHARERS):
         try:
             return parent / str(n), _hold(parent / str(n), what, option)
-        except PichatError:
+        except _InUse:
             continue
     raise PichatError(f"all {MAX_SHARERS} directories under {parent} are in use by other "
                       f"{what}s")
 
 
+class _InUse(PichatError):
+    pass
+
+
 def _hold(directory: Path, what: str, option: str) -> IO[str]:
-    directory.mkdir(parents=True, exist_ok=True)
-    f = open(directory / ".lock", "a+")  # noqa: SIM115 (held open while it is used)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        f = open(directory / ".lock", "a+")  # noqa: SIM115 (held open while it is used)
+    except OSError as exc:
+        raise PichatError(f"cannot use {directory} ({option}): {exc.strerror}") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
-        raise PichatError(f"{directory} is in use by another {what}: give each {what} "
-                          f"{option} of its own (or share PARENT/* among replicas)") from None
+        raise _InUse(f"{directory} is in use by another {what}: give each {what} "
+                     f"{option} of its own (or share PARENT/* among replicas)") from None
     return f

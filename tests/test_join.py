@@ -168,6 +168,11 @@ async def test_worker_join_refuses_a_client_token_and_an_unreadable_token_file(
     missing = pichat("worker", "--join", str(tmp_path / "nothing"), "--keys",
                      str(tmp_path / "pi"), "--backend", "sim", "--no-discovery")
     assert missing.returncode == 1 and "cannot read" in missing.stderr
+    file = tmp_path / "a-file"
+    file.write_text("")
+    unusable = pichat("worker", "--join", client_token, "--keys", f"{file}/keys/*",
+                      "--backend", "sim", "--no-discovery")
+    assert unusable.returncode == 1 and "cannot use" in unusable.stderr, unusable.stderr
 
 
 async def test_worker_join_keeps_trying_a_router_that_does_not_answer_yet(
