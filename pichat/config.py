@@ -145,7 +145,9 @@ class WorkerConfig:
     """llama: `batched`, one context whose `slots` sequences are decoded together (one
     engine thread, all the threads); `contexts`, one context per slot, each with
     threads // slots (the design before the batched engine, kept for comparison)."""
-    ctx: int = 4096
+    ctx: int = 8192
+    """Tokens of context per slot (capped at the model's training context): room for what
+    clients send, Open WebUI's 36 built-in tools (6.5k tokens) among it."""
     kv_type: KvType = "f16"
     """llama: what the KV cache stores, f16 or quantized (q8_0 about half the RAM, q4_0
     about a quarter; flash attention is on for those)."""

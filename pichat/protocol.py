@@ -131,6 +131,9 @@ MAX_EMBED_CHARS = 32 * 1024
 MAX_EMBED_BYTES = 64 * 1024
 """One embedding vector at most (16,384 float32s)."""
 MAX_TOOLS_CHARS = 64 * 1024
+MAX_TOOLS = 128
+"""Functions one request may offer the model."""
+MAX_TOOL_NAME_CHARS = 64
 """Tool definitions, a message's tool calls, a response format's schema: JSON as text."""
 MAX_MEMORY_CHARS = 4000
 """A conversation's note of its turns that slid out of the context (pichat/worker/summary.py)."""
@@ -663,6 +666,9 @@ class Done:
     remembered: int = 0
     embeddings: tuple[bytes, ...] = ()
     """An embed request's vectors, one per input, each little-endian float32s."""
+    tools_left_out: tuple[str, ...] = ()
+    """The request's tools that did not fit the context beside the conversation (the
+    least relevant to it): the model was not shown them."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Done:
@@ -682,6 +688,8 @@ class Done:
             remembered=f.int("remembered", hi=MAX_MESSAGES, required=False),
             embeddings=f.bytes_list("embeddings", max_items=MAX_EMBED_INPUTS,
                                     max_bytes=MAX_EMBED_BYTES),
+            tools_left_out=f.str_list("tools_left_out", max_items=MAX_TOOLS, min_chars=1,
+                                      max_chars=MAX_TOOL_NAME_CHARS),
         )
 
     def to_body(self) -> dict[str, Any]:
@@ -696,6 +704,8 @@ class Done:
             body["remembered"] = self.remembered
         if self.embeddings:
             body["embeddings"] = list(self.embeddings)
+        if self.tools_left_out:
+            body["tools_left_out"] = list(self.tools_left_out)
         return body
 
     def continued(self, resumed: int, failovers: int) -> Done:

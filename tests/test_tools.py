@@ -39,6 +39,9 @@ TIME = {"type": "function", "function": {
     ('<|python_tag|>{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"y": 2}}',
      "", [("a", {}), ("b", {"y": 2})]),
     ('<tool_call>{"name": "get_weather", "arguments": {"city": "Par', None, []),  # cut off
+    ('```json\n{"name": "get_time", "arguments": {"city": "Oslo"}}\n```', "",
+     [("get_time", {"city": "Oslo"})]),  # in a Markdown code block, as small models write
+    ('```python\nprint(1)\n```', None, []),
     ('{"answer": 42}', None, []),  # JSON, but not a call
     ("Just text, with a { brace.", None, []),
     ('{"name": "say_hello", "arguments": {}}', None, []),  # no such function
@@ -56,6 +59,8 @@ def test_calls_are_read_in_each_family_and_anything_else_stays_text(text, conten
     (["  ", "{\"name\": \"a\",", " \"parameters\": {}}"], "", ["a"]),
     (["Plain ", "text <to", "day> is fine"], "Plain text <today> is fine", []),
     (["<tool_call>", "not json at all"], "<tool_call>not json at all", []),
+    (["``", "`json\n{\"name\": \"a\",", " \"arguments\": {}}\n```"], "", ["a"]),
+    (["``", "`python\nx = 1\n```"], "```python\nx = 1\n```", []),
 ])
 def test_a_streamed_answer_holds_back_only_what_may_be_a_call(pieces, sent, calls):
     spotter = Spotter(frozenset(("a",)))

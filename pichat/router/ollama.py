@@ -97,10 +97,16 @@ def _sampling(body: dict[str, Any], default_max_tokens: int) -> Sampling:
         stop=tuple(stop))
 
 
+def model_name(body: dict[str, Any]) -> str:
+    """The body's model without Ollama's default tag: clients write `NAME:latest` for the
+    `NAME` that /api/tags lists (and `pichat:latest` for any model)."""
+    return text(body.get("model", ""), "model", 256).removesuffix(":latest")
+
+
 def _common(body: Any) -> tuple[dict[str, Any], str, bool, str]:
     if not isinstance(body, dict):
         raise _bad("the body must be a JSON object")
-    model = text(body.get("model", ""), "model", 256)
+    model = model_name(body)
     stream = body.get("stream", True)
     if not isinstance(stream, bool):
         raise _bad("stream must be a boolean")
@@ -181,7 +187,7 @@ def parse_embed(body: Any, request_id: str, *, legacy: bool = False) -> tuple[Re
     """/api/embed (`input`: a string or strings) or /api/embeddings (`prompt`)."""
     if not isinstance(body, dict):
         raise _bad("the body must be a JSON object")
-    model = text(body.get("model", ""), "model", 256)
+    model = model_name(body)
     raw = body.get("prompt") if legacy else body.get("input")
     inputs = [raw] if isinstance(raw, str) else raw
     if not isinstance(inputs, list) or not inputs or not all(
@@ -262,7 +268,8 @@ def tags(workers: list[Any]) -> dict[str, Any]:
 
 def show(model: str, workers: list[Any]) -> dict[str, Any] | None:
     for ready, joined in workers:
-        if ready.model == model or model in ANY_MODEL:
+        if ready.model == model.removesuffix(":latest") or \
+                model.removesuffix(":latest") in ANY_MODEL:
             capabilities = ["embedding"] if ready.embedding_only else [
                 "completion", "tools", "embedding"]
             return {"modelfile": f"# served by pichat worker {ready.worker}\n",

@@ -353,6 +353,8 @@ def _pichat(done: Done) -> dict[str, Any]:
         out["conversation"] = done.conversation
     if u.dropped_tokens:
         out["dropped_tokens"] = u.dropped_tokens
+    if done.tools_left_out:
+        out["tools_left_out"] = list(done.tools_left_out)
     return out
 
 

@@ -24,15 +24,17 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from pichat.protocol import MAX_ID_CHARS, MAX_TOOLS_CHARS
+from pichat.protocol import MAX_ID_CHARS, MAX_TOOL_NAME_CHARS, MAX_TOOLS, MAX_TOOLS_CHARS
 
 __all__ = ["ToolError", "Call", "tools_of", "choice_of", "format_of", "calls_of",
            "check_tool_messages", "extract", "Spotter", "MAX_TOOLS"]
 
-MAX_TOOLS = 128
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NAME = re.compile(rf"^[A-Za-z0-9_.-]{{1,{MAX_TOOL_NAME_CHARS}}}$")
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 _MARKERS = ("<tool_call>", "<|python_tag|>")
+_FENCE = re.compile(r"^```(?:json)?\s*(\{.*\})\s*```$", re.DOTALL)
+"""A call as the whole answer in a Markdown code block (small models write it so)."""
+_FENCE_STARTS = ("```json", "```\n{")
 
 
 class ToolError(ValueError):
@@ -221,6 +223,8 @@ def _extract(text: str) -> tuple[str, list[Call]]:
     body = text.strip()
     if body.startswith("<|python_tag|>"):
         body = body[len("<|python_tag|>"):].strip()
+    if fenced := _FENCE.match(body):
+        body = fenced.group(1)
     if body.startswith("{"):
         calls = []
         for part in _objects(body):
@@ -263,7 +267,7 @@ class Spotter:
             return ""
         pending = self._held + text
         start = pending.lstrip() if not self._sent_any else None
-        if start is not None and start.startswith("{"):  # a whole-answer JSON call?
+        if start is not None and start.startswith(("{", *_FENCE_STARTS)):  # a whole-answer call?
             self._capturing = True
             self._held = pending
             return ""
@@ -278,8 +282,9 @@ class Spotter:
                 if any(m.startswith(pending[-n:]) for m in _MARKERS):
                     keep = n
                     break
-            if not self._sent_any and not pending.strip():
-                keep = len(pending)  # only whitespace yet: a JSON call may follow
+            if not self._sent_any and (not start or any(f.startswith(start)
+                                                        for f in _FENCE_STARTS)):
+                keep = len(pending)  # only whitespace or a fence's start yet: a call may follow
             out, self._held = pending[:len(pending) - keep], pending[len(pending) - keep:]
         self._sent_any = self._sent_any or bool(out.strip())
         return out

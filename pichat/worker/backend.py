@@ -50,6 +50,8 @@ class Generation:
     """A note of the turns that left, written for this request (pichat/worker/summary.py)."""
     embeddings: tuple[bytes, ...] = ()
     """An embed request's vectors (little-endian float32s, unit length)."""
+    tools_left_out: tuple[str, ...] = ()
+    """The request's tools that did not fit the context beside its conversation."""
 
 
 @dataclass(frozen=True, slots=True)

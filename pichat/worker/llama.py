@@ -154,7 +154,7 @@ class LlamaModel:
         return self._render(self._prefix_formatter, messages[:k], tools) if k else []
 
     def _render(self, formatter: Any, messages: Sequence[ChatMessage], tools: str) -> list[int]:
-        functions = template_tools(tools)
+        functions = template_tools(tools, compact=True)
         try:
             rendered = formatter(
                 messages=template_messages(messages, functions, self.tool_family),

@@ -526,7 +526,8 @@ class Worker:
             self._send_for(job, encode(Done(request.id, self.config.name, result.finish, usage,
                                             memory=note.text if note else None,
                                             remembered=note.covers if note else 0,
-                                            embeddings=result.embeddings)))
+                                            embeddings=result.embeddings,
+                                            tools_left_out=result.tools_left_out)))
         finally:
             self.slots.release(job.slot)
             if self.jobs.get(request.id) is job:

@@ -26,6 +26,7 @@ from pichat.protocol import ChatMessage, Sampling
 from pichat.worker import shift
 from pichat.worker.backend import Generation, Room, SavedState, common_prefix
 from pichat.worker.textstream import TextStream
+from pichat.worker.tools import template_tools
 
 __all__ = ["SimModel", "SimContext"]
 
@@ -60,11 +61,14 @@ class SimModel:
         self.format = f"sim:{name}"
 
     def chat_tokens(self, messages: Sequence[ChatMessage], tools: str = "") -> list[int]:
-        return [*self.prefix_tokens(messages, len(messages)), _MARKERS["assistant"]]
+        return [*self.prefix_tokens(messages, len(messages), tools), _MARKERS["assistant"]]
 
     def prefix_tokens(self, messages: Sequence[ChatMessage], k: int, tools: str = ""
                       ) -> list[int]:
         tokens: list[int] = []
+        if tools and k:  # a tools block first, a word a token, as a template shows them
+            for function in template_tools(tools, compact=True) or []:
+                tokens.extend(self.text_tokens(json.dumps(function, ensure_ascii=False)))
         for message in messages[:k]:
             tokens.append(_MARKERS[message.role])
             tokens.extend(_word_id(w) for w in message.content.split())

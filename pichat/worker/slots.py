@@ -41,6 +41,7 @@ from pichat.worker.backend import Context, Generation, Model, Room, SavedState, 
 from pichat.worker.disk import DiskStore
 from pichat.worker.summary import Note, Notes
 from pichat.worker.textstream import TextStream
+from pichat.worker.toolfit import Fitter
 from pichat.worker.window import slide
 
 __all__ = ["SessionStore", "Slot", "SlotManager", "message_boundary", "MIN_SHARED"]
@@ -118,6 +119,10 @@ class SlotManager:
         self.memory = memory
         """`summary`: a note of what slides out stays after the system prompt; `none`."""
         self.notes = Notes()
+        self.toolfit = Fitter(count=lambda m, t: len(model.chat_tokens(m, t)),
+                              tokens=lambda text: len(model.text_tokens(text)),
+                              embed=lambda texts: model.embed(texts)[0])
+        """Which of a request's tools its prompt holds when they do not all fit."""
         per_slot = max(1, threads // slots)
         self.slots = [Slot(i, model.new_context(per_slot)) for i in range(slots)]
         self.store = SessionStore(cache_bytes)
@@ -238,6 +243,12 @@ class SlotManager:
                              f"({self.model.n_vocab} tokens)")
         n_ctx = self.model.n_ctx
         reserve = min(request.sampling.max_tokens, n_ctx // 4)
+        left_out: tuple[str, ...] = ()
+        if request.tools and request.prompt is None and request.truncate and \
+                len(prompt) + len(request.continuation) + reserve > n_ctx:
+            request, left_out = self._fit_tools(request, reserve)
+            if left_out:
+                prompt = self.model.chat_tokens(request.messages, request.tools)
         dropped, note, keep = 0, None, 1
         if request.prompt is None:
             if request.truncate and len(prompt) + len(request.continuation) + reserve > n_ctx:
@@ -281,7 +292,32 @@ class SlotManager:
         switch_ms = (time.perf_counter() - started) * 1000 - result.prompt_ms - result.generate_ms
         if switch_ms > 0:
             result = replace(result, prompt_ms=result.prompt_ms + switch_ms)
-        return replace(result, dropped_tokens=dropped + result.dropped_tokens, note=note)
+        return replace(result, dropped_tokens=dropped + result.dropped_tokens, note=note,
+                       tools_left_out=left_out)
+
+    def _fit_tools(self, request: Request, reserve: int) -> tuple[Request, tuple[str, ...]]:
+        """`request` with only the tools that fit beside its conversation, the most relevant
+        to it (pichat/worker/toolfit.py), and the names of those left out."""
+        n_ctx = self.model.n_ctx - len(request.continuation)
+        note_room = summary.budget(n_ctx) + summary.HEADER_TOKENS \
+            if self.memory == "summary" and summary.budget(n_ctx) else 0
+        named = request.tool_choice.removeprefix("function:") \
+            if request.tool_choice.startswith("function:") else ""
+        choice = self.toolfit.fit(request.messages, request.tools,
+                                  room=n_ctx - reserve - note_room, owner=request.owner,
+                                  session=request.session, named=named)
+        if not choice.left_out:
+            return request, ()
+        if not choice.tools and request.tool_choice in ("required", f"function:{named}"):
+            raise ContextTooLong(
+                f"the conversation leaves no room in the model's context ({self.model.n_ctx} "
+                f"tokens, {reserve} kept for the answer) for the tool it must call: shorten "
+                "the system prompt or the newest message, or start the worker with a larger "
+                "--ctx")
+        log.info("req=%s session=%s: %d of the request's tools left out to fit the "
+                 "context (the least relevant)", request.id, request.session,
+                 len(choice.left_out))
+        return replace(request, tools=choice.tools), choice.left_out
 
     def _fit(self, slot: Slot, request: Request, prompt: list[int], reserve: int,
              cancelled: threading.Event) -> tuple[list[int], int, Note | None, int]:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pichat.errors import BadRequest
 from pichat.protocol import ChatMessage, Request
+from pichat.worker.toolfit import prompt_form
 
 __all__ = ["Family", "family_of", "template_messages", "template_tools", "grammar_for",
            "GENERIC", "MAX_GRAMMAR_CHARS", "TOOL_CALL", "TRIGGERS"]
@@ -68,8 +69,9 @@ def _calls(message: ChatMessage) -> list[dict[str, Any]]:
     return out
 
 
-def template_tools(tools: str) -> list[dict[str, Any]] | None:
-    """The request's tools as chat templates expect them (OpenAI's shape)."""
+def template_tools(tools: str, compact: bool = False) -> list[dict[str, Any]] | None:
+    """The request's tools as chat templates expect them (OpenAI's shape); `compact`: in
+    the form the prompt shows (pichat/worker/toolfit.py)."""
     if not tools:
         return None
     try:
@@ -78,7 +80,8 @@ def template_tools(tools: str) -> list[dict[str, Any]] | None:
         raise BadRequest("tools are not JSON") from None
     if not isinstance(functions, list):
         raise BadRequest("tools must be a list")
-    return [{"type": "function", "function": f} for f in functions if isinstance(f, dict)]
+    return [{"type": "function", "function": prompt_form(f) if compact else f}
+            for f in functions if isinstance(f, dict)]
 
 
 def template_messages(messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None,
@@ -105,7 +108,8 @@ def template_messages(messages: Sequence[ChatMessage], tools: list[dict[str, Any
                 item["tool_call_id"] = m.tool_call_id
         out.append(item)
     if family == "generic" and tools:
-        text = GENERIC.format(tools=json.dumps([t["function"] for t in tools], indent=1))
+        text = GENERIC.format(tools="\n".join(json.dumps(t["function"], ensure_ascii=False)
+                                              for t in tools))
         if out and out[0]["role"] == "system":
             out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + text}
         else:
@@ -136,7 +140,8 @@ def grammar_for(request: Request, family: Family) -> tuple[str, str]:
     if request.format:
         return _schema_grammar(request.format, "response_format"), ""
     if request.tools and choice != "none" and family != "llama3":
-        return _call_grammar(request, family, bare=True), "\n".join(TRIGGERS)
+        grammar = _call_grammar(request, family, bare=True)
+        return (grammar, "\n".join(TRIGGERS)) if grammar else ("", "")
     return "", ""
 
 
@@ -182,6 +187,31 @@ def _schema_grammar(schema: str, what: str) -> str:
     return grammar
 
 
+_SCHEMA_KEYS = frozenset(("type", "$ref", "anyOf", "oneOf", "allOf", "enum", "const",
+                          "properties", "items", "not", "pattern", "format"))
+
+
+def _any_typeless(schema: Any) -> Any:
+    """`schema` with every sub-schema that says nothing of its type (Home Assistant's
+    `{"description": ...}` for "any value") made `{}`, which the converter takes as any
+    JSON value."""
+    if isinstance(schema, list):
+        return [_any_typeless(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if not _SCHEMA_KEYS & schema.keys():
+        return {}
+    out = {}
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            out[key] = {k: _any_typeless(v) for k, v in value.items()}
+        elif key in ("items", "anyOf", "oneOf", "allOf", "additionalProperties", "not"):
+            out[key] = _any_typeless(value)
+        else:
+            out[key] = value
+    return out
+
+
 def _call_grammar(request: Request, family: Family, bare: bool = False) -> str:
     """A call of one of the request's functions in the family's syntax (`bare`: a
     Hermes-style call may also come as its bare JSON object)."""
@@ -196,10 +226,16 @@ def _call_grammar(request: Request, family: Family, bare: bool = False) -> str:
     key = "parameters" if family == "llama3" else "arguments"
     calls = [{"type": "object",
               "properties": {"name": {"const": f.get("name", "")},
-                             key: f.get("parameters") or {"type": "object"}},
+                             key: _any_typeless(f.get("parameters") or {"type": "object"})},
               "required": ["name", key]} for f in functions]
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    grammar = _schema_grammar(json.dumps(schema), "tools")
+    try:
+        grammar = _schema_grammar(json.dumps(schema), "tools")
+    except BadRequest:
+        if not bare:
+            raise
+        # tool_choice auto: a call is read from the text instead (never an error).
+        return ""
     if family == "llama3":
         return grammar
     grammar = "\n".join("call ::= " + line[len("root ::= "):] if line.startswith("root ::= ")

@@ -57,7 +57,9 @@ def slide(messages: Sequence[ChatMessage], *, count: Callable[[Sequence[ChatMess
         kept = count(messages[:head] + messages[cuts[-1] if cuts else head:])
         raise ContextTooLong(
             f"the newest message and the system prompt take {kept} tokens, and the model's "
-            f"context holds {n_ctx} with {reserve} kept for the answer: shorten the message")
+            f"context holds {n_ctx} with {reserve} kept for the answer: shorten the message "
+            "or the system prompt, ask for fewer max_tokens, or start the worker with a "
+            "larger --ctx")
     target = math.ceil(overflow / block) * block
     lo, hi = 0, len(cuts) - 1  # the fewest whole turns that free `target` (or all but one)
     while lo < hi:
