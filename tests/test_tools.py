@@ -310,3 +310,37 @@ def test_grammars_for_calls_and_formats_and_what_cannot_be_enforced():
              "grammar of")):
         with pytest.raises(BadRequest, match=message):
             grammar_for(request, "hermes")
+
+
+def test_typeless_parameters_are_any_value_and_the_deepest_schemas_a_clear_refusal():
+    """Home Assistant writes a parameter of any type as {"description": ...}: the call
+    grammar takes it as any value. A schema nested as deep as JSON can carry is a 400
+    with tool_choice required and no grammar with auto, never a crash of the slot."""
+    from pichat.errors import BadRequest
+    from pichat.protocol import ChatMessage, Request, RequestId
+    from pichat.worker.tools import grammar_for, template_tools
+
+    ask = lambda **kw: Request(RequestId("r"), (ChatMessage("user", "x"),), **kw)  # noqa: E731
+    typeless = json.dumps([{"name": "HassTurnOn", "description": "on", "parameters": {
+        "type": "object", "properties": {"domain": {"description": "one or a list"}}}}])
+    grammar, _ = grammar_for(ask(tools=typeless, tool_choice="required"), "hermes")
+    assert "HassTurnOn" in grammar
+    schema: dict = {"type": "string"}
+    depths = 0
+    for depth in range(600):  # every depth this interpreter's json still writes
+        schema = {"type": "object", "properties": {"a": schema}}
+        try:
+            deep = json.dumps([{"name": "deep", "parameters": schema}])
+        except RecursionError:
+            break
+        if depth < 400:
+            continue
+        depths += 1
+        for call, argument in ((grammar_for, ask(tools=deep, tool_choice="required")),
+                               (grammar_for, ask(tools=deep)),
+                               (template_tools, deep)):
+            try:
+                call(argument, "hermes") if call is grammar_for else call(argument, True)
+            except BadRequest as exc:
+                assert "nested too deeply" in str(exc) or "grammar of" in str(exc)
+    assert depths > 10

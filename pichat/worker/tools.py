@@ -76,12 +76,15 @@ def template_tools(tools: str, compact: bool = False) -> list[dict[str, Any]] | 
         return None
     try:
         functions = json.loads(tools)
-    except ValueError:
-        raise BadRequest("tools are not JSON") from None
+    except (ValueError, RecursionError):
+        raise BadRequest("tools are not JSON (or nested too deeply)") from None
     if not isinstance(functions, list):
         raise BadRequest("tools must be a list")
-    return [{"type": "function", "function": prompt_form(f) if compact else f}
-            for f in functions if isinstance(f, dict)]
+    try:
+        return [{"type": "function", "function": prompt_form(f) if compact else f}
+                for f in functions if isinstance(f, dict)]
+    except RecursionError:
+        raise BadRequest("tools: a schema is nested too deeply") from None
 
 
 def template_messages(messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None,
@@ -224,13 +227,17 @@ def _call_grammar(request: Request, family: Family, bare: bool = False) -> str:
     if not functions:
         raise BadRequest("tool_choice asks for a call but there are no tools")
     key = "parameters" if family == "llama3" else "arguments"
-    calls = [{"type": "object",
-              "properties": {"name": {"const": f.get("name", "")},
-                             key: _any_typeless(f.get("parameters") or {"type": "object"})},
-              "required": ["name", key]} for f in functions]
-    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
     try:
-        grammar = _schema_grammar(json.dumps(schema), "tools")
+        try:
+            calls = [{"type": "object",
+                      "properties": {"name": {"const": f.get("name", "")},
+                                     key: _any_typeless(f.get("parameters")
+                                                        or {"type": "object"})},
+                      "required": ["name", key]} for f in functions]
+            text = json.dumps(calls[0] if len(calls) == 1 else {"anyOf": calls})
+        except RecursionError:
+            raise BadRequest("tools: a schema is nested too deeply") from None
+        grammar = _schema_grammar(text, "tools")
     except BadRequest:
         if not bare:
             raise
