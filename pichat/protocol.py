@@ -419,6 +419,14 @@ class Ready:
     between workers of one format."""
     embedding_only: bool = False
     """The worker serves an embedding model: embeddings requests only, no chat."""
+    weights_bytes: int = 0
+    """The model file's size."""
+    family: str = ""
+    """The model's architecture (qwen2, llama, gemma3...), from its GGUF."""
+    parameter_size: str = ""
+    """Its parameter count ("494.03M")."""
+    quantization: str = ""
+    """How its weights are stored ("Q4_K_M")."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Ready:
@@ -444,6 +452,10 @@ class Ready:
             cache_bytes=f.int("cache_bytes", hi=1 << 50, required=False),
             state_format=f.str("state_format", max_chars=MAX_FORMAT_CHARS, required=False),
             embedding_only=f.bool("embedding_only"),
+            weights_bytes=f.int("weights_bytes", hi=1 << 50, required=False),
+            family=f.str("family", max_chars=32, required=False),
+            parameter_size=f.str("parameter_size", max_chars=32, required=False),
+            quantization=f.str("quantization", max_chars=32, required=False),
         )
 
     def to_body(self) -> dict[str, Any]:

@@ -100,7 +100,12 @@ def _sampling(body: dict[str, Any], default_max_tokens: int) -> Sampling:
 def model_name(body: dict[str, Any]) -> str:
     """The body's model without Ollama's default tag: clients write `NAME:latest` for the
     `NAME` that /api/tags lists (and `pichat:latest` for any model)."""
-    return text(body.get("model", ""), "model", 256).removesuffix(":latest")
+    return untagged(text(body.get("model", ""), "model", 256))
+
+
+def untagged(name: str) -> str:
+    """`NAME:latest` is `NAME`, as in Ollama."""
+    return name.removesuffix(":latest")
 
 
 def _common(body: Any) -> tuple[dict[str, Any], str, bool, str]:
@@ -247,9 +252,10 @@ def embed_object(model: str, done: Done, legacy: bool = False) -> dict[str, Any]
 
 
 def _details(ready: Any) -> dict[str, Any]:
-    return {"parent_model": "", "format": "gguf", "family": ready.backend,
-            "families": [ready.backend], "parameter_size": "", "quantization_level":
-            ready.kv_type or ""}
+    """What Ollama's listings say of a model, from its GGUF (as the worker read it)."""
+    family = ready.family or ready.backend
+    return {"parent_model": "", "format": "gguf", "family": family, "families": [family],
+            "parameter_size": ready.parameter_size, "quantization_level": ready.quantization}
 
 
 def tags(workers: list[Any]) -> dict[str, Any]:
@@ -261,21 +267,21 @@ def tags(workers: list[Any]) -> dict[str, Any]:
             continue
         stamp = datetime.fromtimestamp(joined, UTC).isoformat()
         seen[ready.model] = {"name": ready.model, "model": ready.model, "modified_at": stamp,
-                             "size": 0, "digest": _digest(ready.model),
+                             "size": ready.weights_bytes, "digest": _digest(ready.model),
                              "details": _details(ready)}
     return {"models": sorted(seen.values(), key=lambda m: m["name"])}
 
 
 def show(model: str, workers: list[Any]) -> dict[str, Any] | None:
+    model = untagged(model)
     for ready, joined in workers:
-        if ready.model == model.removesuffix(":latest") or \
-                model.removesuffix(":latest") in ANY_MODEL:
+        if ready.model == model or model in ANY_MODEL:
             capabilities = ["embedding"] if ready.embedding_only else [
                 "completion", "tools", "embedding"]
             return {"modelfile": f"# served by pichat worker {ready.worker}\n",
                     "parameters": f"num_ctx {ready.ctx}", "template": "",
                     "details": _details(ready),
-                    "model_info": {"general.architecture": ready.backend,
+                    "model_info": {"general.architecture": ready.family or ready.backend,
                                    "pichat.workers": sum(r.model == ready.model
                                                          for r, _ in workers),
                                    "pichat.context_length": ready.ctx},
@@ -287,7 +293,9 @@ def show(model: str, workers: list[Any]) -> dict[str, Any] | None:
 def ps(workers: list[Any]) -> dict[str, Any]:
     out = []
     for ready, _ in workers:
-        out.append({"name": ready.model, "model": ready.model, "size": 0,
+        # in RAM: the weights and the KV cache the worker reserves (no GPU: no VRAM)
+        size = ready.weights_bytes + ready.kv_cells * ready.kv_token_bytes
+        out.append({"name": ready.model, "model": ready.model, "size": size,
                     "digest": _digest(ready.model), "details": _details(ready),
                     "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0,
                     "pichat_worker": ready.worker})

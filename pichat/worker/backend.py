@@ -114,6 +114,12 @@ class Model(Protocol):
     """RAM one token of one conversation takes in the KV cache."""
     weights_bytes: int
     """The size of the model's weights (mapped from the GGUF file)."""
+    family: str
+    """The model's architecture (the GGUF's `general.architecture`: qwen2, llama, gemma3)."""
+    parameter_size: str
+    """Its parameter count, as Ollama writes it ("494.03M", "3.21B")."""
+    quantization: str
+    """How its weights are stored ("Q4_K_M", "Q8_0", "F16"; "" where unknown)."""
     format: str
     """What a saved state of this model is valid for (`SavedState.format`)."""
 

@@ -43,7 +43,7 @@ from pichat.worker.llamalib import (
 from pichat.worker.textstream import TextStream
 from pichat.worker.tools import family_of, template_messages, template_tools
 
-__all__ = ["LlamaModel", "LlamaContext", "FALLBACK_TEMPLATE"]
+__all__ = ["LlamaModel", "LlamaContext", "FALLBACK_TEMPLATE", "FILE_TYPES", "parameter_size"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,24 @@ PREFILL_SLICE = 128
 """Prompt tokens evaluated per call, so a cancel is noticed between calls. Measured here
 (0.5B model, 2 threads, 1024-token prompt): 512, 256 and 128 all read ~300 tokens/s, 64
 read 4 % slower. On a Pi at 15 tokens/s, 128 tokens is ~8 s of latency for a cancel."""
+
+
+FILE_TYPES = {"0": "F32", "1": "F16", "2": "Q4_0", "3": "Q4_1", "7": "Q8_0", "8": "Q5_0",
+              "9": "Q5_1", "10": "Q2_K", "11": "Q3_K_S", "12": "Q3_K_M", "13": "Q3_K_L",
+              "14": "Q4_K_S", "15": "Q4_K_M", "16": "Q5_K_S", "17": "Q5_K_M", "18": "Q6_K",
+              "19": "IQ2_XXS", "20": "IQ2_XS", "21": "Q2_K_S", "22": "IQ3_XS",
+              "23": "IQ3_XXS", "24": "IQ1_S", "25": "IQ4_NL", "26": "IQ3_S", "27": "IQ3_M",
+              "28": "IQ2_S", "29": "IQ2_M", "30": "IQ4_XS", "31": "IQ1_M", "32": "BF16",
+              "36": "TQ1_0", "37": "TQ2_0", "38": "MXFP4"}
+"""llama.cpp's `general.file_type` numbers (`enum llama_ftype`) by the names Ollama shows."""
+
+
+def parameter_size(n: int) -> str:
+    """`n` parameters as Ollama writes them: 494032768 -> "494.03M", 3212749888 -> "3.21B"."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
 
 
 class LlamaModel:
@@ -115,6 +133,9 @@ class LlamaModel:
             self.batch = BatchEngine(first, llama_cpp, lanes=lanes, n_ctx=n_ctx,
                                      threads=threads, kv_type=kv_type, fmt=self.format)
         self.n_vocab = first.n_vocab()
+        self.family = str(meta.get("general.architecture", ""))
+        self.parameter_size = parameter_size(first._model.n_params())
+        self.quantization = FILE_TYPES.get(str(meta.get("general.file_type", "")), "")
         template = meta.get("tokenizer.chat_template")
         if not template:
             log.warning("%s has no chat template; using ChatML", self.path)

@@ -571,6 +571,10 @@ class Worker:
             cache_bytes=self.slots.store.budget,
             state_format=model.format,
             embedding_only=self.config.embedding,
+            weights_bytes=model.weights_bytes,
+            family=model.family,
+            parameter_size=model.parameter_size,
+            quantization=model.quantization,
         )))
         self.slots.take_evicted()  # the READY's session list supersedes them
         log.info("worker %s: READY sent to %s (%s, %d slots)", self.config.name,

@@ -52,6 +52,8 @@ class SimModel:
     n_vocab = 100 + _VOCAB
     kv_type = "f16"
     weights_bytes = 0
+    family = "sim"
+    parameter_size = quantization = ""
 
     def __init__(self, config: SimConfig, n_ctx: int, name: str = "sim") -> None:
         self.config = config

@@ -299,8 +299,7 @@ class SlotManager:
         """`request` with only the tools that fit beside its conversation, the most relevant
         to it (pichat/worker/toolfit.py), and the names of those left out."""
         n_ctx = self.model.n_ctx - len(request.continuation)
-        note_room = summary.budget(n_ctx) + summary.HEADER_TOKENS \
-            if self.memory == "summary" and summary.budget(n_ctx) else 0
+        note_room = self._note_room(n_ctx)
         named = request.tool_choice.removeprefix("function:") \
             if request.tool_choice.startswith("function:") else ""
         choice = self.toolfit.fit(request.messages, request.tools,
@@ -319,6 +318,11 @@ class SlotManager:
                  len(choice.left_out))
         return replace(request, tools=choice.tools), choice.left_out
 
+    def _note_room(self, n_ctx: int) -> int:
+        """The context a conversation's note may take (none without `--memory summary`)."""
+        budget = summary.budget(n_ctx) if self.memory == "summary" else 0
+        return budget + summary.HEADER_TOKENS if budget else 0
+
     def _fit(self, slot: Slot, request: Request, prompt: list[int], reserve: int,
              cancelled: threading.Event) -> tuple[list[int], int, Note | None, int]:
         """A conversation too long for the context slides (pichat/worker/window.py), with
@@ -329,9 +333,8 @@ class SlotManager:
         n_ctx = self.model.n_ctx - len(request.continuation)
         count = lambda m: len(self.model.chat_tokens(m, request.tools))  # noqa: E731
         current = self._current_note(request)
-        noting = bool(self.memory == "summary" and summary.budget(n_ctx)
-                      and (request.session is not None or current))
-        room = summary.budget(n_ctx) + summary.HEADER_TOKENS if noting else 0
+        room = self._note_room(n_ctx) if request.session is not None or current else 0
+        noting = bool(room)
         try:
             window = slide(messages, count=count, reserve=reserve, block=self.block or n_ctx // 4,
                            n_ctx=n_ctx - room)

@@ -210,6 +210,7 @@ class Fitter:
         # History keeps a quarter of the room whatever its length now, so the budget does
         # not shrink turn after turn (a choice kept may let it shrink to an eighth).
         budget = room - base - room // 4
+        keeping = room - base - room // 8
         names = [str(f.get("name", "")) for f in functions]
         costs = [self._tokens(json.dumps({"type": "function", "function": prompt_form(f)},
                                          ensure_ascii=False)) + 1 for f in functions]
@@ -220,10 +221,10 @@ class Fitter:
         first += [i for i, n in enumerate(names) if n in called and n != named]
         key = (owner or "", session) if session else None
         whole = _digest(tools)
-        kept = self._sticky(key, whole, names, costs, scores, room - base - room // 8)
+        kept = self._sticky(key, whole, names, costs, scores, keeping)
         # The costs are of each tool alone: check the whole prompt, and drop the least
         # relevant until it fits (the conversation then slides as it must).
-        limit = budget if kept is None else room - base - room // 8
+        limit = budget if kept is None else keeping
         if kept is None:
             kept = choose(scores, costs, max(0, budget), first)
         while kept and self._count(newest, _json([functions[i] for i in kept])) - base > limit:
