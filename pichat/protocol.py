@@ -330,8 +330,9 @@ class Sampling:
     """A GBNF grammar the answer must follow: set by the worker from the request's
     `format` or `tool_choice` (pichat/worker/tools.py), never sent on the wire."""
     grammar_trigger: str = ""
-    """If set, the grammar applies only from where the first group of one of these regexes
-    (one per line) matches the answer (a tool call's start; before it, free text)."""
+    """If set, the grammar applies only from where one of these Python regexes (one per
+    line), searched in the answer so far, matches (a tool call's start; before it, free
+    text)."""
 
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> Sampling:

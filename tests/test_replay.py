@@ -29,8 +29,7 @@ REPLAYED = [
     "homeassistant-100tools-turn-on-1",   # 100 tools: more than the context holds
     "openai-python-tools-1",
     "langchain-openai-tools-1",
-    # langchain-ollama-tools-1: the default model answers it with a piece of the schema
-    # instead of a call (seed 7); not replayed until the call grammar catches that.
+    "langchain-ollama-tools-1",
     "ollama-python-tools-1",
     "ollama-python-chat-stream-1",
     "llm-cli-prompt-1",

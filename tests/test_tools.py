@@ -41,6 +41,10 @@ TIME = {"type": "function", "function": {
     ('<tool_call>{"name": "get_weather", "arguments": {"city": "Par', None, []),  # cut off
     ('```json\n{"name": "get_time", "arguments": {"city": "Oslo"}}\n```', "",
      [("get_time", {"city": "Oslo"})]),  # in a Markdown code block, as small models write
+    ('<response>\n    {"name": "get_time", "arguments": {"city": "Oslo"}}\n</response>', "",
+     [("get_time", {"city": "Oslo"})]),  # in a tag of its own (the default model, seed 1)
+    ('<b>{"name": "get_time", "arguments": {}}</i>', None, []),  # tags that do not match
+    ('<p>{"answer": 1}</p>', None, []),
     ('```python\nprint(1)\n```', None, []),
     ('{"answer": 42}', None, []),  # JSON, but not a call
     ("Just text, with a { brace.", None, []),
@@ -61,6 +65,9 @@ def test_calls_are_read_in_each_family_and_anything_else_stays_text(text, conten
     (["<tool_call>", "not json at all"], "<tool_call>not json at all", []),
     (["``", "`json\n{\"name\": \"a\",", " \"arguments\": {}}\n```"], "", ["a"]),
     (["``", "`python\nx = 1\n```"], "```python\nx = 1\n```", []),
+    (["<resp", "onse>\n", "  {\"name\": \"a\", \"arguments\": {}}\n</response>"], "", ["a"]),
+    (["<b>bold</b> and ", "more"], "<b>bold</b> and more", []),
+    (["<", "br> then text"], "<br> then text", []),
 ])
 def test_a_streamed_answer_holds_back_only_what_may_be_a_call(pieces, sent, calls):
     spotter = Spotter(frozenset(("a",)))

@@ -9,7 +9,8 @@ family's syntax. They are read here, whatever the family:
 - `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes, Qwen), any number,
   anywhere in the answer (text around them is the message's content);
 - a JSON object `{"name": ..., "parameters": {...}}` (Llama 3.x; `arguments` too), maybe
-  after `<|python_tag|>`, several separated by `;`, as the whole answer.
+  after `<|python_tag|>`, several separated by `;`, as the whole answer; small models also
+  wrap it in a Markdown code block or in one tag of their own (`<response>...</response>`).
 
 Streamed, text goes out as it comes until it could be the start of a call; from there it
 is held to the end, when it becomes calls, or, if it does not parse as calls, text after
@@ -32,9 +33,13 @@ __all__ = ["ToolError", "Call", "tools_of", "choice_of", "format_of", "calls_of"
 _NAME = re.compile(rf"^[A-Za-z0-9_.-]{{1,{MAX_TOOL_NAME_CHARS}}}$")
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 _MARKERS = ("<tool_call>", "<|python_tag|>")
-_FENCE = re.compile(r"^```(?:json)?\s*(\{.*\})\s*```$", re.DOTALL)
-"""A call as the whole answer in a Markdown code block (small models write it so)."""
-_FENCE_STARTS = ("```json", "```\n{")
+_WRAPPED = re.compile(r"^(?:```(?:json)?\s*(\{.*\})\s*```|<([A-Za-z_][\w-]{0,31})>\s*(\{.*\})"
+                      r"\s*(?:</\2>)?)$", re.DOTALL)
+"""A call as the whole answer in a Markdown code block or one tag (small models write it
+so): group 1 or 3 is the call."""
+_WRAP_START = re.compile(r"^(?:```json|```\s*\{|<[A-Za-z_][\w-]{0,31}>\s*\{)")
+_MAY_WRAP = re.compile(r"^(?:`{1,3}(?:j(?:s(?:on?)?)?)?|```\s*|<(?:[A-Za-z_][\w-]{0,31}>?\s*)?)$")
+"""The beginning of an answer that may still become a wrapped call."""
 
 
 class ToolError(ValueError):
@@ -223,8 +228,8 @@ def _extract(text: str) -> tuple[str, list[Call]]:
     body = text.strip()
     if body.startswith("<|python_tag|>"):
         body = body[len("<|python_tag|>"):].strip()
-    if fenced := _FENCE.match(body):
-        body = fenced.group(1)
+    if wrapped := _WRAPPED.match(body):
+        body = wrapped.group(1) or wrapped.group(3)
     if body.startswith("{"):
         calls = []
         for part in _objects(body):
@@ -267,7 +272,8 @@ class Spotter:
             return ""
         pending = self._held + text
         start = pending.lstrip() if not self._sent_any else None
-        if start is not None and start.startswith(("{", *_FENCE_STARTS)):  # a whole-answer call?
+        if start is not None and (start.startswith("{") or _WRAP_START.match(start)):
+            # a whole-answer call?
             self._capturing = True
             self._held = pending
             return ""
@@ -282,9 +288,8 @@ class Spotter:
                 if any(m.startswith(pending[-n:]) for m in _MARKERS):
                     keep = n
                     break
-            if not self._sent_any and (not start or any(f.startswith(start)
-                                                        for f in _FENCE_STARTS)):
-                keep = len(pending)  # only whitespace or a fence's start yet: a call may follow
+            if not self._sent_any and (not start or _MAY_WRAP.match(start)):
+                keep = len(pending)  # only whitespace or a wrapper's start yet: a call may follow
             out, self._held = pending[:len(pending) - keep], pending[len(pending) - keep:]
         self._sent_any = self._sent_any or bool(out.strip())
         return out

@@ -33,10 +33,12 @@ needs for a quantized V cache, is on for those).
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import math
 import queue
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -78,6 +80,10 @@ class _Job:
     room: Room | None = None
     grammar: Any = None
     """The answer's grammar sampler, kept out of the chain (see `_sample`)."""
+    triggers: tuple[re.Pattern[bytes], ...] | None = None
+    """Where the grammar starts to apply, if not from the start (`_follow`)."""
+    seen: bytes = b""
+    """The answer's text so far, while the grammar waits for a trigger."""
     future: Future = field(default_factory=Future)
     generated: int = 0
     dropped: int = 0
@@ -87,6 +93,21 @@ class _Job:
     started: float = field(default_factory=time.perf_counter)
     first: float | None = None
     last_at: float = 0.0
+
+
+_SEEN_BYTES = 4096
+"""An answer's text kept while its grammar waits for a trigger (then only its tail)."""
+
+
+def _triggers(text: str) -> tuple[re.Pattern[bytes], ...] | None:
+    """The trigger patterns of a `Sampling.grammar_trigger` (None: the grammar applies
+    from the start)."""
+    return tuple(_compiled(t) for t in text.split("\n")) if text else None
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(pattern: str) -> re.Pattern[bytes]:
+    return re.compile(pattern.encode())
 
 
 class BatchEngine:
@@ -201,12 +222,12 @@ class BatchEngine:
         self._truncate(lane, cached)
         limit = sampling.max_tokens if room else min(sampling.max_tokens,
                                                      self.n_ctx - len(prompt))
-        grammar = self._grammar(sampling)
-        if grammar is not None:  # an answer begun elsewhere: the grammar goes on after it
-            for token in prompt[len(prompt) - resume:]:
-                self._lib.llama_sampler_accept(grammar, token)
         job = _Job(lane, prompt[cached:], len(prompt), cached, sampling, out, cancelled,
-                   self._chain(sampling), limit, room, grammar)
+                   self._chain(sampling), limit, room, self._grammar(sampling),
+                   _triggers(sampling.grammar_trigger))
+        if job.grammar is not None:  # an answer begun elsewhere: the grammar goes on after it
+            for token in prompt[len(prompt) - resume:]:
+                self._follow(job, token)
         self._jobs[lane] = job
         return job
 
@@ -267,9 +288,9 @@ class BatchEngine:
             # As llama.cpp's own sampler does: the chain picks freely, the grammar only
             # checks that one token; only if it refuses is the grammar applied to the
             # whole vocabulary (~150,000 tokens for Qwen: twice the time of a step).
-            if not self._allowed(job.grammar, token):
+            if job.triggers is None and not self._allowed(job.grammar, token):
                 token = self._constrained(job, index)
-            self._lib.llama_sampler_accept(job.grammar, token)
+            self._follow(job, token)
         now = time.perf_counter()
         if job.first is None:
             job.first = now
@@ -309,24 +330,50 @@ class BatchEngine:
         if not s.grammar:
             return None
         lib = self._lib
-        if s.grammar_trigger:
-            # The call's start may be one special token (Qwen's <tool_call>), which
-            # llama.cpp matches by id rather than by text.
-            if self._call_ids is None:
-                self._call_ids = self._llm.tokenize(TOOL_CALL.encode(), add_bos=False,
-                                                    special=True)
-            ids = self._call_ids
-            tokens = (ctypes.c_int32 * 1)(ids[0] if len(ids) == 1 else 0)
-            triggers = [t.encode() for t in s.grammar_trigger.split("\n")]
-            patterns = (ctypes.c_char_p * len(triggers))(*triggers)
-            grammar = lib.llama_sampler_init_grammar_lazy_patterns(
-                self._vocab, s.grammar.encode(), b"root", patterns, len(triggers), tokens,
-                1 if len(ids) == 1 else 0)
-        else:
-            grammar = lib.llama_sampler_init_grammar(self._vocab, s.grammar.encode(), b"root")
+        if s.grammar_trigger and self._call_ids is None:
+            # The call's start may be one token (Qwen's <tool_call>), whose piece may be
+            # empty (a special token): it is known by its id.
+            self._call_ids = self._llm.tokenize(TOOL_CALL.encode(), add_bos=False,
+                                                special=True)
+        grammar = lib.llama_sampler_init_grammar(self._vocab, s.grammar.encode(), b"root")
         if not grammar:
             raise BadRequest("the answer's grammar does not parse")
         return grammar
+
+    def _follow(self, job: _Job, token: int) -> None:
+        """The grammar takes the answer's next token. llama.cpp aborts the whole process
+        (a C++ exception through its C API) when a grammar is given a token it refuses, so
+        it is given none: a token it refuses (a call written as its grammar does not
+        allow, a resumed answer that went another way) ends the grammar, and the answer
+        goes on free (the router still reads a call from the text). The triggers are
+        matched here for the same reason (llama.cpp's lazy grammar feeds what follows a
+        trigger to the grammar unchecked)."""
+        grammar = job.grammar
+        if job.triggers is None:
+            if self._allowed(grammar, token):
+                self._lib.llama_sampler_accept(grammar, token)
+            else:
+                self._drop_grammar(job, token)
+            return
+        piece = TOOL_CALL.encode() if self._call_ids == [token] else self._piece(token)
+        job.seen += piece
+        for trigger in job.triggers:
+            if found := trigger.search(job.seen):
+                captured, job.seen, job.triggers = job.seen[found.start():], b"", None
+                for t in self._llm.tokenize(captured, add_bos=False, special=True):
+                    self._follow(job, t)
+                    if job.grammar is None:
+                        break
+                return
+        if len(job.seen) > _SEEN_BYTES:  # a trigger anchored at the start can no longer match
+            job.seen = job.seen[-64:]
+            job.triggers = tuple(t for t in job.triggers if not t.pattern.startswith(rb"\A"))
+
+    def _drop_grammar(self, job: _Job, token: int) -> None:
+        log.info("lane %d: the answer left its grammar at token %d; it goes on unconstrained",
+                 job.lane, token)
+        self._lib.llama_sampler_free(job.grammar)
+        job.grammar = None
 
     def _allowed(self, grammar: Any, token: int) -> bool:
         lib = self._lib

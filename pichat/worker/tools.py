@@ -19,6 +19,7 @@ to grammar converter of llama-cpp-python), so that it always parses.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -121,10 +122,10 @@ def template_messages(messages: Sequence[ChatMessage], tools: list[dict[str, Any
 
 
 TOOL_CALL = "<tool_call>"
-TRIGGERS = (r"[\s\S]*?(<tool_call>)[\s\S]*", r"^\s*(\{\s*\"name\"\s*:)[\s\S]*")
-"""Where a call starts in an answer that may also be text: a Hermes `<tool_call>`, or a
+TRIGGERS = (r"<tool_call>", r"\A\s*\{\s*\"name\"\s*:")
+"""Where a call starts in an answer that may also be text (Python patterns, searched in
+the answer so far; the grammar applies from the match on): a Hermes `<tool_call>`, or a
 bare JSON call as the whole answer (what small Qwen models often write instead)."""
-"""Where a Hermes-style call starts in an answer that may also be text."""
 
 
 def grammar_for(request: Request, family: Family) -> tuple[str, str]:
@@ -170,6 +171,9 @@ def _check_repeats(node: Any, what: str) -> None:
             stack.extend(item)
 
 
+_SPACE = re.compile(r'^space ::= " "\?$', re.MULTILINE)
+
+
 def _schema_grammar(schema: str, what: str) -> str:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
@@ -184,6 +188,9 @@ def _schema_grammar(schema: str, what: str) -> str:
     except Exception as exc:  # the converter's ValueError, AssertionError, KeyError...
         raise BadRequest(f"{what}: the schema cannot be enforced: "
                          f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    # JSON as models write it, pretty-printed too (the converter allows one space only;
+    # this is llama.cpp's own rule: bounded, so a model cannot loop on whitespace).
+    grammar = _SPACE.sub(r'space ::= | " " | "\\n"{1,2} [ \\t]{0,20}', grammar)
     if len(grammar) > MAX_GRAMMAR_CHARS:
         raise BadRequest(f"{what}: the schema makes a grammar of {len(grammar)} characters "
                          f"(at most {MAX_GRAMMAR_CHARS}): lower its repetition bounds")
@@ -247,5 +254,7 @@ def _call_grammar(request: Request, family: Family, bare: bool = False) -> str:
         return grammar
     grammar = "\n".join("call ::= " + line[len("root ::= "):] if line.startswith("root ::= ")
                         else line for line in grammar.splitlines())
-    root = 'root ::= "<tool_call>\\n" call "\\n</tool_call>"' + (" | call" if bare else "")
+    root = 'root ::= "<tool_call>\\n" call "\\n</tool_call>"'
+    if bare:  # from a trigger on: re-tokenized, the call may get a leading space (SPM)
+        root = 'root ::= [ \\t\\n]{0,4} ("<tool_call>\\n" call "\\n</tool_call>" | call)'
     return root + "\n" + grammar
