@@ -318,6 +318,7 @@ ON_TOPIC = ("plant", "soil", "water", "grow", "seed", "garden", "leaf", "leaves"
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 60 answers: ~2 minutes here, several beside two CPU hogs
 async def test_sixty_turns_on_the_default_model_at_a_small_context_slide_and_remember(
         cluster: Cluster, tmp_path, default_model):
     """A conversation far longer than `--ctx 1024` never fails: it slides, the turns

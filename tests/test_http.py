@@ -282,6 +282,29 @@ async def test_conversations_sharing_a_system_prompt_spread_but_each_stays_put(c
     assert {w[0] for w in results} == {"w1", "w2"}  # the shared prompt did not pile them up
 
 
+async def test_a_new_conversation_with_the_same_tools_goes_where_they_are_warm(
+        cluster: Cluster):
+    """Tools come first in the prompt (Open WebUI's 36 built-in ones: ~6,500 tokens, with
+    every message): a new conversation offering the same tools goes to the worker that
+    read them, not to the idler one that would read them again."""
+    base = await start(cluster, workers=2, worker_args=("--sim-reply-tokens", "4"))
+    tools = [{"type": "function", "function": {
+        "name": f"tool_{i}", "description": f"does thing {i}",
+        "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}}}
+        for i in range(20)]
+    async with client(base) as api:
+        async def ask(text: str, offered: list) -> str:
+            reply = await api.chat.completions.create(
+                model="pichat", messages=[{"role": "user", "content": text}], tools=offered,
+                temperature=0, max_tokens=8)
+            return reply.pichat["worker"]
+
+        first = await ask("first conversation", tools)
+        assert await ask("another conversation", tools) == first
+        # Other tools share nothing: by load, the other worker.
+        assert await ask("a third one", tools[:3]) != first
+
+
 async def test_the_llama_backend_through_the_openai_api(cluster: Cluster, tiny_model: Path):
     base = await start(cluster, workers=1, backend="llama",
                        worker_args=("--model", str(tiny_model), "--ctx", "512"))

@@ -78,3 +78,23 @@ def test_the_index_is_bounded_least_recently_used_first():
     assert index.lookup([u("old"), a("x"), u("more")]).session == "old"   # touched: kept
     assert index.lookup([u("new"), a("y"), u("more")]).session == "new"
     assert index.lookup([u("new"), u("other")]) == Match()  # its prefix entry was oldest
+
+
+TOOLS = '[{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]'
+
+
+def test_tools_seed_the_chain_and_are_a_prefix_of_their_own():
+    assert chain([u("hi")], TOOLS) != chain([u("hi")])
+    assert chain([u("hi")], TOOLS) != chain([u("hi")], TOOLS.replace("weather", "time"))
+    index = PrefixIndex()
+    index.record([u("hi")], "hello", SessionId("s1"), TOOLS)
+    # The next turn with the same tools is the same conversation; with other tools (its
+    # prompt starts otherwise) it is not.
+    assert index.lookup([u("hi"), a("hello"), u("more")], TOOLS).session == "s1"
+    assert index.lookup([u("hi"), a("hello"), u("more")]) == Match()
+    # A new conversation with the same tools shares them (and nothing else).
+    assert index.lookup([u("other")], TOOLS) == Match(shared=SessionId("s1"), depth=0)
+    assert index.lookup([u("other")], TOOLS.replace("weather", "time")) == Match()
+    # A shared message prefix beats the tools alone.
+    index.record([SYS, u("x")], "y", SessionId("s2"), TOOLS)
+    assert index.lookup([SYS, u("z")], TOOLS) == Match(shared=SessionId("s2"), depth=1)

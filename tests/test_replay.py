@@ -119,3 +119,74 @@ async def test_real_clients_requests_are_answered_on_the_default_setup(cluster: 
         assert 0 < len(left_out) < len(body["tools"])
         assert fixture["expect_tool"] not in left_out
         assert set(left_out) <= {t["function"]["name"] for t in body["tools"]}
+
+
+def tools_of(name: str) -> str:
+    body = load(name)["body"]
+    return json.dumps(body.get("tools") or []) if isinstance(body, dict) else "[]"
+
+
+OTHERS = sorted((p.stem for p in FIXTURES.glob("*.json") if p.stem not in REPLAYED),
+                key=lambda n: (tools_of(n), n))  # those with one tool list one after another
+CONSTRAINED = ("format", "response_format")
+"""Keys that make an answer JSON by grammar: its text must parse."""
+
+
+async def replay(http: aiohttp.ClientSession, base: str, fixture: dict[str, Any]
+                 ) -> tuple[int, list[dict[str, Any]]]:
+    """Send `fixture` as its client did (GET or POST); its status and JSON objects."""
+    if fixture["method"] == "GET":
+        async with http.get(base + fixture["path"]) as r:
+            return r.status, [await r.json() if r.status == 200 else {"error": await r.text()}]
+    return await send(http, base, fixture)
+
+
+def vectors_of(fixture: dict[str, Any], reply: dict[str, Any]) -> list:
+    if "data" in reply:  # OpenAI: floats, or base64 as the openai package asks
+        return [d["embedding"] for d in reply["data"]]
+    return reply.get("embeddings") or [reply.get("embedding")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+async def test_every_other_captured_request_gets_what_its_client_expects(cluster: Cluster,
+                                                                        default_model):
+    """The other fixtures, in the order that keeps one tool list warm, on the default setup:
+    each answered in its client's own format, as its client expects it (a tool call
+    where one was made, JSON where a grammar asked for it, vectors, a model list)."""
+    cluster.router()
+    cluster.worker("w1", "--model", str(default_model), "--threads", "2", backend="llama")
+    await cluster.wait_workers(1, timeout=300)
+    report = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as http:
+        for name in OTHERS:
+            fixture = load(name)
+            status, objects = await replay(http, cluster.http_url, fixture)
+            assert status == 200, (name, objects)
+            expect, body = fixture["expect"], fixture["body"]
+            if expect == "list":
+                listed = objects[0].get("models", objects[0].get("data"))
+                assert isinstance(listed, list), (name, objects)
+                if fixture["path"] != "/api/ps":  # (nothing need be loaded)
+                    assert listed, (name, objects)
+                continue
+            if expect == "embedding":
+                vectors = vectors_of(fixture, objects[0])
+                inputs = body.get("input", body.get("prompt"))
+                assert len(vectors) == (len(inputs) if isinstance(inputs, list) else 1)
+                assert all(v and (isinstance(v, str) or len(v) > 100) for v in vectors), name
+                continue
+            if fixture["path"] == "/api/show":
+                assert objects[0]["details"]["family"] and objects[0]["model_info"], name
+                continue
+            text, calls, _ = answer_of(fixture, objects)
+            offered = {t["function"]["name"] for t in body.get("tools") or []}
+            assert set(calls) <= offered, (name, calls)
+            if expect == "tool_call":
+                assert calls, (name, text)
+            else:
+                assert text.strip() or calls, (name, objects)
+            if any(body.get(k) for k in CONSTRAINED):
+                assert isinstance(json.loads(text), (dict, list)), (name, text)
+            report.append(f"{name}: {calls or repr(text[:60])}")
+    print("\n".join(report))

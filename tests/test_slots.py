@@ -198,6 +198,25 @@ def test_the_same_owners_kv_is_reused_token_for_token():
     assert result.cached_tokens == 13 + 1 + 4  # system, the user marker, four equal words
 
 
+def test_another_conversations_cells_are_never_spliced_in():
+    """Two requests of one owner whose prompts share a long run after different starts
+    (one tool schema with its keys in another order, then the same question): the run's
+    cells may be moved into place only for the conversation that read them (its start
+    slid out), never for another one, which gets the common start and reads the rest."""
+    h = Harness(slots=1)
+    shared = " ".join(f"k{i}" for i in range(48))
+    first = owned_turn(h, "alice", [SYSTEM, ChatMessage("user", "type required " + shared)],
+                       "a~1")
+    assert first.cached_tokens == 0
+    other = owned_turn(h, "alice", [SYSTEM, ChatMessage("user", "required type " + shared)],
+                       "a~2")
+    assert other.cached_tokens == 13 + 1  # the system prompt and the user marker only
+    # The same conversation whose start changed still moves its own cells.
+    again = owned_turn(h, "alice", [SYSTEM, ChatMessage("user", "type type " + shared)],
+                       "a~2")
+    assert again.cached_tokens > 13 + 1 + 48
+
+
 def test_a_saved_state_keeps_its_owner():
     h = Harness(slots=1)
     owned_turn(h, "alice", [SYSTEM, SECRET], "a~1")

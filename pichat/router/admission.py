@@ -61,7 +61,7 @@ def admit(request: Request, owner: str, *, prefixes: PrefixIndex | None, isolate
     shared: SessionId | None = None
     continued = False
     if session is None and request.messages and prefixes is not None:
-        match = prefixes.lookup(request.messages)
+        match = prefixes.lookup(request.messages, request.tools)
         if match.session is not None and match.session.startswith(f"{tag}~"):
             session, continued = match.session, True
         else:  # another owner's conversation is not this one's: only a shared prefix

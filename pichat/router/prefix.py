@@ -10,6 +10,12 @@ and its warm KV cache. A request that only shares a shorter prefix (typically a 
 prompt common to many conversations) gets a weak preference for a worker holding that
 prefix, which the scheduler honours only within a load bound.
 
+A request's tools come before its messages in the prompt (Open WebUI sends its 36
+built-in tools, some 6,500 tokens, with every message; Home Assistant its 30-100 with
+every command, each a new conversation), so they seed the chain and are a prefix of their
+own: a new conversation with the same tools goes, within that bound, to the worker whose
+cache holds them, instead of reading them again elsewhere (minutes on a Pi).
+
 Pure and bounded: no I/O, least recently used entries dropped past `max_entries`.
 """
 
@@ -22,13 +28,19 @@ from dataclasses import dataclass
 
 from pichat.protocol import ChatMessage, SessionId
 
-__all__ = ["chain", "Match", "PrefixIndex"]
+__all__ = ["chain", "head", "Match", "PrefixIndex"]
 
 
-def chain(messages: Sequence[ChatMessage]) -> list[bytes]:
-    """One 16-byte hash per prefix of `messages`."""
+def head(tools: str) -> bytes:
+    """The hash the chain of a request with `tools` starts from (b"" without tools)."""
+    return hashlib.blake2b(b"tools\0" + tools.encode(), digest_size=16).digest() \
+        if tools else b""
+
+
+def chain(messages: Sequence[ChatMessage], tools: str = "") -> list[bytes]:
+    """One 16-byte hash per prefix of `messages` (after `tools`)."""
     out: list[bytes] = []
-    h = b""
+    h = head(tools)
     for m in messages:
         h = hashlib.blake2b(h + m.role.encode() + b"\0" + m.content.encode(),
                             digest_size=16).digest()
@@ -43,7 +55,7 @@ class Match:
     shared: SessionId | None = None
     """A conversation that shares a shorter prefix with this request."""
     depth: int = 0
-    """Messages matched."""
+    """Messages matched (0 with `shared`: the tools alone)."""
 
 
 @dataclass(slots=True)
@@ -62,10 +74,11 @@ class PrefixIndex:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, messages: Sequence[ChatMessage]) -> Match:
+    def lookup(self, messages: Sequence[ChatMessage], tools: str = "") -> Match:
         """The deepest recorded conversation state that `messages` extend (strictly: the
-        request adds at least one message), else the deepest shared prefix."""
-        hashes = chain(messages)
+        request adds at least one message), else the deepest shared prefix (which may be
+        `tools` alone)."""
+        hashes = chain(messages, tools)
         shared: _Entry | None = None
         shared_depth = 0
         for depth in range(len(hashes) - 1, 0, -1):
@@ -77,14 +90,19 @@ class PrefixIndex:
                 return Match(session=entry.session, depth=depth)
             if shared is None:
                 shared, shared_depth = entry, depth
+        if shared is None and tools and (entry := self._entries.get(head(tools))):
+            self._entries.move_to_end(head(tools))
+            shared = entry
         if shared is not None:
             return Match(shared=shared.session, depth=shared_depth)
         return Match()
 
-    def record(self, messages: Sequence[ChatMessage], answer: str, session: SessionId) -> None:
-        """`session` answered `messages` with `answer`: remember the conversation's state."""
-        hashes = chain([*messages, ChatMessage("assistant", answer)])
-        for h in hashes[:-1]:
+    def record(self, messages: Sequence[ChatMessage], answer: str, session: SessionId,
+               tools: str = "") -> None:
+        """`session` answered `messages` (after `tools`) with `answer`: remember the
+        conversation's state."""
+        hashes = chain([*messages, ChatMessage("assistant", answer)], tools)
+        for h in ([head(tools)] if tools else []) + hashes[:-1]:
             entry = self._entries.get(h)
             if entry is None:
                 self._entries[h] = _Entry(session, full=False)

@@ -247,7 +247,7 @@ class WorkerSide:
             request = client.request
             if request.messages and request.session and done.finish != "cancelled":
                 r.prefixes.record(request.messages, "".join(client.cursor.text),
-                                  request.session)
+                                  request.session, request.tools)
             meta = self.meta(worker)
             if meta is not None:
                 meta.served += 1

@@ -439,6 +439,10 @@ class SlotManager:
         session = request.session
         ctx = slot.context
         keep = self._shareable(slot, request, prompt)
+        # Only the conversation's own state may be spliced (its start slid out): cells
+        # of another conversation moved in around text read after them would make the
+        # model go on with that text as if it had written it.
+        own = session is not None and slot.resident == session
         if session is None or slot.resident != session:
             if slot.resident is not None:
                 saved = replace(ctx.save(), owner=slot.owner)
@@ -461,13 +465,13 @@ class SlotManager:
                     if state is not None and self._reusable(state.tokens, prompt) <= keep:
                         state = None
                 if state is not None:
-                    restored = ctx.restore(state)
+                    restored = own = ctx.restore(state)
                     slot.owner = state.owner if restored else None
                     keep = common_prefix(ctx.tokens(), prompt) if restored else 0
                     if not restored:
                         log.warning("session=%s: the backend refused its saved state; "
                                     "starting cold", session)
-        if self.shift and slot.owner == request.owner and keep < len(ctx.tokens()):
+        if self.shift and own and slot.owner == request.owner and keep < len(ctx.tokens()):
             keep = max(keep, ctx.splice(prompt))  # the conversation slid: move its cells
         if keep < len(ctx.tokens()):
             ctx.truncate(keep)
