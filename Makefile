@@ -21,7 +21,7 @@ STACK ?= pichat
 COMPOSE := scripts/compose.sh -f docker/compose.yml
 
 .PHONY: install run test test-fast lint bench install-systemd build up down logs swarm-deploy \
-	swarm-rm docker-e2e systemd-e2e fault-lab soak clean help
+	swarm-rm docker-e2e systemd-e2e clients-e2e fault-lab soak clean help
 
 help:
 	@echo "make run      start a router + $(WORKERS) workers on the default model and answer a prompt"
@@ -32,6 +32,7 @@ help:
 	@echo "make build / up / down / logs       the Docker image and a compose cluster"
 	@echo "make swarm-deploy / swarm-rm         the Swarm stack"
 	@echo "make docker-e2e / systemd-e2e        deployment end-to-end checks (minutes; root)"
+	@echo "make clients-e2e                     Open WebUI (Chromium), LangChain, ollama, openai against make run's cluster"
 	@echo "make fault-lab                       faults on hosts in network namespaces (root)"
 	@echo "make soak                            1000 clients, 3 minutes, workers killed at random"
 
@@ -60,6 +61,9 @@ lint: install
 
 bench: install
 	$(PY) bench/run.py
+
+clients-e2e: install
+	scripts/clients-e2e.sh $(PYTHON) $(PICHAT)
 
 install-systemd:
 	scripts/install-systemd.sh

@@ -61,7 +61,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def owui_env(data_dir: Path, openai_url: str | None, ollama_url: str | None) -> dict:
+def owui_env(data_dir: Path, openai_url: str | None, ollama_url: str | None,
+             key: str = KEY) -> dict:
     """Open WebUI offline, no login, one connection, embeddings through that connection."""
     env = {**os.environ,
            "DATA_DIR": str(data_dir), "WEBUI_AUTH": "False", "OFFLINE_MODE": "true",
@@ -71,20 +72,20 @@ def owui_env(data_dir: Path, openai_url: str | None, ollama_url: str | None) -> 
            "ENABLE_OPENAI_API": "true" if openai_url else "false",
            "ENABLE_OLLAMA_API": "true" if ollama_url else "false"}
     if openai_url:
-        env.update({"OPENAI_API_BASE_URL": openai_url, "OPENAI_API_KEY": KEY,
+        env.update({"OPENAI_API_BASE_URL": openai_url, "OPENAI_API_KEY": key,
                     "RAG_EMBEDDING_ENGINE": "openai", "RAG_EMBEDDING_MODEL": "pichat",
-                    "RAG_OPENAI_API_BASE_URL": openai_url, "RAG_OPENAI_API_KEY": KEY})
+                    "RAG_OPENAI_API_BASE_URL": openai_url, "RAG_OPENAI_API_KEY": key})
     if ollama_url:
         env.update({"OLLAMA_BASE_URL": ollama_url,
-                    "OLLAMA_API_CONFIGS": json.dumps({"0": {"key": KEY}}),
+                    "OLLAMA_API_CONFIGS": json.dumps({"0": {"key": key}}),
                     "RAG_EMBEDDING_ENGINE": "ollama", "RAG_EMBEDDING_MODEL": "pichat:latest",
-                    "RAG_OLLAMA_BASE_URL": ollama_url, "RAG_OLLAMA_API_KEY": KEY})
+                    "RAG_OLLAMA_BASE_URL": ollama_url, "RAG_OLLAMA_API_KEY": key})
     return env
 
 
 class OpenWebUI:
     def __init__(self, exe: str, workdir: Path, openai_url: str | None,
-                 ollama_url: str | None):
+                 ollama_url: str | None, key: str = KEY):
         # A fresh DATA_DIR: Open WebUI keeps its settings in its database (persistent
         # config), so a reused one would still point at an older recorder's port.
         self.data = workdir / "data"
@@ -95,7 +96,7 @@ class OpenWebUI:
         self.log = open(workdir / "open-webui.log", "w")
         self.proc = subprocess.Popen(
             [exe, "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=owui_env(self.data, openai_url, ollama_url), stdout=self.log,
+            env=owui_env(self.data, openai_url, ollama_url, key), stdout=self.log,
             stderr=subprocess.STDOUT, cwd=workdir)
 
     def wait(self, timeout: float = 300) -> None:
