@@ -141,7 +141,7 @@ async def replay(http: aiohttp.ClientSession, base: str, fixture: dict[str, Any]
     return await send(http, base, fixture)
 
 
-def vectors_of(fixture: dict[str, Any], reply: dict[str, Any]) -> list:
+def vectors_of(reply: dict[str, Any]) -> list:
     if "data" in reply:  # OpenAI: floats, or base64 as the openai package asks
         return [d["embedding"] for d in reply["data"]]
     return reply.get("embeddings") or [reply.get("embedding")]
@@ -171,7 +171,7 @@ async def test_every_other_captured_request_gets_what_its_client_expects(cluster
                     assert listed, (name, objects)
                 continue
             if expect == "embedding":
-                vectors = vectors_of(fixture, objects[0])
+                vectors = vectors_of(objects[0])
                 inputs = body.get("input", body.get("prompt"))
                 assert len(vectors) == (len(inputs) if isinstance(inputs, list) else 1)
                 assert all(v and (isinstance(v, str) or len(v) > 100) for v in vectors), name

@@ -39,8 +39,11 @@ def head(tools: str) -> bytes:
 
 def chain(messages: Sequence[ChatMessage], tools: str = "") -> list[bytes]:
     """One 16-byte hash per prefix of `messages` (after `tools`)."""
+    return _links(head(tools), messages)
+
+
+def _links(h: bytes, messages: Sequence[ChatMessage]) -> list[bytes]:
     out: list[bytes] = []
-    h = head(tools)
     for m in messages:
         h = hashlib.blake2b(h + m.role.encode() + b"\0" + m.content.encode(),
                             digest_size=16).digest()
@@ -78,7 +81,8 @@ class PrefixIndex:
         """The deepest recorded conversation state that `messages` extend (strictly: the
         request adds at least one message), else the deepest shared prefix (which may be
         `tools` alone)."""
-        hashes = chain(messages, tools)
+        root = head(tools)
+        hashes = _links(root, messages)
         shared: _Entry | None = None
         shared_depth = 0
         for depth in range(len(hashes) - 1, 0, -1):
@@ -90,8 +94,8 @@ class PrefixIndex:
                 return Match(session=entry.session, depth=depth)
             if shared is None:
                 shared, shared_depth = entry, depth
-        if shared is None and tools and (entry := self._entries.get(head(tools))):
-            self._entries.move_to_end(head(tools))
+        if shared is None and root and (entry := self._entries.get(root)):
+            self._entries.move_to_end(root)
             shared = entry
         if shared is not None:
             return Match(shared=shared.session, depth=shared_depth)
@@ -101,8 +105,9 @@ class PrefixIndex:
                tools: str = "") -> None:
         """`session` answered `messages` (after `tools`) with `answer`: remember the
         conversation's state."""
-        hashes = chain([*messages, ChatMessage("assistant", answer)], tools)
-        for h in ([head(tools)] if tools else []) + hashes[:-1]:
+        root = head(tools)
+        hashes = _links(root, [*messages, ChatMessage("assistant", answer)])
+        for h in ([root] if root else []) + hashes[:-1]:
             entry = self._entries.get(h)
             if entry is None:
                 self._entries[h] = _Entry(session, full=False)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "replay"))
-from openwebui import CHROMIUM, CHROMIUM_ARGS, OpenWebUI  # noqa: E402
+from openwebui import CHROMIUM, CHROMIUM_ARGS, Driver, OpenWebUI  # noqa: E402
 
 MESSAGES = [
     "Hello, how are you? Answer in one sentence.",
@@ -129,24 +129,10 @@ def plain(text: str) -> str:
     return text.translate(str.maketrans("\u2018\u2019\u201c\u201d", "''\"\""))
 
 
-class Page:
-    """Open WebUI's page as a user uses it; what it shows read back from Open WebUI's own
-    API (the chat as it stored it), not guessed from the page's markup."""
-
-    def __init__(self, page, base: str) -> None:
-        self.page, self.base = page, base
-
-    def open(self) -> None:
-        self.page.goto(self.base + "/", wait_until="domcontentloaded", timeout=120_000)
-        try:
-            self.page.get_by_text("Okay, Let's Go!").click(timeout=20_000)
-        except Exception:
-            pass  # no "What's New" dialog this time
-        self.page.locator("#chat-input").wait_for(timeout=60_000)
-
-    def new_chat(self) -> None:
-        self.page.goto(self.base + "/", wait_until="domcontentloaded", timeout=60_000)
-        self.page.locator("#chat-input").wait_for(timeout=60_000)
+class Page(Driver):
+    """Open WebUI's page as a user uses it (tests/replay/openwebui.py's driver); what it
+    shows read back from Open WebUI's own API (the chat as it stored it), not guessed from
+    the page's markup."""
 
     def chat(self) -> dict:
         """The current chat as Open WebUI stored it ({} before its first message). Its id
@@ -186,10 +172,6 @@ class Page:
                 return reply, time.monotonic() - t0
             time.sleep(1)
         raise Failed(f"no answer to {text!r} in {timeout:.0f} s")
-
-    def attach(self, path: Path) -> None:
-        self.page.locator("input[type=file]:not(#camera-input)").first.set_input_files(
-            str(path))
 
 
 def run_open_webui(api: str, exe: str, cluster: Cluster, out: Path, checks: list) -> dict:
