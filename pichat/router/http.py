@@ -357,11 +357,43 @@ async def _json(request: web.Request, timeout: float) -> Any:
         raise ApiError(408, f"the request body did not arrive within {timeout:.0f}s",
                        code="request_timeout") from None
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON: {clip(str(exc), 120)}") from None
     except RecursionError:
         raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
+    if b"\\ud" in raw or b"\\uD" in raw:  # only a \uD800-\uDFFF escape makes a lone one
+        if (where := _lone_surrogate(body)) is not None:
+            raise ApiError(400, f"'{clip(where, 120)}' is not valid Unicode (a lone UTF-16 "
+                           "surrogate)", param=clip(where, 120))
+    return body
+
+
+def _lone_surrogate(body: Any) -> str | None:
+    """Where in `body` a string (or key) cannot be UTF-8, as `messages[0].content`; None if
+    nowhere. Iterative: json.loads already bounded the depth."""
+    todo: list[tuple[str, Any]] = [("", body)]
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                path = f"{where}.{key}" if where else str(key)
+                if not _utf8(key):
+                    return path
+                todo.append((path, item))
+        elif isinstance(value, list):
+            todo.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, str) and not _utf8(value):
+            return where or "the body"
+    return None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _session_header(request: web.Request) -> str | None:

@@ -132,7 +132,8 @@ def _messages(raw: Any) -> tuple[ChatMessage, ...]:
         raise _bad(f"messages must be a list of at most {MAX_MESSAGES}")
     out = []
     for i, m in enumerate(raw):
-        role = _ROLES.get(m.get("role")) if isinstance(m, dict) else None
+        raw_role = m.get("role") if isinstance(m, dict) else None
+        role = _ROLES.get(raw_role) if isinstance(raw_role, str) else None
         if role is None:
             raise _bad(f"messages[{i}].role must be one of {sorted(_ROLES)}")
         if m.get("images"):
@@ -193,11 +194,13 @@ def parse_embed(body: Any, request_id: str, *, legacy: bool = False) -> tuple[Re
     if not isinstance(body, dict):
         raise _bad("the body must be a JSON object")
     model = model_name(body)
-    raw = body.get("prompt") if legacy else body.get("input")
+    field = "prompt" if legacy else "input"
+    raw = body.get(field)
     inputs = [raw] if isinstance(raw, str) else raw
     if not isinstance(inputs, list) or not inputs or not all(
             isinstance(x, str) and x for x in inputs):
-        raise _bad("input must be a non-empty string or list of non-empty strings")
+        raise _bad(f"{field} must be a non-empty string" + (
+            "" if legacy else " or list of non-empty strings"))
     if len(inputs) > MAX_EMBED_INPUTS or any(len(x) > MAX_EMBED_CHARS for x in inputs):
         raise _bad(f"at most {MAX_EMBED_INPUTS} inputs of {MAX_EMBED_CHARS} characters")
     return Request(id=RequestId(request_id), messages=(), embed=tuple(inputs),
