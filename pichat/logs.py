@@ -1,19 +1,41 @@
-"""Log lines a peer cannot blow up: texts clipped, repeated events aggregated.
+"""Log lines a peer cannot blow up or forge: texts clipped, escaped, repeated events
+aggregated.
 
-Anything a peer controls (a field, an address, an error text) may be megabytes long and
-arrive thousands of times a second. `clip` bounds one value; `Throttle` bounds the lines:
-the first event of a kind is logged at once, the repeats within `window` seconds are only
-counted, and one summary line per kind reports them (count, first and last detail) when
-the window ends.
+Anything a peer controls (a field, an address, an error text) may be megabytes long,
+carry newlines that would write whole forged lines, and arrive thousands of times a
+second. `clip` bounds one value; `OneLine` (the formatter every pichat daemon logs with)
+escapes control, line-separator and bidi characters in every message, whatever value put
+them there, so one event is one line; `Throttle` bounds the lines: the first event of a
+kind is logged at once, the repeats within `window` seconds are only counted, and one
+summary line per kind reports them (count, first and last detail) when the window ends.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
-__all__ = ["clip", "Throttle"]
+__all__ = ["clip", "escape", "OneLine", "Throttle"]
+
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def escape(text: str) -> str:
+    """`text` with every character that could end a line, hide text or reorder it on a
+    terminal written as an escape (a newline is `\\x0a`)."""
+    return _UNSAFE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100
+                       else f"\\u{ord(m[0]):04x}", text)
+
+
+class OneLine(logging.Formatter):
+    """A formatter that escapes each record's message (`escape`): a value from the
+    network cannot write a line of its own. Tracebacks (our own) keep their lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = escape(record.message)
+        return super().formatMessage(record)
 
 
 def clip(value: object, limit: int = 120) -> str:

@@ -36,3 +36,28 @@ def test_the_kinds_remembered_are_bounded():
     for i in range(1000):
         throttle.log(0.0, logging.INFO, f"kind {i}", "x")
     assert len(throttle._windows) <= 8
+
+
+def test_a_value_from_the_network_cannot_write_a_line_of_its_own(tmp_path):
+    """The daemons' formatter (setup_logging's): newlines, carriage returns, Unicode line
+    separators and bidi overrides in any logged value are escaped; our own tracebacks keep
+    their lines."""
+    import subprocess
+    import sys
+    forged = "pi9\n12:00:00 I [router] pichat.router.joins: worker admin joined\r\u2028\u202e"
+    script = (
+        "import logging, sys\n"
+        "from pichat.cli.options import setup_logging\n"
+        "setup_logging('info', 'router')\n"
+        "logging.getLogger('pichat.router.joins').warning('join refused (%s)', sys.argv[1])\n"
+        "try:\n    1 / 0\nexcept ZeroDivisionError:\n"
+        "    logging.getLogger('x').exception('failed')\n")
+    err = subprocess.run([sys.executable, "-c", script, forged], capture_output=True,
+                         text=True, timeout=60, check=True).stderr
+    lines = err.splitlines()
+    assert lines[0].endswith(
+        "join refused (pi9\\x0a12:00:00 I [router] pichat.router.joins: worker admin "
+        "joined\\x0d\\u2028\\u202e)")
+    assert not any("worker admin joined" in line for line in lines[1:])
+    assert lines[2] == "Traceback (most recent call last):"
+    assert lines[-1] == "ZeroDivisionError: division by zero"

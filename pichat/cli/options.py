@@ -15,6 +15,7 @@ from pichat.config import RouterConfig, WorkerConfig
 from pichat.config import default_of as default
 from pichat.errors import PichatError
 from pichat.invites import stored_router
+from pichat.logs import OneLine
 from pichat.security import Keys, resolve_keys
 
 __all__ = ["option", "field", "default", "build", "setup_logging", "fail", "keys_or_fail",
@@ -41,12 +42,10 @@ def build(config: type, values: dict[str, Any], **overrides: Any) -> Any:
 
 
 def setup_logging(level: str, role: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"%(asctime)s %(levelname).1s [{role}] %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLine(f"%(asctime)s %(levelname).1s [{role}] %(name)s: %(message)s",
+                                 datefmt="%H:%M:%S"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def fail(exc: Exception) -> NoReturn:
