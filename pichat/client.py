@@ -322,6 +322,10 @@ class Client:
                 elif isinstance(message, Error) and not message.id:
                     for queue in self._pending.values():
                         queue.put_nowait(message)
+                    while self._status_waiters:  # a STATUS refused (a revoked key)
+                        future = self._status_waiters.popleft()
+                        if not future.done():
+                            future.set_exception(RequestFailed(message.message, message.code))
             case Status():
                 while self._status_waiters:
                     future = self._status_waiters.popleft()

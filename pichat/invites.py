@@ -9,9 +9,16 @@ the Pi's public key under its name. So a token carries nothing secret but its ow
 one-time secret, and a stolen, used or expired token lets nobody in.
 
 Pure file operations (no sockets): `invite` writes an invitation, `parse` reads a token,
-`redeem` checks and uses one (under a lock: two Pis racing for the last use cannot both
-get it), `admit` writes an admitted key, `members` and `revoke` list and remove them;
-`stored_router` and `remember_router` read and write a joined Pi's router.json.
+`join` checks one and the joiner's name and key, and only then uses it and admits the key
+(under a lock: two Pis racing for the last use cannot both get it; a right token with a
+name that cannot be admitted uses nothing), `members` and `revoke` list and revoke admitted
+keys; `stored_router` and `remember_router` read and write a joined Pi's router.json.
+
+A name is bound to its key for good. `revoke` moves the key's file to `revoked/ROLEs/`,
+where it stays: a revoked name is never admitted again, nor a revoked key under any name
+(`join` refuses both, and the router's allow-lists skip an entry that a tombstone names,
+however it got there). So a conversation's owner, a key's name, can only ever be that key;
+re-admitting a revoked name takes deleting its tombstone by hand.
 
 A keys directory whose group has the setgid bit (`make install-systemd` makes the
 router's so: `sudo pichat invite` runs as root, the router as a systemd dynamic user of
@@ -30,17 +37,22 @@ import json
 import os
 import re
 import secrets
+import stat
+import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from zmq.utils import z85
+
 from pichat.errors import PichatError
 
-__all__ = ["Invitation", "InviteRefused", "invite", "parse", "redeem", "admit", "members",
-           "revoke", "stored_router", "remember_router", "PREFIX", "ROLES", "ROUTER_FILE"]
+__all__ = ["Invitation", "InviteRefused", "invite", "parse", "redeem", "join", "admit",
+           "members", "revoke", "revoked", "stored_router", "remember_router", "PREFIX",
+           "ROLES", "ROUTER_FILE", "REVOKED"]
 
 PREFIX = "pichat1."
 ROLES = ("worker", "client")
@@ -51,6 +63,9 @@ MAX_TOKEN_CHARS = 4096
 FORGET_AFTER = 86400.0
 """Seconds an expired invitation is kept (a late joiner is told "expired", not "unknown")
 before a new invitation forgets it."""
+REVOKED = "revoked"
+"""In the router's keys directory: `revoked/workers/NAME.key`, `revoked/clients/NAME.key`,
+the tombstones of revoked keys."""
 ROUTER_FILE = "router.json"
 """In a joined Pi's keys directory: the router's endpoints by role ("workers", "clients"),
 what --router defaults to, and the name the Pi joined under ("name", a worker's default
@@ -133,6 +148,25 @@ def parse(token: str) -> Invitation:
 def redeem(keys_dir: Path, ident: str, secret: str, now: float | None = None) -> Role:
     """Use one of invitation `ident`'s uses if `secret` is its secret and it has not
     expired; its role. InviteRefused otherwise (a wrong secret uses nothing)."""
+    return _redeem(keys_dir, ident, secret, now, lambda role: None)
+
+
+def join(keys_dir: Path, ident: str, secret: str, name: str, public_key: str,
+         now: float | None = None) -> tuple[Role, Path]:
+    """Admit `public_key` (Z85) as `name` with one use of invitation `ident`: its role
+    and the allow-list entry written. Every check, of the token and of the name and key,
+    comes before the use is taken: InviteRefused uses nothing."""
+    _check(name, public_key)
+    written: list[Path] = []
+    role = _redeem(keys_dir, ident, secret, now,
+                   lambda role: written.append(admit(keys_dir, role, name, public_key)))
+    return role, written[0]
+
+
+def _redeem(keys_dir: Path, ident: str, secret: str, now: float | None,
+            then: Callable[[Role], None]) -> Role:
+    """The checks of `redeem`; `then(role)` runs, under the lock, before the use is taken
+    (raising, it takes nothing)."""
     now = time.time() if now is None else now
     if not _ID.match(ident or ""):
         raise InviteRefused("unknown invitation")
@@ -145,12 +179,15 @@ def redeem(keys_dir: Path, ident: str, secret: str, now: float | None = None) ->
             raise InviteRefused("unknown or already used invitation") from None
         except (OSError, ValueError):
             raise InviteRefused("the invitation's record is unreadable") from None
-        if not hmac.compare_digest(record.get("hash", ""), _hash(secret)):
+        if not isinstance(record, dict) or record.get("role") not in ROLES:
+            raise InviteRefused("the invitation's record is unreadable")
+        if not hmac.compare_digest(str(record.get("hash", "")), _hash(secret)):
             raise InviteRefused("wrong secret for this invitation (a forged token?)")
         if now > record.get("expires", 0):
             path.unlink(missing_ok=True)
             raise InviteRefused("the invitation has expired: make a new one with "
                                 "`pichat invite`")
+        then(record["role"])
         record["uses"] = int(record.get("uses", 1)) - 1
         if record["uses"] <= 0:
             path.unlink()
@@ -160,12 +197,15 @@ def redeem(keys_dir: Path, ident: str, secret: str, now: float | None = None) ->
 
 
 def admit(keys_dir: Path, role: Role, name: str, public_key: str) -> Path:
-    """Let the key `public_key` (Z85) in as `role` `name` (the router's allow-list);
-    refuses a name already held by another key."""
-    if not _NAME.match(name):
-        raise InviteRefused(f"{name[:64]!r} is not a usable name (letters, digits, _ . -)")
-    if len(public_key) != 40:
-        raise InviteRefused("the joining key is not a CURVE public key")
+    """Let the key `public_key` (Z85) in as `role` `name` (the router's allow-list).
+    Refuses a name held by another key, a revoked name, and a revoked key."""
+    _check(name, public_key)
+    if (keys_dir / REVOKED / f"{role}s" / f"{name}.key").exists():
+        raise InviteRefused(f"the name {name!r} was revoked and is not given again: join "
+                            "with another --name")
+    if public_key.encode() in revoked(keys_dir)[1]:
+        raise InviteRefused("this key was revoked: make a new one (delete this Pi's "
+                            "keys and join again)")
     path = keys_dir / f"{role}s" / f"{name}.key"
     if path.exists() and public_key not in path.read_text():
         raise InviteRefused(f"the name {name!r} is taken by another key: join with --name")
@@ -175,6 +215,44 @@ def admit(keys_dir: Path, role: Role, name: str, public_key: str) -> Path:
     return path
 
 
+def _check(name: str, public_key: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InviteRefused(f"{str(name)[:64]!r} is not a usable name (letters, digits, "
+                            "_ . -, at most 64, starting with a letter or digit)")
+    if not isinstance(public_key, str) or len(public_key) != 40:
+        raise InviteRefused("the joining key is not a CURVE public key")
+    try:
+        z85.decode(public_key.encode("ascii"))
+    except Exception:  # z85 raises ValueError, KeyError, struct.error...
+        raise InviteRefused("the joining key is not a CURVE public key") from None
+
+
+def revoked(keys_dir: Path) -> tuple[dict[str, set[str]], set[bytes]]:
+    """The tombstones: the revoked names by role ("worker", "client"), and every revoked
+    public key (Z85). A tombstone that cannot be read still revokes its name."""
+    names: dict[str, set[str]] = {role: set() for role in ROLES}
+    keys: set[bytes] = set()
+    for role in ROLES:
+        try:
+            found = sorted((keys_dir / REVOKED / f"{role}s").glob("*.key"))
+        except OSError:
+            continue
+        for path in found:
+            names[role].add(path.stem)
+            try:
+                keys.add(_public(path.read_text()))
+            except (OSError, ValueError):
+                continue
+    return names, keys
+
+
+def _public(text: str) -> bytes:
+    found = re.search(r'public-key\s*=\s*"([^"]{40})"', text)
+    if found is None:
+        raise ValueError("no public key")
+    return found.group(1).encode()
+
+
 def members(keys_dir: Path) -> list[tuple[Role, str]]:
     """(role, name) of every admitted key."""
     return [(role, p.stem) for role in ROLES  # type: ignore[misc]
@@ -182,12 +260,15 @@ def members(keys_dir: Path) -> list[tuple[Role, str]]:
 
 
 def revoke(keys_dir: Path, name: str) -> list[Role]:
-    """Remove `name`'s admitted keys (of either role); the roles it had."""
+    """Revoke `name`'s admitted keys (of either role): each file moves to its tombstone in
+    `revoked/`, so neither the name nor the key is admitted again. The roles it had."""
     gone: list[Role] = []
     for role in ROLES:
         path = keys_dir / f"{role}s" / f"{name}.key"
         if _NAME.match(name) and path.is_file():
-            path.unlink()
+            grave = keys_dir / REVOKED / f"{role}s"
+            grave.mkdir(parents=True, exist_ok=True)
+            os.replace(path, grave / path.name)
             gone.append(role)  # type: ignore[arg-type]
     if not gone:
         raise PichatError(f"no admitted key is named {name[:64]!r} (see `pichat keys list`)")
@@ -250,20 +331,31 @@ def _write(path: Path, record: dict) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     """Write `path` whole or not at all, readable by its owner (and a shared group)."""
-    tmp = path.with_suffix(".tmp")
     mode = _mode(path.parent)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        os.fchmod(f.fileno(), mode)  # not narrowed by a umask
-        f.write(text)
-    os.replace(tmp, path)
+    # A fresh name (O_EXCL): nothing planted at a guessable NAME.tmp is followed.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), mode)  # not narrowed by a umask
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 @contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    fd = os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT, _mode(folder))
+    # O_NOFOLLOW: a symlink planted as .lock would make a later `sudo pichat invite`
+    # create or chmod whatever it points at.
+    fd = os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 _mode(folder))
     try:
-        if os.fstat(fd).st_uid == os.geteuid():
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PichatError(f"{folder / '.lock'} is not a plain file: remove it")
+        if st.st_uid == os.geteuid():
             os.fchmod(fd, _mode(folder))  # not narrowed by a umask
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

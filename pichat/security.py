@@ -7,6 +7,7 @@ A keys directory (`--keys`, default ~/.config/pichat/keys when it exists) holds:
     client.key, client.key_secret     a client key pair
     workers/*.key                     the router admits workers with these public keys
     clients/*.key                     ... and clients with these
+    revoked/{workers,clients}/*.key   tombstones (`pichat keys revoke`): never admitted again
     api-keys                          HTTP API keys, one per line (for --api-key-file)
 
 `pichat keygen` writes it. The router's sockets are CURVE servers; a ZAP handler
@@ -35,6 +36,7 @@ import zmq.auth
 from zmq.utils import z85
 
 from pichat.errors import PichatError
+from pichat.invites import REVOKED, ROLES, revoked
 from pichat.logs import Throttle, clip
 from pichat.transport import Channel
 
@@ -133,7 +135,7 @@ def keygen(directory: Path, *, workers: tuple[str, ...] = (), clients: tuple[str
         for name in names:
             written += _pair(directory, name)
             entry = allow / f"{name}.key"
-            if not entry.exists():
+            if not entry.exists() and not (directory / REVOKED / f"{role}s" / entry.name).exists():
                 shutil.copyfile(directory / f"{name}.key", entry)
                 written.append(entry)
     written += _pair(directory, "router")
@@ -167,23 +169,22 @@ class AllowList:
 
     MAX_FILES = 10_000
 
-    def __init__(self, directory: Path, domain: str) -> None:
+    def __init__(self, directory: Path, domain: str, keys_dir: Path | None = None) -> None:
         self.directory = directory
         self.domain = domain
+        self.keys_dir = keys_dir
+        """The keys directory whose tombstones (`revoked/`) this list honours."""
         self._keys: dict[bytes, str] = {}
         self._names: set[str] = set()
         self._gone: set[str] = set()
         self._stamp: tuple | None = None
-        self._dir_stamp: int | None = None
+        self._dir_stamp: tuple | None = None
         self._scanned = -1.0
         self._broken = False
 
     def lookup(self, z85_key: bytes, now: float) -> str | None:
         """The name of an admitted key (None: refused)."""
-        try:
-            dir_stamp: int | None = self.directory.stat().st_mtime_ns
-        except OSError:
-            dir_stamp = None
+        dir_stamp = self._dirs()
         if dir_stamp != self._dir_stamp or (
                 z85_key not in self._keys and now - self._scanned >= _RESCAN_S):
             self._dir_stamp = dir_stamp
@@ -201,16 +202,26 @@ class AllowList:
     def poll(self, now: float) -> set[str]:
         """Look at the directory now; the names that were admitted and no longer are
         since the last poll (a key revoked: `pichat keys revoke`, or its file removed)."""
-        try:
-            dir_stamp: int | None = self.directory.stat().st_mtime_ns
-        except OSError:
-            dir_stamp = None
+        dir_stamp = self._dirs()
         if dir_stamp != self._dir_stamp:
             self._dir_stamp = dir_stamp
             self._scanned = now
             self._refresh()
         gone, self._gone = self._gone, set()
         return gone
+
+    def _dirs(self) -> tuple:
+        """When the allow-list's directory and the tombstones' last changed."""
+        dirs = [self.directory]
+        if self.keys_dir is not None:
+            dirs += [self.keys_dir / REVOKED / f"{role}s" for role in ROLES]
+        stamps = []
+        for d in dirs:
+            try:
+                stamps.append(d.stat().st_mtime_ns)
+            except OSError:
+                stamps.append(None)
+        return tuple(stamps)
 
     def _refresh(self) -> None:
         try:
@@ -230,12 +241,15 @@ class AllowList:
             self._broken = True
             return
         self._broken = False
-        stamp = tuple(sorted(entries))
+        graves, dead = (revoked(self.keys_dir) if self.keys_dir is not None
+                        else ({}, set()))
+        dead_names = graves.get(self.domain.rstrip("s"), set())
+        stamp = (tuple(sorted(entries)), frozenset(dead_names), frozenset(dead))
         if stamp == self._stamp:
             return
         keys: dict[bytes, str] = {}
         skipped = 0
-        for name, _, _ in stamp:
+        for name, _, _ in stamp[0]:
             path = self.directory / name
             try:
                 public = _public_key(path)
@@ -243,7 +257,13 @@ class AllowList:
                 skipped += 1
                 log.warning("%s: skipping %s: %s", self.domain, path, clip(str(exc), 120))
                 continue
-            keys.setdefault(public, name[:-len(".key")])
+            holder = name[:-len(".key")]
+            if holder in dead_names or public in dead:
+                skipped += 1
+                log.warning("%s: skipping %s: its %s was revoked (%s)", self.domain, path,
+                            "name" if holder in dead_names else "key", self.keys_dir / REVOKED)
+                continue
+            keys.setdefault(public, holder)
         names = set(keys.values())
         self._gone |= self._names - names
         self._keys, self._stamp, self._names = keys, stamp, names
@@ -280,7 +300,8 @@ class Gatekeeper:
     def __init__(self, ctx: zmq.Context, keys: Keys, loop: asyncio.AbstractEventLoop, *,
                  log_window: float = 60.0) -> None:
         self.refused: Counter[str] = Counter()
-        self.lists = {domain: AllowList(keys.allowed(domain.rstrip("s")), domain)
+        self.lists = {domain: AllowList(keys.allowed(domain.rstrip("s")), domain,
+                                        keys.directory)
                       for domain in ("workers", "clients")}
         for domain, allow in self.lists.items():
             if not allow.directory.is_dir():

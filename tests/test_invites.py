@@ -16,6 +16,7 @@ from pichat.invites import (
     InviteRefused,
     admit,
     invite,
+    join,
     members,
     parse,
     redeem,
@@ -23,7 +24,7 @@ from pichat.invites import (
     revoke,
     stored_router,
 )
-from pichat.security import keygen
+from pichat.security import AllowList, keygen
 
 ADDRESS = ("tcp://192.168.1.10:5557", "tcp://pi1.local:5557")
 
@@ -128,6 +129,103 @@ def test_admitted_keys_are_allow_list_entries_listed_and_revoked(keys):
     assert ("worker", "pi7") not in members(keys)
     with pytest.raises(PichatError, match="no admitted key"):
         revoke(keys, "pi7")
+
+
+def new_key(keys, name: str) -> str:
+    return zmq.auth.load_certificate(
+        zmq.auth.create_certificates(keys.parent, name)[0])[0].decode()
+
+
+def test_a_right_token_with_a_name_or_key_that_cannot_be_admitted_uses_nothing(keys):
+    made = invite(keys, role="client", addresses=ADDRESS, router_key=router_key(keys))
+    key = new_key(keys, "laptop")
+    taken = new_key(keys, "taken")
+    admit(keys, "client", "desk", taken)
+    graveyard = new_key(keys, "old")
+    admit(keys, "client", "gone", graveyard)
+    revoke(keys, "gone")
+    for name, joining, why in [
+            ("lap\ntop", key, "usable name"), ("../router", key, "usable name"),
+            ("", key, "usable name"), ("x" * 65, key, "usable name"),
+            (".hidden", key, "usable name"), ("lap top", key, "usable name"),
+            ("desk", key, "taken by another key"),
+            ("gone", key, "revoked"),  # a revoked name, with a new key
+            ("fresh", graveyard, "key was revoked"),  # a revoked key, with a new name
+            ("laptop", "x" * 39, "not a CURVE public key"),
+            ("laptop", "\u00e9" * 40, "not a CURVE public key"),
+            ("laptop", "#" * 40, "not a CURVE public key")]:
+        with pytest.raises(InviteRefused, match=why):
+            join(keys, made.id, made.secret, name, joining)
+    # Every refusal above left the token's one use: it admits the right name now, once.
+    assert join(keys, made.id, made.secret, "laptop", key)[0] == "client"
+    assert ("client", "laptop") in members(keys)
+    with pytest.raises(InviteRefused, match="already used"):
+        join(keys, made.id, made.secret, "laptop2", new_key(keys, "l2"))
+
+
+def test_a_revoked_name_or_key_is_never_admitted_again_however_its_file_comes_back(keys):
+    """An owner is a key: after `pichat keys revoke laptop`, nobody inherits "laptop" (its
+    stored conversations are owned by that name), and the revoked key is let in under no
+    name, whether by join, by keygen, or by a key file copied into the allow-list."""
+    key = new_key(keys, "laptop")
+    admit(keys, "client", "laptop", key)
+    allow = AllowList(keys / "clients", "clients", keys)
+    assert allow.lookup(key.encode(), 0.0) == "laptop"
+    assert revoke(keys, "laptop") == ["client"]
+    tomb = keys / "revoked" / "clients" / "laptop.key"
+    assert zmq.auth.load_certificate(tomb)[0].decode() == key  # kept, not deleted
+    assert allow.lookup(key.encode(), 1.0) is None
+    with pytest.raises(InviteRefused, match="revoked"):
+        admit(keys, "client", "laptop", new_key(keys, "thief"))
+    with pytest.raises(InviteRefused, match="revoked"):
+        admit(keys, "client", "laptop", key)  # the same key back: no either
+    with pytest.raises(InviteRefused, match="key was revoked"):
+        admit(keys, "worker", "pi-laptop", key)  # nor under another role and name
+    # An allow-list entry that a tombstone names is skipped, however it got there (a copy
+    # by hand, a backup restored): under the revoked name with a new key, or the revoked
+    # key under a new name.
+    thief = new_key(keys, "thief2")
+    (keys / "clients" / "laptop.key").write_text(
+        f'metadata\ncurve\n    public-key = "{thief}"\n')
+    (keys / "clients" / "renamed.key").write_text(tomb.read_text())
+    assert allow.lookup(thief.encode(), 2.0) is None
+    assert allow.lookup(key.encode(), 2.1) is None
+    assert "laptop" not in allow.names() and "renamed" not in allow.names()
+    # keygen fills in what is missing, but not a revoked entry.
+    revoke(keys, "client")
+    keygen(keys)
+    assert not (keys / "clients" / "client.key").exists()
+    assert allow.lookup((keys / "client.key").read_text().split('"')[1].encode(), 3.0) is None
+    # A tombstone that cannot be read still revokes its name.
+    (keys / "revoked" / "clients" / "broken.key").write_text("")
+    with pytest.raises(InviteRefused, match="revoked"):
+        admit(keys, "client", "broken", new_key(keys, "b"))
+
+
+def test_files_planted_where_the_invitations_are_kept_are_not_followed(keys):
+    """`sudo pichat invite` runs as root in a folder the router's user can write: a
+    symlink planted as the lock (or as a temporary file) must not make root create,
+    truncate or chmod what it points at."""
+    made = invite(keys, role="worker", addresses=ADDRESS, router_key=router_key(keys))
+    target = keys.parent / "precious"
+    target.write_text("keep me")
+    os.chmod(target, 0o600)
+    lock = keys / "invites" / ".lock"
+    lock.unlink()
+    lock.symlink_to(target)
+    with pytest.raises(OSError):
+        invite(keys, role="worker", addresses=ADDRESS, router_key=router_key(keys))
+    with pytest.raises(OSError):
+        redeem(keys, made.id, made.secret)
+    assert target.read_text() == "keep me" and stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    lock.unlink()
+    # Temporary files have fresh names: one planted at a guessable name is not written.
+    for guess in (f"{made.id}.tmp", f".{made.id}.json.tmp", "pi4.tmp"):
+        (keys / "invites" / guess).symlink_to(target)
+        (keys / "workers" / guess).symlink_to(target)
+    assert redeem(keys, made.id, made.secret) == "worker"
+    admit(keys, "worker", "pi4", new_key(keys, "pi4"))
+    assert target.read_text() == "keep me"
 
 
 def test_a_shared_keys_directory_is_written_for_its_group_others_for_the_owner(keys):

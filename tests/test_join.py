@@ -16,8 +16,12 @@ import pytest
 import zmq.auth
 
 from conftest import ROOT, Cluster
+from pichat.client import Client
+from pichat.config import ClientConfig
+from pichat.errors import RequestFailed
 from pichat.invites import parse
-from pichat.security import keygen
+from pichat.protocol import ChatMessage
+from pichat.security import keygen, resolve_keys
 
 pytestmark = pytest.mark.asyncio
 
@@ -209,3 +213,58 @@ async def test_a_lan_search_that_cannot_run_is_a_log_line_not_a_crash(tmp_path, 
     monkeypatch.setattr(discovery, "find", unsupported)
     assert await discovery.relocate(tmp_path, "k" * 40, "workers", "tcp://10.0.0.1:5556") is None
     assert "cannot look for the router on the LAN" in caplog.text
+
+
+async def test_a_revoked_client_stays_out_on_its_open_connection_and_nobody_gets_its_name(
+        cluster: Cluster, tmp_path: Path):
+    """Revocation by name was a hole: anyone with a client token could join as the revoked
+    name with a new key, own its stored conversations, and so let the revoked device's
+    open connection in again. A name is now its key's for good."""
+    router_keys = tmp_path / "router-keys"
+    keygen(router_keys)
+    router = cluster.router("--keys", str(router_keys))
+
+    def token() -> str:
+        return pichat("invite", "--keys", str(router_keys), "--role", "client", "--address",
+                      cluster.join_endpoint).stdout.strip()
+
+    def client(keys: Path) -> Client:
+        return Client(ClientConfig(router=cluster.client_endpoint, keys=resolve_keys(str(keys)),
+                                   silence_timeout=60))
+
+    laptop = tmp_path / "laptop"
+    assert pichat("join", token(), "--keys", str(laptop), "--name", "laptop").returncode == 0
+    async with client(laptop) as old:
+        mine = await old.conversations("create", title="my diary")
+        assert [c["id"] for c in (await old.conversations("list"))] == [
+            mine["id"]]
+        assert pichat("keys", "revoke", "laptop", "--keys", str(router_keys)).returncode == 0
+        assert "clients revoked: laptop" in await router.wait_output("clients revoked", 30)
+        # The open connection (its CURVE session outlives the key) is refused, and told.
+        for ask in (old.status(), old.conversations("list")):
+            with pytest.raises(RequestFailed, match="revoked"):
+                await ask
+        with pytest.raises(RequestFailed, match="revoked"):
+            await old.chat([ChatMessage("user", "hi")])
+
+        # The name is not given again, and the refusal used nothing of the token.
+        again = token()
+        thief = tmp_path / "thief"
+        taken = pichat("join", again, "--keys", str(thief), "--name", "laptop")
+        assert taken.returncode == 1 and "was revoked" in taken.stderr, taken.stderr
+        assert not (router_keys / "clients" / "laptop.key").exists()
+        # Nor is the revoked key, under a new name (the device itself joining again).
+        reused = pichat("join", again, "--keys", str(laptop), "--name", "laptop-2")
+        assert reused.returncode == 1 and "key was revoked" in reused.stderr, reused.stderr
+        ok = pichat("join", again, "--keys", str(thief), "--name", "thief")
+        assert ok.returncode == 0, ok.stderr
+        async with client(thief) as other:
+            assert await other.conversations("list") == []
+
+        # A key file put back by hand under the revoked name (a backup restored) does not
+        # let the old connection in again either.
+        (router_keys / "clients" / "laptop.key").write_text(
+            (thief / "client.key").read_text())
+        assert "was revoked" in await router.wait_output("was revoked (", 30)
+        with pytest.raises(RequestFailed, match="revoked"):
+            await old.status()

@@ -63,9 +63,10 @@ class ClientSide:
 
     def on_message(self, frames: list[bytes], sender: str) -> None:
         r = self.router
-        if r.gatekeeper is not None and not r.gatekeeper.admits("clients", sender):
-            return  # its key was revoked
         client, body = frames[0], frames[1:]
+        if r.gatekeeper is not None and not r.gatekeeper.admits("clients", sender):
+            self._refuse_revoked(client, body)  # its CURVE session outlived its key
+            return
         try:
             message = decode(body)
         except ProtocolError as exc:
@@ -94,6 +95,23 @@ class ClientSide:
                 r.send_client(client, encode(Error(
                     "", ErrorCode.BAD_REQUEST,
                     f"{message.COMMAND.name} is not a client command")))
+
+    def _refuse_revoked(self, client: bytes, body: list[bytes]) -> None:
+        """Answer a revoked key's message with an ERROR (none for a heartbeat): one reply
+        per message, as for any message, and nothing it asks for is done."""
+        r = self.router
+        r.stats.events["revoked_client_messages"] += 1
+        try:
+            message = decode(body)
+        except ProtocolError:
+            return
+        if isinstance(message, Heartbeat):
+            return
+        ref = message.ref if isinstance(message, Conversations) else getattr(message, "id", "")
+        r.send_client(client, encode(Error(ref, ErrorCode.BAD_REQUEST,
+                                           "this client's key was revoked on the router "
+                                           "(pichat keys revoke): join again with a new "
+                                           "token and another name")))
 
     def on_dropped(self, frames: list[bytes], n_frames: int) -> None:
         r = self.router

@@ -5,7 +5,9 @@ the handshake proves only that the joiner holds the secret of the key it shows, 
 the key to admit. The one message it takes is JOIN (the invitation and its secret, a
 name); a right one makes the key an admitted worker or client under that name
 (pichat/invites.py: the allow-lists the other sockets read) and is answered with the
-router's endpoints; anything else is answered with an ERROR and logged (aggregated).
+router's endpoints. A token is used only by a join that succeeds: a name that is taken,
+revoked or malformed, or a revoked key, is refused before the token loses a use. Anything
+else is answered with an ERROR and logged (aggregated).
 Attempts are rate-limited (`MAX_PER_MINUTE` in all): a token's secret is 144 random bits,
 so guessing is hopeless anyway, and a flood costs the router little.
 """
@@ -16,7 +18,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from pichat.errors import ErrorCode, ProtocolError
-from pichat.invites import InviteRefused, admit, redeem
+from pichat.invites import InviteRefused, join
 from pichat.logs import Throttle, clip
 from pichat.protocol import Error, Join, decode, encode
 from pichat.router.ratelimit import RateLimit
@@ -60,8 +62,8 @@ class JoinDesk:
         keys = r.config.keys
         assert keys is not None  # the endpoint exists only with keys
         try:
-            role = redeem(keys.directory, message.invitation, message.secret)
-            path = admit(keys.directory, role, message.name, key)
+            role, path = join(keys.directory, message.invitation, message.secret,
+                              message.name, key)
         except OSError as exc:  # e.g. a keys directory the router may only read
             log.error("join of %s failed: cannot write the allow-list in %s: %s",
                       clip(message.name, 64), keys.directory, exc.strerror)
