@@ -20,6 +20,7 @@ import embeddings  # noqa: E402
 import http_affinity  # noqa: E402
 import migration  # noqa: E402
 import overhead  # noqa: E402
+import patterns  # noqa: E402
 import proxy  # noqa: E402
 import sliding  # noqa: E402
 import structured  # noqa: E402
@@ -43,6 +44,9 @@ BENCHMARKS = {
     "structured": ("What a grammar costs: answers free vs held to a JSON schema or a tool "
                    "call (default model, batched engine, 2 threads, in-process)",
                    structured.main),
+    "patterns": ("What a pattern's grammar costs per token: the worst patterns the schema "
+                 "check accepts vs those it refuses (default model's vocabulary)",
+                 patterns.main),
     "embeddings": ("Embeddings per second for short sentences: many inputs per request vs "
                    "one at a time (default model, 2 threads, in-process)", embeddings.main),
     "connections": ("Router memory per client connection, as the messages it carried grow "

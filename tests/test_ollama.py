@@ -71,10 +71,15 @@ async def talk(c: ollama.AsyncClient) -> None:
         await c.delete("llama3.2")
     assert info.value.status_code == 400
     for bad in ({"options": {"temperature": "hot"}}, {"options": {"stop": [""]}},
-                {"messages": [{"role": "robot", "content": "x"}]}):
+                {"messages": [{"role": "robot", "content": "x"}]},
+                # Grammar bombs, and a schema no worker would take, refused by the router.
+                {"format": {"type": "string", "pattern": "^a{30000000}$"}},
+                {"format": {"type": "string", "pattern": "^(a+)+$"}},
+                {"format": {"enum": ["x" * 100] * 1000}}):
         with pytest.raises(ollama.ResponseError) as info:
             await c.chat(**{"model": "llama3.2", "messages": messages, **bad})
         assert info.value.status_code == 400 and info.value.error
+        assert "format" in info.value.error or "format" not in bad
     assert (await c.chat(model="llama3.2", messages=messages)).done
 
 

@@ -119,7 +119,10 @@ def _common(body: Any) -> tuple[dict[str, Any], str, bool, str]:
     if raw == "json":
         fmt = "json"
     elif isinstance(raw, dict):
-        fmt = json.dumps(raw, separators=(",", ":"))
+        try:
+            fmt = tools.schema_text(raw, "format")
+        except tools.ToolError as exc:
+            raise _bad(str(exc)) from None
     elif raw == "":
         fmt = ""
     else:

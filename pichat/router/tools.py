@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pichat.protocol import MAX_ID_CHARS, MAX_TOOL_NAME_CHARS, MAX_TOOLS, MAX_TOOLS_CHARS
+from pichat.schemas import SchemaError, check_schema
 
-__all__ = ["ToolError", "Call", "tools_of", "choice_of", "format_of", "calls_of",
+__all__ = ["ToolError", "Call", "tools_of", "choice_of", "format_of", "schema_text", "calls_of",
            "check_tool_messages", "extract", "Spotter", "MAX_TOOLS"]
 
 _NAME = re.compile(rf"^[A-Za-z0-9_.-]{{1,{MAX_TOOL_NAME_CHARS}}}$")
@@ -143,9 +144,20 @@ def format_of(body: dict[str, Any]) -> str:
         if not isinstance(schema, dict):
             raise ToolError("'response_format.json_schema.schema' must be a JSON schema object",
                             "response_format")
-        return _json_text(schema, "response_format")
+        return schema_text(schema, "response_format")
     raise ToolError("'response_format.type' must be text, json_object or json_schema",
                     "response_format")
+
+
+def schema_text(schema: dict[str, Any], param: str) -> str:
+    """A schema to enforce, as pichat carries it (JSON text), once it is known to cost no
+    more than a worker allows (the worker checks again as it makes the grammar)."""
+    text = _json_text(schema, param)
+    try:
+        check_schema(schema)
+    except SchemaError as exc:
+        raise ToolError(f"'{param}' cannot be enforced: {exc}", param) from None
+    return text
 
 
 def calls_of(raw: Any, index: int) -> str:

@@ -18,6 +18,7 @@ to grammar converter of llama-cpp-python), so that it always parses.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -25,16 +26,13 @@ from typing import Any, Literal
 
 from pichat.errors import BadRequest
 from pichat.protocol import ChatMessage, Request
+from pichat.schemas import MAX_GRAMMAR_CHARS, SchemaError, check_schema
 from pichat.worker.toolfit import prompt_form
 
 __all__ = ["Family", "family_of", "template_messages", "template_tools", "grammar_for",
            "GENERIC", "MAX_GRAMMAR_CHARS", "TOOL_CALL", "TRIGGERS"]
 
 Family = Literal["hermes", "llama3", "generic"]
-
-MAX_GRAMMAR_CHARS = 256 * 1024
-"""A schema whose grammar is larger than this is refused (a schema can ask for huge
-repetitions: llama.cpp would build them all)."""
 
 GENERIC = (
     "You can call functions. These are the functions, as JSON schemas:\n{tools}\n"
@@ -149,40 +147,66 @@ def grammar_for(request: Request, family: Family) -> tuple[str, str]:
     return "", ""
 
 
-MAX_REPEAT = 1000
-"""A schema's minItems, maxLength... at most this: the converter writes each repetition out
-(a `minItems` of 10^8 would be gigabytes of grammar before any check on its size)."""
-
-_REPEATS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties",
-            "maxProperties")
-
-
-def _check_repeats(node: Any, what: str) -> None:
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for key, value in item.items():
-                if key in _REPEATS and isinstance(value, int) and value > MAX_REPEAT:
-                    raise BadRequest(f"{what}: {key} {value} is more than this server "
-                                     f"enforces ({MAX_REPEAT})")
-                stack.append(value)
-        elif isinstance(item, list):
-            stack.extend(item)
-
-
 _SPACE = re.compile(r'^space ::= " "\?$', re.MULTILINE)
 
 
-def _schema_grammar(schema: str, what: str) -> str:
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
+class _TooBig(Exception):
+    pass
 
+
+@functools.cache
+def _converter_class() -> type:
+    from llama_cpp.llama_grammar import INVALID_RULE_CHARS_RE, SchemaConverter
+
+    class Converter(SchemaConverter):
+        """llama-cpp-python's converter with a budget on what it writes and a name for
+        each new rule found at once (its own search is quadratic in rules of one name)."""
+
+        def __init__(self) -> None:
+            super().__init__(prop_order={}, allow_fetch=False, dotall=False,
+                             raw_pattern=False)
+            self._written = 0
+            self._named: dict[tuple[str, str], str] = {}
+            self._next: dict[str, int] = {}
+
+        def _add_rule(self, name: str, rule: str) -> str:
+            base = INVALID_RULE_CHARS_RE.sub("-", name)
+            key = self._named.get((base, rule))
+            if key is None:
+                if self._rules.get(base, rule) == rule:
+                    key = base
+                else:
+                    i = self._next.get(base, 0)
+                    while f"{base}{i}" in self._rules:
+                        i += 1
+                    self._next[base] = i + 1
+                    key = f"{base}{i}"
+                self._named[(base, rule)] = key
+            if self._rules.get(key) != rule:
+                self._written += len(key) + len(rule) + 5
+                if self._written > MAX_GRAMMAR_CHARS:
+                    raise _TooBig
+                self._rules[key] = rule
+            return key
+
+    return Converter
+
+
+def _schema_grammar(schema: str, what: str) -> str:
     try:
-        _check_repeats(json.loads(schema), what)
-    except (ValueError, RecursionError):
+        decoded = json.loads(schema)
+        check_schema(decoded)
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, SchemaError):
+            raise BadRequest(f"{what}: {exc}") from None
         raise BadRequest(f"{what}: the schema is not JSON (or nested too deeply)") from None
     try:
-        grammar = json_schema_to_gbnf(schema)
+        converter = _converter_class()()
+        converter.visit(converter.resolve_refs(decoded, "stdin"), "")
+        grammar = converter.format_grammar()
+    except _TooBig:
+        raise BadRequest(f"{what}: the schema makes more than {MAX_GRAMMAR_CHARS} "
+                         "characters of grammar: lower its counts and repetitions") from None
     except RecursionError:
         raise BadRequest(f"{what}: the schema is nested too deeply") from None
     except Exception as exc:  # the converter's ValueError, AssertionError, KeyError...
@@ -192,8 +216,8 @@ def _schema_grammar(schema: str, what: str) -> str:
     # this is llama.cpp's own rule: bounded, so a model cannot loop on whitespace).
     grammar = _SPACE.sub(r'space ::= | " " | "\\n"{1,2} [ \\t]{0,20}', grammar)
     if len(grammar) > MAX_GRAMMAR_CHARS:
-        raise BadRequest(f"{what}: the schema makes a grammar of {len(grammar)} characters "
-                         f"(at most {MAX_GRAMMAR_CHARS}): lower its repetition bounds")
+        raise BadRequest(f"{what}: the schema makes {len(grammar)} characters of grammar "
+                         f"(at most {MAX_GRAMMAR_CHARS}): lower its counts and repetitions")
     return grammar
 
 
