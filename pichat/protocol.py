@@ -101,6 +101,8 @@ __all__ = [
     "MAX_STATE_PIECE",
     "Message",
     "LIMITS",
+    "REQUEST_OBJECTS",
+    "check",
     "encode",
     "decode",
 ]
@@ -985,10 +987,17 @@ Message: TypeAlias = (
     | Migrate | State | StateAck | Conversations | Join
 )
 
+_MESSAGE_OBJECTS = 9
+"""A message's map, its four keys and their values."""
+REQUEST_OBJECTS = MAX_MESSAGES * _MESSAGE_OBJECTS + MAX_EMBED_INPUTS + 2 * MAX_STOP_STRINGS + 256
+"""What the largest REQUEST that `Request.from_body` takes decodes to: derived from the
+fields' own bounds, so that a request the router built and checked (`check`) is never one a
+worker cannot decode (tests/test_protocol.py builds the largest of each kind)."""
+
 LIMITS: dict[Command, Limits] = {
     Command.READY: Limits(objects=2 * MAX_LISTED_SESSIONS + 64, depth=4),
     Command.HEARTBEAT: Limits(objects=MAX_LISTED_SESSIONS + 64, depth=4, max_str=MAX_SMALL_TEXT),
-    Command.REQUEST: Limits(objects=5 * MAX_MESSAGES + 256, ints=MAX_TOKEN_LIST, depth=5),
+    Command.REQUEST: Limits(objects=REQUEST_OBJECTS, ints=MAX_TOKEN_LIST, depth=5),
     Command.CHUNK: Limits(objects=64, ints=MAX_TOKEN_LIST, depth=4, max_str=1 << 20),
     Command.DONE: Limits(objects=128 + MAX_EMBED_INPUTS, depth=4, max_str=MAX_EMBED_BYTES),
     Command.ERROR: Limits(objects=64, depth=4, max_str=MAX_SMALL_TEXT),
@@ -1021,6 +1030,33 @@ def encode(message: Message) -> list[bytes]:
     return [TAG, _COMMAND_BYTES[message.COMMAND], body]
 
 
+def check(message: Message) -> None:
+    """ProtocolError if a peer would refuse `message`: the very checks `decode` runs on
+    what it reads (the router runs them on each request it builds for a worker)."""
+    _TYPES[message.COMMAND].from_body(_Fields(message.COMMAND, message.to_body()))
+
+
+def _peek_id(body: bytes) -> str | None:
+    """The "id" of a body too big to decode, if it is among its first keys (it is the
+    first of every body this side writes); read without building what follows."""
+    unpacker = msgpack.Unpacker(max_buffer_size=len(body) + 1, raw=False,
+                                max_str_len=MAX_ID_CHARS * 4, max_bin_len=0, max_ext_len=0,
+                                max_array_len=0, max_map_len=0)
+    unpacker.feed(body)
+    try:
+        pairs = unpacker.read_map_header()
+        for _ in range(min(pairs, 4)):
+            key = unpacker.unpack()
+            if key == "id":
+                value = unpacker.unpack()
+                return value if isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS \
+                    else None
+            unpacker.skip()
+    except Exception:  # not msgpack, not a map, or a key that is not small: no id
+        return None
+    return None
+
+
 def decode(frames: Sequence[bytes]) -> Message:
     """Parse and validate the frames of one message (routing id already removed).
 
@@ -1044,7 +1080,9 @@ def decode(frames: Sequence[bytes]) -> Message:
     try:
         data = unpack(body, LIMITS[command])
     except DecodeError as exc:
-        raise ProtocolError(f"{command.name}: body {exc}") from None
+        error = ProtocolError(f"{command.name}: body {exc}")
+        error.request_id = _peek_id(bytes(body)) or ""
+        raise error from None
     if not isinstance(data, dict):
         raise ProtocolError(f"{command.name}: body must be a map")
     try:

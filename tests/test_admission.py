@@ -82,3 +82,15 @@ def test_without_a_prefix_index_no_session_is_made_up_and_isolation_is_passed_on
                    max_message_bytes=1 << 20)
     assert isinstance(result, Admitted)
     assert result.request.session is None and result.request.isolate
+
+
+def test_a_request_a_worker_would_refuse_to_decode_is_refused_naming_the_limit():
+    from pichat.protocol import MAX_MESSAGES, MAX_NAME_CHARS
+    for request, limit in (
+            (req(*[ChatMessage("user", "q")] * (MAX_MESSAGES + 1)), f"1 to {MAX_MESSAGES}"),
+            (Request(RequestId("r"), (Q1,), tool_choice="x" * (MAX_NAME_CHARS + 17)),
+             "tool_choice")):
+        result = admit(request, "ann", prefixes=None, isolate=False,
+                       max_prompt_chars=1 << 20, max_message_bytes=1 << 22)
+        assert isinstance(result, Refused) and result.reason == "invalid"
+        assert result.code is ErrorCode.BAD_REQUEST and limit in result.message

@@ -299,6 +299,43 @@ async def test_a_stored_conversation_longer_than_a_request_may_be_still_goes_on(
             await c.chat(user("x " * 2000), sampling=GREEDY)
 
 
+async def test_a_stored_conversation_of_more_messages_than_a_request_carries_goes_on(
+        cluster: Cluster, tmp_path):
+    """The store keeps up to 5,000 messages; a request carries at most 4,096: a longer
+    conversation is sent as its newest whole turns that fit, and every turn is answered."""
+    import sqlite3
+
+    from pichat.memory.sqlite import SQLiteStore
+    from pichat.memory.store import Message
+    from pichat.protocol import MAX_MESSAGES
+
+    db = str(tmp_path / "c.db")
+    router = cluster.router("--db", db)
+    cluster.worker("w1", "--sim-reply-tokens", "4", "--slots", "1", "--sim-prompt-tps", "1e6")
+    await cluster.wait_workers(1)
+    async with cluster.client() as c:
+        first = await c.chat(user("start"), sampling=GREEDY, conversation="long")
+    router.stop()
+    with sqlite3.connect(db) as raw:
+        (owner,), = raw.execute("SELECT owner FROM conversations").fetchall()
+    store = await SQLiteStore.open(db)
+    try:
+        turns = (MAX_MESSAGES + 200) // 2
+        for start in range(0, turns, 500):
+            await store.append(owner, first.done.conversation, tuple(
+                m for i in range(start, min(turns, start + 500))
+                for m in (Message("user", f"question {i}"), Message("assistant", f"answer {i}"))))
+    finally:
+        await store.close()
+    cluster.router("--db", db)
+    await cluster.wait_workers(1)
+    async with cluster.client() as c:
+        reply = await c.chat(user("and the next?"), sampling=GREEDY, conversation="long")
+        assert reply.text and reply.done.conversation == first.done.conversation
+        stored = await c.conversations("get", id="long", limit=1)
+    assert stored["total"] == 2 + 2 * turns + 2
+
+
 GARDEN = [
     "What vegetables are easy to grow?", "When should I plant tomatoes?",
     "How often should I water lettuce?", "What is compost?", "How do I make compost?",
@@ -406,3 +443,20 @@ async def test_two_routers_over_one_postgresql_database_serve_the_same_conversat
             "Through the first", "Through the second"]
     finally:
         other.close()
+
+
+async def test_a_history_is_cut_to_whole_newest_turns_by_characters_count_and_bytes():
+    from pichat.router.memory import _size, _within
+    history = [ChatMessage("system", "be brief")] + [
+        m for i in range(100) for m in (ChatMessage("user", f"q{i} " + "é" * 500),
+                                        ChatMessage("assistant", f"a{i} " + "x" * 500))]
+    for limits in ({"chars": 10_000, "count": 10**6, "size": 10**9},
+                   {"chars": 10**9, "count": 11, "size": 10**9},
+                   {"chars": 10**9, "count": 10**6, "size": 10_000}):  # é is two bytes
+        kept, left = _within(history, **limits)
+        assert kept[0].role == "system" and kept[1].role == "user"
+        assert kept[-1] == history[-1] and left == len(history) - len(kept)
+        assert sum(len(m.content) for m in kept) <= limits["chars"]
+        assert len(kept) <= limits["count"] and sum(map(_size, kept)) <= limits["size"]
+        assert len(kept) >= limits["count"] - 2 or sum(map(_size, kept)) > limits["size"] / 2 \
+            or sum(len(m.content) for m in kept) > limits["chars"] / 2  # not cut too far

@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+import aiohttp
 import msgpack
 import pytest
 import zmq
@@ -229,3 +230,31 @@ async def test_a_worker_name_belongs_to_the_key_that_holds_it(cluster: Cluster, 
 def keys(tmp_path) -> Path:
     keygen(tmp_path / "keys", workers=("pi2",), clients=("laptop",))
     return tmp_path / "keys"
+
+
+async def test_a_request_only_a_router_could_read_never_holds_a_worker_slot(cluster: Cluster):
+    """Thousands of tool calls and their answers (under 1 MB of JSON) once passed the
+    router and decoded to more objects than a worker takes: the worker answered nothing
+    and its one slot stayed busy for --request-timeout. What the router accepts, a worker
+    decodes; what a worker would refuse, the router refuses first, naming the limit."""
+    cluster.router("--request-timeout", "600")
+    cluster.worker("w1", "--sim-reply-tokens", "3", "--slots", "1", "--sim-prompt-tps", "1e6")
+    await cluster.wait_workers(1)
+    messages: list[dict] = [{"role": "user", "content": "go"}]
+    for i in range(2047):
+        messages += [{"role": "assistant", "content": "", "tool_calls": [{
+            "id": f"c{i}", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": f"c{i}", "content": "ok"}]
+    messages.append({"role": "user", "content": "thanks"})  # 4,096 messages: the most
+    url = cluster.http_url + "/v1/chat/completions"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+        async with http.post(url, json={"model": "pichat", "messages": messages,
+                                        "max_tokens": 3}) as reply:
+            assert reply.status == 200, await reply.text()
+            assert (await reply.json())["choices"][0]["message"]["content"]
+        async with http.post(url, json={"model": "pichat", "max_tokens": 3, "messages": [
+                *messages, messages[-1]]}) as reply:  # one message too many
+            assert reply.status == 400 and "4096" in (await reply.json())["error"]["message"]
+        async with http.post(url, json={"model": "pichat", "max_tokens": 3, "messages": [
+                {"role": "user", "content": "and now?"}]}) as reply:
+            assert reply.status == 200  # the slot was never held

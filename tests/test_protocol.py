@@ -218,3 +218,52 @@ def test_unknown_error_code_degrades_to_internal_and_keeps_message():
 def test_usage_tokens_per_second():
     assert Usage(completion_tokens=11, generate_ms=1000.0).tokens_per_s == pytest.approx(10.0)
     assert Usage(completion_tokens=1, generate_ms=5.0).tokens_per_s == 0.0
+
+
+def _largest_requests() -> list[Request]:
+    """The largest REQUEST of each kind `Request.from_body` accepts: every list at its
+    maximum, every message with all its fields."""
+    from pichat.protocol import (
+        MAX_EMBED_INPUTS,
+        MAX_ID_CHARS,
+        MAX_MEMORY_CHARS,
+        MAX_MESSAGES,
+        MAX_STOP_STRINGS,
+    )
+    sampling = Sampling(stop=tuple(f"s{i}" for i in range(MAX_STOP_STRINGS)), seed=7)
+    extra = dict(session=SessionId("s" * 100), timeout=10.0, model="m", owner="o" * 32,
+                 isolate=True, lease="l" * MAX_ID_CHARS, truncate=False,
+                 memory="n" * MAX_MEMORY_CHARS, remembered=3, tools="[]",
+                 tool_choice="required", format="json", sampling=sampling)
+    call = ChatMessage("assistant", "", tool_calls='[{"id":"c","name":"f","arguments":"{}"}]',
+                       tool_call_id="c")
+    return [Request(RequestId("i" * MAX_ID_CHARS), (call,) * MAX_MESSAGES,
+                    continuation=(1,) * 1000, **extra),
+            Request(RequestId("e"), (), embed=("x",) * MAX_EMBED_INPUTS),
+            Request(RequestId("p"), (), prompt="hello", continuation=(5,) * 100_000)]
+
+
+def test_the_largest_request_a_worker_accepts_decodes_within_its_limits():
+    from pichat.protocol import check
+    for request in _largest_requests():
+        check(request)  # what the router checks before it sends...
+        assert decode(encode(request)) == request  # ...is what a worker decodes
+
+
+def test_a_body_too_big_to_decode_still_names_its_request():
+    """A worker that cannot decode a request it can attribute answers ERROR at once,
+    rather than nothing (the slot would be held until the request timed out)."""
+    from pichat.protocol import MAX_MESSAGES, REQUEST_OBJECTS
+    wide = {"role": "user", "content": "x", **{f"k{i}": i for i in range(20)}}
+    for body, request_id in (
+            ({"id": "r-1", "messages": [wide] * MAX_MESSAGES}, "r-1"),
+            ({"id": "r-2", "messages": [[[]] * 64] * (REQUEST_OBJECTS // 64)}, "r-2"),
+            # Keys before it are skipped over in C, not built.
+            ({"messages": [wide] * MAX_MESSAGES, "id": "late"}, "late"),
+            ({**{f"k{i}": 0 for i in range(8)}, "id": "too-late", "messages": [wide] * 5000},
+             ""),
+            ({"id": ["not", "a", "string"], "messages": [wide] * MAX_MESSAGES}, ""),
+            ({"id": "x" * 65, "messages": [wide] * MAX_MESSAGES}, "")):
+        with pytest.raises(ProtocolError, match="objects") as info:
+            decode([TAG, bytes((Command.REQUEST,)), msgpack.packb(body)])
+        assert info.value.request_id == request_id

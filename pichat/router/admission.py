@@ -1,7 +1,8 @@
 """Whether the router takes a request, and as what: the pure half of `Router.submit`.
 
 A request is refused if it is too large for this router (characters of conversation, or
-bytes once encoded for a worker); else it becomes the request the workers see: its session
+bytes once encoded for a worker) or one a worker would refuse to decode (the same checks,
+pichat/protocol.py `check`); else it becomes the request the workers see: its session
 scoped to its owner (pichat/router/identity.py), the owner's tag, the cache isolation
 setting. A request without a session id gets one: the session of the conversation it
 continues, if the prefix index knows it and it is this owner's, else a new one; a
@@ -15,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from pichat.errors import ErrorCode
-from pichat.protocol import Request, SessionId, encode
+from pichat.errors import ErrorCode, ProtocolError
+from pichat.protocol import Request, SessionId, check, encode
 from pichat.router.identity import owner_tag, scoped_session
 from pichat.router.prefix import PrefixIndex
 
@@ -68,6 +69,11 @@ def admit(request: Request, owner: str, *, prefixes: PrefixIndex | None, isolate
             session = scoped_session(owner, f"auto-{request.id}")
             shared = match.shared or match.session
     admitted = replace(request, session=session, owner=tag, isolate=isolate, lease=None)
+    try:  # what a worker would refuse to decode, refused here (it would answer nothing)
+        check(admitted)
+    except ProtocolError as exc:
+        return Refused("invalid", ErrorCode.BAD_REQUEST,
+                       f"a worker would refuse this request: {exc}")
     if sum(map(len, encode(admitted))) > max_message_bytes - _ENVELOPE:
         return Refused("too_large", ErrorCode.BAD_REQUEST,
                        "the request is larger than a worker accepts "

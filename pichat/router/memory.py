@@ -28,6 +28,7 @@ from pichat.errors import BadRequest, ErrorCode, PichatError
 from pichat.logs import clip
 from pichat.memory.store import Conversation, Message, NotFound, Store
 from pichat.protocol import (
+    MAX_MESSAGES,
     ChatMessage,
     Chunk,
     Conversations,
@@ -138,9 +139,11 @@ class Memory:
                                "a turn of this conversation is still being answered"), None)
             return
         history = [ChatMessage(m.role, m.content) for m in conv.messages]  # type: ignore[arg-type]
-        room = self.router.config.max_prompt_chars - sum(len(m.content)
-                                                         for m in request.messages)
-        history, left = _within(history, room)
+        cfg = self.router.config
+        history, left = _within(
+            history, chars=cfg.max_prompt_chars - sum(len(m.content) for m in request.messages),
+            count=MAX_MESSAGES - len(request.messages),
+            size=cfg.max_message_bytes - _ROOM - sum(_size(m) for m in request.messages))
         # The note of what slid out (pichat/worker/summary.py), counted from the
         # messages sent.
         memory = conv.memory or None
@@ -315,21 +318,38 @@ class Memory:
             self.store = None
 
 
-def _within(history: list[ChatMessage], chars: int) -> tuple[list[ChatMessage], int]:
+_ROOM = 256 * 1024
+"""Bytes of a request to a worker left for what is not the history (tools, the note...)."""
+
+
+def _size(message: ChatMessage) -> int:
+    """Bytes of `message` in a request (its text as UTF-8, and room for its keys)."""
+    return len(message.content.encode("utf-8", "surrogatepass")) + 32
+
+
+def _within(history: list[ChatMessage], *, chars: int, count: int,
+            size: int) -> tuple[list[ChatMessage], int]:
     """`history` with its oldest whole turns (after the system messages) left out until
-    its text is at most `chars` characters: what a router accepts in one request (the
-    worker slides the rest to fit its context; the store keeps it all); and how many
-    messages left."""
+    it has at most `chars` characters, `count` messages and `size` bytes: what a router
+    accepts in one request and a worker decodes (the worker slides the rest to fit its
+    context; the store keeps it all); and how many messages left."""
     head = 0
     while head < len(history) and history[head].role == "system":
         head += 1
     total = sum(len(m.content) for m in history)
+    total_size = sum(map(_size, history))
     cut = head
-    while total > chars and cut < len(history):
+
+    def over() -> bool:
+        return total > chars or len(history) - (cut - head) > count or total_size > size
+
+    while over() and cut < len(history):
         total -= len(history[cut].content)
+        total_size -= _size(history[cut])
         cut += 1
         while cut < len(history) and history[cut].role != "user":  # whole turns
             total -= len(history[cut].content)
+            total_size -= _size(history[cut])
             cut += 1
     return history[:head] + history[cut:], cut - head
 
