@@ -34,7 +34,8 @@ class End:
         self.mover = StateMover(send=lambda frames: self.sent.append(decode(frames)),
                                 export=export or no_state,
                                 accept=lambda s, st: self.kept.__setitem__(s, st),
-                                state_format=fmt, budget=budget, max_tokens=4096)
+                                state_format=fmt, budget=budget, max_tokens=4096,
+                                token_bytes=2048)
 
 
 async def relay(source: End, target: End, tid: str = "t1", *, stall_acks: bool = False):
@@ -110,8 +111,14 @@ def header(**change) -> State:
     (header(format="llama:other:f16"), "made for"),
     (header(format="llama:abc:q8_0"), "made for"),
     (header(sha256="0" * 64), "digest"),
-    (header(data_bytes=999), "more bytes than announced"),
-    (header(data_bytes=1001), "fewer bytes"),
+    (header(data_bytes=999, nbytes=999 + 400), "more bytes than announced"),
+    (header(data_bytes=1001, nbytes=1001 + 400), "fewer bytes"),
+    # A state whose declared size is not what its bytes cost (a hostile or buggy source
+    # would have it charged at a few bytes while it holds megabytes)...
+    (header(nbytes=10), "declares 10 bytes"),
+    (header(nbytes=0), "declares 0 bytes"),
+    # ...or whose bytes are more than this model's state of its tokens.
+    (header(tokens=(1, 2), data_bytes=8 << 20, nbytes=(8 << 20) + 8), "more than this model's"),
     (header(data_bytes=1 << 40), "more than the session store"),
     (header(tokens=()), "tokens"),
     (header(tokens=tuple(range(5000))), "tokens"),

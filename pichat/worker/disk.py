@@ -324,8 +324,9 @@ def _read_state(path: Path, fmt: str, session: str) -> SavedState:
     tokens.frombytes(body)
     if sys.byteorder != "little":
         tokens.byteswap()
-    return SavedState(tuple(tokens), data, header["nbytes"], owner=header["owner"],
-                      format=fmt)
+    # Charged at what it holds, whatever its header says (as a migrated state is).
+    nbytes = len(data) + 4 * len(tokens) if data else header["nbytes"]
+    return SavedState(tuple(tokens), data, nbytes, owner=header["owner"], format=fmt)
 
 
 def _touch(path: Path) -> None:

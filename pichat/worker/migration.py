@@ -64,13 +64,15 @@ class StateMover:
     def __init__(self, *, send: Callable[[list[bytes]], None],
                  export: Callable[[str], Awaitable[SavedState | None]],
                  accept: Callable[[str, SavedState], None], state_format: str,
-                 budget: int, max_tokens: int) -> None:
+                 budget: int, max_tokens: int, token_bytes: int) -> None:
         self._send = send
         self._export = export
         self._accept = accept
         self.format = state_format
         self.budget = budget
         self.max_tokens = max_tokens
+        self.token_bytes = token_bytes
+        """KV cache bytes of one token in this model's format (what a state is made of)."""
         self._in: dict[str, _Incoming] = {}
         self._out: dict[str, _Outgoing] = {}
         self.sent = 0
@@ -170,7 +172,9 @@ class StateMover:
         if hashlib.sha256(incoming.buf).hexdigest() != incoming.sha256:
             self._refuse(tid, "the digest does not match")
             return
-        state = SavedState(incoming.tokens, bytes(incoming.buf), incoming.nbytes,
+        # Charged at what it holds here (the header's figure was checked against it).
+        state = SavedState(incoming.tokens, bytes(incoming.buf),
+                           self._cost(len(incoming.tokens), len(incoming.buf)),
                            owner=incoming.owner, format=incoming.format)
         self._accept(incoming.session, state)
         self.received += 1
@@ -187,9 +191,33 @@ class StateMover:
             return f"made for {clip(piece.format, 80)}, not {clip(self.format, 80)}"
         if piece.data_bytes > self.budget or piece.nbytes > self.budget:
             return f"{piece.data_bytes} bytes is more than the session store holds"
-        if not 0 < len(piece.tokens) < self.max_tokens:
-            return f"{len(piece.tokens)} tokens do not fit the context"
+        n = len(piece.tokens)
+        if not 0 < n < self.max_tokens:
+            return f"{n} tokens do not fit the context"
+        # What a sender says a state costs is not believed: its bytes must be what this
+        # model's state of that many tokens takes, and its size what those bytes cost.
+        most = self._most_bytes(n)
+        if piece.data_bytes > most:
+            return (f"{piece.data_bytes} bytes for {n} tokens is more than this model's "
+                    f"state of them ({most})")
+        cost = self._cost(n, piece.data_bytes)
+        if piece.nbytes != cost:
+            return f"it declares {piece.nbytes} bytes, but {n} tokens in {piece.data_bytes} " \
+                   f"bytes cost {cost}"
         return ""
+
+    def _cost(self, n_tokens: int, data_bytes: int) -> int:
+        """What holding a state costs: its bytes and its token ids (a simulated state has
+        no bytes: its tokens at this model's size each)."""
+        if data_bytes:
+            return data_bytes + 4 * n_tokens
+        return n_tokens * self.token_bytes
+
+    def _most_bytes(self, n_tokens: int) -> int:
+        """The largest state of `n_tokens` this model makes: their K and V rows, and
+        llama.cpp's bookkeeping (measured: 12 bytes a token and 3 KiB, for f16, q8_0 and
+        q4_0 caches, on the default model and a tiny one)."""
+        return n_tokens * (self.token_bytes + 64) + (64 << 10)
 
     def _refuse(self, tid: str, reason: str) -> None:
         self._in.pop(tid, None)

@@ -117,7 +117,8 @@ class Worker:
         self.jobs: dict[RequestId, _Running] = {}
         self.mover = StateMover(send=self._send, export=self._export_state,
                                 accept=self.slots.accept, state_format=model.format,
-                                budget=self.slots.store.budget, max_tokens=model.n_ctx)
+                                budget=self.slots.store.budget, max_tokens=model.n_ctx,
+                                token_bytes=model.kv_token_bytes)
         self._moves: set[asyncio.Task] = set()
         self._move_activity = asyncio.Event()
         """Set when a transfer starts or ends (a draining worker waits for them)."""
