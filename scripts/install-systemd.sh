@@ -63,20 +63,9 @@ elif [ ! -f "$keys/router.key" ]; then
     "$venv/bin/pichat" keygen --keys "$keys"
 fi
 if [ -z "$root" ]; then
-    # The services run as dynamic users in group pichat: let that group read the keys.
-    getent group pichat >/dev/null || groupadd --system pichat
-    chgrp -R pichat "$keys"
-    chmod -R g+rX,g-w,o-rwx "$keys"
-    if [ -f "$keys/router.key_secret" ]; then
-        # The router admits joining Pis: it writes its allow-lists and uses up
-        # invitations, which `sudo pichat invite` (root) writes. Those folders are shared
-        # with the group (setgid: pichat writes files there group-readable and -writable).
-        for d in workers clients invites; do
-            install -d -g pichat -m 2770 "$keys/$d"
-            chmod 2770 "$keys/$d"
-            find "$keys/$d" -type f -exec chmod g+rw {} +
-        done
-    fi
+    # The services run as dynamic users in group pichat; the router also in
+    # pichat-router, the only group that reads its secret and api-keys.
+    "$here/scripts/key-permissions.sh" "$keys"
 fi
 if [ -z "$root" ] && [ -d /run/systemd/system ]; then
     systemctl daemon-reload

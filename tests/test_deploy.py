@@ -155,3 +155,48 @@ def test_install_systemd_stages_a_working_installation(tmp_path):
                 env={**os.environ, "DESTDIR": str(tmp_path), "PICHAT_FETCH_MODEL": "no"})
     assert again.returncode == 0 and "keeping the existing" in again.stdout
     assert (tmp_path / "etc/pichat/pichat.env").read_text() == "PICHAT_SLOTS=2\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's group takes root")
+def test_on_the_routers_pi_a_workers_group_cannot_read_the_routers_secrets():
+    """scripts/key-permissions.sh (what install-systemd runs) on a keys directory made by
+    `pichat keygen`: a process in the services' group only (a worker's) reads
+    the public keys and its own pair, never the router's secret, the client secret or
+    api-keys; one in the router's group too reads them. Groups that exist here stand in
+    for pichat and pichat-router."""
+    import tempfile
+    # Under a directory other users can pass through (pytest's own is root's only).
+    top = Path(tempfile.mkdtemp(prefix="pichat-keys-", dir="/tmp"))
+    os.chmod(top, 0o755)
+    try:
+        check_key_groups(top / "keys")
+    finally:
+        shutil.rmtree(top)
+
+
+def check_key_groups(keys: Path) -> None:
+    made = run(VENV_BIN / "pichat", "keygen", "--keys", keys)
+    assert made.returncode == 0, made.stderr
+    (keys / "api-keys").write_text("pichat-secret\n")
+    env = {**os.environ, "PICHAT_GROUP": "daemon", "PICHAT_ROUTER_GROUP": "adm"}
+    done = run(ROOT / "scripts" / "key-permissions.sh", keys, env=env)
+    assert done.returncode == 0, done.stderr
+    units = {u: (ROOT / "systemd" / u).read_text() for u in UNITS}
+    assert "SupplementaryGroups=pichat pichat-router\n" in units["pichat-router.service"]
+    assert "SupplementaryGroups=pichat\n" in units["pichat-worker.service"]
+
+    def reads(groups: str, path: Path) -> bool:
+        return run("setpriv", "--reuid=nobody", f"--regid={groups.split(',')[0]}",
+                   f"--groups={groups}", "cat", path).returncode == 0
+
+    worker, router = "daemon", "daemon,adm"
+    for name in ("router.key", "worker.key", "worker.key_secret"):
+        assert reads(worker, keys / name), name
+    for name in ("router.key_secret", "client.key_secret", "api-keys",
+                 "workers/worker.key", "clients/client.key"):
+        assert not reads(worker, keys / name), name
+        assert reads(router, keys / name), name
+    assert not reads("nogroup", keys / "router.key")  # nobody else reads anything
+    for folder in ("workers", "clients", "invites", "revoked"):
+        mode = (keys / folder).stat().st_mode
+        assert mode & 0o7777 == 0o2770, folder

@@ -179,3 +179,29 @@ def test_replicas_sharing_a_volume_each_take_a_directory_and_find_one_again(tmp_
     finally:
         again.close()
         second.close()
+
+
+def test_states_are_private_to_the_workers_user_and_a_header_cannot_shrink_one(tmp_path):
+    """A state is a conversation (its token ids): 0600 files in a 0700 directory, as the
+    conversation database is; files an older version left readable are closed at start.
+    A state read back is charged at what it holds, whatever its header says."""
+    directory = tmp_path / "states"
+    directory.mkdir(mode=0o755)
+    os.chmod(directory, 0o755)
+    written(directory, a=state(50)).close()
+    assert directory.stat().st_mode & 0o777 == 0o700
+    (path,) = directory.glob("*.kv")
+    assert path.stat().st_mode & 0o777 == 0o600
+    os.chmod(path, 0o644)
+    os.chmod(directory, 0o755)
+    raw = path.read_bytes()
+    assert b'"nbytes": 3400' in raw
+    path.write_bytes(raw.replace(b'"nbytes": 3400', b'"nbytes": 1   '))  # a lie, same length
+    store = DiskStore(directory, 1 << 20, FMT)
+    try:
+        assert directory.stat().st_mode & 0o777 == 0o700
+        assert path.stat().st_mode & 0o777 == 0o600
+        got = store.load("a")
+        assert got.nbytes == len(got.data) + 4 * len(got.tokens)
+    finally:
+        store.close()

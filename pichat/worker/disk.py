@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pichat.claims import claim
+from pichat.errors import PichatError
 from pichat.logs import clip
 from pichat.worker.backend import SavedState
 
@@ -65,6 +66,13 @@ class OnDisk:
 class DiskStore:
     def __init__(self, directory: str | Path, budget_bytes: int, fmt: str) -> None:
         self.dir, self._lock_file = claim(str(directory), "worker", "a --state-dir")
+        # The states are the conversations (their token ids): the worker's user's only,
+        # as the conversation database is (files made before this are closed too).
+        try:
+            os.chmod(self.dir, 0o700)
+        except OSError as exc:
+            raise PichatError(f"cannot make {self.dir} private (--state-dir): "
+                              f"{exc.strerror}") from None
         self.budget = budget_bytes
         self.format = fmt
         self.nbytes = 0
@@ -97,6 +105,8 @@ class DiskStore:
             if not path.name.endswith(_SUFFIX):
                 continue
             try:
+                if path.stat().st_mode & 0o077:
+                    path.chmod(0o600)
                 header, size = _read_header(path)
             except (OSError, ValueError) as exc:
                 self._refuse(path, "torn", str(exc))
@@ -253,7 +263,9 @@ class DiskStore:
                              "sha256": digest.hexdigest()}).encode()
         path = self.dir / _file_name(session)
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
             f.write(MAGIC + len(header).to_bytes(4, "little") + header)
             f.write(body)
             f.write(state.data)
