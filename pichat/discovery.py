@@ -6,8 +6,9 @@ public key (it joined: pichat/invites.py) and has no router address, or has lost
 one it had (the router's address changed after a DHCP renewal), looks for announcements
 and takes only one whose key is the key it holds: an announcement is never trusted by
 itself, and one with another key (a rogue announcer, another cluster) is ignored and
-logged. The connection that follows is CURVE with that key, so even a forged TXT record
-leads nowhere. `--no-discovery` switches it all off; static addresses keep working.
+logged. A found address is used and kept only once a CURVE handshake with that key
+succeeded there (only the router's secret can answer it): a forged announcement is
+neither followed nor saved. `--no-discovery` switches it all off; static addresses keep working.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pichat.config import host_name
+from pichat.errors import PichatError
 
-__all__ = ["SERVICE", "Announcer", "find", "answers", "relocate"]
+__all__ = ["SERVICE", "Announcer", "find", "answers", "proven", "relocate"]
 
 log = logging.getLogger(__name__)
 
@@ -133,20 +136,71 @@ def answers(endpoint: str, timeout: float = 1.0) -> bool:
         return False
 
 
+async def proven(endpoint: str, keys: Any, key_name: str, timeout: float = 3.0) -> bool:
+    """Does the listener at `endpoint` hold the router's secret key? A CURVE handshake
+    with the router's public key (as `key_name`'s key pair) must succeed: only a holder of
+    the secret can answer it. A silent listener, another key or no CURVE at all: False."""
+    import zmq
+    import zmq.asyncio
+    from zmq.utils.monitor import parse_monitor_message
+
+    failed = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+              | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    monitor = None
+    try:
+        keys.secure_client(sock, key_name)
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | failed)
+        sock.connect(endpoint)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (left := deadline - loop.time()) > 0:
+            try:
+                frames = await asyncio.wait_for(monitor.recv_multipart(), left)
+            except TimeoutError:
+                break
+            event = parse_monitor_message(frames)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return True
+            if event & failed:
+                return False
+        return False
+    except (zmq.ZMQError, PichatError, OSError) as exc:
+        log.debug("cannot try the router at %s: %s", endpoint, exc)
+        return False
+    finally:
+        if monitor is not None:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+        sock.close(linger=0)
+        ctx.term()
+
+
 async def relocate(keys_dir: Any, router_key: str, role: str, was: str | None,
-                   timeout: float = 3.0) -> str | None:
+                   timeout: float = 3.0, *, keys: Any = None, key_name: str = "",
+                   finder: Callable[[str, str, float], Awaitable[str | None]] | None = None
+                   ) -> str | None:
     """Look on the LAN for the router whose key is `router_key`; if found somewhere other
-    than `was`, keep the new endpoint in a joined Pi's router.json (`keys_dir`), so the
-    next start goes there directly. The endpoint, or None."""
+    than `was`, and the listener there proves it holds the router's secret (`proven`,
+    with `keys` and `key_name`), keep the new endpoint in a joined Pi's router.json
+    (`keys_dir`), so the next start goes there directly. The endpoint, or None (an
+    announcement that does not prove the key is not used: a spoofed one would keep this
+    host stuck). `finder`: what looks (`find`)."""
     from pichat.invites import ROUTER_FILE, remember_router
 
     try:
-        found = await find(router_key, role, timeout)
+        found = await (finder or find)(router_key, role, timeout)
     except (OSError, RuntimeError) as exc:  # no multicast here, or a sandbox (systemd's
         # RestrictAddressFamilies without AF_NETLINK): look no further, but keep going
         log.warning("cannot look for the router on the LAN: %s", exc)
         return None
     if found and found != was:
+        if keys is not None and not await proven(found, keys, key_name, timeout):
+            log.warning("an announcement of this cluster's router at %s did not prove its "
+                        "key (no CURVE handshake): ignored", found)
+            return None
         log.info("found the router on the LAN at %s (was %s)", found, was or "none")
         if keys_dir is not None and (keys_dir / ROUTER_FILE).exists():
             try:

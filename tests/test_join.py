@@ -268,3 +268,63 @@ async def test_a_revoked_client_stays_out_on_its_open_connection_and_nobody_gets
         assert "was revoked" in await router.wait_output("was revoked (", 30)
         with pytest.raises(RequestFailed, match="revoked"):
             await old.status()
+
+
+async def test_an_announced_address_is_followed_and_kept_only_once_it_proved_the_key(
+        cluster: Cluster, tmp_path: Path):
+    """A spoofed mDNS answer (any host on the LAN can send one, with the right key in its
+    TXT record) was written to router.json before any handshake: a fake listener then kept
+    the Pi stuck. Now an address is used and kept only after a CURVE handshake with the
+    router's key succeeded there."""
+    import zmq
+    import zmq.asyncio
+
+    import pichat.discovery as discovery
+    from pichat.invites import stored_router
+
+    router_keys = tmp_path / "router-keys"
+    keygen(router_keys)
+    cluster.router("--keys", str(router_keys))
+    token = pichat("invite", "--keys", str(router_keys), "--address",
+                   cluster.join_endpoint).stdout.strip()
+    pi = tmp_path / "pi"
+    assert pichat("join", token, "--keys", str(pi), "--name", "pi").returncode == 0
+    keys = resolve_keys(str(pi))
+    key = keys.router_public().decode()
+    kept = (pi / "router.json").read_text()
+
+    accepted: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda r, w: accepted.append(w), "127.0.0.1", 0)
+    ctx = zmq.asyncio.Context()
+    other_key = ctx.socket(zmq.ROUTER)  # CURVE, but another key pair
+    other_key.curve_server = True
+    other_key.curve_publickey, other_key.curve_secretkey = zmq.curve_keypair()
+    plain = ctx.socket(zmq.ROUTER)  # no CURVE at all
+    fakes = [f"tcp://127.0.0.1:{silent.sockets[0].getsockname()[1]}"]
+    for sock in (other_key, plain):
+        sock.bind("tcp://127.0.0.1:0")
+        fakes.append(sock.last_endpoint.decode())
+    try:
+        for fake in fakes:
+            async def spoofed(k, role, timeout, fake=fake):
+                return fake
+
+            assert await discovery.relocate(pi, key, "workers", "tcp://10.255.0.1:1", 3.0,
+                                            keys=keys, key_name="worker",
+                                            finder=spoofed) is None, fake
+            assert (pi / "router.json").read_text() == kept
+        moved = "tcp://localhost:" + cluster.worker_endpoint.rsplit(":", 1)[1]
+
+        async def real(k, role, timeout):
+            return moved
+
+        assert await discovery.relocate(pi, key, "workers", cluster.worker_endpoint, 30.0,
+                                        keys=keys, key_name="worker", finder=real) == moved
+        assert stored_router(pi, "workers") == moved
+    finally:
+        silent.close()
+        for writer in accepted:
+            writer.close()
+        for sock in (other_key, plain):
+            sock.close(linger=0)
+        ctx.term()

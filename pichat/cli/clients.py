@@ -28,7 +28,8 @@ def _client_options(f: Any) -> Any:
         resolved = o.keys_or_fail(keys)
         default = o.default(ClientConfig, "router")
         if discovery and router == default and resolved is not None:
-            router = _located(o.joined_router(router, default, resolved, "clients"), resolved)
+            router = _located(o.joined_router(router, default, resolved, "clients"), resolved,
+                              key_name)
         else:
             router = o.joined_router(router, default, resolved, "clients")
         config = ClientConfig(router=router, keys=resolved, key_name=key_name)
@@ -48,7 +49,7 @@ def _client_options(f: Any) -> Any:
     return wrapper
 
 
-def _located(router: str, keys: Any) -> str:
+def _located(router: str, keys: Any, key_name: str) -> str:
     """A joined client's router (the router's secret is not here), looked for on the LAN
     when it does not answer where it was (its address changed)."""
     from pichat.discovery import answers, relocate
@@ -59,7 +60,8 @@ def _located(router: str, keys: Any) -> str:
         key = keys.router_public().decode()
     except PichatError:
         return router
-    found = asyncio.run(relocate(keys.directory, key, "clients", router))
+    found = asyncio.run(relocate(keys.directory, key, "clients", router, keys=keys,
+                                 key_name=key_name))
     if found and found != router:
         click.echo(f"(the router is now at {found})", err=True)
     return found or router

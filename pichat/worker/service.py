@@ -255,7 +255,8 @@ class Worker:
             return
         from pichat.discovery import relocate
 
-        found = await relocate(cfg.keys.directory, key, "workers", cfg.router)
+        found = await relocate(cfg.keys.directory, key, "workers", cfg.router, keys=cfg.keys,
+                               key_name=cfg.key_name)
         if found and found != cfg.router:
             self.config = replace(cfg, router=found)
 
