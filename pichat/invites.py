@@ -152,14 +152,21 @@ def redeem(keys_dir: Path, ident: str, secret: str, now: float | None = None) ->
 
 
 def join(keys_dir: Path, ident: str, secret: str, name: str, public_key: str,
-         now: float | None = None) -> tuple[Role, Path]:
+         now: float | None = None, check: Callable[[Role], None] | None = None
+         ) -> tuple[Role, Path]:
     """Admit `public_key` (Z85) as `name` with one use of invitation `ident`: its role
-    and the allow-list entry written. Every check, of the token and of the name and key,
-    comes before the use is taken: InviteRefused uses nothing."""
+    and the allow-list entry written. Every check, of the token, of the name and key, and
+    `check(role)` (raising InviteRefused), comes before the use is taken: a refusal uses
+    nothing."""
     _check(name, public_key)
     written: list[Path] = []
-    role = _redeem(keys_dir, ident, secret, now,
-                   lambda role: written.append(admit(keys_dir, role, name, public_key)))
+
+    def then(role: Role) -> None:
+        if check is not None:
+            check(role)
+        written.append(admit(keys_dir, role, name, public_key))
+
+    role = _redeem(keys_dir, ident, secret, now, then)
     return role, written[0]
 
 

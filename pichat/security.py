@@ -352,9 +352,10 @@ class Gatekeeper:
         address = request[3].decode("utf-8", "replace")
         mechanism, credentials = request[5], request[6:]
         if domain == "join":  # any key, to redeem a join token: its User-Id is the key
+            # and the address it came from ("KEY ADDRESS": can it reach what it joins?)
             if mechanism != b"CURVE" or len(credentials) != 1 or len(credentials[0]) != 32:
                 return self._refuse(domain, address, "CURVE keys required")
-            return b"200", b"OK", z85.encode(credentials[0])
+            return b"200", b"OK", z85.encode(credentials[0]) + b" " + address[:64].encode()
         allow = self.lists.get(domain)
         if allow is None:
             return self._refuse(domain, address, "unknown domain")

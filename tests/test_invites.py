@@ -266,3 +266,31 @@ def test_a_joined_pis_router_file_is_kept_merged_and_a_damaged_one_is_an_error(t
     (tmp_path / "router.json").write_text("{not json")
     with pytest.raises(PichatError, match="pichat join"):
         stored_router(tmp_path, "workers")
+
+
+def test_a_joiner_that_could_not_reach_what_it_joins_is_refused_and_uses_nothing(keys):
+    """A router serving workers on 127.0.0.1 only handed a Pi elsewhere a worker endpoint
+    it could never reach: its READY went into the void. The router refuses such a join,
+    saying which option to change, and the token keeps its use."""
+    from types import SimpleNamespace
+
+    from pichat.router.joins import JoinDesk
+
+    router = SimpleNamespace(workers_endpoint="tcp://127.0.0.1:5576",
+                             clients_endpoint="tcp://0.0.0.0:5577",
+                             config=SimpleNamespace(log_repeat_window=60.0))
+    desk = JoinDesk(router)
+    made = invite(keys, role="worker", addresses=ADDRESS, router_key=router_key(keys))
+    key = new_key(keys, "pi2")
+    for peer in ("192.168.1.20", "10.0.0.7", "fe80::1"):
+        with pytest.raises(InviteRefused, match="--workers-bind tcp://0.0.0.0:5576"):
+            join(keys, made.id, made.secret, "pi2", key,
+                 check=lambda role, peer=peer: desk._reachable(role, peer))
+    assert ("worker", "pi2") not in members(keys)
+    # From the router's own host (a loopback address), or a client (its endpoint is on
+    # every interface): fine, and now the use is taken.
+    desk._reachable("client", "192.168.1.20")
+    assert join(keys, made.id, made.secret, "pi2", key,
+                check=lambda role: desk._reachable(role, "127.0.0.1"))[0] == "worker"
+    with pytest.raises(InviteRefused, match="already used"):
+        join(keys, made.id, made.secret, "pi3", new_key(keys, "pi3"))

@@ -328,3 +328,45 @@ async def test_an_announced_address_is_followed_and_kept_only_once_it_proved_the
         for sock in (other_key, plain):
             sock.close(linger=0)
         ctx.term()
+
+
+async def test_a_worker_whose_ready_is_never_answered_says_why(cluster: Cluster):
+    """A worker pointed where no router serves workers (a router bound to 127.0.0.1 seen
+    from another Pi, a wrong port) used to retry in silence: `pichat status` said "no
+    workers connected" and neither log said why."""
+    import socket
+
+    refusing = socket.socket()  # bound, never listening: connections are refused
+    refusing.bind(("127.0.0.1", 0))
+    accepted: list[asyncio.StreamWriter] = []
+    mute = await asyncio.start_server(lambda r, w: accepted.append(w), "127.0.0.1", 0)
+    try:
+        for port, why in ((refusing.getsockname()[1], "nothing accepts connections there"),
+                          (mute.sockets[0].getsockname()[1], "something accepts connections")):
+            worker = cluster.spawn(f"w{port}", [
+                "worker", "--router", f"tcp://127.0.0.1:{port}", "--backend", "sim",
+                "--no-discovery", "--heartbeat", "0.5", "--name", f"w{port}"])
+            out = await worker.wait_output("never answered this worker's READY", timeout=60)
+            assert why in out, out
+            assert "--workers-bind" in out or "another port" in out
+            worker.stop()
+    finally:
+        refusing.close()
+        mute.close()
+        for writer in accepted:
+            writer.close()
+
+
+async def test_an_invitation_naming_where_nothing_answers_says_so(tmp_path: Path):
+    import socket
+
+    keygen(tmp_path / "keys")
+    refusing = socket.socket()
+    refusing.bind(("127.0.0.1", 0))
+    try:
+        address = f"tcp://127.0.0.1:{refusing.getsockname()[1]}"
+        made = pichat("invite", "--keys", str(tmp_path / "keys"), "--address", address)
+    finally:
+        refusing.close()
+    assert made.returncode == 0 and made.stdout.startswith("pichat1.")
+    assert f"nothing answers at {address}" in made.stderr and "--address" in made.stderr

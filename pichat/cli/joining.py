@@ -80,6 +80,12 @@ def invite_command(keys: str, role: str, ttl: float, uses: int,
                           f"tcp://{socket.gethostname()}.local:{DEFAULT_JOIN_PORT}")
     made = invite(directory, role=role, addresses=tuple(where),  # type: ignore[arg-type]
                   router_key=router_key, ttl=ttl, uses=uses)
+    from pichat.discovery import answers
+
+    if not any(answers(address) for address in where):
+        click.echo(f"warning: nothing answers at {' or '.join(where)} now: start the router "
+                   "(its --join-bind reachable from the Pis, not 127.0.0.1), or give the "
+                   "address the Pis reach it by with --address", err=True)
     click.echo(made.token())
     click.echo(f"(a {role} token, {uses} use{'s' if uses > 1 else ''}, good for "
                f"{ttl / 60:.0f} minutes: on the new Pi run  pichat join TOKEN)", err=True)

@@ -364,7 +364,10 @@ class Worker:
                     continue
                 silent = loop.time() - self._last_heard
                 if silent > silence_limit:
-                    log.warning("router %s silent for %.1fs", cfg.router, silent)
+                    if self._last_heard == self._connected_at:
+                        await self._unanswered(silent)
+                    else:
+                        log.warning("router %s silent for %.1fs", cfg.router, silent)
                     break
                 self.mover.expire()
                 self._send_heartbeat()
@@ -373,6 +376,21 @@ class Worker:
                 await self._reset()
                 self._close_channel()
         return self._last_heard > self._connected_at
+
+    async def _unanswered(self, silent: float) -> None:
+        """Say why a READY may have gone unanswered (else nothing in either log would)."""
+        from pichat.discovery import answers
+
+        router = self.config.router
+        if await asyncio.to_thread(answers, router):
+            why = ("something accepts connections there, but no pichat router answers "
+                   "workers on it (another port, or another program?)")
+        else:
+            why = ("nothing accepts connections there: the router is down, or listens "
+                   "elsewhere (its --workers-bind; a router bound to 127.0.0.1 serves only "
+                   "its own host)")
+        log.warning("the router at %s never answered this worker's READY (%.0fs): %s",
+                    router, silent, why)
 
     def _close_channel(self, linger_ms: int = 0) -> None:
         if self._link is not None:
