@@ -350,27 +350,74 @@ async def test_a_body_that_never_arrives_is_a_408(cluster: Cluster):
 
 
 async def test_silent_connections_are_capped_and_closed(cluster: Cluster):
-    """What 1,100 idle connections did before: all held, forever. Now at most a quarter of
-    --http-max-connections from one address, each closed after --http-idle-timeout."""
+    """What 1,100 idle connections did before: all held, forever. Now a connection that
+    has carried no request is untrusted: at most a few from one address (here a quarter
+    of --http-max-connections), the oldest closed to make room for a newer one, and each
+    closed after --http-idle-timeout anyway."""
     base = await start(cluster, "--http-max-connections", "40", "--http-idle-timeout", "1",
                        workers=1)
     host, port = base.removeprefix("http://").rsplit(":", 1)
     opened = [await asyncio.open_connection(host, int(port)) for _ in range(30)]
-    # Each connection either is refused at once (503) or is closed by the router when it
-    # has sent no request for a second: every read ends, none hangs.
+    # Each connection is closed: the oldest 20 to make room, the last 10 when they have
+    # sent no request for a second. Every read ends, none hangs.
     answers = await asyncio.wait_for(asyncio.gather(*(r.read() for r, _ in opened)), 30)
     for _, writer in opened:
         writer.close()
-    refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
-    assert len(refused) == 30 - 10, [a[:40] for a in answers]  # 10 per address
-    assert all(a == b"" for a in answers if a not in refused)
+    assert answers == [b""] * 30, [a[:40] for a in answers]
     async with aiohttp.ClientSession() as http:  # the silent ones are gone: it serves again
         async with http.post(base + "/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}) as r:
             assert r.status == 200
     async with cluster.client() as zmq_client:
         status = await zmq_client.status()
-    assert status["security"]["http_connections_refused"] == 20
+    assert status["security"]["http_connections_evicted"] == 20
+    assert status["security"]["http_connections_refused"] == 0
+
+
+async def test_a_flood_of_silent_connections_never_locks_an_authenticated_client_out(
+        cluster: Cluster, tmp_path: Path):
+    """256 silent connections from one address used to fill its share for as long as
+    they stayed, and every new connection from there (a real client behind the same NAT,
+    Open WebUI on the same host) was refused. Now they only churn their own small pool:
+    an authenticated client is served before, during and after the flood, on its kept
+    connection and on new ones."""
+    keys = tmp_path / "api-keys"
+    keys.write_text("lab-key\n")
+    base = await start(cluster, "--api-key-file", str(keys), "--http-max-connections", "64",
+                       "--http-idle-timeout", "60", workers=1)
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    body = {"model": "pichat", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 3}
+    headers = {"Authorization": "Bearer lab-key"}
+    flood: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def more(n: int) -> None:
+        for _ in range(n):
+            flood.append(await asyncio.open_connection(host, int(port)))
+
+    try:
+        async with aiohttp.ClientSession(headers=headers) as kept:  # one kept connection
+            async with kept.post(base + "/v1/chat/completions", json=body) as r:
+                assert r.status == 200
+            await more(256)
+            for _ in range(3):
+                async with kept.post(base + "/v1/chat/completions", json=body) as r:
+                    assert r.status == 200
+                async with aiohttp.ClientSession(headers=headers) as new:  # new connections
+                    async with new.post(base + "/v1/chat/completions", json=body) as r:
+                        assert r.status == 200
+                await more(64)
+        # A wrong key proves nothing: its connection stays untrusted, and is churned.
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer nope"}) as bad:
+            async with bad.post(base + "/v1/chat/completions", json=body) as r:
+                assert r.status == 401
+        async with cluster.client() as zmq_client:
+            status = await zmq_client.status()
+        assert status["security"]["http_connections_evicted"] >= 256 + 3 * 64 - 16
+        assert status["security"]["http_connections_refused"] == 0
+    finally:
+        for _, writer in flood:
+            writer.close()
 
 
 def test_any_json_body_is_a_request_or_a_400_never_an_exception():

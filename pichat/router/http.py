@@ -163,8 +163,11 @@ def create_app(router: RouterFace, *, api_keys: tuple[str, ...] = (),
                                "authentication_error", "invalid_api_key")
             request["owner"] = "api:" + hashlib.blake2b(matched[0].encode(),
                                                         digest_size=8).hexdigest()
+            _trusted(request)
         else:
             request["owner"] = f"ip:{request.remote}"
+            if not api_keys:
+                _trusted(request)
         return await handler(request)
 
     page = files("pichat.router").joinpath("static", "index.html").read_text("utf-8")
@@ -575,19 +578,31 @@ async def _event(response: web.StreamResponse, payload: dict[str, Any]) -> None:
     await response.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
 
 
+_GUARD = web.AppKey("pichat.guard", list)
+"""The site's gate (pichat/router/httpguard.py), once it exists: told which connections
+carried an authenticated request."""
+
+
+def _trusted(request: web.Request) -> None:
+    for site in request.config_dict.get(_GUARD, ()):
+        site.trust(request.transport)
+
+
 async def start_http(router: Any) -> tuple[web.AppRunner, Any]:
     """Serve `router`'s HTTP face on `router.config.http`: (the runner, the site)."""
     from pichat.router.httpguard import GuardedSite
 
     cfg = router.config
     host, _, port = cfg.http.rpartition(":")
-    runner = web.AppRunner(
-        create_app(router, api_keys=cfg.api_keys, max_body_bytes=cfg.max_message_bytes,
-                   default_max_tokens=cfg.http_max_tokens, body_timeout=cfg.http_body_timeout),
-        access_log=None, keepalive_timeout=cfg.http_idle_timeout)
+    app = create_app(router, api_keys=cfg.api_keys, max_body_bytes=cfg.max_message_bytes,
+                     default_max_tokens=cfg.http_max_tokens, body_timeout=cfg.http_body_timeout)
+    guard: list[Any] = []
+    app[_GUARD] = guard
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=cfg.http_idle_timeout)
     await runner.setup()
     site = GuardedSite(runner, host.strip("[]") or "0.0.0.0", int(port),
                        max_connections=cfg.http_max_connections, backlog=1024)
+    guard.append(site)
     try:
         await site.start()
     except BaseException:

@@ -71,6 +71,7 @@ def snapshot(r: Router) -> dict[str, Any]:
                                                              if gate else 0),
             "frames_dropped": sum(c.dropped for c in channels),
             "http_connections_refused": r.http_site.refused if r.http_site else 0,
+            "http_connections_evicted": r.http_site.evicted if r.http_site else 0,
         },
         "requests": {
             "active": r.active(),
