@@ -221,6 +221,10 @@ def test_another_owners_kv_is_reused_only_up_to_a_message_boundary(tiny_model):
         # not one token more (the real template's tokens, with its special tokens).
         assert turn("mallory", "my password is correct horse").cached_tokens == boundary
         turn("alice", "my password is correct horse battery staple")
+        # Nor a guess of her whole message, exactly right.
+        assert turn("trudy", "my password is correct horse battery staple"
+                    ).cached_tokens == boundary
+        turn("alice", "my password is correct horse battery staple")
         assert turn("eve", "my password is correct horse", isolate=True).cached_tokens == 0
         # The same owner reuses every equal token.
         turn("mallory", "my password is correct horse")

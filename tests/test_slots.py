@@ -177,9 +177,9 @@ SECRET = ChatMessage("user", "my password is correct horse battery staple")
     ("my password is correct horse", False, 13),
     ("my password is", False, 13),
     ("something else entirely", False, 13),
-    # The whole message guessed exactly: reusable up to that boundary (the assistant's
-    # reply differs), which is what sharing at message boundaries allows.
-    ("my password is correct horse battery staple", False, 13 + 9),
+    # The whole message guessed exactly: still the system prompt only (a boundary after
+    # it confirmed the guess: 13 + 9 cached tokens instead of 13).
+    ("my password is correct horse battery staple", False, 13),
     ("my password is correct horse", True, 0),  # --isolate-cache: nothing across owners
 ])
 def test_another_owners_kv_is_reused_only_up_to_a_message_boundary(guess, isolate, cached):
@@ -188,6 +188,29 @@ def test_another_owners_kv_is_reused_only_up_to_a_message_boundary(guess, isolat
     result = owned_turn(h, "mallory", [SYSTEM, ChatMessage("user", guess)], "m~1",
                         isolate=isolate)
     assert result.cached_tokens == cached
+
+
+def test_no_message_of_another_owner_but_the_system_prompt_can_be_confirmed():
+    """Whole turns guessed exactly (the user's message and the model's answer), or a
+    conversation without a system prompt: cached tokens, evaluated tokens and so the time
+    are those of a wrong guess of the same length."""
+    alice = [SYSTEM, SECRET, ChatMessage("assistant", "noted"),
+             ChatMessage("user", "what is it")]
+    for mine, right, wrong in (
+            (alice, alice, [SYSTEM, ChatMessage("user", "my password is wrong horse battery "
+                                                        "staple"),
+                            ChatMessage("assistant", "noted"),
+                            ChatMessage("user", "what is it")]),
+            ([SECRET], [SECRET], [ChatMessage("user", "my password is wrong horse battery "
+                                                      "staple")])):
+        usage = {}
+        for guess in ("right", "wrong"):
+            h = Harness(slots=1)
+            owned_turn(h, "alice", mine, "a~1")
+            r = owned_turn(h, "mallory", right if guess == "right" else wrong, "m~1")
+            usage[guess] = (r.prompt_tokens, r.cached_tokens)
+        assert usage["right"] == usage["wrong"], usage
+        assert usage["right"][1] == (13 if mine[0] is SYSTEM else 0)
 
 
 def test_the_same_owners_kv_is_reused_token_for_token():

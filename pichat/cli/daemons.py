@@ -93,8 +93,8 @@ R, S, W = RouterConfig, SchedulerConfig, WorkerConfig
          type=click.IntRange(1), help="Longest conversation a request may carry, characters.")
 @o.option("--isolate-cache", env="ISOLATE_CACHE", is_flag=True,
           help="No KV cache reuse between owners (API keys, client keys) at all; by default "
-               "one owner's cached tokens serve another only up to a whole-message boundary "
-               "(a shared system prompt).")
+               "one owner's cached tokens serve another only for the leading system "
+               "messages (a shared system prompt).")
 @o.field(S, "owner_max_running", "--owner-max-running", env="OWNER_MAX_RUNNING",
          type=click.IntRange(0),
          help="Requests one owner (a client key, an API key) may have running; 0: no cap "

@@ -10,12 +10,14 @@ A prompt's start may also be held by another slot (one system prompt for everyon
 slot then takes a copy of those cells (`Context.adopt`) instead of reading the tokens
 again, subject to the same rule across owners as below.
 
-KV state is reused across owners (the router's tag of who sent a request) only up to a
-whole-message boundary: a context another owner left is truncated to the longest run of
-complete messages the new prompt shares with it (typically a common system prompt), never
-to a token inside a message, so `cached_tokens` and the time to first token cannot be
-used to guess another user's prompt token by token. With `isolate` nothing is reused
-across owners at all.
+KV state is reused across owners (the router's tag of who sent a request) only for the
+leading system messages: a context another owner left is truncated to the longest run of
+whole system messages the new prompt shares with it (a common system prompt, the tools'
+descriptions), never to a token inside a message nor past the first user message, so
+`cached_tokens`, `usage` and the time to first token cannot confirm a guess of another
+user's own message, neither token by token nor whole. (A system prompt is what many share
+by design: one owner can still tell whether another uses the same one.) With `isolate`
+nothing is reused across owners at all.
 
 The router leases each session to this worker; the lease is kept with the session and
 announced back in READY, the router's proof that it placed the session here.
@@ -508,7 +510,15 @@ class SlotManager:
             return common
         if request.isolate or not request.messages:
             return 0
-        return message_boundary(self.model, request.messages, prompt, common, request.tools)
+        # Across owners only the leading system messages: a run of whole messages that
+        # went further would confirm a guess of another user's own message.
+        system = 0
+        while system < len(request.messages) and request.messages[system].role == "system":
+            system += 1
+        if system == 0:
+            return 0
+        return message_boundary(self.model, request.messages[:system], prompt, common,
+                                request.tools)
 
 
 def message_boundary(model: Model, messages: Sequence[ChatMessage], prompt: Sequence[int],
