@@ -114,9 +114,10 @@ class LocalCluster:
         self._dir = Path(tempfile.mkdtemp(prefix="pichat-up-"))
         self._ready = self._dir / "router.ready"
         host = socket.gethostname()
+        self.names = [f"{host}-w{i + 1}" for i in range(config.workers)]
         self.router = _Child("router", self._router_argv)
-        self.workers = [_Child(f"worker {i + 1}", lambda i=i: self._worker_argv(f"{host}-w{i + 1}"))
-                        for i in range(config.workers)]
+        self.workers = [_Child(f"worker {i + 1}", lambda n=n: self._worker_argv(n))
+                        for i, n in enumerate(self.names)]
 
     @property
     def client_endpoint(self) -> str:
@@ -147,11 +148,14 @@ class LocalCluster:
 
     def _worker_argv(self, name: str) -> list[str]:
         cfg = self.config
+        # Each worker its own key pair (made at start): a name, and the sessions leased to
+        # it, belong to one key; no worker can speak as another.
+        key = ["--key-name", name] if cfg.keys != "off" else []
         return [sys.executable, "-m", "pichat", "worker",
                 "--router", _connect_endpoint(self.endpoints["workers"]), "--name", name,
                 "--backend", cfg.backend, "--model", cfg.model, "--slots", str(cfg.slots),
                 "--threads", str(cfg.threads), "--ctx", str(cfg.ctx), "--keys", cfg.keys,
-                "--log-level", cfg.log_level, "--no-discovery", *cfg.worker_args]
+                *key, "--log-level", cfg.log_level, "--no-discovery", *cfg.worker_args]
 
     def start(self) -> None:
         """Start the router, wait until it is ready, then start the workers."""
@@ -162,6 +166,10 @@ class LocalCluster:
             from pichat.models import resolve
 
             resolve(cfg.model)
+        if cfg.keys != "off":
+            from pichat.security import keygen
+
+            keygen(Path(cfg.keys), workers=tuple(self.names))
         self._spawn(self.router)
         self._wait_router()
         for child in self.workers:

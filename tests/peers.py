@@ -18,10 +18,13 @@ class Peer:
     """A DEALER (a fake worker or client) or a bound ROUTER (a fake router)."""
 
     def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, *, bind: bool = False,
-                 max_message_bytes: int = -1) -> None:
+                 max_message_bytes: int = -1, secure=None) -> None:
+        """`secure(socket)`: set up CURVE before connecting (`Keys.secure_client`)."""
         self.sock = ctx.socket(zmq.ROUTER if bind else zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        if secure is not None:
+            secure(self.sock)
         if bind:
             self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             self.sock.bind(endpoint)  # tcp://127.0.0.1:* picks a free port

@@ -295,6 +295,15 @@ async def test_up_starts_a_dead_worker_again_and_status_counts_it(cluster: Clust
     cluster.keys = keys
     status = await cluster.wait_workers(2, timeout=60)
     victim = status["workers"][0]["name"]
+    # Each worker has a key pair of its own, named after it: no worker can speak as
+    # another nor announce the sessions leased to it.
+    names = sorted(w["name"] for w in status["workers"])
+    assert all((keys / "workers" / f"{n}.key").is_file() for n in names)
+    for pid in _children(up.pid):
+        line = _cmdline(pid)
+        if " worker " in line:
+            name = line.split("--name ", 1)[1].split()[0]
+            assert f"--key-name {name} " in line, line
     os.kill(next(p for p in _children(up.pid) if f"--name {victim} " in _cmdline(p)),
             signal.SIGKILL)
     await up.wait_output("starting it again", timeout=30)

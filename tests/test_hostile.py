@@ -37,8 +37,8 @@ class Peers:
         self.peers: list[Peer] = []
         self.socks: list[zmq.Socket] = []
 
-    def peer(self, endpoint: str) -> Peer:
-        self.peers.append(Peer(self.ctx, endpoint))
+    def peer(self, endpoint: str, **kwargs) -> Peer:
+        self.peers.append(Peer(self.ctx, endpoint, **kwargs))
         return self.peers[-1]
 
     def socket(self) -> zmq.Socket:
@@ -258,3 +258,60 @@ async def test_a_request_only_a_router_could_read_never_holds_a_worker_slot(clus
         async with http.post(url, json={"model": "pichat", "max_tokens": 3, "messages": [
                 {"role": "user", "content": "and now?"}]}) as reply:
             assert reply.status == 200  # the slot was never held
+
+
+async def test_one_key_on_two_workers_still_cannot_attract_the_others_sessions(
+        cluster: Cluster, keys: Path, zctx):
+    """A key copied to several Pis (or the one `pichat up` used to give every worker)
+    made leases per key: a worker under another name could announce the sessions leased
+    to its neighbour and have their next turns. A lease is now bound to key and name; and
+    `pichat up` gives each worker a key of its own."""
+    from pichat.protocol import Disconnect, Done, Ready, Request, Usage
+
+    cluster.router("--keys", str(keys))
+    cluster.keys = keys
+    secure = resolve_keys(str(keys))
+
+    def fake() -> Peer:  # a worker process holding the key "worker"
+        return zctx.peer(cluster.worker_endpoint,
+                         secure=lambda sock: secure.secure_client(sock, "worker"))
+
+    home = fake()
+    await home.send(Ready("home", "m", "sim", 1, 4096, "test"))
+    await cluster.wait_workers(1)
+    async with cluster.client() as client:
+        asked = asyncio.ensure_future(client.chat([ChatMessage("user", "hi")],
+                                                  session="s7", sampling=Sampling(max_tokens=1)))
+        placed = await home.expect(Request)
+        await home.send(Done(placed.id, "home", "stop", Usage(1, 0, 1)))
+        await asked
+        await home.send(Disconnect("bye"))
+        await eventually_no_workers(cluster)
+        # Same key, another name, the neighbour's lease: not its session.
+        thief = fake()
+        await thief.send(Ready("thief", "m", "sim", 4, 4096, "test",
+                               ((placed.session, placed.lease),)))
+        await cluster.wait_workers(1, names={"thief"})
+        status = await client.status()
+        assert status["requests"].get("warm_claims_refused", 0) == 1
+        # The owner of the lease, back under its own name with its key, gets it back.
+        back = fake()
+        await back.send(Ready("home", "m", "sim", 1, 4096, "test",
+                              ((placed.session, placed.lease),)))
+        await cluster.wait_workers(2)
+        status = await client.status()
+        assert status["requests"].get("warm_claims_refused", 0) == 1
+        again = asyncio.ensure_future(client.chat([ChatMessage("user", "and?")],
+                                                  session="s7", sampling=Sampling(max_tokens=1)))
+        turn = await back.expect(Request)
+        assert turn.session == placed.session
+        await back.send(Done(turn.id, "home", "stop", Usage(1, 0, 1)))
+        await again
+
+
+async def eventually_no_workers(cluster: Cluster) -> None:
+    for _ in range(200):
+        if not (await snapshot(cluster))["workers"]:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the worker was never dropped")

@@ -503,7 +503,7 @@ class Router:
         request = client.outgoing or client.request
         meta = self.workerside.meta(worker)
         if request.session is not None and meta is not None:
-            request = replace(request, lease=self.leases.sign(meta.identity, request.session))
+            request = replace(request, lease=self.leases.sign(meta.lease_holder, request.session))
         return encode(request)
 
     def _check_idle(self) -> None:

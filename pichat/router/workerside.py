@@ -55,8 +55,15 @@ class WorkerMeta:
     heartbeat: Heartbeat
     """The latest (load, warm sessions, speed, draining)."""
     identity: str
-    """What its leases are bound to: its key's name, or (without keys) its name."""
+    """Its key's name, or (without keys) its name."""
     served: int = 0
+
+    @property
+    def lease_holder(self) -> str:
+        """What its leases are bound to: its key and its name, so that no other worker
+        attracts its sessions, not even one that holds the same key (a key copied to
+        every Pi) under another name."""
+        return f"{self.identity}/{self.ready.worker}"
 
 
 class WorkerSide:
@@ -183,7 +190,9 @@ class WorkerSide:
                 "choose another --name")))
             return
         identity = user or ready.worker
-        warm = tuple(s for s, lease in ready.warm if r.leases.valid(identity, s, lease))
+        meta = WorkerMeta(ready, time.time(), Heartbeat(), identity)
+        warm = tuple(s for s, lease in ready.warm
+                     if r.leases.valid(meta.lease_holder, s, lease))
         if len(warm) < len(ready.warm):
             r.stats.events["warm_claims_refused"] += len(ready.warm) - len(warm)
             r.throttle.log(now, logging.WARNING, "unleased claims",
@@ -196,7 +205,7 @@ class WorkerSide:
         log.info("worker %s ready: model %s (%s), %d slots, ctx %d, %d warm sessions",
                  clip(ready.worker, 60), clip(ready.model, 60), ready.backend, ready.slots,
                  ready.ctx, len(warm))
-        meta = WorkerMeta(ready, time.time(), Heartbeat(warm=len(warm)), identity)
+        meta.heartbeat = Heartbeat(warm=len(warm))
         speed = Speed(kv_token_bytes=ready.kv_token_bytes, state_format=ready.state_format)
         actions = r.scheduler.add_worker(worker, ready.model, ready.slots, now, warm, meta,
                                          speed, embedding_only=ready.embedding_only)
