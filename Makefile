@@ -21,12 +21,13 @@ STACK ?= pichat
 COMPOSE := scripts/compose.sh -f docker/compose.yml
 
 .PHONY: install run test test-fast lint bench install-systemd build up down logs swarm-deploy \
-	swarm-rm docker-e2e systemd-e2e clients-e2e fault-lab soak clean help
+	swarm-rm docker-e2e systemd-e2e clients-e2e fault-lab soak docs clean help
 
 help:
 	@echo "make run      start a router + $(WORKERS) workers on the default model and answer a prompt"
 	@echo "make test     run the test suite"
 	@echo "make bench    run the benchmarks (affinity vs round-robin, router overhead)"
+	@echo "make docs     the documentation site (docs/, MkDocs Material) built offline into site/"
 	@echo "make install  only set up $(VENV): llama-cpp-python built for this CPU, pichat, the default model"
 	@echo "make install-systemd   (as root) pichat as systemd services in /opt/pichat"
 	@echo "make build / up / down / logs       the Docker image and a compose cluster"
@@ -55,6 +56,11 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+docs: install
+	$(PY) scripts/docs_reference.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+	@echo "the site is in site/ (open site/index.html)"
 
 lint: install
 	$(VENV)/bin/ruff check pichat tests bench
@@ -112,4 +118,4 @@ systemd-e2e: install
 	scripts/systemd-e2e.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache

@@ -11,7 +11,7 @@ import asyncio
 import time
 
 from pichat.models import resolve
-from pichat.worker.llama import LlamaModel
+from pichat.worker.engine.llama import LlamaModel
 
 WORDS = ("the cluster answers quickly because each conversation returns to the worker "
          "that holds its cache while other pis wait for work").split()

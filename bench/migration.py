@@ -29,7 +29,7 @@ from pichat.protocol import ChatMessage, Sampling
 
 SAMPLING = Sampling(temperature=0, max_tokens=16)
 
-# The projection's assumptions (README: Benchmarks).
+# The projection's assumptions (docs/benchmarks.md).
 PI_PROMPT_TPS = 15.0
 """A Pi 5 reading a prompt with a 3B Q4 model (the issue's figure)."""
 PI_KV_BYTES_PER_TOKEN = 112 * 1024

@@ -15,8 +15,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import local_cluster, p50  # noqa: E402
 from pichat.models import resolve  # noqa: E402
 from pichat.protocol import ChatMessage, Sampling  # noqa: E402
-from pichat.worker.llama import LlamaModel  # noqa: E402
-from pichat.worker.textstream import TextStream  # noqa: E402
+from pichat.worker.engine.llama import LlamaModel  # noqa: E402
+from pichat.worker.engine.textstream import TextStream  # noqa: E402
 
 PROMPTS = [f"Write one sentence about the number {i}." for i in range(6)]
 SAMPLING = Sampling(temperature=0, max_tokens=64)

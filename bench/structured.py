@@ -19,9 +19,9 @@ import threading
 
 from pichat.models import resolve
 from pichat.protocol import ChatMessage, Request, RequestId, Sampling
-from pichat.worker.llama import LlamaModel
-from pichat.worker.textstream import TextStream
-from pichat.worker.tools import grammar_for
+from pichat.worker.engine.llama import LlamaModel
+from pichat.worker.engine.textstream import TextStream
+from pichat.worker.engine.tools import grammar_for
 
 PROMPTS = [
     "Describe a cat called Tom in a few words.",

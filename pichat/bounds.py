@@ -1,5 +1,5 @@
 """Every bound on what one peer can make pichat spend, in one place, each with the test
-that proves it (tests/test_bounds.py checks that each test exists and that the README's
+that proves it (tests/test_bounds.py checks that each test exists and that the docs'
 table lists each bound). The numbers themselves live where they are enforced; this is the
 index, imported by nothing at run time.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pichat import protocol, schemas
-from pichat.router import joins
-from pichat.router.httpguard import UNTRUSTED_PER_ADDRESS
-from pichat.worker import migration
+from pichat.router.api.guard import UNTRUSTED_PER_ADDRESS
+from pichat.router.daemon import joins
+from pichat.worker.daemon import migration
 
 __all__ = ["Bound", "BOUNDS"]
 

@@ -41,7 +41,7 @@ from pichat.config import (
 from pichat.console import format_stats
 from pichat.errors import PichatError
 from pichat.protocol import ChatMessage, Sampling
-from pichat.router.scheduler import Policy, SchedulerConfig
+from pichat.router.policy.scheduler import Policy, SchedulerConfig
 from pichat.security import resolve_keys
 from pichat.transport import port_of
 

@@ -8,9 +8,10 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
+from pichat.errors import PichatError
 from pichat.protocol import DEFAULT_MAX_MESSAGE_BYTES
-from pichat.router.scheduler import Policy, SchedulerConfig
-from pichat.security import Keys
+from pichat.router.policy.scheduler import Policy, SchedulerConfig
+from pichat.security import Keys, is_loopback
 
 __all__ = [
     "DEFAULT_CLIENT_ENDPOINT",
@@ -25,6 +26,7 @@ __all__ = [
     "ClientConfig",
     "default_worker_name",
     "default_of",
+    "check_exposure",
 ]
 
 DEFAULT_CLIENT_PORT = 5555
@@ -87,7 +89,7 @@ class RouterConfig:
     """No KV reuse across owners at all (by default, only up to a message boundary)."""
     migration: Literal["auto", "off"] = "auto"
     """auto: a conversation placed on another worker than the one holding it warm takes
-    its KV state along when moving it beats reading it again (pichat/router/migration.py);
+    its KV state along when moving it beats reading it again (pichat/router/daemon/migration.py);
     off: the other worker reads it."""
     status_per_s: float = 10.0
     """STATUS requests answered per second per client connection (twice that in a burst)."""
@@ -122,7 +124,7 @@ class RouterConfig:
 
 @dataclass(frozen=True, slots=True)
 class SimConfig:
-    """The simulated backend's speeds (see pichat/worker/sim.py)."""
+    """The simulated backend's speeds (see pichat/worker/engine/sim.py)."""
 
     prompt_tps: float = 400.0
     gen_tps: float = 40.0
@@ -204,3 +206,23 @@ class ClientConfig:
     """Times a request is sent again when the router falls silent (it may have restarted):
     as it was if nothing has streamed yet, else as a continuation after the tokens
     received (safe either way: nothing is delivered twice)."""
+
+
+def check_exposure(cfg: RouterConfig) -> None:
+    """Secure by default: a router binds nothing beyond this machine without keys, and serves
+    HTTP beyond it only with API keys (unless the operator says --insecure)."""
+    if cfg.insecure:
+        return
+    if cfg.keys is None:
+        for endpoint in (cfg.clients_bind, cfg.workers_bind):
+            if not is_loopback(endpoint):
+                raise PichatError(
+                    f"refusing to bind {endpoint} without keys: anyone on the network "
+                    "could use or impersonate workers. Create keys with `pichat keygen` "
+                    "(then --keys DIR, default ~/.config/pichat/keys) and copy them to "
+                    "the workers, or pass --insecure on a network you trust.")
+    if cfg.http and not is_loopback(cfg.http) and not cfg.api_keys:
+        raise PichatError(
+            f"refusing to serve HTTP on {cfg.http} without an API key: pass --api-key or "
+            "--api-key-file (`pichat keygen` writes KEYS/api-keys), bind --http "
+            "127.0.0.1:8080, or pass --insecure on a network you trust.")

@@ -138,7 +138,8 @@ MAX_TOOLS = 128
 MAX_TOOL_NAME_CHARS = 64
 """Tool definitions, a message's tool calls, a response format's schema: JSON as text."""
 MAX_MEMORY_CHARS = 4000
-"""A conversation's note of its turns that slid out of the context (pichat/worker/summary.py)."""
+"""A conversation's note of its turns that slid out of the context
+(pichat/worker/engine/summary.py)."""
 """A stored conversation's title (or id)."""
 MAX_MESSAGES = 4096
 MAX_STOP_STRINGS = 8
@@ -330,7 +331,7 @@ class Sampling:
     stop: tuple[str, ...] = ()
     grammar: str = ""
     """A GBNF grammar the answer must follow: set by the worker from the request's
-    `format` or `tool_choice` (pichat/worker/tools.py), never sent on the wire."""
+    `format` or `tool_choice` (pichat/worker/engine/tools.py), never sent on the wire."""
     grammar_trigger: str = ""
     """If set, the grammar applies only from where one of these Python regexes (one per
     line), searched in the answer so far, matches (a tool call's start; before it, free

@@ -28,7 +28,6 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import zmq
@@ -47,12 +46,8 @@ __all__ = [
     "keygen",
     "AllowList",
     "Gatekeeper",
-    "check_exposure",
     "is_loopback",
 ]
-
-if TYPE_CHECKING:
-    from pichat.config import RouterConfig
 
 log = logging.getLogger(__name__)
 
@@ -373,26 +368,6 @@ class Gatekeeper:
                           "refused a %s connection from %s: %s", peer, clip(address, 60),
                           reason, detail=address)
         return b"400", reason.encode(), b""
-
-
-def check_exposure(cfg: RouterConfig) -> None:
-    """Secure by default: a router binds nothing beyond this machine without keys, and serves
-    HTTP beyond it only with API keys (unless the operator says --insecure)."""
-    if cfg.insecure:
-        return
-    if cfg.keys is None:
-        for endpoint in (cfg.clients_bind, cfg.workers_bind):
-            if not is_loopback(endpoint):
-                raise PichatError(
-                    f"refusing to bind {endpoint} without keys: anyone on the network "
-                    "could use or impersonate workers. Create keys with `pichat keygen` "
-                    "(then --keys DIR, default ~/.config/pichat/keys) and copy them to "
-                    "the workers, or pass --insecure on a network you trust.")
-    if cfg.http and not is_loopback(cfg.http) and not cfg.api_keys:
-        raise PichatError(
-            f"refusing to serve HTTP on {cfg.http} without an API key: pass --api-key or "
-            "--api-key-file (`pichat keygen` writes KEYS/api-keys), bind --http "
-            "127.0.0.1:8080, or pass --insecure on a network you trust.")
 
 
 def is_loopback(endpoint: str) -> bool:

@@ -9,9 +9,9 @@ import pytest
 
 from pichat.errors import ErrorCode
 from pichat.protocol import ChatMessage, Request, RequestId, SessionId
-from pichat.router.admission import Admitted, Refused, admit
-from pichat.router.identity import owner_tag, scoped_session
-from pichat.router.prefix import PrefixIndex
+from pichat.router.policy.admission import Admitted, Refused, admit
+from pichat.router.policy.identity import owner_tag, scoped_session
+from pichat.router.policy.prefix import PrefixIndex
 
 S = ChatMessage("system", "you are helpful")
 Q1, A1 = ChatMessage("user", "hello"), ChatMessage("assistant", "hi there")

@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from pichat.protocol import ChatMessage, Request, RequestId, Sampling, SessionId
-from pichat.worker.llama import LlamaModel
-from pichat.worker.slots import SlotManager
-from pichat.worker.textstream import TextStream
+from pichat.worker.engine.llama import LlamaModel
+from pichat.worker.engine.textstream import TextStream
+from pichat.worker.store.slots import SlotManager
 from tiny_model import write_tiny_model
 
 GREEDY = Sampling(temperature=0, max_tokens=48)
@@ -300,7 +300,7 @@ def slid(model, lanes):
 
 
 def test_an_answer_that_reaches_the_end_of_the_context_shifts_it_and_goes_on(tmp_path):
-    from pichat.worker.backend import Room
+    from pichat.worker.engine.backend import Room
 
     path = write_tiny_model(tmp_path / "endless.gguf", endless=True)
     model = LlamaModel(path, n_ctx=256, threads=1, lanes=1)
@@ -332,9 +332,9 @@ _GRAMMAR_RUN = r"""
 import json, sys, threading
 from dataclasses import replace
 from pichat.protocol import ChatMessage, Request, RequestId, Sampling
-from pichat.worker.llama import LlamaModel
-from pichat.worker.textstream import TextStream
-from pichat.worker import tools
+from pichat.worker.engine.llama import LlamaModel
+from pichat.worker.engine.textstream import TextStream
+from pichat.worker.engine import tools
 
 model = LlamaModel(sys.argv[1], n_ctx=512, threads=1, lanes=1)
 weather = {"type": "function", "function": {"name": "get_weather", "parameters": {

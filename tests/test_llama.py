@@ -9,9 +9,9 @@ import pytest
 
 from pichat.errors import BadRequest, PichatError
 from pichat.protocol import ChatMessage, Sampling
-from pichat.worker.backend import SavedState
-from pichat.worker.llama import LlamaModel
-from pichat.worker.textstream import TextStream
+from pichat.worker.engine.backend import SavedState
+from pichat.worker.engine.llama import LlamaModel
+from pichat.worker.engine.textstream import TextStream
 from tiny_model import write_tiny_model
 
 GREEDY = Sampling(temperature=0.0, max_tokens=24)
@@ -44,7 +44,7 @@ def test_model_reads_name_context_and_template(model, tiny_model):
 
 def test_a_continuation_outside_the_vocabulary_is_refused_before_llama_cpp_sees_it(model):
     from pichat.protocol import Request, RequestId
-    from pichat.worker.slots import SlotManager
+    from pichat.worker.store.slots import SlotManager
 
     manager = SlotManager(model, 1, threads=1, cache_bytes=1 << 20)
     slot = manager.acquire(None)
@@ -175,7 +175,7 @@ def test_a_file_that_is_not_gguf_is_a_clear_error(tmp_path):
 
 
 def test_cancel_during_a_long_prompt_stops_between_slices(model, monkeypatch):
-    from pichat.worker import llama
+    from pichat.worker.engine import llama
 
     ctx = model.new_context(1)
     cancelled = threading.Event()
@@ -197,7 +197,7 @@ def test_cancel_during_a_long_prompt_stops_between_slices(model, monkeypatch):
 
 def test_another_owners_kv_is_reused_only_up_to_a_message_boundary(tiny_model):
     from pichat.protocol import Request, RequestId, SessionId
-    from pichat.worker.slots import SlotManager
+    from pichat.worker.store.slots import SlotManager
 
     model = LlamaModel(tiny_model, n_ctx=512, threads=1)
     manager = SlotManager(model, 1, threads=1, cache_bytes=1 << 20)
@@ -235,7 +235,7 @@ def test_another_owners_kv_is_reused_only_up_to_a_message_boundary(tiny_model):
 
 def test_a_conversation_past_the_context_slides_with_the_real_template(model):
     from pichat.protocol import Request, RequestId, SessionId
-    from pichat.worker.slots import SlotManager
+    from pichat.worker.store.slots import SlotManager
 
     manager = SlotManager(model, 1, threads=1, cache_bytes=8 << 20)
     history = [ChatMessage("system", "You are terse.")]

@@ -44,19 +44,21 @@ def test_a_value_from_the_network_cannot_write_a_line_of_its_own(tmp_path):
     their lines."""
     import subprocess
     import sys
-    forged = "pi9\n12:00:00 I [router] pichat.router.joins: worker admin joined\r\u2028\u202e"
+    forged = ("pi9\n12:00:00 I [router] pichat.router.daemon.joins: worker admin joined"
+              "\r\u2028\u202e")
     script = (
         "import logging, sys\n"
         "from pichat.cli.options import setup_logging\n"
         "setup_logging('info', 'router')\n"
-        "logging.getLogger('pichat.router.joins').warning('join refused (%s)', sys.argv[1])\n"
+        "logging.getLogger('pichat.router.daemon.joins')"
+        ".warning('join refused (%s)', sys.argv[1])\n"
         "try:\n    1 / 0\nexcept ZeroDivisionError:\n"
         "    logging.getLogger('x').exception('failed')\n")
     err = subprocess.run([sys.executable, "-c", script, forged], capture_output=True,
                          text=True, timeout=60, check=True).stderr
     lines = err.splitlines()
     assert lines[0].endswith(
-        "join refused (pi9\\x0a12:00:00 I [router] pichat.router.joins: worker admin "
+        "join refused (pi9\\x0a12:00:00 I [router] pichat.router.daemon.joins: worker admin "
         "joined\\x0d\\u2028\\u202e)")
     assert not any("worker admin joined" in line for line in lines[1:])
     assert lines[2] == "Traceback (most recent call last):"

@@ -97,7 +97,7 @@ async def test_ollama_tools_and_formats_on_the_default_model(cluster: Cluster, d
         assert listed.details.family == "qwen2" and listed.details.families == ["qwen2"]
         from gguf import GGUFReader
 
-        from pichat.worker.llama import parameter_size
+        from pichat.worker.engine.llama import parameter_size
         stored = sum(int(t.n_elements) for t in GGUFReader(str(default_model)).tensors)
         assert listed.details.parameter_size == parameter_size(stored)  # the file's count
         assert listed.details.quantization_level == "Q4_K_M"
@@ -111,7 +111,7 @@ async def test_ollama_tools_and_formats_on_the_default_model(cluster: Cluster, d
 @pytest.mark.parametrize("n, written", [(494_032_768, "494.03M"), (3_212_749_888, "3.21B"),
                                         (268_098_176, "268.10M"), (999, "999")])
 async def test_parameter_counts_are_written_as_ollama_writes_them(n, written):
-    from pichat.worker.llama import parameter_size
+    from pichat.worker.engine.llama import parameter_size
 
     assert parameter_size(n) == written
 

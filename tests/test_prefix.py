@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pichat.protocol import ChatMessage, SessionId
-from pichat.router.prefix import Match, PrefixIndex, chain
+from pichat.router.policy.prefix import Match, PrefixIndex, chain
 
 SYS = ChatMessage("system", "You are helpful.")
 

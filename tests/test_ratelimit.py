@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pichat.router.ratelimit import RateLimit
+from pichat.router.policy.ratelimit import RateLimit
 
 
 def test_a_burst_then_the_rate_per_key():

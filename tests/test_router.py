@@ -35,8 +35,8 @@ from pichat.protocol import (
     Usage,
     encode,
 )
-from pichat.router.scheduler import SchedulerConfig
-from pichat.router.service import Router
+from pichat.router.daemon.router import Router
+from pichat.router.policy.scheduler import SchedulerConfig
 
 
 def request(rid: str, session: str | None = None, text: str = "hi") -> Request:
@@ -364,7 +364,7 @@ async def test_warm_claims_count_only_with_the_routers_lease(h):
     await h.peers[-1].expect(Request, id="r2")
 
 
-# --- KV state transfers (pichat/router/migration.py) -------------------------------------
+# --- KV state transfers (pichat/router/daemon/migration.py) -------------------------------------
 
 def ready_f(name: str, fmt: str = "llama:x:f16") -> Ready:
     return Ready(name, "m", "llama", 1, 4096, "test", engine="batched", kv_type="f16",
@@ -454,7 +454,7 @@ async def refused(h, w1, w2, first):
 
 async def test_a_source_that_never_answers_delays_the_turn_only_until_the_stall_limit(
         h, monkeypatch):
-    import pichat.router.migration as migration
+    import pichat.router.daemon.migration as migration
 
     monkeypatch.setattr(migration, "STALL_S", 0.3)
     async with spill_setup(h) as (w1, w2, client, first):

@@ -17,7 +17,7 @@ must produce, written compactly:
     "evict A s1"          A dropped s1 from its cache
     "tick @6"             time passes
 
-Sizes and speeds, for the cost of a spill (pichat/router/costs.py), as key=value words:
+Sizes and speeds, for the cost of a spill (pichat/router/policy/costs.py), as key=value words:
 
     "worker A 1 kv=100000:f"     A's states take 100,000 bytes per token, format "f"
     "speed A 100 20"             A reads 100 prompt tokens/s and writes 20 tokens/s
@@ -35,8 +35,8 @@ from __future__ import annotations
 import pytest
 
 from pichat.protocol import RequestId, SessionId, Usage
-from pichat.router.costs import Speed
-from pichat.router.scheduler import (
+from pichat.router.policy.costs import Speed
+from pichat.router.policy.scheduler import (
     CancelOnWorker,
     Dispatch,
     Fail,

@@ -13,9 +13,9 @@ import pytest
 
 from pichat.errors import BadRequest
 from pichat.protocol import ChatMessage, Request, RequestId
-from pichat.router.tools import ToolError, format_of, tools_of
+from pichat.router.api.tools import ToolError, format_of, tools_of
 from pichat.schemas import MAX_DEPTH, MAX_ENUM, MAX_NODES, MAX_PROPERTIES, SchemaError, check_schema
-from pichat.worker.tools import grammar_for
+from pichat.worker.engine.tools import grammar_for
 
 HERE = os.path.dirname(__file__)
 

@@ -16,7 +16,7 @@ from pichat.client import Client
 from pichat.config import ClientConfig, RouterConfig
 from pichat.errors import ErrorCode, PichatError, RequestFailed, RouterUnavailable
 from pichat.protocol import ChatMessage, Sampling
-from pichat.router.service import Router
+from pichat.router.daemon.router import Router
 from pichat.security import is_loopback, keygen, resolve_keys
 
 HI = [ChatMessage("user", "hello")]

@@ -1,4 +1,4 @@
-"""Context shift (pichat/worker/shift.py): which held tokens a slid prompt can reuse, and
+"""Context shift (pichat/worker/engine/shift.py): which held tokens a slid prompt can reuse, and
 the cell moves that make a sequence hold them, checked against a model of llama.cpp's
 rules (a read continues the sequence where it ends; a move shifts every cell in range)."""
 
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from pichat.worker.shift import MIN_REUSE, Splice, apply, plan, settle
+from pichat.worker.engine.shift import MIN_REUSE, Splice, apply, plan, settle
 
 
 def words(n: int, seed: int, vocab: int = 5000) -> list[int]:

@@ -6,8 +6,8 @@ import threading
 
 from pichat.config import SimConfig
 from pichat.protocol import ChatMessage, Sampling
-from pichat.worker.sim import SimModel
-from pichat.worker.textstream import TextStream
+from pichat.worker.engine.sim import SimModel
+from pichat.worker.engine.textstream import TextStream
 
 FAST = SimConfig(prompt_tps=1e6, gen_tps=1e6, reply_tokens=6)
 

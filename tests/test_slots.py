@@ -9,10 +9,10 @@ import pytest
 from pichat.config import SimConfig
 from pichat.errors import ContextTooLong
 from pichat.protocol import ChatMessage, Request, RequestId, Sampling, SessionId
-from pichat.worker.backend import SavedState
-from pichat.worker.sim import SimModel
-from pichat.worker.slots import SessionStore, SlotManager, message_boundary
-from pichat.worker.textstream import TextStream
+from pichat.worker.engine.backend import SavedState
+from pichat.worker.engine.sim import SimModel
+from pichat.worker.engine.textstream import TextStream
+from pichat.worker.store.slots import SessionStore, SlotManager, message_boundary
 
 FAST = SimConfig(prompt_tps=1e6, gen_tps=1e6, reply_tokens=5, kv_bytes_per_token=100)
 

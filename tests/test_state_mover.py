@@ -1,4 +1,4 @@
-"""Both ends of a KV state transfer (pichat/worker/migration.py), wired back to back, and
+"""Both ends of a KV state transfer (pichat/worker/daemon/migration.py), wired back to back, and
 the receiving end fed hostile pieces: it keeps a state only when every check passes."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import hashlib
 import pytest
 
 from pichat.protocol import MAX_STATE_PIECE, Migrate, State, StateAck, decode
-from pichat.router.migration import refusal_reason
-from pichat.worker.backend import SavedState
-from pichat.worker.migration import WINDOW, StateMover
+from pichat.router.daemon.migration import refusal_reason
+from pichat.worker.daemon.migration import WINDOW, StateMover
+from pichat.worker.engine.backend import SavedState
 
 FMT = "llama:abc:f16"
 
@@ -145,7 +145,7 @@ def test_pieces_out_of_order_or_of_unknown_transfers_are_refused_or_dropped():
 
 def test_a_receiver_takes_at_most_two_transfers_at_once_and_expires_stalled_ones(
         monkeypatch):
-    import pichat.worker.migration as migration
+    import pichat.worker.daemon.migration as migration
 
     target = End()
     for tid in ("a", "b", "c"):

@@ -12,7 +12,7 @@ from pichat.protocol import (
     Sampling,
     Usage,
 )
-from pichat.router.jobs import ClientJob
+from pichat.router.policy.jobs import ClientJob
 from pichat.stream import StreamCursor
 
 REQUEST = Request(RequestId("r"), (ChatMessage("user", "hi"),), Sampling(max_tokens=10))

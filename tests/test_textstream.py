@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pichat.worker.textstream import TextStream
+from pichat.worker.engine.textstream import TextStream
 
 
 class Clock:

@@ -1,4 +1,4 @@
-"""pichat/worker/toolfit.py: tools compacted for the prompt, ranked, chosen to fit, and a
+"""pichat/worker/engine/toolfit.py: tools compacted for the prompt, ranked, chosen to fit, and a
 conversation's choice kept while it serves. The sim model counts tokens (a word a token)
 and embeds (hashed bag of words), so these run without a model; the real model's replays
 are in tests/test_replay.py."""
@@ -11,8 +11,8 @@ import pytest
 
 from pichat.config import SimConfig
 from pichat.protocol import ChatMessage
-from pichat.worker.sim import SimModel
-from pichat.worker.toolfit import Fitter, choose, prompt_form, query_of, relevance, tool_text
+from pichat.worker.engine.sim import SimModel
+from pichat.worker.engine.toolfit import Fitter, choose, prompt_form, query_of, relevance, tool_text
 
 
 def fn(name: str, description: str, **props: str) -> dict:

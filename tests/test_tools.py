@@ -1,6 +1,6 @@
 """Tool calling and structured output through the official `openai` client, against real
 router and worker processes on the default model; the router's side of them as pure
-functions (pichat/router/tools.py)."""
+functions (pichat/router/api/tools.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from conftest import Cluster
-from pichat.router.tools import Spotter, extract
+from pichat.router.api.tools import Spotter, extract
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city.",
@@ -280,7 +280,7 @@ async def langchain_round(llm) -> None:
 
 def test_template_families_and_the_generic_format_for_templates_without_tools():
     from pichat.protocol import ChatMessage
-    from pichat.worker.tools import family_of, template_messages, template_tools
+    from pichat.worker.engine.tools import family_of, template_messages, template_tools
 
     assert family_of("{% if tools %}<tool_call>{% endif %}") == "hermes"
     assert family_of("<|python_tag|>{{ x }}") == "llama3"
@@ -302,7 +302,7 @@ def test_template_families_and_the_generic_format_for_templates_without_tools():
 def test_grammars_for_calls_and_formats_and_what_cannot_be_enforced():
     from pichat.errors import BadRequest
     from pichat.protocol import ChatMessage, Request, RequestId
-    from pichat.worker.tools import TRIGGERS, grammar_for
+    from pichat.worker.engine.tools import TRIGGERS, grammar_for
 
     tools = json.dumps([WEATHER["function"], TIME["function"]])
     ask = lambda **kw: Request(RequestId("r"), (ChatMessage("user", "x"),), **kw)  # noqa: E731
@@ -335,7 +335,7 @@ def test_typeless_parameters_are_any_value_and_the_deepest_schemas_a_clear_refus
     with tool_choice required and no grammar with auto, never a crash of the slot."""
     from pichat.errors import BadRequest
     from pichat.protocol import ChatMessage, Request, RequestId
-    from pichat.worker.tools import grammar_for, template_tools
+    from pichat.worker.engine.tools import grammar_for, template_tools
 
     ask = lambda **kw: Request(RequestId("r"), (ChatMessage("user", "x"),), **kw)  # noqa: E731
     typeless = json.dumps([{"name": "HassTurnOn", "description": "on", "parameters": {

@@ -1,4 +1,4 @@
-"""A conversation too long for the context slides (pichat/worker/window.py): the oldest
+"""A conversation too long for the context slides (pichat/worker/store/window.py): the oldest
 whole turns leave in blocks, so the prompt's start holds still for many turns."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 
 from pichat.errors import ContextTooLong
 from pichat.protocol import ChatMessage
-from pichat.worker.window import slide
+from pichat.worker.store.window import slide
 
 
 def weigh(m: ChatMessage) -> int:

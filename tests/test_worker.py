@@ -28,8 +28,8 @@ from pichat.protocol import (
     Sampling,
     SessionId,
 )
-from pichat.worker.service import Worker
-from pichat.worker.sim import SimModel
+from pichat.worker.daemon.worker import Worker
+from pichat.worker.engine.sim import SimModel
 
 
 def request(rid: str, text: str = "hello there", session: str | None = "s1",

@@ -20,7 +20,7 @@ from pichat.config import (
 )
 from pichat.errors import PichatError
 from pichat.invites import stored_router
-from pichat.router.scheduler import POLICIES, SchedulerConfig
+from pichat.router.policy.scheduler import POLICIES, SchedulerConfig
 from pichat.security import Keys
 
 __all__ = ["router", "worker", "model_options"]
@@ -142,7 +142,7 @@ def router(**opts: Any) -> None:
       pichat router --clients-bind tcp://*:5555 --workers-bind tcp://*:5556
       pichat router --http 0.0.0.0:8080 --api-key-file /etc/pichat/api-keys
     """
-    from pichat.router.service import Router
+    from pichat.router.daemon.router import Router
 
     o.setup_logging(opts["log_level"], "router")
     keys = o.keys_or_fail(opts["keys"])
@@ -264,8 +264,8 @@ def worker(**opts: Any) -> None:
       pichat worker --router tcp://pi1:5556 --model ~/llama-3.2-1b-q4.gguf --slots 2
       pichat worker --backend sim --slots 4                     # no model: a simulator
     """
-    from pichat.worker import load_model
-    from pichat.worker.service import Worker
+    from pichat.worker.daemon.worker import Worker
+    from pichat.worker.engine import load_model
 
     o.setup_logging(opts["log_level"], f"worker {opts['name'] or ''}".strip())
     held = _joined_keys(opts)  # noqa: F841 (a claimed keys directory, held while we run)

@@ -15,7 +15,7 @@ from pichat.cli import options as o
 from pichat.cli.daemons import model_options
 from pichat.config import DEFAULT_HEALTH_ENDPOINT
 from pichat.errors import PichatError
-from pichat.router.scheduler import POLICIES
+from pichat.router.policy.scheduler import POLICIES
 from pichat.security import DEFAULT_KEYS_DIR, keygen
 
 __all__ = ["up", "health", "keygen_command", "models"]

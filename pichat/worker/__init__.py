@@ -1,29 +1,13 @@
-"""The worker side: the daemon (service), slot and KV-session bookkeeping (slots), the
-inference backends behind one interface (backend): llama.cpp (llama, its batched engine in
-batch, its state I/O in llamalib) and a simulator (sim); KV states on disk (disk) and
-moving between workers (migration)."""
+"""The worker: a model's host. Three rooms, lowest first; a room imports only the rooms
+below it (tests/test_layers.py):
 
-from __future__ import annotations
-
-from pichat.config import WorkerConfig
-from pichat.worker.backend import Model
-
-__all__ = ["load_model"]
-
-
-def load_model(config: WorkerConfig) -> Model:
-    """The backend's model for `config` (loads weights: may take seconds)."""
-    if config.backend == "sim":
-        from pichat.worker.sim import SimModel
-
-        name = "sim" if config.model == "default" else config.model
-        return SimModel(config.sim, config.ctx, name=name)
-    from pichat.models import resolve
-    from pichat.worker.llama import LlamaModel
-
-    path, name = resolve(config.model)
-    if config.engine == "batched":
-        return LlamaModel(path, n_ctx=config.ctx, name=name, threads=config.threads,
-                          lanes=config.slots, kv_type=config.kv_type)
-    return LlamaModel(path, n_ctx=config.ctx, name=name, kv_type=config.kv_type,
-                      threads=max(1, config.threads // config.slots))
+- `engine/`: the inference backends behind one interface (backend): llama.cpp (llama, one
+  context per slot; batch, one batched context; llamalib, what both do through the C API)
+  and a simulator (sim); what every engine shares: KV reuse when a conversation's start
+  slid out (shift), tokens to chunks (textstream), tools and grammars (tools, toolfit) and
+  the notes of what slid out (summary). `load_model` picks one.
+- `store/`: which conversation's KV state lives where: slots (in memory, within a budget),
+  disk (across restarts), window (which part of a conversation the context holds).
+- `daemon/`: the worker daemon (worker: the socket to the router, heartbeats, one thread
+  per slot) and KV states moving between workers (migration).
+"""

@@ -1,7 +1,7 @@
 """Hostile peers for the fault lab, run from their own "host": an admitted client and an
 admitted worker (their keys are on the router's allow-lists) that use the protocol
 against the router, while the lab's load goes on. Each attack is one the router must
-bound (README "Bounds"); the lab reports what the router's memory and event loop did and
+bound (docs/security.md, Bounds); the lab reports what the router's memory and event loop did and
 that the load lost nothing.
 
     attack.py client --router tcp://R:5555 --http http://R:8080 --keys DIR

@@ -23,8 +23,8 @@ from pichat.config import ClientConfig, SimConfig  # noqa: E402
 from pichat.errors import PichatError, ProtocolError  # noqa: E402
 from pichat.protocol import ChatMessage, Sampling  # noqa: E402
 from pichat.security import resolve_keys  # noqa: E402
-from pichat.worker.sim import SimModel  # noqa: E402
-from pichat.worker.textstream import TextStream  # noqa: E402
+from pichat.worker.engine.sim import SimModel  # noqa: E402
+from pichat.worker.engine.textstream import TextStream  # noqa: E402
 
 SAMPLING = Sampling(temperature=0, max_tokens=100)
 EXPECTED_MODEL = SimModel(SimConfig(prompt_tps=1e9, gen_tps=1e9, reply_tokens=40), 4096)

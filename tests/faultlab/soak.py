@@ -34,8 +34,8 @@ from pichat.client import Client  # noqa: E402
 from pichat.config import ClientConfig, SimConfig  # noqa: E402
 from pichat.errors import PichatError, ProtocolError  # noqa: E402
 from pichat.protocol import ChatMessage, Sampling  # noqa: E402
-from pichat.worker.sim import SimModel  # noqa: E402
-from pichat.worker.textstream import TextStream  # noqa: E402
+from pichat.worker.engine.sim import SimModel  # noqa: E402
+from pichat.worker.engine.textstream import TextStream  # noqa: E402
 
 REPLY = 12
 SAMPLING = Sampling(temperature=0, max_tokens=50)

@@ -1,0 +1,2 @@
+"""The worker daemon (worker) and KV states moved between workers (migration). Imports the
+engine and the store."""

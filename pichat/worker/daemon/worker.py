@@ -1,0 +1,584 @@
+"""The worker daemon: a DEALER socket to the router, heartbeats, and one thread per slot.
+
+Lifecycle (`Phase`, changed only by `_enter`): SERVING (it takes requests); RESETTING
+(its registration ended: the router fell silent for `liveness` heartbeats, or asked it to
+register again with DISCONNECT; whatever it was generating belongs to a router that has
+given up on it, so it is cancelled, then READY is sent again, with the sessions still warm
+here so a restarted router relearns affinity); DRAINING (SIGTERM: nothing new, what runs
+finishes, then it leaves); STOPPING. Leaving a registration bumps the epoch: messages of
+an older epoch are never sent. Reconnecting after silence uses capped exponential
+backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from enum import Enum
+
+import zmq
+
+from pichat import __version__
+from pichat.config import DEFAULT_WORKER_ENDPOINT, WorkerConfig
+from pichat.daemon import on_stop_signals
+from pichat.errors import ErrorCode, PichatError, ProtocolError
+from pichat.health import HealthEndpoint
+from pichat.link import Link
+from pichat.logs import clip
+from pichat.protocol import (
+    Cancel,
+    Chunk,
+    Disconnect,
+    Done,
+    Error,
+    Heartbeat,
+    Message,
+    Migrate,
+    Ready,
+    Request,
+    RequestId,
+    SessionId,
+    State,
+    StateAck,
+    Usage,
+    decode,
+    encode,
+)
+from pichat.transport import Channel
+from pichat.worker.daemon import sizing
+from pichat.worker.daemon.migration import StateMover
+from pichat.worker.engine.backend import Generation, Model, SavedState
+from pichat.worker.engine.textstream import TextStream
+from pichat.worker.store.disk import DiskStore
+from pichat.worker.store.slots import Slot, SlotManager
+
+__all__ = ["Worker", "Phase"]
+
+log = logging.getLogger(__name__)
+
+_BACKOFF_START = 0.25
+
+
+def _moving_average(old: float, new: float) -> float:
+    return 0.7 * old + 0.3 * new if old else new
+
+
+class Phase(Enum):
+    SERVING = "serving"
+    RESETTING = "resetting"
+    DRAINING = "draining"
+    STOPPING = "stopping"
+
+
+@dataclass(slots=True)
+class _Running:
+    """A request this worker is generating."""
+
+    request: Request
+    slot: Slot
+    epoch: int
+    cancelled: threading.Event
+    seq: int = 0
+    task: asyncio.Task | None = None
+
+
+class Worker:
+    """`await Worker(config, model).run()` serves until cancelled or signalled."""
+
+    def __init__(self, config: WorkerConfig, model: Model) -> None:
+        self.config = config
+        self.model = model
+        disk = (DiskStore(config.state_dir, config.disk_cache_mb << 20, model.format)
+                if config.state_dir else None)
+        self.slots = SlotManager(model, config.slots, config.threads, config.cache_mb << 20,
+                                 disk, shift=config.context_shift, block=config.slide_block,
+                                 memory=config.memory, embedding_only=config.embedding)
+        self.jobs: dict[RequestId, _Running] = {}
+        self.mover = StateMover(send=self._send, export=self._export_state,
+                                accept=self.slots.accept, state_format=model.format,
+                                budget=self.slots.store.budget, max_tokens=model.n_ctx,
+                                token_bytes=model.kv_token_bytes)
+        self._moves: set[asyncio.Task] = set()
+        self._move_activity = asyncio.Event()
+        """Set when a transfer starts or ends (a draining worker waits for them)."""
+        self.prompt_tps = 0.0
+        """Recent prompt reading speed, tokens per second (the router's cost model)."""
+        self.phase = Phase.SERVING
+        self.epoch = 0
+        self.tps = 0.0
+        self._after_reset = Phase.SERVING
+        self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"slot{i}")
+                           for i in range(config.slots)]
+        self._channel: Channel | None = None
+        self._ctx: zmq.Context | None = None
+        self._connected_at = 0.0
+        self._last_heard = 0.0
+        self._health: HealthEndpoint | None = None
+        self._link: Link | None = None
+        self._wake = asyncio.Event()
+        """Set to cut short a wait of the connection loop (stop, register again)."""
+        self._register_again = asyncio.Event()
+        """The router does not know us (it restarted, or gave us up for dead)."""
+        self._idle = asyncio.Event()
+        """Set whenever nothing is running (what a drain waits for)."""
+        self._idle.set()
+        self._drain_task: asyncio.Task | None = None
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def _enter(self, phase: Phase) -> None:
+        """The one place the phase changes. Ending a registration (RESETTING, STOPPING)
+        bumps the epoch, so nothing more of what ran under it is sent."""
+        now = self.phase
+        if now is Phase.STOPPING or phase is now:
+            return
+        if phase is Phase.RESETTING:
+            self._after_reset = now
+            self.epoch += 1
+        elif phase is Phase.DRAINING and now is Phase.RESETTING:
+            self._after_reset = Phase.DRAINING  # drain once the reset is over
+            return
+        elif phase is Phase.STOPPING:
+            self.epoch += 1
+            self._wake.set()
+        self.phase = phase
+
+    @property
+    def accepting(self) -> bool:
+        return self.phase is Phase.SERVING
+
+    def stop(self) -> None:
+        """Ask `run` to return (from the event loop's thread)."""
+        self._enter(Phase.STOPPING)
+
+    def drain(self) -> None:
+        """Stop taking new work, finish what is running (up to the drain timeout), then
+        leave, handing the warm sessions back to the router."""
+        if self._drain_task is not None:
+            return
+        self._enter(Phase.DRAINING)
+        log.info("draining %d running requests (up to %.0fs); signal again to exit at once",
+                 len(self.jobs), self.config.drain_timeout)
+        self._send_heartbeat()  # the router stops sending us work now
+        self._drain_task = asyncio.get_running_loop().create_task(self._finish_then_stop(),
+                                                                    name="drain")
+
+    async def _finish_then_stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout)
+        except TimeoutError:
+            log.warning("drain timeout: %d requests still running move to other workers",
+                        len(self.jobs))
+        else:
+            await self._hand_over(deadline)
+        self.stop()
+
+    async def _hand_over(self, deadline: float) -> None:
+        """While the router moves this worker's warm conversations to others (MIGRATE, one
+        after another), stay: until no transfer has run for two heartbeats, or the drain
+        timeout."""
+        if not self.slots.warm_sessions():
+            return
+        loop = asyncio.get_running_loop()
+        quiet = 2 * self.config.heartbeat_interval
+        while (remaining := deadline - loop.time()) > 0:
+            self._move_activity.clear()
+            try:
+                await asyncio.wait_for(self._move_activity.wait(), min(quiet, remaining))
+            except TimeoutError:
+                if not self._moves:
+                    break
+        if self.mover.sent:
+            log.info("handed %d warm conversations over before leaving", self.mover.sent)
+
+    async def run(self, *, handle_signals: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        self._ctx = zmq.Context()
+        if self.config.health_bind:
+            self._health = HealthEndpoint(self._ctx, self.config.health_bind, self.health, loop)
+        if handle_signals:
+            on_stop_signals(loop, lambda _name: self.drain())
+        log.info("%s", self.sizing())
+        if warning := self.memory_warning():
+            log.warning("%s", warning)
+        backoff = _BACKOFF_START
+        heard = self.config.router != DEFAULT_WORKER_ENDPOINT  # none set: look first
+        try:
+            while self.phase is not Phase.STOPPING:
+                if not heard:
+                    await self._discover()
+                heard = await self._connection()
+                if self.phase is Phase.STOPPING:
+                    break
+                backoff = _BACKOFF_START if heard else min(backoff * 2, self.config.reconnect_max)
+                delay = backoff * random.uniform(0.8, 1.2)
+                log.info("reconnecting to %s in %.1fs", self.config.router, delay)
+                await self._sleep(delay)
+        finally:
+            await self._shutdown()
+
+    async def _discover(self) -> None:
+        """No router address, or the one we have stopped answering: with the router's
+        public key (a joined Pi) and discovery on, look for it on the LAN
+        (pichat/discovery.py); an announcement with another key is ignored."""
+        cfg = self.config
+        if not cfg.discovery or cfg.keys is None:
+            return
+        if cfg.keys.on_routers_host():
+            return
+        try:
+            key = cfg.keys.router_public().decode()
+        except PichatError:
+            return
+        from pichat.discovery import relocate
+
+        found = await relocate(cfg.keys.directory, key, "workers", cfg.router, keys=cfg.keys,
+                               key_name=cfg.key_name)
+        if found and found != cfg.router:
+            self.config = replace(cfg, router=found)
+
+    async def _export_state(self, session: str) -> SavedState | None:
+        """Session's KV state for another worker: from its slot (saved on the slot's own
+        thread, the slot held meanwhile), else the session store or the disk."""
+        loop = asyncio.get_running_loop()
+        slot = self.slots.acquire_resident(SessionId(session))
+        if slot is not None:
+            try:
+                return await loop.run_in_executor(self._executors[slot.index],
+                                                  self.slots.save_slot, slot)
+            finally:
+                self.slots.release(slot)
+        return await asyncio.to_thread(self.slots.stored_state, SessionId(session))
+
+    def _move_ended(self, task: asyncio.Task) -> None:
+        self._moves.discard(task)
+        self._move_activity.set()
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """The RAM the slots' KV cache reserves."""
+        return sizing.kv_cache_bytes(self.config.slots, self.model)
+
+    def sizing(self) -> str:
+        """Where this worker's RAM for conversations goes, in one line."""
+        return sizing.describe(self.config.slots, self.model, self.slots.store.budget)
+
+    def memory_warning(self, total: int | None = None) -> str | None:
+        """A warning if this worker needs more RAM than the machine has (`total`: bytes,
+        else read from the system); see pichat/worker/daemon/sizing.py."""
+        return sizing.memory_warning(self.config.slots, self.model, self.slots.store.budget,
+                                     total if total is not None else sizing.total_memory())
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake early for stop() or a DISCONNECT."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except TimeoutError:
+            pass
+        self._wake.clear()
+
+    async def _shutdown(self) -> None:
+        self._enter(Phase.STOPPING)
+        if self._channel is not None and not self._channel.closed:
+            self._send(encode(Disconnect("worker shutting down",
+                                         sessions=tuple(self.slots.warm_sessions()))))
+        await self._cancel_all()
+        if self._channel is not None:
+            self._close_channel(linger_ms=500)  # let the DISCONNECT out
+        if self._health is not None:
+            self._health.close()
+        for executor in self._executors:
+            executor.shutdown(wait=True)
+        if self.slots.disk is not None:
+            await asyncio.to_thread(self.slots.disk.close)  # what is queued is written
+        self.model.close()
+        if self._ctx is not None:
+            self._ctx.term()
+        log.info("worker %s stopped", self.config.name)
+
+    async def _connection(self) -> bool:
+        """One connection to the router. Returns whether the router ever answered."""
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        self._link = Link(self._ctx, cfg.router, keys=cfg.keys, key_name=cfg.key_name,
+                          max_message_bytes=cfg.max_message_bytes, loop=loop,
+                          on_message=self._on_message, on_refused=self._on_refused)
+        self._channel = self._link.channel
+        self._register_again.clear()  # this connection's READY supersedes any earlier ask
+        self._send_ready()
+        self._connected_at = self._last_heard = loop.time()
+        silence_limit = cfg.heartbeat_interval * cfg.liveness
+        try:
+            while self.phase is not Phase.STOPPING:
+                await self._sleep(cfg.heartbeat_interval)
+                if self.phase is Phase.STOPPING:
+                    break
+                if self._register_again.is_set():
+                    # The router does not know us (it restarted, or gave us up for dead).
+                    self._register_again.clear()
+                    await self._reset()
+                    self._send_ready()
+                    continue
+                silent = loop.time() - self._last_heard
+                if silent > silence_limit:
+                    if self._last_heard == self._connected_at:
+                        await self._unanswered(silent)
+                    else:
+                        log.warning("router %s silent for %.1fs", cfg.router, silent)
+                    break
+                self.mover.expire()
+                self._send_heartbeat()
+        finally:
+            if self.phase is not Phase.STOPPING:  # on stop, _shutdown says goodbye here
+                await self._reset()
+                self._close_channel()
+        return self._last_heard > self._connected_at
+
+    async def _unanswered(self, silent: float) -> None:
+        """Say why a READY may have gone unanswered (else nothing in either log would)."""
+        from pichat.discovery import answers
+
+        router = self.config.router
+        if await asyncio.to_thread(answers, router):
+            why = ("something accepts connections there, but no pichat router answers "
+                   "workers on it (another port, or another program?)")
+        else:
+            why = ("nothing accepts connections there: the router is down, or listens "
+                   "elsewhere (its --workers-bind; a router bound to 127.0.0.1 serves only "
+                   "its own host)")
+        log.warning("the router at %s never answered this worker's READY (%.0fs): %s",
+                    router, silent, why)
+
+    def _close_channel(self, linger_ms: int = 0) -> None:
+        if self._link is not None:
+            self._link.close(linger_ms)
+
+    def _on_refused(self, reason: str) -> None:
+        log.error("%s: the router at %s does not accept this worker's key; add %s/%s.key to "
+                  "the router's workers/ directory", reason, self.config.router,
+                  self.config.keys.directory if self.config.keys else "KEYS",
+                  self.config.key_name)
+
+    async def _reset(self) -> None:
+        """End this registration: stop every generation and wait for it, since nobody
+        waits for their results. Requests that arrive meanwhile are refused (the router
+        places them again), so the slots are all free, and the router's view right, when
+        READY goes out next."""
+        self._enter(Phase.RESETTING)
+        try:
+            await self._cancel_all()
+        finally:
+            self._enter(self._after_reset)
+
+    async def _cancel_all(self) -> None:
+        moves = list(self._moves)  # state transfers of this registration end with it
+        for task in moves:
+            task.cancel()
+        await asyncio.gather(*moves, return_exceptions=True)
+        while self.jobs:
+            jobs = list(self.jobs.values())
+            for job in jobs:
+                job.cancelled.set()
+            await asyncio.gather(*(j.task for j in jobs if j.task is not None),
+                                 return_exceptions=True)
+            for job in jobs:  # each task removes its own job; make sure
+                if self.jobs.get(job.request.id) is job:
+                    del self.jobs[job.request.id]
+        self._idle.set()
+
+    def health(self) -> dict:
+        """This worker as `pichat health` shows it: healthy while it hears its router."""
+        silent = asyncio.get_running_loop().time() - self._last_heard
+        heard = self._last_heard > self._connected_at  # on this connection
+        connected = (heard and self.phase is not Phase.STOPPING
+                     and silent <= self.config.heartbeat_interval * self.config.liveness)
+        return {
+            "role": "worker", "healthy": connected, "name": self.config.name,
+            "model": self.model.name, "backend": self.model.backend,
+            "router": self.config.router, "connected": connected,
+            "last_heard_s": round(silent, 2) if heard else None,
+            "slots": self.config.slots, "busy": self.slots.busy, "phase": self.phase.value,
+        }
+
+    # --- messages ---------------------------------------------------------------------
+
+    def _on_message(self, frames: list[bytes]) -> None:
+        try:
+            message = decode(frames)
+        except ProtocolError as exc:
+            log.warning("bad message from the router: %s", exc)
+            if exc.request_id:
+                self._send(encode(Error(exc.request_id, exc.code, str(exc))))
+            return
+        self._last_heard = asyncio.get_running_loop().time()
+        self._handle(message)
+
+    def _handle(self, message: Message) -> None:
+        match message:
+            case Request():
+                self._on_request(message)
+            case Cancel():
+                job = self.jobs.get(message.id)
+                if job is not None:
+                    log.info("req=%s cancel", message.id)
+                    job.cancelled.set()
+            case Heartbeat():
+                pass
+            case Migrate():
+                task = asyncio.create_task(self.mover.send_state(message))
+                self._moves.add(task)
+                self._move_activity.set()
+                task.add_done_callback(self._move_ended)
+            case State():
+                self.mover.on_state(message)
+            case StateAck():
+                self.mover.on_ack(message)
+            case Disconnect():
+                log.info("router says: %s", clip(message.reason, 200))
+                self._enter(Phase.RESETTING)  # from now on, nothing of the old jobs is sent
+                self._register_again.set()
+                self._wake.set()
+            case Error():
+                log.error("router error: %s: %s", message.code, clip(message.message, 300))
+            case _:
+                log.warning("unexpected %s from the router; ignored", message.COMMAND.name)
+
+    def _on_request(self, request: Request) -> None:
+        if not self.accepting:
+            self._send(encode(Error(request.id, ErrorCode.BUSY, f"worker {self.phase.value}")))
+            return
+        if request.id in self.jobs:
+            # The router sent it again: a copy crossed our READY on the wire (the router
+            # requeued what it had sent to our previous registration). It is the same
+            # request and it is running: its results count.
+            log.debug("req=%s already running here; duplicate ignored", request.id)
+            return
+        slot = self.slots.acquire(request.session)
+        if slot is None:
+            self._send(encode(Error(request.id, ErrorCode.BUSY,
+                                    f"all {self.config.slots} slots are busy")))
+            return
+        job = _Running(request, slot, self.epoch, threading.Event())
+        self.jobs[request.id] = job
+        self._idle.clear()
+        job.task = asyncio.create_task(self._run(job), name=f"req-{request.id}")
+
+    async def _run(self, job: _Running) -> None:
+        loop = asyncio.get_running_loop()
+        request = job.request
+        out = TextStream(
+            lambda text, tokens: loop.call_soon_threadsafe(self._send_chunk, job, text, tokens),
+            stop=request.sampling.stop,
+            flush_tokens=self.config.chunk_tokens,
+            flush_interval=self.config.chunk_interval,
+        )
+        log.debug("req=%s session=%s slot=%d start", request.id, request.session, job.slot.index)
+        try:
+            result: Generation = await loop.run_in_executor(
+                self._executors[job.slot.index], self.slots.run, job.slot, request, out,
+                job.cancelled)
+        except PichatError as exc:
+            log.info("req=%s failed: %s", request.id, exc)
+            self._send_for(job, encode(Error(request.id, exc.code, str(exc))))
+        except Exception as exc:
+            log.exception("req=%s: backend failure", request.id)
+            self._send_for(job, encode(Error(request.id, ErrorCode.INTERNAL,
+                                             f"backend failure: {exc}")))
+        else:
+            usage = Usage(result.prompt_tokens, result.cached_tokens, result.completion_tokens,
+                          round(result.prompt_ms, 2), round(result.generate_ms, 2),
+                          result.dropped_tokens)
+            if rate := usage.tokens_per_s:  # for `status`
+                self.tps = _moving_average(self.tps, rate)
+            read = usage.prompt_tokens - usage.cached_tokens
+            if read >= 16 and usage.prompt_ms > 0:  # for the router's cost of a move
+                self.prompt_tps = _moving_average(self.prompt_tps,
+                                                  read / usage.prompt_ms * 1000)
+            log.info("req=%s session=%s slot=%d %s: prompt %d (cached %d), %d tokens",
+                     request.id, request.session, job.slot.index, result.finish,
+                     usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
+            # Chunks were queued with call_soon_threadsafe before the thread returned, so
+            # they are sent before this DONE.
+            note = result.note
+            self._send_for(job, encode(Done(request.id, self.config.name, result.finish, usage,
+                                            memory=note.text if note else None,
+                                            remembered=note.covers if note else 0,
+                                            embeddings=result.embeddings,
+                                            tools_left_out=result.tools_left_out)))
+        finally:
+            self.slots.release(job.slot)
+            if self.jobs.get(request.id) is job:
+                del self.jobs[request.id]
+            if not self.jobs:
+                self._idle.set()
+
+    def _send_chunk(self, job: _Running, text: str, tokens: tuple[int, ...]) -> None:
+        self._send_for(job, encode(Chunk(job.request.id, job.seq, text, tokens)))
+        job.seq += 1
+
+    def _send_for(self, job: _Running, frames: list[bytes]) -> None:
+        if job.epoch == self.epoch:
+            self._send(frames)
+
+    def _send(self, frames: list[bytes]) -> None:
+        channel = self._channel
+        if channel is None or channel.closed:
+            return
+        try:
+            channel.send(frames)
+        except zmq.ZMQError as exc:
+            # EAGAIN: no connection to the router right now. The router will give up on
+            # these requests; the next epoch starts clean.
+            log.debug("send failed: %s", exc)
+
+    def _send_ready(self) -> None:
+        model = self.model
+        self._send(encode(Ready(
+            worker=self.config.name,
+            model=model.name,
+            backend=model.backend,
+            slots=self.config.slots,
+            ctx=model.n_ctx,
+            version=__version__,
+            warm=tuple(self.slots.warm_leases()),
+            engine=model.engine,
+            kv_type=model.kv_type,
+            kv_cells=self.config.slots * model.n_ctx,
+            kv_token_bytes=model.kv_token_bytes,
+            cache_bytes=self.slots.store.budget,
+            state_format=model.format,
+            embedding_only=self.config.embedding,
+            weights_bytes=model.weights_bytes,
+            family=model.family,
+            parameter_size=model.parameter_size,
+            quantization=model.quantization,
+        )))
+        self.slots.take_evicted()  # the READY's session list supersedes them
+        log.info("worker %s: READY sent to %s (%s, %d slots)", self.config.name,
+                 self.config.router, model.name, self.config.slots)
+
+    def _send_heartbeat(self) -> None:
+        kv_used, store_bytes = self.slots.kv_usage()
+        disk = self.slots.disk
+        self._send(encode(Heartbeat(
+            kv_used=kv_used,
+            store_bytes=store_bytes,
+            disk_states=disk.files if disk else 0,
+            disk_bytes=disk.nbytes if disk else 0,
+            disk_restored=disk.restored if disk else 0,
+            disk_refused=sum(disk.refused.values()) if disk else 0,
+            disk_refused_format=disk.refused["format"] if disk else 0,
+            busy=self.slots.busy,
+            warm=len(self.slots.warm_sessions()),
+            evicted=tuple(self.slots.take_evicted()),
+            tps=self.tps,
+            prompt_tps=round(self.prompt_tps, 1),
+            draining=self.phase is Phase.DRAINING or (
+                self.phase is Phase.RESETTING and self._after_reset is Phase.DRAINING),
+        )))
