@@ -115,3 +115,18 @@ def test_the_site_builds_strictly_and_offline(tmp_path):
         fetched = re.findall(r'<(?:link|script)[^>]+(?:href|src)="(https?://[^"]+)"',
                              page.read_text())
         assert fetched == [], f"{page.relative_to(site)} loads {fetched}"
+
+
+def test_the_http_api_pages_list_every_route_the_router_serves():
+    """The route tables of docs/http-api.md and docs/conversations.md name exactly the
+    routes the router's application serves (a new route without its row fails)."""
+    from pichat.router.api.app import create_app
+
+    served = {(r.method, r.resource.canonical) for r in create_app(object()).router.routes()
+              if r.method != "HEAD"}
+    documented = set()
+    for page in ("http-api.md", "conversations.md"):
+        for row in re.findall(r"^\| (`[^|]+`) \|", (ROOT / "docs" / page).read_text(), re.M):
+            for method, path in re.findall(r"`(GET|POST|PATCH|DELETE|PUT|\*) (/[^`]*)`", row):
+                documented.add((method, path.replace("/ID", "/{id}")))
+    assert documented == served
