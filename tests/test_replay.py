@@ -40,19 +40,19 @@ def load(name: str) -> dict[str, Any]:
     return json.loads((FIXTURES / f"{name}.json").read_text())
 
 
-def seeded(fixture: dict[str, Any]) -> dict[str, Any]:
+def seeded(fixture: dict[str, Any], seed: int = 7) -> dict[str, Any]:
     body = dict(fixture["body"])
     if fixture["api"] == "ollama":
-        body["options"] = {**(body.get("options") or {}), "seed": 7}
+        body["options"] = {**(body.get("options") or {}), "seed": seed}
     else:
-        body["seed"] = 7
+        body["seed"] = seed
     return body
 
 
-async def send(http: aiohttp.ClientSession, base: str, fixture: dict[str, Any]
-               ) -> tuple[int, list[dict[str, Any]]]:
+async def send(http: aiohttp.ClientSession, base: str, fixture: dict[str, Any],
+               seed: int = 7) -> tuple[int, list[dict[str, Any]]]:
     """The status and the response's JSON objects (one, or each event of a stream)."""
-    async with http.post(base + fixture["path"], json=seeded(fixture)) as r:
+    async with http.post(base + fixture["path"], json=seeded(fixture, seed)) as r:
         text = await r.text()
         if r.status != 200:
             return r.status, [{"error": text}]
@@ -128,6 +128,8 @@ def tools_of(name: str) -> str:
 
 OTHERS = sorted((p.stem for p in FIXTURES.glob("*.json") if p.stem not in REPLAYED),
                 key=lambda n: (tools_of(n), n))  # those with one tool list one after another
+SEEDS = (8, 9)
+"""Seeds a tool-call fixture is asked again with when the first answer made no call."""
 CONSTRAINED = ("format", "response_format")
 """Keys that make an answer JSON by grammar: its text must parse."""
 
@@ -180,6 +182,16 @@ async def test_every_other_captured_request_gets_what_its_client_expects(cluster
                 assert objects[0]["details"]["family"] and objects[0]["model_info"], name
                 continue
             text, calls, _ = answer_of(fixture, objects)
+            for seed in SEEDS if expect == "tool_call" and not calls else ():
+                # Whether a 0.5B model calls a tool or answers from its head is a sampled
+                # choice, and its logits differ with the CPU's kernels: a user would ask
+                # again, and so does the test (as make clients-e2e does), with new seeds.
+                status, objects = await send(http, cluster.http_url, fixture, seed)
+                assert status == 200, (name, objects)
+                text, calls, _ = answer_of(fixture, objects)
+                if calls:
+                    report.append(f"{name}: a call with seed {seed}")
+                    break
             offered = {t["function"]["name"] for t in body.get("tools") or []}
             assert set(calls) <= offered, (name, calls)
             if expect == "tool_call":
