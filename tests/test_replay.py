@@ -11,6 +11,7 @@ an answer, or a call of one of the tools it offered."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,9 @@ async def test_real_clients_requests_are_answered_on_the_default_setup(cluster: 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
         for name in REPLAYED:
             fixture = load(name)
+            began = time.monotonic()
             status, objects = await send(http, cluster.http_url, fixture)
+            print(f"{name}: {time.monotonic() - began:.1f} s")
             assert status == 200, (name, objects)
             text, calls, _ = answer_of(fixture, objects)
             offered = {t["function"]["name"] for t in fixture["body"].get("tools", [])}

@@ -213,6 +213,38 @@ def test_no_message_of_another_owner_but_the_system_prompt_can_be_confirmed():
         assert usage["right"][1] == (13 if mine[0] is SYSTEM else 0)
 
 
+TOOLS = ChatMessage("system", " ".join(f"tool{i} does thing {i}" for i in range(40)))
+
+
+def test_a_saved_conversations_start_serves_a_new_conversation_that_shares_it():
+    """A client that sends one long tool list with each chat, and a title task between
+    two chats (which takes the only slot): the next chat reads only what follows the tool
+    list, copied from the first chat's saved state, which itself stays saved."""
+    h = Harness(slots=1)
+    first = owned_turn(h, "alice", [TOOLS, ChatMessage("user", "hello")], "a~1")
+    owned_turn(h, "alice", [ChatMessage("user", "title this chat")], "a~2")
+    assert "a~1" in h.manager.store.sessions()
+    second = owned_turn(h, "alice", [TOOLS, ChatMessage("user", "what is two and two")],
+                        "a~3")
+    assert second.cached_tokens == 1 + 160 + 1 + 1  # the tool list and the user marker
+    assert {"a~1", "a~2"} <= set(h.manager.store.sessions())
+    # The first chat's own state was lent, not taken: it goes on warm.
+    again = owned_turn(h, "alice", [TOOLS, ChatMessage("user", "hello"),
+                                    ChatMessage("assistant", "x"),
+                                    ChatMessage("user", "more")], "a~1")
+    assert again.cached_tokens >= first.prompt_tokens
+
+
+@pytest.mark.parametrize("isolate, cached", [(False, 1 + 160 + 1), (True, 0)])
+def test_another_owners_saved_state_lends_the_system_prompt_only(isolate, cached):
+    h = Harness(slots=1)
+    owned_turn(h, "alice", [TOOLS, SECRET], "a~1")
+    owned_turn(h, "bob", [ChatMessage("user", "something else")], "b~1")
+    result = owned_turn(h, "mallory", [TOOLS, ChatMessage("user", "my password is")],
+                        "m~1", isolate=isolate)
+    assert result.cached_tokens == cached
+
+
 def test_the_same_owners_kv_is_reused_token_for_token():
     h = Harness(slots=1)
     owned_turn(h, "alice", [SYSTEM, SECRET], "a~1")

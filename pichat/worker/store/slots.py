@@ -90,6 +90,9 @@ class SessionStore:
     def sessions(self) -> list[SessionId]:
         return list(self._states)
 
+    def states(self) -> list[SavedState]:
+        return list(self._states.values())
+
     def __len__(self) -> int:
         return len(self._states)
 
@@ -473,6 +476,8 @@ class SlotManager:
                     if not restored:
                         log.warning("session=%s: the backend refused its saved state; "
                                     "starting cold", session)
+            if not own:
+                keep = self._borrow_saved(slot, request, prompt, keep)
         if self.shift and own and slot.owner == request.owner and keep < len(ctx.tokens()):
             keep = max(keep, ctx.splice(prompt))  # the conversation slid: move its cells
         if keep < len(ctx.tokens()):
@@ -502,11 +507,45 @@ class SlotManager:
             return held
         return keep
 
+    def _borrow_saved(self, slot: Slot, request: Request, prompt: Sequence[int],
+                      keep: int) -> int:
+        """If the saved state of another conversation holds a longer start of `prompt`
+        than `slot` and every other slot do (the tool list a client sends with each of a
+        user's chats, after its title task took the slot), restore a copy of it and keep
+        only that start, within what its owner may share with this request. Returns what
+        `slot` now holds."""
+        best = keep + MIN_SHARED - 1
+        for other in self.slots:  # a slot's cells are copied cheaper (_share_prefix)
+            if other is not slot:
+                best = max(best, self._shareable(other, request, prompt))
+        found = None
+        with self._lock:
+            for state in self.store.states():
+                if common_prefix(state.tokens, prompt) <= best:
+                    continue
+                n = min(self._may_share(state.tokens, state.owner, request, prompt),
+                        len(prompt) - 1)
+                if n > best:
+                    best, found = n, state
+        if found is None:
+            return keep
+        if not slot.context.restore(found):
+            log.warning("req=%s: the backend refused a saved state to share", request.id)
+            slot.context.truncate(0)
+            return 0
+        slot.context.truncate(best)
+        log.debug("req=%s: %d prompt tokens from a saved state", request.id, best)
+        return best
+
     def _shareable(self, slot: Slot, request: Request, prompt: Sequence[int]) -> int:
         """How many of the context's tokens `request` may reuse."""
-        held = slot.context.tokens()
+        return self._may_share(slot.context.tokens(), slot.owner, request, prompt)
+
+    def _may_share(self, held: Sequence[int], owner: str | None, request: Request,
+                   prompt: Sequence[int]) -> int:
+        """How many of the tokens `held` (read for `owner`) `request` may reuse."""
         common = common_prefix(held, prompt)
-        if slot.owner == request.owner or common == 0:
+        if owner == request.owner or common == 0:
             return common
         if request.isolate or not request.messages:
             return 0
