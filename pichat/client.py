@@ -5,8 +5,10 @@ request's queue by id. While a request waits, the router heartbeats the client; 
 router falls silent for `silence_timeout` (it died or restarted), the request is sent
 again (`resend_on_silence` times; an answer already streaming goes on as a continuation
 after the tokens received, so nothing is lost or repeated), then fails with
-`RouterUnavailable` instead of hanging. Leaving a stream early (break, Ctrl-C, an
-exception) sends CANCEL so the worker's slot frees at once.
+`RouterUnavailable` instead of hanging. With several routers (`ClientConfig.router`
+"tcp://pi1:5555,tcp://pi2:5555"), silence moves the client to the next one before it
+sends again, so a router's death costs a request one silence. Leaving a stream early
+(break, Ctrl-C, an exception) sends CANCEL so the worker's slot frees at once.
 
     async with Client(ClientConfig("tcp://pi1:5555")) as client:
         reply = await client.chat([ChatMessage("user", "Hello!")], on_text=print)
@@ -17,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +53,11 @@ from pichat.stream import StreamCursor
 from pichat.transport import Channel
 
 __all__ = ["Client", "Reply", "new_id"]
+
+log = logging.getLogger(__name__)
+
+_MOVED = object()
+"""Put in each waiting request's queue when the client moves to another router."""
 
 
 def new_id() -> str:
@@ -93,6 +102,10 @@ class Client:
         self._last_heard = 0.0
         self._link: Link | None = None
         self._refused: str | None = None
+        self._at = 0
+        """Which of the configured routers the link goes to."""
+        self.moves = 0
+        """Times the client moved to another router (each a new link)."""
 
     async def __aenter__(self) -> Client:
         self.connect()
@@ -101,14 +114,37 @@ class Client:
     async def __aexit__(self, *exc: Any) -> None:
         self.close()
 
+    @property
+    def endpoint(self) -> str:
+        """The router the client talks to now."""
+        return self.config.routers[self._at]
+
     def connect(self) -> None:
-        self._ctx = self._shared_ctx or zmq.Context()
+        self._ctx = self._ctx or self._shared_ctx or zmq.Context()
         cfg = self.config
-        self._link = Link(self._ctx, cfg.router, keys=cfg.keys, key_name=cfg.key_name,
+        self._link = Link(self._ctx, self.endpoint, keys=cfg.keys, key_name=cfg.key_name,
                           max_message_bytes=cfg.max_message_bytes,
                           loop=asyncio.get_running_loop(), on_message=self._on_message,
                           on_refused=self._on_refused)
         self._channel = self._link.channel
+
+    def _move(self, seen: int) -> bool:
+        """The router of link number `seen` fell silent: go on with the next configured
+        router, unless another request already moved (then `seen` is old). Returns
+        whether there is another router to try."""
+        if len(self.config.routers) < 2:
+            return False
+        if seen == self.moves:
+            self._link.close()
+            self._at = (self._at + 1) % len(self.config.routers)
+            self.moves += 1
+            self._refused = None
+            self.connect()
+            self._last_heard = asyncio.get_running_loop().time()  # a full wait for it
+            log.info("no answer from the router; trying %s", self.endpoint)
+            for queue in self._pending.values():  # what waits there is sent again now
+                queue.put_nowait(_MOVED)
+        return True
 
     def close(self) -> None:
         if self._link is not None:
@@ -143,12 +179,17 @@ class Client:
         current = request  # what the router was last sent
         finished = False
         try:
+            link = self.moves
             self._send(encode(current))
             cursor = StreamCursor(request)
-            resends = self.config.resend_on_silence
+            resends = self.config.resend_on_silence + len(self.config.routers) - 1
             while True:
                 try:
                     message = await self._next(queue)
+                    if message is _MOVED:
+                        if link == self.moves:
+                            continue  # sent on the new link already
+                        raise RouterUnavailable("moved to another router")
                 except RouterUnavailable:
                     if resends <= 0 or self._refused or not cursor.can_resume:
                         raise
@@ -163,6 +204,8 @@ class Client:
                         del self._pending[current.id]
                         current = cursor.resume(RequestId(new_id()))
                         self._pending[current.id] = queue
+                    self._move(link)
+                    link = self.moves
                     self._send(encode(current))
                     continue
                 match message:
@@ -203,7 +246,22 @@ class Client:
         raise ProtocolError("the stream ended without DONE")
 
     async def status(self) -> dict[str, Any]:
-        """The router's snapshot of the cluster (as `pichat status --json`)."""
+        """The router's snapshot of the cluster (as `pichat status --json`); with several
+        routers, of the first that answers."""
+        return await self._each_router(self._status)
+
+    async def _each_router(self, ask: Callable[[], Awaitable[Any]]) -> Any:
+        """`ask()` of the router in use, then of each other one while they are silent."""
+        for tries in range(len(self.config.routers), 0, -1):
+            link = self.moves
+            try:
+                return await ask()
+            except RouterUnavailable:
+                if tries == 1 or self._refused or not self._move(link):
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _status(self) -> dict[str, Any]:
         future = asyncio.get_running_loop().create_future()
         self._status_waiters.append(future)
         self._send(encode(Status()))
@@ -219,7 +277,14 @@ class Client:
     async def conversations(self, op: str, **fields: Any) -> Any:
         """Ask the router about this client's stored conversations: `op` "list" (offset,
         limit), "get" (id, offset, limit), "rename" (id, title), "delete" (id). Returns
-        the router's result; raises RequestFailed or RouterUnavailable."""
+        the router's result; raises RequestFailed or RouterUnavailable. With several
+        routers (one shared store), a silent one's question goes to the next, but not a
+        "create" (it may have been done)."""
+        if op == "create":
+            return await self._conversations(op, **fields)
+        return await self._each_router(functools.partial(self._conversations, op, **fields))
+
+    async def _conversations(self, op: str, **fields: Any) -> Any:
         ref = new_id()
         future = asyncio.get_running_loop().create_future()
         self._queries[ref] = future
@@ -279,10 +344,10 @@ class Client:
 
     def _silence_message(self) -> str:
         if self._refused:
-            return (f"{self._refused}: the router at {self.config.router} does not accept "
+            return (f"{self._refused}: the router at {self.endpoint} does not accept "
                     f"this client's key ({self.config.key_name}.key must be in the router's "
                     "clients/ directory, and router.key must be the router's)")
-        return (f"no answer from the router at {self.config.router} for "
+        return (f"no answer from the router at {self.endpoint} for "
                 f"{self.config.silence_timeout:.0f}s: is it running and reachable?")
 
     def _on_refused(self, reason: str) -> None:
@@ -297,7 +362,7 @@ class Client:
             if self._refused:
                 raise RouterUnavailable(self._silence_message()) from None
             raise RouterUnavailable(
-                f"no connection to the router at {self.config.router}: is it running, and does "
+                f"no connection to the router at {self.endpoint}: is it running, and does "
                 "it need keys (--keys)?") from None
 
     def _on_message(self, frames: list[bytes]) -> None:

@@ -135,6 +135,8 @@ class SimConfig:
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
     router: str = DEFAULT_WORKER_ENDPOINT
+    """The router's worker endpoint, or several separated by commas: the worker registers
+    with each (routers that share one store)."""
     name: str = field(default_factory=default_worker_name)
     backend: Backend = "llama"
     model: str = "default"
@@ -193,10 +195,17 @@ class WorkerConfig:
     """Which key pair in the keys directory is this worker's."""
     sim: SimConfig = field(default_factory=SimConfig)
 
+    @property
+    def routers(self) -> tuple[str, ...]:
+        return endpoints(self.router, DEFAULT_WORKER_ENDPOINT)
+
 
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
     router: str = DEFAULT_CLIENT_ENDPOINT
+    """The router's client endpoint, or several separated by commas (routers that share
+    one store): the client uses the first that answers, and moves to the next when the one
+    it uses falls silent."""
     silence_timeout: float = 5.0
     """Give up on the router after hearing nothing from it this long while waiting."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -205,7 +214,18 @@ class ClientConfig:
     resend_on_silence: int = 1
     """Times a request is sent again when the router falls silent (it may have restarted):
     as it was if nothing has streamed yet, else as a continuation after the tokens
-    received (safe either way: nothing is delivered twice)."""
+    received (safe either way: nothing is delivered twice). With several routers, once
+    more for each other router."""
+
+    @property
+    def routers(self) -> tuple[str, ...]:
+        return endpoints(self.router, DEFAULT_CLIENT_ENDPOINT)
+
+
+def endpoints(text: str, default: str) -> tuple[str, ...]:
+    """The endpoints in `text`, separated by commas (a ZeroMQ endpoint holds none), each
+    once, in order; `default` if there are none."""
+    return tuple(dict.fromkeys(e.strip() for e in text.split(",") if e.strip())) or (default,)
 
 
 def check_exposure(cfg: RouterConfig) -> None:

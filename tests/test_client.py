@@ -16,6 +16,7 @@ from pichat.protocol import (
     Cancel,
     ChatMessage,
     Chunk,
+    Conversations,
     Done,
     Error,
     Heartbeat,
@@ -26,6 +27,16 @@ from pichat.protocol import (
 )
 
 HI = [ChatMessage("user", "hi")]
+
+
+async def collect(client: Client, seen: list[Chunk]) -> Done:
+    """Stream HI (10 tokens at most), noting each chunk in `seen`; the DONE."""
+    reply = None
+    async for event in client.stream(HI, sampling=Sampling(temperature=0, max_tokens=10)):
+        if isinstance(event, Chunk):
+            seen.append(event)
+        reply = event
+    return reply
 
 
 @pytest.fixture
@@ -81,17 +92,8 @@ async def test_router_heartbeats_keep_a_slow_request_alive_and_silence_ends_it(p
 
 async def test_an_answer_cut_by_router_silence_goes_on_as_a_continuation(pair):
     router, client = pair
-    seen: list[int] = []
-
-    async def collect():
-        reply = None
-        async for event in client.stream(HI, sampling=Sampling(temperature=0, max_tokens=10)):
-            if isinstance(event, Chunk):
-                seen.append(event.seq)
-            reply = event
-        return reply
-
-    task = asyncio.create_task(collect())
+    seen: list[Chunk] = []
+    task = asyncio.create_task(collect(client, seen))
     req = await router.expect(Request)
     await router.send(Chunk(req.id, 0, "Hel", tokens=(7, 8)))
     # Silence (the router restarted and forgot it): the client drops the old request and
@@ -105,7 +107,7 @@ async def test_an_answer_cut_by_router_silence_goes_on_as_a_continuation(pair):
     await router.send(Chunk(rest.id, 1, "!", tokens=(10,)))
     await router.send(Done(rest.id, "w2", "stop", Usage(prompt_tokens=12, completion_tokens=2)))
     done = await task
-    assert seen == [0, 1, 2]  # one stream, numbered on
+    assert [c.seq for c in seen] == [0, 1, 2]  # one stream, numbered on
     assert done.failovers == 1
     # As if one worker had answered: the continuation counts as generated, not as prompt.
     assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (10, 4)
@@ -181,3 +183,72 @@ async def test_status(pair):
     await router.expect(Status)
     await router.send(Status({"workers": [], "queue": {"depth": 0}}))
     assert (await task)["queue"] == {"depth": 0}
+
+
+@pytest.fixture
+async def two_routers():
+    ctx = zmq.asyncio.Context()
+    one = Peer(ctx, "tcp://127.0.0.1:*", bind=True)
+    two = Peer(ctx, "tcp://127.0.0.1:*", bind=True)
+    client = Client(ClientConfig(router=f"{one.endpoint}, {two.endpoint}",
+                                 silence_timeout=0.5))
+    client.connect()
+    yield one, two, client
+    client.close()
+    one.close()
+    two.close()
+    ctx.term()
+
+
+async def test_an_answer_cut_by_its_routers_death_goes_on_through_the_next_router(two_routers):
+    one, two, client = two_routers
+    seen: list[Chunk] = []
+    task = asyncio.create_task(collect(client, seen))
+    req = await one.expect(Request)
+    await one.send(Chunk(req.id, 0, "Hel", tokens=(7, 8)))
+    await one.expect(Cancel, id=req.id)  # the old one, in case it lives on
+    # The first router is silent from now on: the rest is asked of the second.
+    rest = await two.expect(Request)
+    assert rest.messages == req.messages and rest.continuation == (7, 8)
+    assert client.endpoint == two.endpoint and client.moves == 1
+    await two.send(Chunk(rest.id, 0, "lo", tokens=(9,)))
+    await two.send(Done(rest.id, "w2", "stop", Usage(prompt_tokens=12, completion_tokens=1)))
+    done = await task
+    assert [c.text for c in seen] == ["Hel", "lo"] and done.failovers == 1
+    await one.silent(0.2)  # nothing more went to the silent one
+
+
+async def test_requests_waiting_on_a_silent_router_move_once_together(two_routers):
+    """Three requests wait on the first router when it falls silent: each is sent to the
+    second once, and the client moves once (not back to the silent one by the next
+    request that notices)."""
+    one, two, client = two_routers
+    tasks = [asyncio.create_task(client.chat(HI, session=f"s{i}")) for i in range(3)]
+    first = {(await one.expect(Request)).session for _ in tasks}
+    assert first == {"s0", "s1", "s2"}
+    again = [await two.expect(Request) for _ in tasks]
+    assert {r.session for r in again} == first and client.moves == 1
+    for r in again:
+        await two.send(Done(r.id, "w2", "stop", Usage(3, 0, 1, 1.0, 1.0)))
+    replies = await asyncio.gather(*tasks)
+    assert {r.worker for r in replies} == {"w2"}
+    await one.silent(0.2)
+
+
+async def test_status_and_stored_conversations_come_from_the_router_that_answers(
+        two_routers):
+    one, two, client = two_routers
+    task = asyncio.create_task(client.status())
+    await one.expect(Status)  # never answered
+    await two.expect(Status)
+    await two.send(Status(cluster={"workers": [], "router": "two"}))
+    assert (await task)["router"] == "two"
+    # Now on the second: a question goes there first, and a create is never asked twice.
+    listing = asyncio.create_task(client.conversations("list"))
+    asked = await two.expect(Conversations, op="list")
+    await two.send(Conversations("list", asked.ref, result=[]))
+    assert await listing == []
+    with pytest.raises(RouterUnavailable):
+        await client.conversations("create", title="x")
+    await two.expect(Conversations, op="create")
+    await one.silent(0.2)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,8 @@ import zmq.asyncio
 
 from conftest import Cluster
 from peers import Peer, eventually
-from pichat.config import RouterConfig
+from pichat.client import Client
+from pichat.config import ClientConfig, RouterConfig
 from pichat.protocol import (
     ChatMessage,
     Chunk,
@@ -82,6 +85,78 @@ async def streaming_worker(client, timeout: float = 10.0) -> str:
             return busy[0]
         await asyncio.sleep(0.02)
     raise AssertionError("nothing was dispatched")
+
+
+async def test_a_client_given_two_routers_finishes_an_answer_through_the_second(
+        cluster: Cluster, tmp_path: Path):
+    """`--router A,B`: the router streaming an answer dies; the client asks the other for
+    the rest (a continuation after the tokens it has: nothing lost or repeated), and the
+    command line goes straight on with the live one."""
+    (tmp_path / "other").mkdir()
+    other = Cluster(tmp_path / "other")
+    try:
+        for c in (cluster, other):
+            c.router()
+            c.worker("w", "--sim-gen-tps", "25", "--sim-reply-tokens", "50",
+                     "--chunk-tokens", "1")
+            await c.wait_workers(1)
+        expected = await undisturbed(other, STORY, GREEDY)
+        both = f"{cluster.client_endpoint},{other.client_endpoint}"
+        async with Client(ClientConfig(router=both, silence_timeout=2.0)) as client:
+            seen: list[str] = []
+            task = asyncio.create_task(client.chat(STORY, sampling=GREEDY,
+                                                   on_text=seen.append))
+            await eventually(lambda: len(seen) >= 5, timeout=30)
+            cluster.procs[0].kill()
+            reply = await asyncio.wait_for(task, 60)
+        assert reply.text == expected and reply.done.failovers == 1
+        assert client.moves == 1 and client.endpoint == other.client_endpoint
+        asked = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "pichat", "ask", "--router", both,
+                             "--temperature", "0", "hello"],
+            capture_output=True, text=True, timeout=120)
+        assert asked.returncode == 0, asked.stderr
+        assert len(asked.stdout.split()) == 50
+    finally:
+        other.close()
+
+
+async def test_a_worker_given_two_routers_serves_both_and_outlives_either(
+        cluster: Cluster, tmp_path: Path):
+    """`pichat worker --router A,B`: registered with both, it answers each. A request its
+    client sends again through B while A is dead goes on where it runs (its prompt is not
+    read again); the worker serves B on, with no restart, and registers again with A when
+    A is back."""
+    (tmp_path / "other").mkdir()
+    other = Cluster(tmp_path / "other")
+    try:
+        cluster.router()
+        other.router()
+        worker = cluster.spawn("w", [
+            "worker", "--router", f"{cluster.worker_endpoint},{other.worker_endpoint}",
+            "--name", "w", "--backend", "sim", "--no-discovery", "--heartbeat", "0.5",
+            "--liveness", "30", "--slots", "2", "--sim-prompt-tps", "20",
+            "--sim-reply-tokens", "5"])
+        for c in (cluster, other):
+            await c.wait_workers(1, names={"w"})
+            async with c.client() as client:
+                assert (await client.chat(STORY, sampling=GREEDY)).worker == "w"
+        both = f"{cluster.client_endpoint},{other.client_endpoint}"
+        async with Client(ClientConfig(router=both, silence_timeout=2.0)) as client:
+            task = asyncio.create_task(client.chat([ChatMessage("user", "word " * 200)],
+                                                   sampling=GREEDY))
+            await streaming_worker(client)  # being read (10 s): nothing streamed yet
+            cluster.procs[0].kill()
+            reply = await asyncio.wait_for(task, 60)
+        assert len(reply.text.split()) == 5 and client.moves == 1
+        assert "came again through" in await worker.wait_output("came again through")
+        async with other.client() as client:
+            assert (await client.chat(STORY, sampling=GREEDY)).worker == "w"
+        cluster.router(name="router-again")
+        await cluster.wait_workers(1, names={"w"})
+        assert worker.alive()
+    finally:
+        other.close()
 
 
 @pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])

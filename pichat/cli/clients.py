@@ -37,7 +37,8 @@ def _client_options(f: Any) -> Any:
 
     for decorator in reversed([
         o.field(ClientConfig, "router", "--router", env="ROUTER",
-                help="The router's client endpoint."),
+                help="The router's client endpoint, or several separated by commas "
+                     "(routers sharing one store): the first that answers is used."),
         o.keys,
         o.field(ClientConfig, "key_name", "--key-name", env="CLIENT_KEY_NAME",
                 help="This client's key pair in the keys directory."),

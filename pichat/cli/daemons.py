@@ -196,7 +196,9 @@ def model_options(f: Any) -> Any:
 
 
 @click.command()
-@o.field(W, "router", "--router", env="WORKER_ROUTER", help="The router's worker endpoint.")
+@o.field(W, "router", "--router", env="WORKER_ROUTER",
+         help="The router's worker endpoint, or several separated by commas (routers "
+              "sharing one store): the worker registers with each.")
 @o.option("--name", env="WORKER_NAME", default=None,
           help="Name shown in status [default: the name it joined under, else HOSTNAME-PID].")
 @model_options

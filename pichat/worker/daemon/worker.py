@@ -1,13 +1,14 @@
-"""The worker daemon: a DEALER socket to the router, heartbeats, and one thread per slot.
+"""The worker daemon: a DEALER socket to each router, heartbeats, and one thread per slot.
 
-Lifecycle (`Phase`, changed only by `_enter`): SERVING (it takes requests); RESETTING
-(its registration ended: the router fell silent for `liveness` heartbeats, or asked it to
-register again with DISCONNECT; whatever it was generating belongs to a router that has
-given up on it, so it is cancelled, then READY is sent again, with the sessions still warm
-here so a restarted router relearns affinity); DRAINING (SIGTERM: nothing new, what runs
-finishes, then it leaves); STOPPING. Leaving a registration bumps the epoch: messages of
-an older epoch are never sent. Reconnecting after silence uses capped exponential
-backoff.
+Lifecycle (`Phase`, changed only by `_enter`): SERVING (it takes requests); DRAINING
+(SIGTERM: nothing new, what runs finishes, then it leaves); STOPPING. Each router it is
+given has a `Registration` of its own (pichat/worker/daemon/registration.py), which ends
+when that router falls silent for `liveness` heartbeats or asks it to register again with
+DISCONNECT: whatever it was generating for that router belongs to a router that has given
+up on it, so it is cancelled (its epoch bumped: nothing more of it is sent), then READY is
+sent again, with the sessions still warm here so a restarted router relearns affinity.
+A request sent again by another router (its client moved there) goes on there, its
+chunks so far sent again. Reconnecting after silence uses capped exponential backoff.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import zmq
@@ -48,9 +49,9 @@ from pichat.protocol import (
     decode,
     encode,
 )
-from pichat.transport import Channel
 from pichat.worker.daemon import sizing
 from pichat.worker.daemon.migration import StateMover
+from pichat.worker.daemon.registration import Registration
 from pichat.worker.engine.backend import Generation, Model, SavedState
 from pichat.worker.engine.textstream import TextStream
 from pichat.worker.store.disk import DiskStore
@@ -69,7 +70,6 @@ def _moving_average(old: float, new: float) -> float:
 
 class Phase(Enum):
     SERVING = "serving"
-    RESETTING = "resetting"
     DRAINING = "draining"
     STOPPING = "stopping"
 
@@ -80,10 +80,15 @@ class _Running:
 
     request: Request
     slot: Slot
+    reg: Registration
+    """The router it answers to."""
     epoch: int
+    """`reg`'s epoch when it came: its messages are sent while that epoch lasts."""
     cancelled: threading.Event
     seq: int = 0
     task: asyncio.Task | None = None
+    sent: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+    """Its chunks so far (text, token ids), for a router it moves to."""
 
 
 class Worker:
@@ -98,7 +103,10 @@ class Worker:
                                  disk, shift=config.context_shift, block=config.slide_block,
                                  memory=config.memory, embedding_only=config.embedding)
         self.jobs: dict[RequestId, _Running] = {}
-        self.mover = StateMover(send=self._send, export=self._export_state,
+        self.registrations = [Registration(endpoint) for endpoint in config.routers]
+        self._transfers: Registration | None = None
+        """The router that relays this worker's KV state transfers (the last to ask)."""
+        self.mover = StateMover(send=self._send_transfer, export=self._export_state,
                                 accept=self.slots.accept, state_format=model.format,
                                 budget=self.slots.store.budget, max_tokens=model.n_ctx,
                                 token_bytes=model.kv_token_bytes)
@@ -108,21 +116,11 @@ class Worker:
         self.prompt_tps = 0.0
         """Recent prompt reading speed, tokens per second (the router's cost model)."""
         self.phase = Phase.SERVING
-        self.epoch = 0
         self.tps = 0.0
-        self._after_reset = Phase.SERVING
         self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"slot{i}")
                            for i in range(config.slots)]
-        self._channel: Channel | None = None
         self._ctx: zmq.Context | None = None
-        self._connected_at = 0.0
-        self._last_heard = 0.0
         self._health: HealthEndpoint | None = None
-        self._link: Link | None = None
-        self._wake = asyncio.Event()
-        """Set to cut short a wait of the connection loop (stop, register again)."""
-        self._register_again = asyncio.Event()
-        """The router does not know us (it restarted, or gave us up for dead)."""
         self._idle = asyncio.Event()
         """Set whenever nothing is running (what a drain waits for)."""
         self._idle.set()
@@ -131,20 +129,15 @@ class Worker:
     # --- lifecycle --------------------------------------------------------------------
 
     def _enter(self, phase: Phase) -> None:
-        """The one place the phase changes. Ending a registration (RESETTING, STOPPING)
-        bumps the epoch, so nothing more of what ran under it is sent."""
+        """The one place the phase changes. STOPPING ends every registration (bumps its
+        epoch), so nothing more of what ran under it is sent."""
         now = self.phase
         if now is Phase.STOPPING or phase is now:
             return
-        if phase is Phase.RESETTING:
-            self._after_reset = now
-            self.epoch += 1
-        elif phase is Phase.DRAINING and now is Phase.RESETTING:
-            self._after_reset = Phase.DRAINING  # drain once the reset is over
-            return
-        elif phase is Phase.STOPPING:
-            self.epoch += 1
-            self._wake.set()
+        if phase is Phase.STOPPING:
+            for reg in self.registrations:
+                reg.epoch += 1
+                reg.wake.set()
         self.phase = phase
 
     @property
@@ -207,23 +200,33 @@ class Worker:
         log.info("%s", self.sizing())
         if warning := self.memory_warning():
             log.warning("%s", warning)
-        backoff = _BACKOFF_START
-        heard = self.config.router != DEFAULT_WORKER_ENDPOINT  # none set: look first
+        serving = [asyncio.create_task(self._serve(reg), name=f"router-{i}")
+                   for i, reg in enumerate(self.registrations)]
         try:
-            while self.phase is not Phase.STOPPING:
-                if not heard:
-                    await self._discover()
-                heard = await self._connection()
-                if self.phase is Phase.STOPPING:
-                    break
-                backoff = _BACKOFF_START if heard else min(backoff * 2, self.config.reconnect_max)
-                delay = backoff * random.uniform(0.8, 1.2)
-                log.info("reconnecting to %s in %.1fs", self.config.router, delay)
-                await self._sleep(delay)
+            await asyncio.gather(*serving)
         finally:
+            for task in serving:
+                task.cancel()
+            await asyncio.gather(*serving, return_exceptions=True)
             await self._shutdown()
 
-    async def _discover(self) -> None:
+    async def _serve(self, reg: Registration) -> None:
+        """Stay registered with one router until the worker stops."""
+        backoff = _BACKOFF_START
+        alone = len(self.registrations) == 1
+        heard = not alone or reg.endpoint != DEFAULT_WORKER_ENDPOINT  # none set: look first
+        while self.phase is not Phase.STOPPING:
+            if not heard:
+                await self._discover(reg)
+            heard = await self._connection(reg)
+            if self.phase is Phase.STOPPING:
+                break
+            backoff = _BACKOFF_START if heard else min(backoff * 2, self.config.reconnect_max)
+            delay = backoff * random.uniform(0.8, 1.2)
+            log.info("reconnecting to %s in %.1fs", reg.endpoint, delay)
+            await reg.sleep(delay)
+
+    async def _discover(self, reg: Registration) -> None:
         """No router address, or the one we have stopped answering: with the router's
         public key (a joined Pi) and discovery on, look for it on the LAN
         (pichat/discovery.py); an announcement with another key is ignored."""
@@ -238,9 +241,10 @@ class Worker:
             return
         from pichat.discovery import relocate
 
-        found = await relocate(cfg.keys.directory, key, "workers", cfg.router, keys=cfg.keys,
+        found = await relocate(cfg.keys.directory, key, "workers", reg.endpoint, keys=cfg.keys,
                                key_name=cfg.key_name)
-        if found and found != cfg.router:
+        if found and found != reg.endpoint:
+            reg.endpoint = found
             self.config = replace(cfg, router=found)
 
     async def _export_state(self, session: str) -> SavedState | None:
@@ -275,22 +279,15 @@ class Worker:
         return sizing.memory_warning(self.config.slots, self.model, self.slots.store.budget,
                                      total if total is not None else sizing.total_memory())
 
-    async def _sleep(self, seconds: float) -> None:
-        """Sleep, but wake early for stop() or a DISCONNECT."""
-        try:
-            await asyncio.wait_for(self._wake.wait(), seconds)
-        except TimeoutError:
-            pass
-        self._wake.clear()
-
     async def _shutdown(self) -> None:
         self._enter(Phase.STOPPING)
-        if self._channel is not None and not self._channel.closed:
-            self._send(encode(Disconnect("worker shutting down",
-                                         sessions=tuple(self.slots.warm_sessions()))))
+        goodbye = encode(Disconnect("worker shutting down",
+                                    sessions=tuple(self.slots.warm_sessions())))
+        for reg in self.registrations:
+            reg.send(goodbye)
         await self._cancel_all()
-        if self._channel is not None:
-            self._close_channel(linger_ms=500)  # let the DISCONNECT out
+        for reg in self.registrations:
+            reg.close(linger_ms=500)  # let the DISCONNECT out
         if self._health is not None:
             self._health.close()
         for executor in self._executors:
@@ -302,49 +299,49 @@ class Worker:
             self._ctx.term()
         log.info("worker %s stopped", self.config.name)
 
-    async def _connection(self) -> bool:
-        """One connection to the router. Returns whether the router ever answered."""
+    async def _connection(self, reg: Registration) -> bool:
+        """One connection to a router. Returns whether the router ever answered."""
         loop = asyncio.get_running_loop()
         cfg = self.config
-        self._link = Link(self._ctx, cfg.router, keys=cfg.keys, key_name=cfg.key_name,
-                          max_message_bytes=cfg.max_message_bytes, loop=loop,
-                          on_message=self._on_message, on_refused=self._on_refused)
-        self._channel = self._link.channel
-        self._register_again.clear()  # this connection's READY supersedes any earlier ask
-        self._send_ready()
-        self._connected_at = self._last_heard = loop.time()
+        reg.link = Link(self._ctx, reg.endpoint, keys=cfg.keys, key_name=cfg.key_name,
+                        max_message_bytes=cfg.max_message_bytes, loop=loop,
+                        on_message=lambda frames: self._on_message(reg, frames),
+                        on_refused=lambda reason: self._on_refused(reg, reason))
+        reg.register_again.clear()  # this connection's READY supersedes any earlier ask
+        self._send_ready(reg)
+        reg.connected_at = reg.last_heard = loop.time()
         silence_limit = cfg.heartbeat_interval * cfg.liveness
         try:
             while self.phase is not Phase.STOPPING:
-                await self._sleep(cfg.heartbeat_interval)
+                await reg.sleep(cfg.heartbeat_interval)
                 if self.phase is Phase.STOPPING:
                     break
-                if self._register_again.is_set():
+                if reg.register_again.is_set():
                     # The router does not know us (it restarted, or gave us up for dead).
-                    self._register_again.clear()
-                    await self._reset()
-                    self._send_ready()
+                    reg.register_again.clear()
+                    await self._reset(reg)
+                    self._send_ready(reg)
                     continue
-                silent = loop.time() - self._last_heard
+                silent = loop.time() - reg.last_heard
                 if silent > silence_limit:
-                    if self._last_heard == self._connected_at:
-                        await self._unanswered(silent)
+                    if not reg.heard:
+                        await self._unanswered(reg, silent)
                     else:
-                        log.warning("router %s silent for %.1fs", cfg.router, silent)
+                        log.warning("router %s silent for %.1fs", reg.endpoint, silent)
                     break
                 self.mover.expire()
-                self._send_heartbeat()
+                self._send_heartbeat(reg)
         finally:
             if self.phase is not Phase.STOPPING:  # on stop, _shutdown says goodbye here
-                await self._reset()
-                self._close_channel()
-        return self._last_heard > self._connected_at
+                await self._reset(reg)
+                reg.close()
+        return reg.heard
 
-    async def _unanswered(self, silent: float) -> None:
+    async def _unanswered(self, reg: Registration, silent: float) -> None:
         """Say why a READY may have gone unanswered (else nothing in either log would)."""
         from pichat.discovery import answers
 
-        router = self.config.router
+        router = reg.endpoint
         if await asyncio.to_thread(answers, router):
             why = ("something accepts connections there, but no pichat router answers "
                    "workers on it (another port, or another program?)")
@@ -355,34 +352,32 @@ class Worker:
         log.warning("the router at %s never answered this worker's READY (%.0fs): %s",
                     router, silent, why)
 
-    def _close_channel(self, linger_ms: int = 0) -> None:
-        if self._link is not None:
-            self._link.close(linger_ms)
-
-    def _on_refused(self, reason: str) -> None:
+    def _on_refused(self, reg: Registration, reason: str) -> None:
         log.error("%s: the router at %s does not accept this worker's key; add %s/%s.key to "
-                  "the router's workers/ directory", reason, self.config.router,
+                  "the router's workers/ directory", reason, reg.endpoint,
                   self.config.keys.directory if self.config.keys else "KEYS",
                   self.config.key_name)
 
-    async def _reset(self) -> None:
-        """End this registration: stop every generation and wait for it, since nobody
-        waits for their results. Requests that arrive meanwhile are refused (the router
-        places them again), so the slots are all free, and the router's view right, when
-        READY goes out next."""
-        self._enter(Phase.RESETTING)
+    async def _reset(self, reg: Registration) -> None:
+        """End a registration: stop every generation it sent and wait for it, since nobody
+        waits for their results. Its requests that arrive meanwhile are refused (the
+        router places them again), so its slots are free, and the router's view right,
+        when READY goes out next."""
+        reg.resetting = True
+        reg.epoch += 1
         try:
-            await self._cancel_all()
+            await self._cancel_all(reg)
         finally:
-            self._enter(self._after_reset)
+            reg.resetting = False
 
-    async def _cancel_all(self) -> None:
-        moves = list(self._moves)  # state transfers of this registration end with it
-        for task in moves:
-            task.cancel()
-        await asyncio.gather(*moves, return_exceptions=True)
-        while self.jobs:
-            jobs = list(self.jobs.values())
+    async def _cancel_all(self, reg: Registration | None = None) -> None:
+        """Cancel the work of `reg` (None: of every registration) and wait for it."""
+        if reg is None or reg is self._transfers:
+            moves = list(self._moves)  # state transfers through that router end with it
+            for task in moves:
+                task.cancel()
+            await asyncio.gather(*moves, return_exceptions=True)
+        while jobs := [j for j in self.jobs.values() if reg is None or j.reg is reg]:
             for job in jobs:
                 job.cancelled.set()
             await asyncio.gather(*(j.task for j in jobs if j.task is not None),
@@ -390,81 +385,93 @@ class Worker:
             for job in jobs:  # each task removes its own job; make sure
                 if self.jobs.get(job.request.id) is job:
                     del self.jobs[job.request.id]
-        self._idle.set()
+        if not self.jobs:
+            self._idle.set()
 
     def health(self) -> dict:
-        """This worker as `pichat health` shows it: healthy while it hears its router."""
-        silent = asyncio.get_running_loop().time() - self._last_heard
-        heard = self._last_heard > self._connected_at  # on this connection
-        connected = (heard and self.phase is not Phase.STOPPING
-                     and silent <= self.config.heartbeat_interval * self.config.liveness)
+        """This worker as `pichat health` shows it: healthy while it hears a router."""
+        now = asyncio.get_running_loop().time()
+        limit = self.config.heartbeat_interval * self.config.liveness
+        routers = [{"router": reg.endpoint,
+                    "connected": (reg.heard and self.phase is not Phase.STOPPING
+                                  and now - reg.last_heard <= limit),
+                    "last_heard_s": round(now - reg.last_heard, 2) if reg.heard else None}
+                   for reg in self.registrations]
+        first = next((r for r in routers if r["connected"]), routers[0])
         return {
-            "role": "worker", "healthy": connected, "name": self.config.name,
+            "role": "worker", "healthy": first["connected"], "name": self.config.name,
             "model": self.model.name, "backend": self.model.backend,
-            "router": self.config.router, "connected": connected,
-            "last_heard_s": round(silent, 2) if heard else None,
+            **first, "routers": routers,
             "slots": self.config.slots, "busy": self.slots.busy, "phase": self.phase.value,
         }
 
     # --- messages ---------------------------------------------------------------------
 
-    def _on_message(self, frames: list[bytes]) -> None:
+    def _on_message(self, reg: Registration, frames: list[bytes]) -> None:
         try:
             message = decode(frames)
         except ProtocolError as exc:
             log.warning("bad message from the router: %s", exc)
             if exc.request_id:
-                self._send(encode(Error(exc.request_id, exc.code, str(exc))))
+                reg.send(encode(Error(exc.request_id, exc.code, str(exc))))
             return
-        self._last_heard = asyncio.get_running_loop().time()
-        self._handle(message)
+        reg.last_heard = asyncio.get_running_loop().time()
+        self._handle(reg, message)
 
-    def _handle(self, message: Message) -> None:
+    def _handle(self, reg: Registration, message: Message) -> None:
         match message:
             case Request():
-                self._on_request(message)
+                self._on_request(reg, message)
             case Cancel():
                 job = self.jobs.get(message.id)
-                if job is not None:
+                if job is not None and job.reg is reg:  # only its own router cancels it
                     log.info("req=%s cancel", message.id)
                     job.cancelled.set()
             case Heartbeat():
                 pass
             case Migrate():
+                self._transfers = reg
                 task = asyncio.create_task(self.mover.send_state(message))
                 self._moves.add(task)
                 self._move_activity.set()
                 task.add_done_callback(self._move_ended)
             case State():
+                self._transfers = reg
                 self.mover.on_state(message)
             case StateAck():
                 self.mover.on_ack(message)
             case Disconnect():
-                log.info("router says: %s", clip(message.reason, 200))
-                self._enter(Phase.RESETTING)  # from now on, nothing of the old jobs is sent
-                self._register_again.set()
-                self._wake.set()
+                log.info("router %s says: %s", reg.endpoint, clip(message.reason, 200))
+                reg.resetting = True  # from now on, nothing of its old jobs is sent
+                reg.epoch += 1
+                reg.register_again.set()
+                reg.wake.set()
             case Error():
                 log.error("router error: %s: %s", message.code, clip(message.message, 300))
             case _:
                 log.warning("unexpected %s from the router; ignored", message.COMMAND.name)
 
-    def _on_request(self, request: Request) -> None:
-        if not self.accepting:
-            self._send(encode(Error(request.id, ErrorCode.BUSY, f"worker {self.phase.value}")))
+    def _on_request(self, reg: Registration, request: Request) -> None:
+        if not self.accepting or reg.resetting:
+            phase = "resetting" if self.accepting else self.phase.value
+            reg.send(encode(Error(request.id, ErrorCode.BUSY, f"worker {phase}")))
             return
-        if request.id in self.jobs:
-            # The router sent it again: a copy crossed our READY on the wire (the router
-            # requeued what it had sent to our previous registration). It is the same
-            # request and it is running: its results count.
-            log.debug("req=%s already running here; duplicate ignored", request.id)
+        running = self.jobs.get(request.id)
+        if running is not None:
+            if running.reg is reg:
+                # The router sent it again: a copy crossed our READY on the wire (the
+                # router requeued what it had sent to our previous registration). It is
+                # the same request and it is running: its results count.
+                log.debug("req=%s already running here; duplicate ignored", request.id)
+            else:
+                self._move_job(running, reg)
             return
         slot = self.slots.acquire(request.session)
         if slot is None:
-            self._send(encode(Error(request.id, ErrorCode.BUSY,
-                                    f"all {self.config.slots} slots are busy")))
+            reg.send(encode(Error(request.id, ErrorCode.BUSY,
+                                  f"all {self.config.slots} slots are busy")))
             return
-        job = _Running(request, slot, self.epoch, threading.Event())
+        job = _Running(request, slot, reg, reg.epoch, threading.Event())
         self.jobs[request.id] = job
         self._idle.clear()
         job.task = asyncio.create_task(self._run(job), name=f"req-{request.id}")
@@ -518,28 +525,36 @@ class Worker:
             if not self.jobs:
                 self._idle.set()
 
+    def _move_job(self, job: _Running, reg: Registration) -> None:
+        """The same request came by another router (its client moved there when the first
+        fell silent): its answer goes on there, from its first chunk; the first router
+        hears that it ended."""
+        old, request = job.reg, job.request
+        log.info("req=%s came again through %s: its answer goes on there (%d chunks so far)",
+                 request.id, reg.endpoint, len(job.sent))
+        if job.epoch == old.epoch:
+            old.send(encode(Error(request.id, ErrorCode.CANCELLED,
+                                  "the client asked another router for it")))
+        job.reg, job.epoch = reg, reg.epoch
+        for seq, (text, tokens) in enumerate(job.sent):
+            reg.send(encode(Chunk(request.id, seq, text, tokens)))
+
     def _send_chunk(self, job: _Running, text: str, tokens: tuple[int, ...]) -> None:
+        job.sent.append((text, tokens))
         self._send_for(job, encode(Chunk(job.request.id, job.seq, text, tokens)))
         job.seq += 1
 
     def _send_for(self, job: _Running, frames: list[bytes]) -> None:
-        if job.epoch == self.epoch:
-            self._send(frames)
+        if job.epoch == job.reg.epoch:
+            job.reg.send(frames)
 
-    def _send(self, frames: list[bytes]) -> None:
-        channel = self._channel
-        if channel is None or channel.closed:
-            return
-        try:
-            channel.send(frames)
-        except zmq.ZMQError as exc:
-            # EAGAIN: no connection to the router right now. The router will give up on
-            # these requests; the next epoch starts clean.
-            log.debug("send failed: %s", exc)
+    def _send_transfer(self, frames: list[bytes]) -> None:
+        if self._transfers is not None:
+            self._transfers.send(frames)
 
-    def _send_ready(self) -> None:
+    def _send_ready(self, reg: Registration) -> None:
         model = self.model
-        self._send(encode(Ready(
+        reg.send(encode(Ready(
             worker=self.config.name,
             model=model.name,
             backend=model.backend,
@@ -559,14 +574,30 @@ class Worker:
             parameter_size=model.parameter_size,
             quantization=model.quantization,
         )))
-        self.slots.take_evicted()  # the READY's session list supersedes them
+        self._take_evicted()
+        reg.evicted.clear()  # the READY's session list supersedes them
         log.info("worker %s: READY sent to %s (%s, %d slots)", self.config.name,
-                 self.config.router, model.name, self.config.slots)
+                 reg.endpoint, model.name, self.config.slots)
 
-    def _send_heartbeat(self) -> None:
+    def _take_evicted(self) -> None:
+        """Hand the sessions dropped since the last look to each registration that will
+        tell its router (in its next heartbeat)."""
+        evicted = self.slots.take_evicted()
+        for reg in self.registrations:
+            if reg.heard:
+                reg.evicted.extend(evicted)
+
+    def _send_heartbeat(self, only: Registration | None = None) -> None:
+        """A heartbeat to `only`'s router, else to every router."""
+        self._take_evicted()
+        for reg in [only] if only is not None else self.registrations:
+            evicted, reg.evicted = tuple(reg.evicted), []
+            reg.send(self._heartbeat(evicted))
+
+    def _heartbeat(self, evicted: tuple[SessionId, ...]) -> list[bytes]:
         kv_used, store_bytes = self.slots.kv_usage()
         disk = self.slots.disk
-        self._send(encode(Heartbeat(
+        return encode(Heartbeat(
             kv_used=kv_used,
             store_bytes=store_bytes,
             disk_states=disk.files if disk else 0,
@@ -576,9 +607,8 @@ class Worker:
             disk_refused_format=disk.refused["format"] if disk else 0,
             busy=self.slots.busy,
             warm=len(self.slots.warm_sessions()),
-            evicted=tuple(self.slots.take_evicted()),
+            evicted=evicted,
             tps=self.tps,
             prompt_tps=round(self.prompt_tps, 1),
-            draining=self.phase is Phase.DRAINING or (
-                self.phase is Phase.RESETTING and self._after_reset is Phase.DRAINING),
-        )))
+            draining=self.phase is Phase.DRAINING,
+        ))
