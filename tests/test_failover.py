@@ -126,7 +126,8 @@ async def test_a_worker_given_two_routers_serves_both_and_outlives_either(
     """`pichat worker --router A,B`: registered with both, it answers each. A request its
     client sends again through B while A is dead goes on where it runs (its prompt is not
     read again); the worker serves B on, with no restart, and registers again with A when
-    A is back."""
+    A is back. An answer cut mid-stream by A's death goes on where it runs too: the
+    client's continuation through B takes it over, token for token."""
     (tmp_path / "other").mkdir()
     other = Cluster(tmp_path / "other")
     try:
@@ -136,7 +137,7 @@ async def test_a_worker_given_two_routers_serves_both_and_outlives_either(
             "worker", "--router", f"{cluster.worker_endpoint},{other.worker_endpoint}",
             "--name", "w", "--backend", "sim", "--no-discovery", "--heartbeat", "0.5",
             "--liveness", "30", "--slots", "2", "--sim-prompt-tps", "20",
-            "--sim-reply-tokens", "5"])
+            "--sim-reply-tokens", "20", "--sim-gen-tps", "5", "--chunk-tokens", "1"])
         for c in (cluster, other):
             await c.wait_workers(1, names={"w"})
             async with c.client() as client:
@@ -148,13 +149,26 @@ async def test_a_worker_given_two_routers_serves_both_and_outlives_either(
             await streaming_worker(client)  # being read (10 s): nothing streamed yet
             cluster.procs[0].kill()
             reply = await asyncio.wait_for(task, 60)
-        assert len(reply.text.split()) == 5 and client.moves == 1
+        assert len(reply.text.split()) == 20 and client.moves == 1
         assert "came again through" in await worker.wait_output("came again through")
         async with other.client() as client:
-            assert (await client.chat(STORY, sampling=GREEDY)).worker == "w"
-        cluster.router(name="router-again")
+            expected = await client.chat(STORY, sampling=GREEDY)
+        assert expected.worker == "w"
+        again = cluster.router(name="router-again")
         await cluster.wait_workers(1, names={"w"})
         assert worker.alive()
+        async with Client(ClientConfig(router=both, silence_timeout=2.0)) as client:
+            seen: list[str] = []
+            task = asyncio.create_task(client.chat(STORY, sampling=GREEDY,
+                                                   on_text=seen.append))
+            await eventually(lambda: len(seen) >= 3, timeout=30)  # 4 s of answer
+            again.kill()
+            reply = await asyncio.wait_for(task, 60)
+        assert client.endpoint == other.client_endpoint and reply.done.failovers == 1
+        assert "goes on as" in await worker.wait_output("goes on as")
+        assert reply.text == expected.text
+        assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (
+            expected.usage.prompt_tokens, 20)
     finally:
         other.close()
 

@@ -4,6 +4,8 @@ cancellation, bad input, re-registration and reconnection."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
+from types import SimpleNamespace
 
 import msgpack
 import pytest
@@ -28,7 +30,7 @@ from pichat.protocol import (
     Sampling,
     SessionId,
 )
-from pichat.worker.daemon.worker import Worker
+from pichat.worker.daemon.worker import Worker, _answer_of, _resumes
 from pichat.worker.engine.sim import SimModel
 
 
@@ -204,3 +206,32 @@ def test_a_worker_warns_when_its_kv_cache_and_store_outgrow_the_machine():
     assert warning is not None and "1792 MiB" in warning and "--kv-type q8_0" in warning
     assert worker.memory_warning(total=4 * gib) is None
     assert "KV cache: 4 x 4096 tokens (sim, f16, 112.0 KiB/token) = 1792 MiB" in worker.sizing()
+
+
+@pytest.mark.parametrize(("had", "want", "chunks"), [
+    ((), (), 0),
+    ((), (1, 2), 1),
+    ((), (1, 2, 3), 2),
+    ((), (1, 2, 3, 4, 5), 3),
+    ((), (1,), None),  # inside a chunk: not a whole run of chunks
+    ((), (1, 2, 9), None),  # another answer
+    ((), (1, 2, 3, 4, 5, 6), None),  # more than was made
+    ((7,), (7, 1, 2), 1),  # itself a continuation of an answer begun elsewhere
+    ((7,), (1, 2), None),
+])
+def test_a_continuation_takes_over_only_a_whole_run_of_the_chunks_made(had, want, chunks):
+    job = SimpleNamespace(request=SimpleNamespace(continuation=had),
+                          sent=[("a", (1, 2)), ("b", (3,)), ("c", (4, 5))])
+    assert _resumes(job, want) == chunks
+
+
+def test_only_the_same_question_of_the_same_owner_is_the_same_answer():
+    asked = Request("r1", (ChatMessage("user", "hi"),), Sampling(max_tokens=20),
+                    session="o~auto-r1", owner="o", lease="L1", timeout=30)
+    again = replace(asked, id="r2", session="o~auto-r2", lease="L2", timeout=9,
+                    sampling=Sampling(max_tokens=12), continuation=(1, 2))
+    assert _answer_of(again) == _answer_of(asked)
+    for other in (replace(asked, owner="p"), replace(asked, messages=(ChatMessage("user", "ho"),)),
+                  replace(asked, sampling=Sampling(max_tokens=20, temperature=0.1)),
+                  replace(asked, tools='[{"name": "f"}]')):
+        assert _answer_of(other) != _answer_of(asked)

@@ -8,7 +8,10 @@ DISCONNECT: whatever it was generating for that router belongs to a router that 
 up on it, so it is cancelled (its epoch bumped: nothing more of it is sent), then READY is
 sent again, with the sessions still warm here so a restarted router relearns affinity.
 A request sent again by another router (its client moved there) goes on there, its
-chunks so far sent again. Reconnecting after silence uses capped exponential backoff.
+chunks so far sent again; so does an answer whose client asks another router for the rest
+(a continuation of the same question by the same owner, after whole chunks of it): it is
+not read again, and the chunks made meanwhile follow at once. Reconnecting after silence
+uses capped exponential backoff.
 """
 
 from __future__ import annotations
@@ -85,10 +88,44 @@ class _Running:
     epoch: int
     """`reg`'s epoch when it came: its messages are sent while that epoch lasts."""
     cancelled: threading.Event
-    seq: int = 0
+    id: RequestId = RequestId("")
+    """The request its messages answer: `request`'s, or the continuation that took it on."""
     task: asyncio.Task | None = None
     sent: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
     """Its chunks so far (text, token ids), for a router it moves to."""
+    base: int = 0
+    """How many of `sent` came before `id`'s first chunk."""
+    ahead: int = 0
+    """Tokens of the answer `id` was given as its continuation (counted as its prompt)."""
+    successor: Request | None = None
+    """The continuation that took it over (its session is the one the slot holds then)."""
+
+    def __post_init__(self) -> None:
+        self.id = self.id or self.request.id
+
+
+def _answer_of(request: Request) -> Request:
+    """What decides a request's answer: not its id, its session (a router names a client's
+    unnamed one after the request), its deadline, its lease, its token budget or the tokens
+    it continues."""
+    return replace(request, id=RequestId(""), session=None, continuation=(), timeout=None,
+                   lease=None, sampling=replace(request.sampling, max_tokens=0))
+
+
+def _resumes(job: _Running, want: tuple[int, ...]) -> int | None:
+    """How many of `job`'s chunks the answer tokens `want` are (None: they are not a run
+    of its whole chunks)."""
+    have = job.request.continuation
+    if want[:len(have)] != have:
+        return None
+    at = len(have)
+    for k, (_, tokens) in enumerate(job.sent):
+        if at == len(want):
+            return k
+        if not tokens or want[at:at + len(tokens)] != tokens:
+            return None
+        at += len(tokens)
+    return len(job.sent) if at == len(want) else None
 
 
 class Worker:
@@ -383,8 +420,8 @@ class Worker:
             await asyncio.gather(*(j.task for j in jobs if j.task is not None),
                                  return_exceptions=True)
             for job in jobs:  # each task removes its own job; make sure
-                if self.jobs.get(job.request.id) is job:
-                    del self.jobs[job.request.id]
+                if self.jobs.get(job.id) is job:
+                    del self.jobs[job.id]
         if not self.jobs:
             self._idle.set()
 
@@ -466,6 +503,8 @@ class Worker:
             else:
                 self._move_job(running, reg)
             return
+        if request.continuation and self._take_over(reg, request):
+            return
         slot = self.slots.acquire(request.session)
         if slot is None:
             reg.send(encode(Error(request.id, ErrorCode.BUSY,
@@ -477,6 +516,8 @@ class Worker:
         job.task = asyncio.create_task(self._run(job), name=f"req-{request.id}")
 
     async def _run(self, job: _Running) -> None:
+        """Generate `job.request`'s answer; its messages carry `job.id` (which a
+        continuation taking it over changes)."""
         loop = asyncio.get_running_loop()
         request = job.request
         out = TextStream(
@@ -491,11 +532,11 @@ class Worker:
                 self._executors[job.slot.index], self.slots.run, job.slot, request, out,
                 job.cancelled)
         except PichatError as exc:
-            log.info("req=%s failed: %s", request.id, exc)
-            self._send_for(job, encode(Error(request.id, exc.code, str(exc))))
+            log.info("req=%s failed: %s", job.id, exc)
+            self._send_for(job, encode(Error(job.id, exc.code, str(exc))))
         except Exception as exc:
-            log.exception("req=%s: backend failure", request.id)
-            self._send_for(job, encode(Error(request.id, ErrorCode.INTERNAL,
+            log.exception("req=%s: backend failure", job.id)
+            self._send_for(job, encode(Error(job.id, ErrorCode.INTERNAL,
                                              f"backend failure: {exc}")))
         else:
             usage = Usage(result.prompt_tokens, result.cached_tokens, result.completion_tokens,
@@ -508,20 +549,26 @@ class Worker:
                 self.prompt_tps = _moving_average(self.prompt_tps,
                                                   read / usage.prompt_ms * 1000)
             log.info("req=%s session=%s slot=%d %s: prompt %d (cached %d), %d tokens",
-                     request.id, request.session, job.slot.index, result.finish,
+                     job.id, request.session, job.slot.index, result.finish,
                      usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
+            if job.ahead:  # as the continuation it answers counts: what came before is prompt
+                usage = replace(usage, prompt_tokens=usage.prompt_tokens + job.ahead,
+                                cached_tokens=usage.cached_tokens + job.ahead,
+                                completion_tokens=usage.completion_tokens - job.ahead)
             # Chunks were queued with call_soon_threadsafe before the thread returned, so
             # they are sent before this DONE.
             note = result.note
-            self._send_for(job, encode(Done(request.id, self.config.name, result.finish, usage,
+            self._send_for(job, encode(Done(job.id, self.config.name, result.finish, usage,
                                             memory=note.text if note else None,
                                             remembered=note.covers if note else 0,
                                             embeddings=result.embeddings,
                                             tools_left_out=result.tools_left_out)))
         finally:
+            if job.successor is not None:
+                self.slots.rename(job.slot, job.successor.session, job.successor.lease)
             self.slots.release(job.slot)
-            if self.jobs.get(request.id) is job:
-                del self.jobs[request.id]
+            if self.jobs.get(job.id) is job:
+                del self.jobs[job.id]
             if not self.jobs:
                 self._idle.set()
 
@@ -529,20 +576,48 @@ class Worker:
         """The same request came by another router (its client moved there when the first
         fell silent): its answer goes on there, from its first chunk; the first router
         hears that it ended."""
-        old, request = job.reg, job.request
         log.info("req=%s came again through %s: its answer goes on there (%d chunks so far)",
-                 request.id, reg.endpoint, len(job.sent))
+                 job.id, reg.endpoint, len(job.sent) - job.base)
+        self._hand(job, reg, job.id, job.base)
+
+    def _take_over(self, reg: Registration, request: Request) -> bool:
+        """A continuation that another router's request, still running here, can answer:
+        the same request (its client moved to this router when the first fell silent),
+        whose answer so far is the continuation's tokens. That answer goes on as the
+        continuation's, its prompt not read again, its tokens after the continuation's
+        sent at once. Returns whether one did."""
+        same = _answer_of(request)
+        for job in self.jobs.values():
+            if job.reg is reg or job.request.owner != request.owner:
+                continue
+            k = _resumes(job, request.continuation)
+            if k is None or _answer_of(job.request) != same:
+                continue
+            log.info("req=%s goes on as req=%s through %s (%d chunks follow at once)",
+                     job.id, request.id, reg.endpoint, len(job.sent) - k)
+            del self.jobs[job.id]
+            self.jobs[request.id] = job
+            job.ahead = len(request.continuation) - len(job.request.continuation)
+            job.successor = request
+            self._hand(job, reg, request.id, k)
+            return True
+        return False
+
+    def _hand(self, job: _Running, reg: Registration, answers: RequestId, base: int) -> None:
+        """`job` answers `answers` through `reg` from now on, from its chunk `base`; the
+        router it answered before hears that it ended there."""
+        old = job.reg
         if job.epoch == old.epoch:
-            old.send(encode(Error(request.id, ErrorCode.CANCELLED,
+            old.send(encode(Error(job.id, ErrorCode.CANCELLED,
                                   "the client asked another router for it")))
-        job.reg, job.epoch = reg, reg.epoch
-        for seq, (text, tokens) in enumerate(job.sent):
-            reg.send(encode(Chunk(request.id, seq, text, tokens)))
+        job.reg, job.epoch, job.id, job.base = reg, reg.epoch, answers, base
+        for seq, (text, tokens) in enumerate(job.sent[base:]):
+            reg.send(encode(Chunk(answers, seq, text, tokens)))
 
     def _send_chunk(self, job: _Running, text: str, tokens: tuple[int, ...]) -> None:
         job.sent.append((text, tokens))
-        self._send_for(job, encode(Chunk(job.request.id, job.seq, text, tokens)))
-        job.seq += 1
+        seq = len(job.sent) - 1 - job.base
+        self._send_for(job, encode(Chunk(job.id, seq, text, tokens)))
 
     def _send_for(self, job: _Running, frames: list[bytes]) -> None:
         if job.epoch == job.reg.epoch:

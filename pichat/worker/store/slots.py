@@ -159,6 +159,16 @@ class SlotManager:
     def release(self, slot: Slot) -> None:
         slot.busy = False
 
+    def rename(self, slot: Slot, session: SessionId | None, lease: str | None) -> None:
+        """The conversation `slot` holds goes on as `session`, leased with `lease` (a
+        continuation through another router took its answer over)."""
+        with self._lock:
+            if slot.resident is not None:
+                self._leases.pop(slot.resident, None)
+            slot.resident = session
+            if session is not None and lease is not None:
+                self._leases[session] = lease
+
     @property
     def busy(self) -> int:
         return sum(s.busy for s in self.slots)
