@@ -13,7 +13,9 @@ belongs to ZeroMQ, not to this protocol.)
     READY       worker -> router        worker, model, backend, slots, ctx, version,
                                         warm? (session -> lease: the warm sessions, as the
                                         router leased them, re-announced on reconnect)
-    HEARTBEAT   worker <-> router,      worker -> router: busy, warm, evicted, tps, draining;
+    HEARTBEAT   worker <-> router,      worker -> router: busy, warm, evicted, warmed?
+                                        (session -> lease, begun through another router),
+                                        tps, draining;
                 router -> client        otherwise empty
     REQUEST     client -> router        id, session?, messages | prompt, sampling, timeout?,
                 router -> worker        model?, continuation?  (prompt: plain text, no chat
@@ -149,6 +151,8 @@ MAX_TOKEN_LIST = 1 << 17
 """Token ids in one continuation or chunk (a context of 128k tokens)."""
 MAX_LISTED_SESSIONS = 1 << 16
 """Sessions named in one READY, HEARTBEAT or DISCONNECT."""
+MAX_WARMED = 256
+"""Sessions a HEARTBEAT names as begun for other routers (each with its lease)."""
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_SMALL_TEXT = 64 * 1024
 """Longest string in a message that carries no prompt or answer text (an error's)."""
@@ -434,13 +438,7 @@ class Ready:
 
     @classmethod
     def from_body(cls, f: _Fields) -> Ready:
-        warm = f.map("warm", required=False)
-        if len(warm) > MAX_LISTED_SESSIONS or not all(
-            isinstance(v, str) and 0 < len(k) <= MAX_SESSION_CHARS and len(v) <= MAX_ID_CHARS
-            for k, v in warm.items()
-        ):
-            raise ProtocolError(f"READY: field 'warm' must map at most {MAX_LISTED_SESSIONS} "
-                                "session ids to leases (strings)")
+        warm = _leased(f, "READY", "warm", MAX_LISTED_SESSIONS)
         return cls(
             worker=f.str("worker", min_chars=1, max_chars=MAX_NAME_CHARS),
             model=f.str("model", min_chars=1),
@@ -448,7 +446,7 @@ class Ready:
             slots=f.int("slots", lo=1, hi=1024),
             ctx=f.int("ctx", lo=1, hi=1 << 24),
             version=f.str("version", max_chars=64),
-            warm=tuple(warm.items()),
+            warm=warm,
             engine=f.str("engine", max_chars=32, required=False),
             kv_type=f.str("kv_type", max_chars=32, required=False),
             kv_cells=f.int("kv_cells", hi=1 << 40, required=False),
@@ -469,6 +467,18 @@ class Ready:
         return body
 
 
+def _leased(f: _Fields, command: str, name: str, most: int) -> tuple[tuple[str, str], ...]:
+    """A map of session ids to leases: (session, lease) pairs."""
+    found = f.map(name, required=False)
+    if len(found) > most or not all(
+        isinstance(v, str) and 0 < len(k) <= MAX_SESSION_CHARS and len(v) <= MAX_ID_CHARS
+        for k, v in found.items()
+    ):
+        raise ProtocolError(f"{command}: field {name!r} must map at most {most} session ids "
+                            "to leases (strings)")
+    return tuple(found.items())
+
+
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
     COMMAND: ClassVar[Command] = Command.HEARTBEAT
@@ -476,6 +486,9 @@ class Heartbeat:
     warm: int = 0
     evicted: tuple[str, ...] = ()
     """Sessions the worker dropped from its KV cache since its last heartbeat."""
+    warmed: tuple[tuple[str, str], ...] = ()
+    """(session, lease) of each session a turn began for since the last heartbeat, through
+    another router (a worker serving several): its newest state is here now."""
     tps: float = 0.0
     """Recent generation speed, tokens per second."""
     prompt_tps: float = 0.0
@@ -503,6 +516,7 @@ class Heartbeat:
             warm=f.int("warm", required=False),
             evicted=f.str_list("evicted", max_items=MAX_LISTED_SESSIONS,
                                max_chars=MAX_SESSION_CHARS),
+            warmed=_leased(f, "HEARTBEAT", "warmed", MAX_WARMED),
             tps=f.float("tps", hi=1e9, required=False),
             prompt_tps=f.float("prompt_tps", hi=1e9, required=False),
             draining=f.bool("draining"),
@@ -518,7 +532,10 @@ class Heartbeat:
     def to_body(self) -> dict[str, Any]:
         if self == _EMPTY_HEARTBEAT:
             return {}
-        return {**asdict(self), "evicted": list(self.evicted)}
+        body = {**asdict(self), "evicted": list(self.evicted), "warmed": dict(self.warmed)}
+        if not self.warmed:
+            del body["warmed"]
+        return body
 
 
 _EMPTY_HEARTBEAT = Heartbeat()
@@ -997,7 +1014,8 @@ worker cannot decode (tests/test_protocol.py builds the largest of each kind).""
 
 LIMITS: dict[Command, Limits] = {
     Command.READY: Limits(objects=2 * MAX_LISTED_SESSIONS + 64, depth=4),
-    Command.HEARTBEAT: Limits(objects=MAX_LISTED_SESSIONS + 64, depth=4, max_str=MAX_SMALL_TEXT),
+    Command.HEARTBEAT: Limits(objects=MAX_LISTED_SESSIONS + 2 * MAX_WARMED + 64, depth=4,
+                              max_str=MAX_SMALL_TEXT),
     Command.REQUEST: Limits(objects=REQUEST_OBJECTS, ints=MAX_TOKEN_LIST, depth=5),
     Command.CHUNK: Limits(objects=64, ints=MAX_TOKEN_LIST, depth=4, max_str=1 << 20),
     Command.DONE: Limits(objects=128 + MAX_EMBED_INPUTS, depth=4, max_str=MAX_EMBED_BYTES),

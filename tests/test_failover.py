@@ -12,7 +12,7 @@ import pytest
 import zmq.asyncio
 
 from conftest import Cluster
-from peers import Peer, eventually
+from peers import Peer, eventually, until_status
 from pichat.client import Client
 from pichat.config import ClientConfig, RouterConfig
 from pichat.protocol import (
@@ -169,6 +169,34 @@ async def test_a_worker_given_two_routers_serves_both_and_outlives_either(
         assert reply.text == expected.text
         assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (
             expected.usage.prompt_tokens, 20)
+    finally:
+        other.close()
+
+
+async def test_the_next_turn_through_another_router_is_warm_where_the_last_ran(
+        cluster: Cluster, tmp_path: Path):
+    """Two workers serve two routers: a turn placed by A tells B (in the worker's next
+    heartbeat to B) where the session is warm, so its next turn through B goes there."""
+    (tmp_path / "other").mkdir()
+    other = Cluster(tmp_path / "other")
+    try:
+        cluster.router()
+        other.router()
+        both = f"{cluster.worker_endpoint},{other.worker_endpoint}"
+        for name in ("w1", "w2"):
+            cluster.spawn(name, ["worker", "--router", both, "--name", name, "--backend",
+                                 "sim", "--no-discovery", "--heartbeat", "0.5"])
+        for c in (cluster, other):
+            await c.wait_workers(2)
+        turn = [ChatMessage("user", "tell me a long story")]
+        async with cluster.client() as client:
+            first = await client.chat(turn, session="s1", sampling=GREEDY)
+        async with other.client() as client:
+            await until_status(client, lambda s: s["requests"]["sessions_remembered"] == 1)
+            turn += [ChatMessage("assistant", first.text), ChatMessage("user", "and then?")]
+            second = await client.chat(turn, session="s1", sampling=GREEDY)
+        assert second.worker == first.worker
+        assert second.usage.cached_tokens >= first.usage.prompt_tokens
     finally:
         other.close()
 

@@ -364,6 +364,49 @@ async def test_warm_claims_count_only_with_the_routers_lease(h):
     await h.peers[-1].expect(Request, id="r2")
 
 
+async def test_a_turn_begun_through_another_router_brings_the_session_to_its_worker(h):
+    """A worker serving several routers says in its heartbeat which sessions a turn began
+    for through another (with that router's lease: routers of one cluster share the key):
+    their next turn through this router goes there. A claim without this worker's lease
+    moves nothing."""
+    a = await h.worker("a", slots=4)
+    b = await h.worker("b", slots=1)
+    await workers_known(h, 2)
+
+    async def beat():
+        while True:
+            await a.send(Heartbeat())
+            await b.send(Heartbeat())
+            await asyncio.sleep(0.05)
+
+    beating = asyncio.create_task(beat())
+    try:
+        await _turns_begun_elsewhere(h, a, b)
+    finally:
+        beating.cancel()
+
+
+async def _turns_begun_elsewhere(h: Harness, a: Peer, b: Peer) -> None:
+    client = h.client()
+    await client.send(request("r1", "s7"))
+    placed = await a.expect(Request, id="r1")
+    await a.send(Done(RequestId("r1"), "a", "stop", Usage(1, 0, 1)))
+    await client.expect(Done)
+    await b.send(Heartbeat(warmed=((placed.session, placed.lease), ("x~s1", "0" * 32))))
+    await eventually(lambda: h.router.snapshot()["requests"].get("warm_claims_refused") == 2)
+    await client.send(request("r2", "s7"))
+    await a.expect(Request, id="r2")  # still a's: b showed no lease of its own
+    await a.send(Done(RequestId("r2"), "a", "stop", Usage(1, 0, 1)))
+    await client.expect(Done)
+    # Another router placed turn 3 on b: b's heartbeat says so, with that router's lease.
+    lease = h.router.leases.sign("b/b", placed.session)  # (no keys: its name, twice)
+    await b.send(Heartbeat(warmed=((placed.session, lease),)))
+    home = lambda: h.router.workers.get(h.router.scheduler.warm_worker(placed.session))  # noqa: E731
+    await eventually(lambda: home() is not None and home().meta.ready.worker == "b")
+    await client.send(request("r4", "s7"))
+    await b.expect(Request, id="r4")
+
+
 # --- KV state transfers (pichat/router/daemon/migration.py) -------------------------------------
 
 def ready_f(name: str, fmt: str = "llama:x:f16") -> Ready:

@@ -27,6 +27,7 @@ from pichat.protocol import (
     Heartbeat,
     Ready,
     RequestId,
+    SessionId,
     State,
     StateAck,
     decode,
@@ -156,6 +157,8 @@ class WorkerSide:
                         r.migrations.hand_over(worker)
                 meta.heartbeat = message
                 r.scheduler.measured(worker, message.prompt_tps, message.tps)
+                for session in self._leased(meta, message.warmed, now):
+                    r.scheduler.move_session(SessionId(session), worker)  # begun elsewhere
                 if message.evicted:
                     r.scheduler.forget_sessions(worker, message.evicted)
             case Chunk():
@@ -230,14 +233,7 @@ class WorkerSide:
             return
         identity = user or ready.worker
         meta = WorkerMeta(ready, time.time(), Heartbeat(), identity)
-        warm = tuple(s for s, lease in ready.warm
-                     if r.leases.valid(meta.lease_holder, s, lease))
-        if len(warm) < len(ready.warm):
-            r.stats.events["warm_claims_refused"] += len(ready.warm) - len(warm)
-            r.throttle.log(now, logging.WARNING, "unleased claims",
-                           "worker %s claimed %d warm sessions without a valid lease; "
-                           "ignored", clip(ready.worker, 60), len(ready.warm) - len(warm),
-                           detail=clip(ready.worker, 60))
+        warm = self._leased(meta, ready.warm, now)
         r.registrations[ready.worker] += 1
         if len(r.registrations) > 4 * r.config.scheduler.max_sessions:
             r.registrations.clear()  # bounded: names are free text
@@ -255,6 +251,20 @@ class WorkerSide:
             actions = [a for a in actions if not isinstance(a, WorkerDead)]
         r.send_worker(worker, HEARTBEAT)  # an acknowledgement: "I know you now"
         r.apply(actions)
+
+    def _leased(self, meta: WorkerMeta, claims: tuple[tuple[str, str], ...],
+                now: float) -> tuple[str, ...]:
+        """The sessions of `claims` (session, lease) this router leased to the worker of
+        `meta`; the others are counted and logged, then ignored."""
+        r = self.router
+        warm = tuple(s for s, lease in claims if r.leases.valid(meta.lease_holder, s, lease))
+        if len(warm) < len(claims):
+            name = clip(meta.ready.worker, 60)
+            r.stats.events["warm_claims_refused"] += len(claims) - len(warm)
+            r.throttle.log(now, logging.WARNING, "unleased claims",
+                           "worker %s claimed %d warm sessions without a valid lease; "
+                           "ignored", name, len(claims) - len(warm), detail=name)
+        return warm
 
     def _owned(self, worker: WorkerId, job_id: RequestId) -> bool:
         """Results count only from the worker the request is assigned to now: anything

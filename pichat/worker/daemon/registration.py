@@ -36,6 +36,9 @@ class Registration:
     """Set to cut short a wait of this registration's loop (stop, register again)."""
     evicted: list[str] = field(default_factory=list)
     """Sessions dropped here that its router has not heard of yet."""
+    warmed: dict[str, str] = field(default_factory=dict)
+    """Sessions (with their leases) a turn began for through another router, that this
+    router has not heard of yet: their newest state is here."""
 
     @property
     def heard(self) -> bool:

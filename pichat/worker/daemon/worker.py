@@ -34,6 +34,7 @@ from pichat.health import HealthEndpoint
 from pichat.link import Link
 from pichat.logs import clip
 from pichat.protocol import (
+    MAX_WARMED,
     Cancel,
     Chunk,
     Disconnect,
@@ -511,6 +512,7 @@ class Worker:
                                   f"all {self.config.slots} slots are busy")))
             return
         job = _Running(request, slot, reg, reg.epoch, threading.Event())
+        self._announce(reg, request)
         self.jobs[request.id] = job
         self._idle.clear()
         job.task = asyncio.create_task(self._run(job), name=f"req-{request.id}")
@@ -599,6 +601,7 @@ class Worker:
             self.jobs[request.id] = job
             job.ahead = len(request.continuation) - len(job.request.continuation)
             job.successor = request
+            self._announce(reg, request)
             self._hand(job, reg, request.id, k)
             return True
         return False
@@ -651,8 +654,25 @@ class Worker:
         )))
         self._take_evicted()
         reg.evicted.clear()  # the READY's session list supersedes them
+        reg.warmed.clear()
         log.info("worker %s: READY sent to %s (%s, %d slots)", self.config.name,
                  reg.endpoint, model.name, self.config.slots)
+
+    def _announce(self, through: Registration, request: Request) -> None:
+        """A turn of `request`'s session begins here for the router of `through`: the
+        other routers hear it in their next heartbeat (so that its next turn comes here
+        whichever router it goes through)."""
+        if request.session is None or request.lease is None:
+            return
+        for reg in self.registrations:
+            if reg is through or not reg.heard:
+                continue
+            reg.warmed.pop(request.session, None)
+            reg.warmed[request.session] = request.lease
+            if len(reg.warmed) > MAX_WARMED:
+                del reg.warmed[next(iter(reg.warmed))]
+            if request.session in reg.evicted:
+                reg.evicted.remove(request.session)
 
     def _take_evicted(self) -> None:
         """Hand the sessions dropped since the last look to each registration that will
@@ -661,15 +681,19 @@ class Worker:
         for reg in self.registrations:
             if reg.heard:
                 reg.evicted.extend(evicted)
+                for session in evicted:
+                    reg.warmed.pop(session, None)
 
     def _send_heartbeat(self, only: Registration | None = None) -> None:
         """A heartbeat to `only`'s router, else to every router."""
         self._take_evicted()
         for reg in [only] if only is not None else self.registrations:
             evicted, reg.evicted = tuple(reg.evicted), []
-            reg.send(self._heartbeat(evicted))
+            warmed, reg.warmed = tuple(reg.warmed.items()), {}
+            reg.send(self._heartbeat(evicted, warmed))
 
-    def _heartbeat(self, evicted: tuple[SessionId, ...]) -> list[bytes]:
+    def _heartbeat(self, evicted: tuple[SessionId, ...],
+                   warmed: tuple[tuple[str, str], ...]) -> list[bytes]:
         kv_used, store_bytes = self.slots.kv_usage()
         disk = self.slots.disk
         return encode(Heartbeat(
@@ -683,6 +707,7 @@ class Worker:
             busy=self.slots.busy,
             warm=len(self.slots.warm_sessions()),
             evicted=evicted,
+            warmed=warmed,
             tps=self.tps,
             prompt_tps=round(self.prompt_tps, 1),
             draining=self.phase is Phase.DRAINING,
