@@ -102,6 +102,11 @@ BOUNDS: tuple[Bound, ...] = (
           "another_by_one_answer"),
     Bound("sessions, leases, prefixes", "--max-sessions; the least recently used dropped",
           "tests/test_scheduler.py::test_affinity_memory_is_bounded"),
+    Bound("warm claims", f"a READY {protocol.MAX_LISTED_SESSIONS}, a HEARTBEAT "
+          f"{protocol.MAX_WARMED}; each counts only with this router's lease for that worker "
+          "(refusals counted, logged once)",
+          "tests/test_router.py::test_a_turn_begun_through_another_router_brings_the_session_"
+          "to_its_worker"),
     Bound("stored conversations", "messages, bytes per conversation and per owner; the least "
           "recently used dropped past the store's bound",
           "tests/test_memory_store.py::test_limits_refuse_with_a_clear_error_and_store_nothing"),
