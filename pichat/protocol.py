@@ -15,7 +15,7 @@ belongs to ZeroMQ, not to this protocol.)
                                         router leased them, re-announced on reconnect)
     HEARTBEAT   worker <-> router,      worker -> router: busy, warm, evicted, warmed?
                                         (session -> lease, begun through another router),
-                                        tps, draining;
+                                        answered? (session -> state hash), tps, draining;
                 router -> client        otherwise empty
     REQUEST     client -> router        id, session?, messages | prompt, sampling, timeout?,
                 router -> worker        model?, continuation?  (prompt: plain text, no chat
@@ -489,6 +489,10 @@ class Heartbeat:
     warmed: tuple[tuple[str, str], ...] = ()
     """(session, lease) of each session a turn began for since the last heartbeat, through
     another router (a worker serving several): its newest state is here now."""
+    answered: tuple[tuple[str, str], ...] = ()
+    """(session, state) of each such turn that ended: `state` is the hex hash of the
+    conversation with its answer (pichat/router/policy/prefix.py), so that this router
+    knows the next turn of a client that keeps no session id."""
     tps: float = 0.0
     """Recent generation speed, tokens per second."""
     prompt_tps: float = 0.0
@@ -517,6 +521,7 @@ class Heartbeat:
             evicted=f.str_list("evicted", max_items=MAX_LISTED_SESSIONS,
                                max_chars=MAX_SESSION_CHARS),
             warmed=_leased(f, "HEARTBEAT", "warmed", MAX_WARMED),
+            answered=_leased(f, "HEARTBEAT", "answered", MAX_WARMED),
             tps=f.float("tps", hi=1e9, required=False),
             prompt_tps=f.float("prompt_tps", hi=1e9, required=False),
             draining=f.bool("draining"),
@@ -532,9 +537,11 @@ class Heartbeat:
     def to_body(self) -> dict[str, Any]:
         if self == _EMPTY_HEARTBEAT:
             return {}
-        body = {**asdict(self), "evicted": list(self.evicted), "warmed": dict(self.warmed)}
-        if not self.warmed:
-            del body["warmed"]
+        body = {**asdict(self), "evicted": list(self.evicted), "warmed": dict(self.warmed),
+                "answered": dict(self.answered)}
+        for name in ("warmed", "answered"):
+            if not body[name]:
+                del body[name]
         return body
 
 
@@ -1014,7 +1021,7 @@ worker cannot decode (tests/test_protocol.py builds the largest of each kind).""
 
 LIMITS: dict[Command, Limits] = {
     Command.READY: Limits(objects=2 * MAX_LISTED_SESSIONS + 64, depth=4),
-    Command.HEARTBEAT: Limits(objects=MAX_LISTED_SESSIONS + 2 * MAX_WARMED + 64, depth=4,
+    Command.HEARTBEAT: Limits(objects=MAX_LISTED_SESSIONS + 4 * MAX_WARMED + 64, depth=4,
                               max_str=MAX_SMALL_TEXT),
     Command.REQUEST: Limits(objects=REQUEST_OBJECTS, ints=MAX_TOKEN_LIST, depth=5),
     Command.CHUNK: Limits(objects=64, ints=MAX_TOKEN_LIST, depth=4, max_str=1 << 20),

@@ -176,7 +176,8 @@ async def test_a_worker_given_two_routers_serves_both_and_outlives_either(
 async def test_the_next_turn_through_another_router_is_warm_where_the_last_ran(
         cluster: Cluster, tmp_path: Path):
     """Two workers serve two routers: a turn placed by A tells B (in the worker's next
-    heartbeat to B) where the session is warm, so its next turn through B goes there."""
+    heartbeat to B) where the session is warm, so its next turn through B goes there; and,
+    for a client with no session id, which conversation it was."""
     (tmp_path / "other").mkdir()
     other = Cluster(tmp_path / "other")
     try:
@@ -195,6 +196,19 @@ async def test_the_next_turn_through_another_router_is_warm_where_the_last_ran(
             await until_status(client, lambda s: s["requests"]["sessions_remembered"] == 1)
             turn += [ChatMessage("assistant", first.text), ChatMessage("user", "and then?")]
             second = await client.chat(turn, session="s1", sampling=GREEDY)
+        assert second.worker == first.worker
+        assert second.usage.cached_tokens >= first.usage.prompt_tokens
+        # A client that keeps no session id (as the OpenAI API's): B knows its
+        # conversation from the state the worker reports, and sends the next turn there.
+        chat = [ChatMessage("user", "a quite different question")]
+        async with other.client() as client:
+            known = (await client.status())["requests"]["prefixes_remembered"]
+        async with cluster.client() as client:
+            first = await client.chat(chat, sampling=GREEDY)
+        async with other.client() as client:
+            await until_status(client, lambda s: s["requests"]["prefixes_remembered"] > known)
+            chat += [ChatMessage("assistant", first.text), ChatMessage("user", "why?")]
+            second = await client.chat(chat, sampling=GREEDY)
         assert second.worker == first.worker
         assert second.usage.cached_tokens >= first.usage.prompt_tokens
     finally:

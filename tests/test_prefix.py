@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pichat.protocol import ChatMessage, SessionId
-from pichat.router.policy.prefix import Match, PrefixIndex, chain
+from pichat.router.policy.prefix import Match, PrefixIndex, chain, state
 
 SYS = ChatMessage("system", "You are helpful.")
 
@@ -98,3 +98,18 @@ def test_tools_seed_the_chain_and_are_a_prefix_of_their_own():
     # A shared message prefix beats the tools alone.
     index.record([SYS, u("x")], "y", SessionId("s2"), TOOLS)
     assert index.lookup([SYS, u("z")], TOOLS) == Match(shared=SessionId("s2"), depth=1)
+
+
+def test_a_state_another_router_saw_is_the_one_a_record_keeps():
+    """A worker reports `state(messages, answer, tools)` of a turn it answered through
+    another router; remembered, it makes the next turn that conversation's, as a record
+    would, and only with the same answer and tools."""
+    asked, tools = [u("hi")], '[{"name": "f"}]'
+    recorded, reported = PrefixIndex(), PrefixIndex()
+    recorded.record(asked, "hello", SessionId("o~s1"), tools)
+    reported.remember(state(asked, "hello", tools), SessionId("o~s1"))
+    nxt = [*asked, a("hello"), u("and?")]
+    for index in (recorded, reported):
+        assert index.lookup(nxt, tools) == Match(session=SessionId("o~s1"), depth=2)
+    assert reported.lookup([*asked, a("hullo"), u("and?")], tools).session is None
+    assert reported.lookup(nxt).session is None

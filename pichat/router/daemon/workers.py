@@ -10,6 +10,7 @@ one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -39,7 +40,7 @@ from pichat.router.observe.stats import Stats
 from pichat.router.policy.costs import Speed
 from pichat.router.policy.identity import Leases, NameBook
 from pichat.router.policy.jobs import ClientJob
-from pichat.router.policy.prefix import PrefixIndex
+from pichat.router.policy.prefix import STATE_BYTES, PrefixIndex
 from pichat.router.policy.scheduler import Action, Scheduler, WorkerDead, WorkerId
 from pichat.security import Gatekeeper
 
@@ -159,6 +160,11 @@ class WorkerSide:
                 r.scheduler.measured(worker, message.prompt_tps, message.tps)
                 for session in self._leased(meta, message.warmed, now):
                     r.scheduler.move_session(SessionId(session), worker)  # begun elsewhere
+                for session, reached in message.answered:  # ... and answered there
+                    if r.scheduler.warm_worker(SessionId(session)) == worker:
+                        with contextlib.suppress(ValueError):
+                            if len(state := bytes.fromhex(reached)) == STATE_BYTES:
+                                r.prefixes.remember(state, SessionId(session))
                 if message.evicted:
                     r.scheduler.forget_sessions(worker, message.evicted)
             case Chunk():

@@ -28,12 +28,15 @@ from dataclasses import dataclass
 
 from pichat.protocol import ChatMessage, SessionId
 
-__all__ = ["chain", "head", "Match", "PrefixIndex"]
+__all__ = ["chain", "head", "state", "Match", "PrefixIndex", "STATE_BYTES"]
+
+STATE_BYTES = 16
+"""The size of each hash of the chain."""
 
 
 def head(tools: str) -> bytes:
     """The hash the chain of a request with `tools` starts from (b"" without tools)."""
-    return hashlib.blake2b(b"tools\0" + tools.encode(), digest_size=16).digest() \
+    return hashlib.blake2b(b"tools\0" + tools.encode(), digest_size=STATE_BYTES).digest() \
         if tools else b""
 
 
@@ -42,11 +45,16 @@ def chain(messages: Sequence[ChatMessage], tools: str = "") -> list[bytes]:
     return _links(head(tools), messages)
 
 
+def state(messages: Sequence[ChatMessage], answer: str, tools: str = "") -> bytes:
+    """The hash a `PrefixIndex.record` of this answer keeps as the conversation's state."""
+    return _links(head(tools), [*messages, ChatMessage("assistant", answer)])[-1]
+
+
 def _links(h: bytes, messages: Sequence[ChatMessage]) -> list[bytes]:
     out: list[bytes] = []
     for m in messages:
         h = hashlib.blake2b(h + m.role.encode() + b"\0" + m.content.encode(),
-                            digest_size=16).digest()
+                            digest_size=STATE_BYTES).digest()
         out.append(h)
     return out
 
@@ -101,6 +109,13 @@ class PrefixIndex:
             return Match(shared=shared.session, depth=shared_depth)
         return Match()
 
+    def remember(self, state: bytes, session: SessionId) -> None:
+        """`session` is in the conversation state `state` (the last hash of a `record`'s
+        chain, as a worker that answered it through another router computed it)."""
+        self._entries[state] = _Entry(session, full=True)
+        self._entries.move_to_end(state)
+        self._bound()
+
     def record(self, messages: Sequence[ChatMessage], answer: str, session: SessionId,
                tools: str = "") -> None:
         """`session` answered `messages` (after `tools`) with `answer`: remember the
@@ -116,6 +131,9 @@ class PrefixIndex:
             self._entries.move_to_end(h)
         self._entries[hashes[-1]] = _Entry(session, full=True)
         self._entries.move_to_end(hashes[-1])
+        self._bound()
+
+    def _bound(self) -> None:
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
             self.dropped += 1

@@ -39,6 +39,8 @@ class Registration:
     warmed: dict[str, str] = field(default_factory=dict)
     """Sessions (with their leases) a turn began for through another router, that this
     router has not heard of yet: their newest state is here."""
+    answered: dict[str, str] = field(default_factory=dict)
+    """Of those, the ones whose turn ended: session -> the conversation's state hash."""
 
     @property
     def heard(self) -> bool:

@@ -53,6 +53,7 @@ from pichat.protocol import (
     decode,
     encode,
 )
+from pichat.router.policy.prefix import state
 from pichat.worker.daemon import sizing
 from pichat.worker.daemon.migration import StateMover
 from pichat.worker.daemon.registration import Registration
@@ -560,6 +561,7 @@ class Worker:
             # Chunks were queued with call_soon_threadsafe before the thread returned, so
             # they are sent before this DONE.
             note = result.note
+            self._tell_answered(job, result.finish)
             self._send_for(job, encode(Done(job.id, self.config.name, result.finish, usage,
                                             memory=note.text if note else None,
                                             remembered=note.covers if note else 0,
@@ -655,6 +657,7 @@ class Worker:
         self._take_evicted()
         reg.evicted.clear()  # the READY's session list supersedes them
         reg.warmed.clear()
+        reg.answered.clear()
         log.info("worker %s: READY sent to %s (%s, %d slots)", self.config.name,
                  reg.endpoint, model.name, self.config.slots)
 
@@ -674,6 +677,23 @@ class Worker:
             if request.session in reg.evicted:
                 reg.evicted.remove(request.session)
 
+    def _tell_answered(self, job: _Running, finish: str) -> None:
+        """The other routers hear the state `job`'s answer left its conversation in, so a
+        client that keeps no session id finds it through any of them (its next turn comes
+        here)."""
+        request = job.successor or job.request
+        others = [r for r in self.registrations if r is not job.reg and r.heard]
+        if (not others or not request.messages or request.session is None
+                or job.request.continuation or finish == "cancelled"):
+            return
+        answer = "".join(text for text, _ in job.sent)
+        reached = state(job.request.messages, answer, job.request.tools).hex()
+        for reg in others:
+            reg.answered.pop(request.session, None)
+            reg.answered[request.session] = reached
+            if len(reg.answered) > MAX_WARMED:
+                del reg.answered[next(iter(reg.answered))]
+
     def _take_evicted(self) -> None:
         """Hand the sessions dropped since the last look to each registration that will
         tell its router (in its next heartbeat)."""
@@ -683,6 +703,7 @@ class Worker:
                 reg.evicted.extend(evicted)
                 for session in evicted:
                     reg.warmed.pop(session, None)
+                    reg.answered.pop(session, None)
 
     def _send_heartbeat(self, only: Registration | None = None) -> None:
         """A heartbeat to `only`'s router, else to every router."""
@@ -690,10 +711,11 @@ class Worker:
         for reg in [only] if only is not None else self.registrations:
             evicted, reg.evicted = tuple(reg.evicted), []
             warmed, reg.warmed = tuple(reg.warmed.items()), {}
-            reg.send(self._heartbeat(evicted, warmed))
+            answered, reg.answered = tuple(reg.answered.items()), {}
+            reg.send(self._heartbeat(evicted, warmed, answered))
 
-    def _heartbeat(self, evicted: tuple[SessionId, ...],
-                   warmed: tuple[tuple[str, str], ...]) -> list[bytes]:
+    def _heartbeat(self, evicted: tuple[SessionId, ...], warmed: tuple[tuple[str, str], ...],
+                   answered: tuple[tuple[str, str], ...]) -> list[bytes]:
         kv_used, store_bytes = self.slots.kv_usage()
         disk = self.slots.disk
         return encode(Heartbeat(
@@ -708,6 +730,7 @@ class Worker:
             warm=len(self.slots.warm_sessions()),
             evicted=evicted,
             warmed=warmed,
+            answered=answered,
             tps=self.tps,
             prompt_tps=round(self.prompt_tps, 1),
             draining=self.phase is Phase.DRAINING,
