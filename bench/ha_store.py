@@ -209,10 +209,10 @@ class Etcd:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.load(response)
 
-    def put(self, url: str, key: str, value: str) -> None:
+    def put(self, url: str, key: str, value: str, timeout: float = 5.0) -> None:
         b64 = base64.b64encode
         self.call(url, "/v3/kv/put", {"key": b64(key.encode()).decode(),
-                                      "value": b64(value.encode()).decode()})
+                                      "value": b64(value.encode()).decode()}, timeout)
 
     def wait(self) -> None:
         deadline = time.monotonic() + 60
@@ -258,8 +258,8 @@ def etcd(root: Path, turns: int) -> tuple[str, float, str] | None:
         other = cluster.clients[(leader + 1) % 3]
         start = time.perf_counter()
         while True:
-            try:
-                cluster.put(other, "/after-failover", "1")
+            try:  # short tries: a put waiting for a leader would hide when one is there
+                cluster.put(other, "/after-failover", "1", timeout=0.2)
                 break
             except OSError:
                 time.sleep(0.05)
