@@ -60,6 +60,19 @@ def postgres():
 
 
 @pytest.fixture(scope="session")
+def etcd():
+    """A real one-member etcd of this session (tests/etcd.py); skipped, with the reason,
+    where it cannot start. A test keeps its keys under a prefix of its own."""
+    from etcd import EtcdCluster
+
+    cluster, why = EtcdCluster.start(1)
+    if cluster is None:
+        pytest.skip(why)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
 def default_model() -> Path:
     """The default model, installed by `make install` (skipped only if it is absent)."""
     from pichat.errors import ModelNotFound

@@ -4,7 +4,9 @@ never costs a committed turn nor damages the database."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
 import sqlite3
 import stat
 import subprocess
@@ -14,10 +16,12 @@ import textwrap
 import pytest
 
 from pichat.errors import PichatError
+from pichat.memory import open_store
+from pichat.memory.etcd import EtcdStore
 from pichat.memory.postgres import SCHEMA_VERSION as PG_SCHEMA
 from pichat.memory.postgres import PostgresStore
 from pichat.memory.sqlite import SCHEMA_VERSION, SQLiteStore
-from pichat.memory.store import LimitReached, Limits, Message, NewerStore, NotFound
+from pichat.memory.store import Conflict, LimitReached, Limits, Message, NewerStore, NotFound
 
 pytestmark = pytest.mark.asyncio
 
@@ -36,11 +40,14 @@ async def opened(tmp_path, **limits) -> SQLiteStore:
                                   clock=Clock())
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "etcd"])
 def make(request, tmp_path):
     """An async factory of an empty store of each kind, with these limits."""
     if request.param == "sqlite":
         return lambda **limits: opened(tmp_path, **limits)
+    if request.param == "etcd":
+        url = request.getfixturevalue("etcd").url + f"/t{secrets.token_hex(6)}/"
+        return lambda **limits: EtcdStore.open(url, Limits(**limits), clock=Clock())
     server = request.getfixturevalue("postgres")
     url = server.new_database()
     return lambda **limits: PostgresStore.open(url, Limits(**limits), clock=Clock())
@@ -96,6 +103,22 @@ async def test_one_owner_never_reaches_another_owners_conversation(make):
         assert not await store.delete("mallory", mine.id)
         kept = await store.get("alice", mine.id)
         assert (kept.title, len(kept.messages)) == ("secret", 2)
+    finally:
+        await store.close()
+
+
+async def test_a_turn_on_a_history_that_moved_on_is_refused_not_forked(make):
+    # Two routers answered a turn of one conversation at once: the second to finish
+    # finds the history longer than when its turn began.
+    store = await make()
+    try:
+        c = await store.create("alice", messages=turn("q0", "a0"))
+        await store.append("alice", c.id, turn("q1", "a1"), after=2)
+        with pytest.raises(Conflict, match="continued elsewhere.*not kept"):
+            await store.append("alice", c.id, turn("q1'", "a1'"), after=2)
+        await store.append("alice", c.id, turn("q2", "a2"))  # no expectation: appended
+        assert [m.content for m in (await store.get("alice", c.id)).messages] == [
+            "q0", "a0", "q1", "a1", "q2", "a2"]
     finally:
         await store.close()
 
@@ -186,13 +209,11 @@ async def test_a_store_that_cannot_be_opened_says_where_and_what_to_do(tmp_path)
 
 WRITER = textwrap.dedent("""
     import asyncio, sys
-    from pichat.memory.postgres import PostgresStore, is_postgres
-    from pichat.memory.sqlite import SQLiteStore
+    from pichat.memory import open_store
     from pichat.memory.store import Message
 
     async def main():
-        kind = PostgresStore if is_postgres(sys.argv[1]) else SQLiteStore
-        store = await kind.open(sys.argv[1])
+        store = await open_store(sys.argv[1])
         c = await store.create("alice")
         print(c.id, flush=True)
         n = 0
@@ -206,13 +227,15 @@ WRITER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+@pytest.mark.parametrize("kind", ["sqlite", "postgres", "etcd"])
 async def test_a_kill_mid_write_loses_no_committed_turn_and_leaves_the_file_whole(
         tmp_path, request, kind):
     if kind == "sqlite":
-        where, kind_of = str(tmp_path / "conversations.db"), SQLiteStore
+        where = str(tmp_path / "conversations.db")
+    elif kind == "etcd":
+        where = request.getfixturevalue("etcd").url + f"/t{secrets.token_hex(6)}/"
     else:
-        where, kind_of = request.getfixturevalue("postgres").new_database(), PostgresStore
+        where = request.getfixturevalue("postgres").new_database()
     proc = subprocess.Popen([sys.executable, "-c", WRITER, where], stdout=subprocess.PIPE,
                             text=True)
     try:
@@ -227,7 +250,7 @@ async def test_a_kill_mid_write_loses_no_committed_turn_and_leaves_the_file_whol
     if kind == "sqlite":
         with sqlite3.connect(where) as db:
             assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    store = await kind_of.open(where)
+    store = await open_store(where)
     try:
         messages = (await store.get("alice", cid)).messages
         assert len(messages) >= 2 * acked and len(messages) % 2 == 0  # whole turns only
@@ -264,3 +287,61 @@ async def test_postgres_from_a_newer_pichat_is_refused_and_a_bad_url_says_what_t
     with pytest.raises(PichatError, match="cannot (open|reach) the conversation store") as err:
         await PostgresStore.open(bad)
     assert "hunter2" not in str(err.value) and "--db" in str(err.value)
+
+
+async def test_etcd_keeps_every_acknowledged_turn_when_a_member_dies_mid_load(tmp_path):
+    # Three members (two routers' Pis and a witness): the leader SIGKILLed while two
+    # writers (two routers) append turns; each goes on through the survivors, and every
+    # turn either acknowledged is there, once, in order.
+    from etcd import EtcdCluster
+
+    cluster, why = EtcdCluster.start(3)
+    if cluster is None:
+        pytest.skip(why)
+    try:
+        lead = cluster.leader()  # first in the list: the member both stores talk to
+        order = [lead, *(i for i in range(3) if i != lead)]
+        url = "etcd://" + ",".join(cluster.clients[i].removeprefix("http://")
+                                   for i in order) + "/ha/"
+        a, b = await open_store(url), await open_store(url)
+        c = await a.create("alice")
+        acked: list[str] = []
+
+        async def writer(store, name: str) -> None:
+            for i in range(30):
+                await store.append("alice", c.id, turn(f"{name}{i}", f"answer {name}{i}"))
+                acked.append(f"{name}{i}")
+                if len(acked) == 20:
+                    cluster.kill(lead)
+
+        await asyncio.gather(writer(a, "a"), writer(b, "b"))
+        got = (await b.get("alice", c.id)).messages
+        questions = [m.content for m in got[0::2]]
+        assert sorted(questions) == sorted(acked) and len(acked) == 60
+        assert [m.content for m in got[1::2]] == [f"answer {q}" for q in questions]
+        for name in "ab":  # each writer's own turns in its order
+            mine = [q for q in questions if q.startswith(name)]
+            assert mine == [f"{name}{i}" for i in range(30)]
+        (listed,) = await a.list("alice")
+        assert listed.messages == 120
+        await a.close()
+        await b.close()
+    finally:
+        cluster.stop()
+
+
+async def test_etcd_that_cannot_be_reached_says_so_and_a_newer_layout_is_refused(etcd):
+    import base64
+
+    import msgpack
+
+    url = etcd.url + f"/t{secrets.token_hex(6)}/"
+    store = await EtcdStore.open(url)
+    await store.create("alice", messages=turn("q", "a"))
+    await store.close()
+    etcd.call(0, "kv/put", {"key": base64.b64encode(store.prefix + b"schema").decode(),
+                            "value": base64.b64encode(msgpack.packb(99)).decode()})
+    with pytest.raises(NewerStore, match="newer pichat"):
+        await EtcdStore.open(url)
+    with pytest.raises(PichatError, match="cannot open the conversation store.*--db"):
+        await EtcdStore.open("etcd://127.0.0.1:9,127.0.0.1:7/x/", timeout=1.0)  # nobody

@@ -123,7 +123,8 @@ R, S, W = RouterConfig, SchedulerConfig, WorkerConfig
          help="Repeated log lines of one kind (refused handshakes, bad messages) are held "
               "back for this many seconds and then summed up in one line.")
 @o.field(R, "db", "--db", env="DB",
-         help="Keep conversations here: an SQLite file, or postgresql://USER:PASSWORD@HOST/DB "
+         help="Keep conversations here: an SQLite file; etcd://HOST:2379,HOST:2379,HOST:2379 "
+              "(several routers, surviving any one host); or postgresql://USER:PASSWORD@HOST/DB "
               "(PICHAT_DB keeps the password off the command line); 'off' for none.")
 @o.field(R, "db_max_mb", "--db-max-mb", env="DB_MAX_MB", type=click.IntRange(1),
          help="Size of the conversation store at most: the least recently used are dropped "

@@ -31,6 +31,7 @@ from pichat.memory.store import (
     NewerStore,
     NotFound,
     Summary,
+    check_after,
     check_count,
     measure,
     victims,
@@ -225,10 +226,11 @@ class PostgresStore:
 
         return await self._run(work)
 
-    async def append(self, owner: str, conversation: str,
-                     messages: tuple[Message, ...]) -> None:
+    async def append(self, owner: str, conversation: str, messages: tuple[Message, ...],
+                     after: int | None = None) -> None:
         async def work(conn: Any) -> None:
             row = await _row(conn, owner, conversation)
+            check_after(conversation, row[6], after)
             await self._insert(conn, conversation, row[6], row[7], messages)
             await self._bound(conn, owner, conversation)
 

@@ -32,6 +32,7 @@ from pichat.memory.store import (
     NewerStore,
     NotFound,
     Summary,
+    check_after,
     check_count,
     measure,
     victims,
@@ -122,9 +123,9 @@ class SQLiteStore:
     async def list(self, owner: str, limit: int = 100, offset: int = 0) -> list[Summary]:
         return await self._run(self._list, owner, limit, offset)
 
-    async def append(self, owner: str, conversation: str,
-                     messages: tuple[Message, ...]) -> None:
-        await self._run(self._append, owner, conversation, messages)
+    async def append(self, owner: str, conversation: str, messages: tuple[Message, ...],
+                     after: int | None = None) -> None:
+        await self._run(self._append, owner, conversation, messages, after)
 
     async def rename(self, owner: str, conversation: str, title: str) -> None:
         await self._run(self._rename, owner, conversation, title[:200])
@@ -228,10 +229,12 @@ class SQLiteStore:
             (owner, max(0, min(limit, 1000)), max(0, offset)))
         return [Summary(*r) for r in rows]
 
-    def _append(self, owner: str, cid: str, messages: tuple[Message, ...]) -> None:
+    def _append(self, owner: str, cid: str, messages: tuple[Message, ...],
+                after: int | None) -> None:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             row = self._row(owner, cid)
+            check_after(cid, row[6], after)
             self._insert(owner, cid, row[6], row[7], messages)
             self._bound(owner, cid)
             self.db.execute("COMMIT")

@@ -17,8 +17,9 @@ from typing import Protocol
 from pichat.errors import BadRequest, PichatError
 
 __all__ = [
-    "Conversation", "Limits", "LimitReached", "Message", "NewerStore", "NotFound",
-    "Store", "Summary", "check_count", "measure", "victims", "MESSAGE_OVERHEAD",
+    "Conflict", "Conversation", "Limits", "LimitReached", "Message", "NewerStore",
+    "NotFound", "Store", "Summary", "check_after", "check_count", "measure", "victims",
+    "MESSAGE_OVERHEAD",
 ]
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -33,6 +34,11 @@ class NotFound(BadRequest):
 
 class LimitReached(BadRequest):
     """A bound of the store (messages, conversations, bytes) would be passed."""
+
+
+class Conflict(BadRequest):
+    """The conversation changed since this turn began (a turn of it was answered through
+    another router meanwhile): the turn is not added, so its history cannot fork."""
 
 
 class NewerStore(PichatError):
@@ -111,9 +117,11 @@ class Store(Protocol):
     async def list(self, owner: str, limit: int = 100, offset: int = 0) -> list[Summary]:
         """Most recently updated first."""
 
-    async def append(self, owner: str, conversation: str,
-                     messages: tuple[Message, ...]) -> None:
-        """Raises NotFound, LimitReached (then nothing is stored)."""
+    async def append(self, owner: str, conversation: str, messages: tuple[Message, ...],
+                     after: int | None = None) -> None:
+        """After the conversation's first `after` messages, which must be all it holds
+        (None: after whatever it holds). Raises NotFound, LimitReached, Conflict (then
+        nothing is stored)."""
 
     async def rename(self, owner: str, conversation: str, title: str) -> None: ...
 
@@ -127,6 +135,14 @@ class Store(Protocol):
 
 
 # --- the bounds every store keeps the same way -------------------------------------------
+
+def check_after(cid: str, n: int, after: int | None) -> None:
+    """Before a turn that followed `after` messages is added to conversation `cid`, which
+    holds `n` now."""
+    if after is not None and n != after:
+        raise Conflict(f"conversation {cid} was continued elsewhere while this turn was "
+                       f"answered ({n} messages, not {after}): this turn was not kept")
+
 
 def check_count(count: int, limits: Limits) -> None:
     """Before an owner holding `count` conversations makes another."""

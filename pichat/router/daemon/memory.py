@@ -71,6 +71,9 @@ class _Turn:
     """Messages of the history the router left out of the request (`_within`)."""
     untitled: bool = False
     """The conversation's first turn, and no title given: the model writes one."""
+    after: int | None = None
+    """The messages the conversation held when the turn began: it is kept only if it still
+    holds that many (a turn answered meanwhile through another router wins)."""
 
 
 class TurnSink:
@@ -163,7 +166,8 @@ class Memory:
         self._busy[key] = request.id
         self.turns[request.id] = _Turn(owner, conv.id, request.messages,
                                        request.model or "", [], left,
-                                       untitled=not conv.title and not conv.total)
+                                       untitled=not conv.title and not conv.total,
+                                       after=conv.total)
         self.router.submit(full, TurnSink(sink, self, request.id), owner=owner)
 
     async def _lookup(self, owner: str, name: str, offset: int = 0,
@@ -201,7 +205,8 @@ class Memory:
                     messages = tuple(Message(m.role, m.content) for m in turn.new) + (
                         Message("assistant", "".join(turn.answer),
                                 model=turn.model or "", worker=done.worker),)
-                    await store.append(turn.owner, turn.conversation, messages)
+                    await store.append(turn.owner, turn.conversation, messages,
+                                       after=turn.after)
                 if done.memory:
                     await store.remember(turn.owner, turn.conversation, done.memory,
                                          done.remembered + turn.left)

@@ -32,8 +32,7 @@ from pichat.discovery import Announcer
 from pichat.errors import ErrorCode
 from pichat.health import HealthEndpoint
 from pichat.logs import Throttle
-from pichat.memory.postgres import PostgresStore, is_postgres
-from pichat.memory.sqlite import SQLiteStore
+from pichat.memory import open_store
 from pichat.memory.store import Limits
 from pichat.protocol import Cancel, Chunk, Disconnect, Done, Error, Request, RequestId, encode
 from pichat.ready import announce_ready
@@ -164,8 +163,7 @@ class Router:
             if cfg.db.lower() not in ("", "off", "none"):
                 limits = Limits(conversations_per_owner=cfg.db_max_conversations,
                                 max_bytes=cfg.db_max_mb << 20)
-                kind = PostgresStore if is_postgres(cfg.db) else SQLiteStore
-                self.memory = Memory(self, await kind.open(cfg.db, limits))
+                self.memory = Memory(self, await open_store(cfg.db, limits))
                 log.info("conversations kept in %s", self.memory.path)
             if cfg.keys is not None and cfg.discovery:
                 announcer = Announcer(cfg.keys.router_public().decode(), {

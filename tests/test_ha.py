@@ -1,0 +1,104 @@
+"""Two routers sharing one conversation store in etcd (three real members on loopback):
+a router's death costs no stored turn, and two routers answering one conversation at once
+cannot fork its history."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from conftest import Cluster
+from pichat.client import Client
+from pichat.config import ClientConfig
+from pichat.protocol import ChatMessage, Sampling
+
+GREEDY = Sampling(temperature=0, max_tokens=60)
+
+
+def user(text: str) -> list[ChatMessage]:
+    return [ChatMessage("user", text)]
+
+
+@pytest.fixture
+def etcd3():
+    from etcd import EtcdCluster
+
+    cluster, why = EtcdCluster.start(3)
+    if cluster is None:
+        pytest.skip(why)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pair(cluster: Cluster, tmp_path: Path, etcd3):
+    """Routers A (`cluster`) and B on one etcd store, one worker serving both."""
+    (tmp_path / "other").mkdir()
+    other = Cluster(tmp_path / "other")
+    db = etcd3.url + "/ha/"
+    try:
+        cluster.router("--db", db)
+        other.router("--db", db)
+        cluster.spawn("w", [
+            "worker", "--router", f"{cluster.worker_endpoint},{other.worker_endpoint}",
+            "--name", "w", "--backend", "sim", "--no-discovery", "--heartbeat", "0.5",
+            "--liveness", "30", "--slots", "2", "--sim-reply-tokens", "8",
+            "--sim-gen-tps", "40"])
+        yield cluster, other, etcd3
+    finally:
+        other.close()
+
+
+async def test_a_router_host_dies_and_its_stored_conversations_go_on_through_the_other(
+        pair):
+    """Turns kept through A; A SIGKILLed and the etcd member beside it too (its host
+    died): the client, given both routers, lists and continues the conversation through
+    B, and nothing acknowledged is missing."""
+    a, b, etcd = pair
+    for c in (a, b):
+        await c.wait_workers(1, names={"w"})
+    both = f"{a.client_endpoint},{b.client_endpoint}"
+    async with Client(ClientConfig(router=both, silence_timeout=2.0)) as client:
+        first = await client.chat(user("My name is Ada."), sampling=GREEDY,
+                                  conversation="intro")
+        second = await client.chat(user("I live in Lyon."), sampling=GREEDY,
+                                   conversation="intro")
+        assert client.endpoint == a.client_endpoint
+        a.procs[0].kill()
+        etcd.kill(0)  # A's host held a member: two of three are left
+        third = await client.chat(user("Where do I live?"), sampling=GREEDY,
+                                  conversation="intro")
+        assert client.endpoint == b.client_endpoint
+        assert third.done.conversation == first.done.conversation
+        listed = await client.conversations("list")
+        assert [(c["title"], c["messages"]) for c in listed] == [("intro", 6)]
+        stored = await client.conversations("get", id=first.done.conversation)
+    assert [m["content"] for m in stored["messages"]] == [
+        "My name is Ada.", first.text, "I live in Lyon.", second.text,
+        "Where do I live?", third.text]
+
+
+async def test_one_conversation_answered_through_both_routers_at_once_keeps_one_history(
+        pair):
+    """A turn of a conversation through A and another through B at the same time (each
+    router alone would refuse the second): both are answered, only the first to finish is
+    kept, and the conversation's history stays one line, with no turn from each."""
+    a, b, _ = pair
+    for c in (a, b):
+        await c.wait_workers(1, names={"w"})
+    async with a.client() as ca, b.client() as cb:
+        first = await ca.chat(user("Hello."), sampling=GREEDY, conversation="race")
+        cid = first.done.conversation
+        slow = Sampling(temperature=0, max_tokens=60)
+        one, two = await asyncio.gather(
+            ca.chat(user("through A"), sampling=slow, conversation=cid),
+            cb.chat(user("through B"), sampling=slow, conversation=cid))
+        assert one.text and two.text
+        stored = await cb.conversations("get", id=cid)
+    contents = [m["content"] for m in stored["messages"]]
+    assert len(contents) == 4 and contents[:2] == ["Hello.", first.text]
+    assert contents[2:] in (["through A", one.text], ["through B", two.text])
+    logs = a.procs[0].output() + b.procs[0].output()
+    assert "continued elsewhere" in logs
