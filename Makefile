@@ -105,6 +105,7 @@ swarm-rm:
 
 fault-lab: install
 	$(PY) tests/faultlab/lab.py
+	$(PY) tests/faultlab/ha.py
 
 soak: install
 	$(PY) tests/faultlab/soak.py --clients 1000 --minutes 3

@@ -4,6 +4,8 @@ may be lost or corrupted; a worker fault must be noticed within three heartbeats
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -56,6 +58,35 @@ def test_fault_scenario(scenario, capsys):
         assert result.failed == 0  # every interrupted answer continued on another worker
         assert result.failovers >= 1
         assert result.detect_s is not None and result.detect_s <= DETECT_LIMIT
+
+
+HA_TOOLS = [t for t in ("keepalived", "etcd", "curl") if shutil.which(t) is None]
+
+
+@pytest.mark.skipif(bool(HA_TOOLS), reason=f"the HA lab needs {', '.join(HA_TOOLS)}")
+@pytest.mark.parametrize("fault", ["router SIGKILL", "router host cut off"])
+def test_a_router_host_lost_under_load_costs_no_request(fault, capsys):
+    """Two routers (one keys directory, conversations in etcd on three hosts), keepalived
+    holding one HTTP address, three workers registered with both; 6 conversations through
+    pichat's client (given both routers) and 6 through the OpenAI API at the floating
+    address. r1's router is SIGKILLed (then restarted), or r1's link cut (then restored):
+    the address moves to r2, new requests are answered there within 5 s, no request is
+    lost or answered wrong, pichat's streams go on through r2 (continuations), their next
+    turns stay warm, and r1 coming back takes nothing from r2."""
+    import ha
+
+    seen = ha.scenario(fault)
+    logs = seen.pop("logs")
+    with capsys.disabled():
+        print(f"\n{json.dumps(seen)}")
+    zmq, http = seen["zmq"], seen["http"]
+    assert zmq["sent"] > 10 and zmq["completed"] == zmq["sent"], (seen, logs)
+    assert http["sent"] > 6 and http["completed"] == http["sent"], (seen, logs)
+    assert zmq["lost"] == zmq["corrupted"] == http["lost"] == http["corrupted"] == 0
+    assert zmq["failovers"] >= 1  # streams cut by r1's loss continued through r2
+    assert zmq["warm_turns"] >= 0.75 * zmq["later_turns"], seen
+    assert seen["vip_s"] < 5 and seen["answered_again_s"] < 5, seen
+    assert seen["holder_after_rejoin"] == "r2", logs
 
 
 def test_a_worker_finds_the_router_over_mdns_ignores_a_rogue_and_follows_a_move():

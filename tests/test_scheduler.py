@@ -10,7 +10,9 @@ must produce, written compactly:
     "submit r1 - @3 %bob" ... from owner bob (default: one owner for all)
     "finish r1 @4"        the worker ended r1
     "chunk r1"            the first chunk of r1 arrived ("chunk r1 plain": without token ids)
-    "bounce r1 @4"        the worker refused r1 before starting it
+    "bounce r1 @4"        the worker refused r1 before starting it (draining, resetting)
+    "full r1 @4"          ... because all its slots are taken (by another router's requests)
+    "busy A 1 @5"         A's heartbeat says 1 of its slots is in use
     "drain A"             A is draining
     "cancel r1 @4"        the client cancelled r1
     "beat A @2"           a heartbeat from A
@@ -230,6 +232,26 @@ CASES: dict[str, tuple[dict, list[tuple[str, list[str]]]]] = {
         ("bounce r1 @1", []),
         ("worker A 1 @1", ["dead A", "r1->A retry"]),
         ("bounce r1 @1", ["fail r1 busy"]),
+    ]),
+    "a worker full with another router's requests takes ours when its slots free": ({}, [
+        # Two routers place on the same workers: ours thinks A and B free, they are not.
+        ("worker A 1", []), ("worker B 1", []),
+        ("submit r1 - @0", ["r1->A"]),
+        ("full r1 @0", ["r1->B retry"]),   # A is full: not tried again for now
+        ("full r1 @0", []),                # B too: r1 waits, neither failed nor avoided
+        ("submit r2 - @0", []),            # nor is any other request sent to them
+        ("busy A 1 @1", []),               # the heartbeat: still full
+        ("busy B 0 @1", ["r1->B retry"]),  # a slot freed on B: r1 goes first
+        ("busy A 0 @1", ["r2->A"]),
+    ]),
+    "a heartbeat counts no slot of ours as another router's": ({}, [
+        ("worker A 2", []),
+        ("submit r1 - @0", ["r1->A"]),
+        ("busy A 1 @1", []),               # r1 itself
+        ("submit r2 - @1", ["r2->A"]),     # one slot still free
+        ("busy A 2 @2", []),
+        ("submit r3 - @2", []),
+        ("finish r1 @3", ["r3->A"]),
     ]),
     "dead worker's re-dispatched request waits for a slot at the head of the queue": ({}, [
         ("worker A 1", []), ("worker B 1", []),
@@ -515,6 +537,10 @@ def _step(s: Scheduler, step: str) -> list[str]:
             out = []
         case "bounce":
             out = s.bounce(RequestId(args[0]), at)
+        case "full":
+            out = s.bounce(RequestId(args[0]), at, full=True)
+        case "busy":
+            out = s.occupied(W(args[0]), int(args[1]), at)
         case "drain":
             s.set_draining(W(args[0]))
             out = []

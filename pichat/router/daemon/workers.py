@@ -158,6 +158,7 @@ class WorkerSide:
                         r.migrations.hand_over(worker)
                 meta.heartbeat = message
                 r.scheduler.measured(worker, message.prompt_tps, message.tps)
+                r.apply(r.scheduler.occupied(worker, message.busy, now))
                 for session in self._leased(meta, message.warmed, now):
                     r.scheduler.move_session(SessionId(session), worker)  # begun elsewhere
                 for session, reached in message.answered:  # ... and answered there
@@ -337,7 +338,7 @@ class WorkerSide:
             # Refused before it started (draining, or full): place it again.
             log.info("req=%s refused by worker %s (%s); placing it again", error.id,
                      self.name(worker), clip(error.message, 80))
-            r.apply(r.scheduler.bounce(job_id, now))
+            r.apply(r.scheduler.bounce(job_id, now, full="slots are busy" in error.message))
             return
         client = r.detach(job_id)
         if client is not None:

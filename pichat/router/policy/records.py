@@ -171,6 +171,9 @@ class WorkerView:
     slots: int
     last_seen: float
     busy: int = 0
+    elsewhere: int = 0
+    """Slots busy with requests this router did not place (another router's, a worker
+    serving several): what the worker's heartbeat or a "full" refusal says beyond `busy`."""
     warm: int = 0
     """Sessions whose affinity points here."""
     draining: bool = False
@@ -185,4 +188,4 @@ class WorkerView:
 
     @property
     def free(self) -> int:
-        return self.slots - self.busy
+        return max(0, self.slots - self.busy - self.elsewhere)

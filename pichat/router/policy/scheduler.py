@@ -247,10 +247,13 @@ class Scheduler:
             job.resumable = job.resumable and resumable
             job.tokens_out += tokens
 
-    def bounce(self, job_id: RequestId, now: float) -> list[Action]:
-        """The worker refused the request (full, draining, resetting) before starting it:
-        queue it again, at the head (a streamed one as a continuation, as before); after
-        three refusals it fails with `busy`."""
+    def bounce(self, job_id: RequestId, now: float, full: bool = False) -> list[Action]:
+        """The worker refused the request before starting it: queue it again, at the head
+        (a streamed one as a continuation, as before). `full`: every slot of the worker is
+        taken (by another router's requests): it counts as full until its next heartbeat
+        says otherwise, and may take the request then. Else (draining, resetting) the
+        request avoids it until it registers again, and after three such refusals the
+        request fails with `busy`."""
         job = self.jobs.get(job_id)
         if job is None or job.worker is None:
             return []
@@ -258,15 +261,29 @@ class Scheduler:
         if view is not None:
             view.busy -= 1
             view.jobs.discard(job_id)
-        job.avoid.add(job.worker)
+            if full:
+                view.elsewhere = max(view.elsewhere, view.slots - view.busy)
+        if not full:
+            job.avoid.add(job.worker)
+            job.bounces += 1
         job.worker = None
-        job.bounces += 1
         if job.bounces > 3:
             del self.jobs[job_id]
             return [Fail(job_id, ErrorCode.BUSY, "workers refused the request; retry later",
                          job.client)]
         self.queue.appendleft(job_id)
         return self._pump(now)
+
+    def occupied(self, worker: WorkerId, busy: int, now: float) -> list[Action]:
+        """The worker's heartbeat says `busy` of its slots are in use, this router's
+        requests among them: the rest are another router's. Slots freed there let the
+        queue go on."""
+        view = self.workers.get(worker)
+        if view is None:
+            return []
+        before = view.elsewhere
+        view.elsewhere = max(0, min(view.slots, busy) - view.busy)
+        return self._pump(now) if view.elsewhere < before else []
 
     def finished(self, job_id: RequestId, now: float, usage: Usage | None = None) -> list[Action]:
         """The worker ended the request (DONE, with its `usage`, or ERROR): its slot is

@@ -1,0 +1,254 @@
+"""Two routers in the fault lab, one floating HTTP address (keepalived's VRRP, from
+Debian), conversations in etcd on three hosts, and a router host lost under load.
+
+Hosts (network namespaces on one bridge): r1 and r2 each run `pichat router` (one keys
+directory, `--db etcd://...`), an etcd member and keepalived; w1 runs the third etcd member
+(the witness) and a worker; w2 and w3 run workers. Every worker registers with both
+routers. The client host runs 12 conversations: 6 through `pichat`'s own client given both
+routers (tests/faultlab/load.py) and 6 through the OpenAI API at the floating address
+(tests/faultlab/httpload.py).
+
+keepalived holds the address on r1 first. Its check on each router host is the router's
+/health and the local etcd member's /health (a member cut off from the majority has no
+leader): a router host that loses its router, or its link, gives the address up, and
+`nopreempt` keeps a host that comes back from taking it again.
+
+Faults: r1's router SIGKILLed (then restarted: it must rejoin without taking the address
+or anyone's stream), and r1's link cut (then restored). For each: the counts of both
+loads, the time until the address answers on r2, and until a new HTTP request is
+answered.
+
+Run by tests/test_faultlab.py, or alone (`python tests/faultlab/ha.py`; root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import lab  # noqa: E402
+
+from pichat.security import keygen  # noqa: E402
+
+VIP = f"{lab.SUBNET}.5"
+HOSTS = {"r1": f"{lab.SUBNET}.1", "r2": f"{lab.SUBNET}.2", "client": lab.CLIENT_IP,
+         **lab.WORKERS}
+ETCD_HOSTS = ("r1", "r2", "w1")
+HTTPLOAD = Path(__file__).with_name("httpload.py")
+DURATION = 16.0
+
+KEEPALIVED = """
+global_defs {{
+    router_id {host}
+    script_user root
+    enable_script_security
+    vrrp_version 3
+}}
+vrrp_script pichat_router {{
+    script "/usr/bin/curl -sf -m 0.8 -o /dev/null http://127.0.0.1:8080/health"
+    interval 1
+    timeout 1
+    fall 2
+    rise 2
+}}
+vrrp_script etcd_quorum {{
+    script "/usr/bin/curl -sf -m 0.8 -o /dev/null http://{ip}:2379/health"
+    interval 1
+    timeout 1
+    fall 4
+    rise 2
+}}
+vrrp_instance pichat {{
+    state BACKUP
+    interface eth0
+    virtual_router_id 77
+    priority {priority}
+    advert_int 0.5
+    nopreempt
+    virtual_ipaddress {{
+        {vip}/24
+    }}
+    track_script {{
+        pichat_router
+        etcd_quorum
+    }}
+}}
+"""
+"""The router's check fails fast (two seconds); the etcd member's slowly (four: an
+election after a member's death makes every member unhealthy for a second or so)."""
+
+
+class HaLab:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.net = lab.Network()
+        self.net.hosts = dict(HOSTS)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.keys = work / "keys"
+        keygen(self.keys)
+        self.db = "etcd://" + ",".join(f"{HOSTS[h]}:2379" for h in ETCD_HOSTS) + "/pichat/"
+
+    def run(self, host: str, name: str, argv: list[str]) -> subprocess.Popen:
+        with open(self.work / f"{name}.log", "ab") as out:
+            proc = subprocess.Popen(["ip", "netns", "exec", self.net.ns(host), *argv],
+                                    stdout=out, stderr=subprocess.STDOUT, env={
+                                        **lab.ENV, "PYTHONUNBUFFERED": "1",
+                                        "PICHAT_KEYS": "off", "PYTHONPATH": str(lab.ROOT)},
+                                    cwd=lab.ROOT)
+        self.procs[name] = proc
+        return proc
+
+    def etcd(self, host: str) -> None:
+        ip = HOSTS[host]
+        cluster = ",".join(f"e{h}=http://{HOSTS[h]}:2380" for h in ETCD_HOSTS)
+        data = self.work / f"etcd-{host}"
+        self.run(host, f"etcd-{host}", [
+            "etcd", "--name", f"e{host}", "--data-dir", str(data),
+            "--listen-client-urls", f"http://{ip}:2379,http://127.0.0.1:2379",
+            "--advertise-client-urls", f"http://{ip}:2379",
+            "--listen-peer-urls", f"http://{ip}:2380",
+            "--initial-advertise-peer-urls", f"http://{ip}:2380",
+            "--initial-cluster", cluster, "--initial-cluster-token", self.net.tag,
+            "--initial-cluster-state", "new", "--unsafe-no-fsync",
+            "--heartbeat-interval", "100", "--election-timeout", "1000",
+            "--log-level", "error"])
+
+    def router(self, host: str, name: str | None = None) -> None:
+        ip = HOSTS[host]
+        ready = self.work / f"{host}.ready"
+        ready.unlink(missing_ok=True)
+        self.run(host, name or f"router-{host}", [
+            sys.executable, "-m", "pichat", "router", "--clients-bind", f"tcp://{ip}:5555",
+            "--workers-bind", f"tcp://{ip}:5556", "--http", "0.0.0.0:8080",
+            "--keys", str(self.keys), "--no-discovery", "--heartbeat", "0.5",
+            "--db", self.db, "--ready-file", str(ready)])
+        if not lab.until(ready.exists, 60):
+            raise RuntimeError(f"the router on {host} did not start")
+
+    def keepalived(self, host: str, priority: int) -> None:
+        conf = self.work / f"keepalived-{host}.conf"
+        conf.write_text(KEEPALIVED.format(host=host, ip=HOSTS[host], priority=priority,
+                                          vip=VIP))
+        self.run(host, f"keepalived-{host}", [
+            "keepalived", "--dont-fork", "--log-console", "--vrrp", "-f", str(conf),
+            "-p", str(self.work / f"keepalived-{host}.pid"),
+            "-r", str(self.work / f"vrrp-{host}.pid")])
+
+    def holder(self) -> str | None:
+        """The router host holding the floating address now."""
+        for host in ("r1", "r2"):
+            out = lab.sh("ip", "-n", self.net.ns(host), "-o", "addr", "show", "dev", "eth0",
+                         check=False).stdout
+            if f" {VIP}/" in out:
+                return host
+        return None
+
+    def vip_answers(self) -> bool:
+        return lab.sh("ip", "netns", "exec", self.net.ns("client"), "curl", "-sf", "-m",
+                      "0.3", f"http://{VIP}:8080/health", check=False).returncode == 0
+
+    def start(self) -> None:
+        self.net.up()
+        for host in ETCD_HOSTS:
+            self.etcd(host)
+        for host in ("r1", "r2"):
+            self.router(host)
+        routers = ",".join(f"tcp://{HOSTS[h]}:5556" for h in ("r1", "r2"))
+        for name in lab.WORKERS:
+            self.run(name, name, [
+                sys.executable, "-m", "pichat", "worker", "--router", routers,
+                "--name", name, "--keys", str(self.keys), "--no-discovery",
+                "--heartbeat", "0.5", "--state-dir", str(self.work / f"{name}-kv"),
+                *lab.SIM])
+        self.keepalived("r1", 100)
+        if not lab.until(lambda: self.holder() == "r1", 30):
+            raise RuntimeError("keepalived on r1 did not take the address")
+        self.keepalived("r2", 100)
+
+    def loads(self, tag: str) -> tuple[subprocess.Popen, subprocess.Popen, Path, Path]:
+        routers = ",".join(f"tcp://{HOSTS[h]}:5555" for h in ("r1", "r2"))
+        zmq_out, http_out = self.work / f"zmq-{tag}.json", self.work / f"http-{tag}.json"
+        z = self.run("client", f"zmq-{tag}", [
+            sys.executable, str(lab.LOAD), "--router", routers, "--out", str(zmq_out),
+            "--duration", str(DURATION), "--concurrency", "6", "--conversations",
+            "--keys", str(self.keys)])
+        h = self.run("client", f"http-{tag}", [
+            sys.executable, str(HTTPLOAD), "--url", f"http://{VIP}:8080", "--out",
+            str(http_out), "--duration", str(DURATION), "--concurrency", "6",
+            "--api-key-file", str(self.keys / "api-keys")])
+        return z, h, zmq_out, http_out
+
+    def stop(self) -> str:
+        return lab.tear_down(list(self.procs.values()), self.net, self.work)
+
+
+def scenario(fault: str) -> dict:
+    """One fault on r1 under load: what both loads saw, and the failover's times."""
+    work = Path(tempfile.mkdtemp(prefix="pichat-ha-"))
+    ha = HaLab(work)
+    seen: dict = {"fault": fault}
+    try:
+        ha.start()
+        z, h, zmq_out, http_out = ha.loads(fault)
+        ready = Path(str(zmq_out) + ".ready")
+        if not lab.until(ready.exists, 60):
+            raise RuntimeError("the load never saw every worker")
+        time.sleep(DURATION / 4)  # the load runs: the fault comes amid it
+        fault_at = time.time()
+        if fault == "router SIGKILL":
+            ha.procs["router-r1"].kill()
+        else:
+            ha.net.cut("r1", True)
+        lab.until(lambda: ha.holder() == "r2" and ha.vip_answers(), 30)
+        seen["vip_s"] = time.time() - fault_at
+        if fault == "router SIGKILL":
+            ha.router("r1", "router-r1-again")  # rejoins while the load goes on
+        else:  # cut long enough for r1 to find itself alone (its check fails)
+            lab.until(lambda: "FAULT" in (ha.work / "keepalived-r1.log").read_text(), 15)
+            seen["r1_gave_up_s"] = time.time() - fault_at
+            ha.net.cut("r1", False)
+        rejoined_at = time.time()
+        for proc in (z, h):
+            proc.wait(timeout=150)
+        seen["holder_after_rejoin"] = ha.holder()
+        seen["zmq"] = json.loads(zmq_out.read_text())["counts"]
+        http = json.loads(http_out.read_text())
+        seen["http"] = http["counts"]
+        seen["http_errors"] = http["errors"]
+        # From the fault until a new request (a probe sent after it) is answered.
+        after = [answered for sent, answered in http["probes"] if sent > fault_at]
+        seen["answered_again_s"] = (min(after) - fault_at) if after else None
+        seen["http_after_rejoin"] = sum(1 for start, _, _, ok in http["answers"]
+                                        if start > rejoined_at and ok)
+        seen["http_failures"] = [(round(t - fault_at, 2), what)
+                                 for t, what in http["failures"]]
+        return seen
+    finally:
+        keep = os.environ.get("PICHAT_HA_LOGS")
+        if keep:  # every log of the run, for a look afterwards
+            shutil.copytree(work, Path(keep) / fault.replace(" ", "-"), dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("*-kv", "etcd-*", "keys"))
+        seen["logs"] = ha.stop()
+
+
+SCENARIOS = ("router SIGKILL", "router host cut off")
+
+
+def main() -> None:
+    reason = lab.available()
+    if reason or not shutil.which("keepalived") or not shutil.which("etcd"):
+        sys.exit(f"the HA lab cannot run here: {reason or 'needs keepalived and etcd'}")
+    for fault in SCENARIOS:
+        seen = scenario(fault)
+        seen.pop("logs")
+        print(json.dumps(seen, indent=1))
+
+
+if __name__ == "__main__":
+    main()
