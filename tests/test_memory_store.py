@@ -330,6 +330,37 @@ async def test_etcd_keeps_every_acknowledged_turn_when_a_member_dies_mid_load(tm
         cluster.stop()
 
 
+class LosingAnswers(EtcdStore):
+    """An etcd store whose every first try of a write loses its answer after etcd did it
+    (a member that committed and then died, or a reply slower than the try's timeout)."""
+
+    async def _post(self, url, body, timeout):
+        status, answer = await super()._post(url, body, timeout)
+        if url.endswith("/kv/txn"):
+            self.lost = getattr(self, "lost", 0) + 1
+            if self.lost % 2:
+                raise TimeoutError("the answer was lost")
+        return status, answer
+
+
+async def test_etcd_writes_whose_answer_was_lost_are_done_once(etcd):
+    url = etcd.url + f"/t{secrets.token_hex(6)}/"
+    store = await LosingAnswers.open(url)
+    try:
+        c = await store.create("alice", messages=turn("q0", "a0"))
+        await store.append("alice", c.id, turn("q1", "a1"), after=2)  # no Conflict
+        await store.append("alice", c.id, turn("q2", "a2"))
+        await store.rename("alice", c.id, "once")
+        assert [m.content for m in (await store.get("alice", c.id)).messages] == [
+            "q0", "a0", "q1", "a1", "q2", "a2"]
+        assert [(s.title, s.messages) for s in await store.list("alice")] == [("once", 6)]
+        assert await store.delete("alice", c.id)
+        assert await store.list("alice") == []
+        assert store.lost >= 10  # every write's answer was lost once
+    finally:
+        await store.close()
+
+
 async def test_etcd_that_cannot_be_reached_says_so_and_a_newer_layout_is_refused(etcd):
     import base64
 

@@ -138,7 +138,9 @@ class EtcdStore:
 
     async def _call(self, path: str, body: dict) -> dict:
         """POST `body` to `/v3/PATH` of a member that answers: the member last used first,
-        then the others, until `timeout` (an election takes a second or two)."""
+        then the others, until `timeout` (an election takes a second or two). A call whose
+        answer was lost may have been done: every write is made so that doing it twice
+        is doing it once (`_update`)."""
         import aiohttp
 
         deadline = time.monotonic() + self.timeout
@@ -151,22 +153,27 @@ class EtcdStore:
                     raise PichatError(f"the conversation store {self.path} cannot be "
                                       f"reached ({why})")
                 try:
-                    async with self._session.post(
-                            f"{member}/v3/{path}", json=body,
-                            timeout=aiohttp.ClientTimeout(total=min(2.0, left))) as resp:
-                        answer = await resp.json(content_type=None)
-                        if resp.status == 200 and isinstance(answer, dict):
-                            return answer
-                        message = (answer.get("message") or answer.get("error") or ""
-                                   if isinstance(answer, dict) else "")
-                        if resp.status not in _UNREACHABLE:
-                            raise PichatError(f"the conversation store refused a call: "
-                                              f"{str(message)[:200]}")
-                        why = f"{member}: {str(message)[:200] or resp.status}"
+                    status, answer = await self._post(f"{member}/v3/{path}", body,
+                                                      min(3.0, left))
+                    if status == 200 and isinstance(answer, dict):
+                        return answer
+                    message = (answer.get("message") or answer.get("error") or ""
+                               if isinstance(answer, dict) else "")
+                    if status not in _UNREACHABLE:
+                        raise PichatError(f"the conversation store refused a call: "
+                                          f"{str(message)[:200]}")
+                    why = f"{member}: {str(message)[:200] or status}"
                 except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                     why = f"{member}: {type(exc).__name__}"
                 self._current = (self._current + 1) % len(self.members)
             await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    async def _post(self, url: str, body: dict, timeout: float) -> tuple[int, Any]:
+        import aiohttp
+
+        async with self._session.post(url, json=body,
+                                      timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            return resp.status, await resp.json(content_type=None)
 
     async def _range(self, key: bytes, end: bytes | None = None, **options: Any
                      ) -> list[tuple[bytes, Any, int]]:
@@ -238,10 +245,15 @@ class EtcdStore:
                       ) -> dict:
         """Read the conversation, have `change(meta)` edit it (returning the other writes
         to make with it), and commit both only if nobody wrote it meanwhile (read again and
-        retried if somebody did)."""
+        retried if somebody did). The record keeps the token of the write that made it:
+        a write whose answer was lost, found done when read again, is not done twice."""
+        token = secrets.token_hex(8)
         for _ in range(_TRIES):
             meta, revision = await self._meta(owner, cid)
+            if meta.get("w") == token:
+                return meta
             more = change(meta)
+            meta["w"] = token
             ops = [*more, *self._writes(cid, meta)]
             if await self._txn([{"target": "MOD", "key": _b64(self._key("c", cid)),
                                  "mod_revision": str(revision), "result": "EQUAL"}], ops):
@@ -257,7 +269,8 @@ class EtcdStore:
         cid = secrets.token_hex(8)
         now = self.clock()
         meta = {"owner": owner, "title": title[:200], "model": model[:200], "created": now,
-                "updated": now, "n": 0, "bytes": 0, "memory": "", "remembered": 0}
+                "updated": now, "n": 0, "bytes": 0, "memory": "", "remembered": 0,
+                "w": secrets.token_hex(8)}
         first, rest = self._batches(messages)
         meta["n"] = len(first)
         meta["bytes"] = sum(len(m.content.encode()) + MESSAGE_OVERHEAD for m in first)
@@ -265,7 +278,10 @@ class EtcdStore:
         if not await self._txn([{"target": "CREATE", "key": _b64(key),
                                  "create_revision": "0", "result": "EQUAL"}],
                                [*self._messages(cid, 0, first), *self._writes(cid, meta)]):
-            raise PichatError("a new conversation's id was taken: try again")
+            found = await self._range(key)  # made by this very call, its answer lost?
+            if not found or not isinstance(found[0][1], dict) or \
+                    found[0][1].get("w") != meta["w"]:
+                raise PichatError("a new conversation's id was taken: try again")
         self._written += sum(len(m.content) for m in first)
         for batch in rest:
             await self.append(owner, cid, batch)
@@ -394,7 +410,7 @@ class EtcdStore:
 
     async def _drop(self, cid: str, meta: dict, revision: int) -> bool:
         messages = self._key("m", cid, "")
-        return await self._txn(
+        done = await self._txn(
             [{"target": "MOD", "key": _b64(self._key("c", cid)),
               "mod_revision": str(revision), "result": "EQUAL"}],
             [{"request_delete_range": {"key": _b64(self._key("c", cid))}},
@@ -402,6 +418,7 @@ class EtcdStore:
                                                               cid))}},
              {"request_delete_range": {"key": _b64(messages),
                                        "range_end": _b64(_end(messages))}}])
+        return done or not await self._range(self._key("c", cid))  # gone: by this call?
 
     async def close(self) -> None:
         if self._session is not None:
