@@ -244,7 +244,7 @@ CASES: dict[str, tuple[dict, list[tuple[str, list[str]]]]] = {
         ("busy B 0 @1", ["r1->B retry"]),  # a slot freed on B: r1 goes first
         ("busy A 0 @1", ["r2->A"]),
     ]),
-    "a heartbeat counts no slot of ours as another router's": ({}, [
+    "a heartbeat alone never holds a request back": ({}, [
         ("worker A 2", []),
         ("submit r1 - @0", ["r1->A"]),
         ("busy A 1 @1", []),               # r1 itself
@@ -252,6 +252,9 @@ CASES: dict[str, tuple[dict, list[tuple[str, list[str]]]]] = {
         ("busy A 2 @2", []),
         ("submit r3 - @2", []),
         ("finish r1 @3", ["r3->A"]),
+        ("finish r2 @4", []),
+        ("busy A 2 @4", []),               # sent before r2's slot was released
+        ("submit r4 - @4", ["r4->A"]),     # not counted as another router's
     ]),
     "dead worker's re-dispatched request waits for a slot at the head of the queue": ({}, [
         ("worker A 1", []), ("worker B 1", []),

@@ -276,13 +276,15 @@ class Scheduler:
 
     def occupied(self, worker: WorkerId, busy: int, now: float) -> list[Action]:
         """The worker's heartbeat says `busy` of its slots are in use, this router's
-        requests among them: the rest are another router's. Slots freed there let the
-        queue go on."""
+        requests among them. Slots a "full" refusal counted as another router's that are
+        free now let the queue go on. A heartbeat never counts more (a slot is released a
+        moment after its answer's DONE: a heartbeat between the two must not hold the
+        next request back)."""
         view = self.workers.get(worker)
-        if view is None:
+        if view is None or not view.elsewhere:
             return []
         before = view.elsewhere
-        view.elsewhere = max(0, min(view.slots, busy) - view.busy)
+        view.elsewhere = min(before, max(0, min(view.slots, busy) - view.busy))
         return self._pump(now) if view.elsewhere < before else []
 
     def finished(self, job_id: RequestId, now: float, usage: Usage | None = None) -> list[Action]:
