@@ -116,6 +116,9 @@ class RouterConfig:
     """Write the bound endpoints here (JSON) once everything is up; empty: no file."""
     log_repeat_window: float = 60.0
     """Seconds repeated log lines of one kind are held back before one summary line."""
+    floating_address: str = ""
+    """The address keepalived moves between the router Pis: status and /metrics say whether
+    this router's host holds it, and since when (empty: none)."""
 
     @property
     def policy(self) -> Policy:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from typing import Any
 
 from pichat.client import Client, Reply, new_id
@@ -139,6 +140,31 @@ def _read_line() -> str | None:
         return None
 
 
+def _floating(floating: dict[str, Any]) -> str:
+    since = floating.get("since")
+    when = f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if since \
+        else ""
+    held = "holds" if floating.get("held") else "does not hold"
+    return (f"floating address {floating.get('address')}: this router {held} it{when} "
+            f"(taken {floating.get('acquired', 0)} times)")
+
+
+def _routers(routers: list[dict[str, Any]]) -> list[str]:
+    """The lines of `pichat status --router A,B`: each router, answering or not."""
+    if not routers:
+        return []
+    lines = ["routers:"]
+    for r in routers:
+        if not r.get("answering"):
+            lines.append(f"  {r['endpoint']}  not answering ({r.get('error', '')})")
+            continue
+        floating = r.get("floating") or {}
+        mark = f", holds {floating['address']}" if floating.get("held") else ""
+        lines.append(f"  {r['endpoint']}  up {r.get('up_s') or 0:.0f}s, "
+                     f"{r.get('workers', 0)} workers{mark}")
+    return lines
+
+
 def format_status(snapshot: dict[str, Any]) -> str:
     router = snapshot.get("router", {})
     queue = snapshot.get("queue", {})
@@ -151,6 +177,8 @@ def format_status(snapshot: dict[str, Any]) -> str:
         f"queue {queue.get('depth', 0)}/{queue.get('limit', 0)}, "
         f"active {requests.get('active', 0)}, completed {requests.get('completed', 0)}, "
         f"cache hit {requests.get('cache_hit_share', 0.0) * 100:.0f}% of prompt tokens",
+        *([_floating(router["floating"])] if router.get("floating") else []),
+        *_routers(snapshot.get("routers", [])),
         "",
     ]
     if not workers:

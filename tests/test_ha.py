@@ -102,3 +102,68 @@ async def test_one_conversation_answered_through_both_routers_at_once_keeps_one_
     assert contents[2:] in (["through A", one.text], ["through B", two.text])
     logs = a.procs[0].output() + b.procs[0].output()
     assert "continued elsewhere" in logs
+
+
+async def test_status_lists_every_router_and_which_holds_the_floating_address(
+        cluster: Cluster, tmp_path: Path):
+    """`pichat status --router A,B`: each router, answering or not, and the one whose host
+    holds the floating address (an address of this host: loopback's, for A; a TEST-NET
+    one nobody here holds, for B); /metrics says it too."""
+    import subprocess
+    import sys
+
+    import aiohttp
+
+    (tmp_path / "other").mkdir()
+    other = Cluster(tmp_path / "other")
+    try:
+        cluster.router("--floating-address", "127.0.0.1")
+        other.router("--floating-address", "192.0.2.7")
+        both = f"{cluster.client_endpoint},{other.client_endpoint}"
+
+        def status() -> str:
+            out = subprocess.run([sys.executable, "-m", "pichat", "status", "--router", both,
+                                  "--keys", "off"], capture_output=True, text=True,
+                                 timeout=60)
+            assert out.returncode == 0, out.stderr
+            return out.stdout
+
+        shown = status()
+        assert "floating address 127.0.0.1: this router holds it since" in shown, shown
+        lines = [line for line in shown.splitlines() if line.startswith("  tcp://")]
+        assert len(lines) == 2, shown
+        assert lines[0].startswith(f"  {cluster.client_endpoint}  up ")
+        assert lines[0].endswith("holds 127.0.0.1")
+        assert "holds" not in lines[1] and "0 workers" in lines[1]
+        async with aiohttp.ClientSession() as http:
+            for url, held in ((cluster.http_url, 1), (other.http_url, 0)):
+                async with http.get(f"{url}/metrics") as r:
+                    text = await r.text()
+                assert f"pichat_floating_address_held {held}.0" in text
+                assert f"pichat_floating_address_acquired_total {held}.0" in text
+        cluster.procs[0].kill()
+        cluster.procs[0].popen.wait()
+        lines = [line for line in status().splitlines() if line.startswith("  tcp://")]
+        assert lines[0].startswith(f"  {cluster.client_endpoint}  not answering")
+        assert lines[1].startswith(f"  {other.client_endpoint}  up ")
+    finally:
+        other.close()
+
+
+def test_the_floating_address_is_seen_taken_and_given_up():
+    from pichat.router.observe.floating import FloatingAddress, is_local
+
+    assert is_local("127.0.0.1") and not is_local("192.0.2.7")
+    holds = [False]
+    clock = iter(range(100, 200))
+    seen = FloatingAddress("10.0.0.5", held=lambda _: holds[0], clock=lambda: next(clock))
+    assert not seen.check() and seen.as_status() == {
+        "address": "10.0.0.5", "held": False, "since": None, "acquired": 0}
+    holds[0] = True  # keepalived moved it here (a failover)
+    assert seen.check() and not seen.check()
+    assert seen.as_status() == {"address": "10.0.0.5", "held": True, "since": 100,
+                                "acquired": 1}
+    holds[0] = False
+    assert seen.check() and (seen.held, seen.since, seen.acquired) == (False, 101, 1)
+    holds[0] = True
+    assert seen.check() and seen.acquired == 2

@@ -7,6 +7,7 @@ import functools
 import json
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 import click
@@ -163,18 +164,34 @@ def chat(client: ClientConfig, **opts: Any) -> None:
 @o.option("--json", "as_json", env="JSON", is_flag=True, help="Print the raw snapshot as JSON.")
 def status(client: ClientConfig, as_json: bool) -> None:
     """Show the cluster: workers (model, slots busy/total, warm sessions, tokens/s) and
-    the queue.
+    the queue; given several routers, each of them too (which answers, which holds the
+    floating address).
 
     \b
     Example:
       pichat status --router tcp://pi1:5555
+      pichat status --router tcp://pi1:5555,tcp://pi2:5555
     """
     from pichat.client import Client
     from pichat.console import format_status
 
+    async def one(endpoint: str) -> dict[str, Any]:
+        try:
+            async with Client(replace(client, router=endpoint,
+                                      silence_timeout=min(client.silence_timeout, 3.0))) as c:
+                snap = await c.status()
+        except PichatError as exc:
+            return {"endpoint": endpoint, "answering": False, "error": str(exc)[:200]}
+        router = snap.get("router", {})
+        return {"endpoint": endpoint, "answering": True, "up_s": router.get("up_s"),
+                "workers": len(snap.get("workers", [])), "floating": router.get("floating")}
+
     async def fetch() -> dict[str, Any]:
         async with Client(client) as connection:
-            return await connection.status()
+            snap = await connection.status()
+        if len(client.routers) > 1:
+            snap["routers"] = list(await asyncio.gather(*map(one, client.routers)))
+        return snap
 
     try:
         snapshot = asyncio.run(fetch())

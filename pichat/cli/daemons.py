@@ -118,6 +118,9 @@ R, S, W = RouterConfig, SchedulerConfig, WorkerConfig
               "send its headers, or idle) before it is closed.")
 @o.field(R, "http_body_timeout", "--http-body-timeout", env="HTTP_BODY_TIMEOUT",
          type=click.FloatRange(0.1), help="Seconds a request body may take to arrive.")
+@o.field(R, "floating_address", "--floating-address", env="FLOATING_ADDRESS",
+         help="The address keepalived moves between the router Pis (two routers): "
+              "`pichat status` and /metrics say whether this router's host holds it.")
 @o.field(R, "log_repeat_window", "--log-repeat-window", env="LOG_REPEAT_WINDOW",
          type=click.FloatRange(0.1),
          help="Repeated log lines of one kind (refused handshakes, bad messages) are held "

@@ -127,7 +127,7 @@ class HaLab:
             sys.executable, "-m", "pichat", "router", "--clients-bind", f"tcp://{ip}:5555",
             "--workers-bind", f"tcp://{ip}:5556", "--http", "0.0.0.0:8080",
             "--keys", str(self.keys), "--no-discovery", "--heartbeat", "0.5",
-            "--db", self.db, "--ready-file", str(ready)])
+            "--db", self.db, "--floating-address", VIP, "--ready-file", str(ready)])
         if not lab.until(ready.exists, 60):
             raise RuntimeError(f"the router on {host} did not start")
 
@@ -184,6 +184,17 @@ class HaLab:
             "--api-key-file", str(self.keys / "api-keys")])
         return z, h, zmq_out, http_out
 
+    def routers_seen(self) -> list[dict]:
+        """`pichat status --router r1,r2` from the client host: each router's row."""
+        routers = ",".join(f"tcp://{HOSTS[h]}:5555" for h in ("r1", "r2"))
+        out = lab.sh("ip", "netns", "exec", self.net.ns("client"), sys.executable, "-m",
+                     "pichat", "status", "--json", "--router", routers, "--keys",
+                     str(self.keys), check=False)
+        try:
+            return json.loads(out.stdout).get("routers", [])
+        except ValueError:
+            return []
+
     def stop(self) -> str:
         return lab.tear_down(list(self.procs.values()), self.net, self.work)
 
@@ -217,6 +228,8 @@ def scenario(fault: str) -> dict:
         for proc in (z, h):
             proc.wait(timeout=150)
         seen["holder_after_rejoin"] = ha.holder()
+        seen["status_holders"] = [r["endpoint"] for r in ha.routers_seen()
+                                  if (r.get("floating") or {}).get("held")]
         seen["zmq"] = json.loads(zmq_out.read_text())["counts"]
         http = json.loads(http_out.read_text())
         seen["http"] = http["counts"]

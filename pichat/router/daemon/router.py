@@ -43,6 +43,7 @@ from pichat.router.daemon.joins import JoinDesk
 from pichat.router.daemon.memory import Memory
 from pichat.router.daemon.migration import Migrations
 from pichat.router.daemon.workers import HEARTBEAT, WorkerSide
+from pichat.router.observe.floating import FloatingAddress
 from pichat.router.observe.metrics import RouterMetrics, watch_loop_lag
 from pichat.router.observe.snapshot import snapshot
 from pichat.router.observe.stats import Stats
@@ -109,6 +110,10 @@ class Router:
         self.clients_channel: Channel | None = None
         self.workers_channel: Channel | None = None
         self.gatekeeper: Gatekeeper | None = None
+        self.floating = (FloatingAddress(config.floating_address)
+                         if config.floating_address else None)
+        if self.floating is not None:
+            self.floating.check()
         self.http_site: Any = None
         self.ready = asyncio.Event()
         """Set once everything it serves is up (endpoints known)."""
@@ -258,6 +263,8 @@ class Router:
             for job_id, sink in sinks.values():
                 if not sink.keepalive():
                     self.cancel(job_id)
+            if self.floating is not None and self.floating.check():
+                self.changed()
             now = self.now()
             self.throttle.flush(now)
             if self.gatekeeper is not None:

@@ -58,6 +58,15 @@ class _ClusterCollector(Collector):
         yield slots
         yield busy
         yield warm
+        floating = snap["router"].get("floating")
+        if floating is not None:
+            yield GaugeMetricFamily(
+                "pichat_floating_address_held", "1 while this router's host holds the "
+                "floating address (keepalived's).", value=int(floating["held"]))
+            yield CounterMetricFamily(
+                "pichat_floating_address_acquired", "Times this router's host took the "
+                "floating address (its first hold, then each failover to it).",
+                value=floating["acquired"])
 
 
 class _CountsCollector(Collector):
