@@ -361,6 +361,34 @@ async def test_etcd_writes_whose_answer_was_lost_are_done_once(etcd):
         await store.close()
 
 
+async def test_etcd_a_lost_answer_then_another_routers_turn_is_still_done_once(etcd):
+    # b's append commits, its answer is lost, and a's append lands before b reads again:
+    # b must still find its own write (not only the last one) and not add it twice.
+    url = etcd.url + f"/t{secrets.token_hex(6)}/"
+    a = await EtcdStore.open(url)
+    c = await a.create("alice")
+
+    class Interleaved(EtcdStore):
+        pending = True
+
+        async def _post(self, url, body, timeout):
+            status, answer = await super()._post(url, body, timeout)
+            if url.endswith("/kv/txn") and self.pending:
+                self.pending = False
+                await a.append("alice", c.id, turn("from a", "answer a"))
+                raise TimeoutError("the answer was lost")
+            return status, answer
+
+    b = await Interleaved.open(url)
+    try:
+        await b.append("alice", c.id, turn("from b", "answer b"))
+        assert [m.content for m in (await b.get("alice", c.id)).messages] == [
+            "from b", "answer b", "from a", "answer a"]
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_etcd_that_cannot_be_reached_says_so_and_a_newer_layout_is_refused(etcd):
     import base64
 

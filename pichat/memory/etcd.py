@@ -61,6 +61,8 @@ _BATCH_OPS = 100
 _BATCH_BYTES = 1 << 20
 _TRIES = 8
 """Transactions retried when another router wrote the conversation first."""
+_TOKENS = 32
+"""Writes of a conversation remembered by their tokens (a retried one is not done twice)."""
 _SCAN_EVERY = 1 / 64
 _UNREACHABLE = (408, 429, 500, 502, 503, 504)
 
@@ -245,15 +247,17 @@ class EtcdStore:
                       ) -> dict:
         """Read the conversation, have `change(meta)` edit it (returning the other writes
         to make with it), and commit both only if nobody wrote it meanwhile (read again and
-        retried if somebody did). The record keeps the token of the write that made it:
-        a write whose answer was lost, found done when read again, is not done twice."""
+        retried if somebody did). The record keeps the tokens of its last `_TOKENS` writes:
+        a write whose answer was lost, found done when read again (even after another
+        router's), is not done twice."""
         token = secrets.token_hex(8)
         for _ in range(_TRIES):
             meta, revision = await self._meta(owner, cid)
-            if meta.get("w") == token:
+            done = list(meta.get("w") or ())
+            if token in done:
                 return meta
             more = change(meta)
-            meta["w"] = token
+            meta["w"] = [*done[-(_TOKENS - 1):], token]
             ops = [*more, *self._writes(cid, meta)]
             if await self._txn([{"target": "MOD", "key": _b64(self._key("c", cid)),
                                  "mod_revision": str(revision), "result": "EQUAL"}], ops):
@@ -270,7 +274,7 @@ class EtcdStore:
         now = self.clock()
         meta = {"owner": owner, "title": title[:200], "model": model[:200], "created": now,
                 "updated": now, "n": 0, "bytes": 0, "memory": "", "remembered": 0,
-                "w": secrets.token_hex(8)}
+                "w": [secrets.token_hex(8)]}
         first, rest = self._batches(messages)
         meta["n"] = len(first)
         meta["bytes"] = sum(len(m.content.encode()) + MESSAGE_OVERHEAD for m in first)
@@ -280,7 +284,7 @@ class EtcdStore:
                                [*self._messages(cid, 0, first), *self._writes(cid, meta)]):
             found = await self._range(key)  # made by this very call, its answer lost?
             if not found or not isinstance(found[0][1], dict) or \
-                    found[0][1].get("w") != meta["w"]:
+                    found[0][1].get("w", [None])[:1] != meta["w"]:
                 raise PichatError("a new conversation's id was taken: try again")
         self._written += sum(len(m.content) for m in first)
         for batch in rest:
