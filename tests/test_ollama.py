@@ -84,7 +84,6 @@ async def talk(c: ollama.AsyncClient) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # the default model loaded and asked ~10 times: 25 s idle
 async def test_ollama_tools_and_formats_on_the_default_model(cluster: Cluster, default_model):
     cluster.router()
     cluster.worker("w1", "--model", str(default_model), "--ctx", "2048", "--threads", "2",
