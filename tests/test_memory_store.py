@@ -298,12 +298,14 @@ async def test_etcd_keeps_every_acknowledged_turn_when_a_member_dies_mid_load(tm
     cluster, why = EtcdCluster.start(3)
     if cluster is None:
         pytest.skip(why)
+    stores = []
     try:
         lead = cluster.leader()  # first in the list: the member both stores talk to
         order = [lead, *(i for i in range(3) if i != lead)]
         url = "etcd://" + ",".join(cluster.clients[i].removeprefix("http://")
                                    for i in order) + "/ha/"
         a, b = await open_store(url), await open_store(url)
+        stores.extend((a, b))
         c = await a.create("alice")
         acked: list[str] = []
 
@@ -324,9 +326,9 @@ async def test_etcd_keeps_every_acknowledged_turn_when_a_member_dies_mid_load(tm
             assert mine == [f"{name}{i}" for i in range(30)]
         (listed,) = await a.list("alice")
         assert listed.messages == 120
-        await a.close()
-        await b.close()
     finally:
+        for store in stores:  # closed even when it fails (else an unclosed session's
+            await store.close()  # warning fails whichever test runs when it is collected)
         cluster.stop()
 
 
