@@ -38,7 +38,6 @@ import msgpack
 
 from pichat.errors import PichatError
 from pichat.memory.store import (
-    MESSAGE_OVERHEAD,
     Conversation,
     Limits,
     Message,
@@ -82,11 +81,6 @@ def _end(prefix: bytes) -> bytes:
 
 def _put(key: bytes, value: Any) -> dict:
     return {"request_put": {"key": _b64(key), "value": _b64(msgpack.packb(value))}}
-
-
-def _size(op: dict) -> int:
-    inner = op.get("request_put") or op.get("request_delete_range") or {}
-    return sum(len(v) for v in inner.values()) * 3 // 4 + 16
 
 
 class EtcdStore:
@@ -277,7 +271,7 @@ class EtcdStore:
                 "w": [secrets.token_hex(8)]}
         first, rest = self._batches(messages)
         meta["n"] = len(first)
-        meta["bytes"] = sum(len(m.content.encode()) + MESSAGE_OVERHEAD for m in first)
+        meta["bytes"] = measure(first, self.limits, 0, 0)
         key = self._key("c", cid)
         if not await self._txn([{"target": "CREATE", "key": _b64(key),
                                  "create_revision": "0", "result": "EQUAL"}],
