@@ -76,7 +76,7 @@ class EtcdCluster:
              "--initial-advertise-peer-urls", self.peers[i], "--initial-cluster", cluster,
              "--initial-cluster-state", "existing" if data.exists() else "new",
              "--initial-cluster-token", self.root.name, "--unsafe-no-fsync",
-             "--heartbeat-interval", "100", "--election-timeout", "1000",
+             "--heartbeat-interval", "100", "--election-timeout", "1000", "--pre-vote",
              "--log-level", "error"],
             stdout=subprocess.DEVNULL, stderr=self.logs[i])
 
