@@ -41,7 +41,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -52,7 +52,7 @@ from pichat.errors import PichatError
 
 __all__ = ["Invitation", "InviteRefused", "invite", "parse", "redeem", "join", "admit",
            "members", "revoke", "revoked", "stored_router", "remember_router", "PREFIX",
-           "ROLES", "ROUTER_FILE", "REVOKED"]
+           "ROLES", "ROUTER_FILE", "REVOKED", "SHARED", "shared_files", "put_shared"]
 
 PREFIX = "pichat1."
 ROLES = ("worker", "client")
@@ -280,6 +280,45 @@ def revoke(keys_dir: Path, name: str) -> list[Role]:
     if not gone:
         raise PichatError(f"no admitted key is named {name[:64]!r} (see `pichat keys list`)")
     return gone
+
+
+SHARED = re.compile(r"^(?:(?:revoked/)?(?:workers|clients)/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+                    r"\.key|invites/[0-9a-f]{16}\.json)$")
+"""The files of a keys directory that routers sharing it keep alike (relative paths):
+admitted keys, tombstones, invitations. Not the key pairs, the API keys or router.json."""
+
+
+def shared_files(keys_dir: Path) -> dict[str, tuple[int, int]]:
+    """The `SHARED` files here, each with its (mtime ns, size)."""
+    found: dict[str, tuple[int, int]] = {}
+    for folder in ("workers", "clients", f"{REVOKED}/workers", f"{REVOKED}/clients",
+                   "invites"):
+        try:
+            with os.scandir(keys_dir / folder) as it:
+                for entry in it:
+                    rel = f"{folder}/{entry.name}"
+                    if SHARED.match(rel) and entry.is_file(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
+                        found[rel] = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            continue
+    return found
+
+
+def put_shared(keys_dir: Path, rel: str, text: str | None) -> None:
+    """Write (None: remove) the `SHARED` file `rel`, as another router has it. An
+    invitation is written under the invitations' lock (a join here may be using it)."""
+    if not SHARED.match(rel):
+        raise ValueError(f"not a shared file: {rel[:80]!r}")
+    path = keys_dir / rel
+    invitation = rel.startswith("invites/")
+    if not invitation:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _locked(_folder(keys_dir)) if invitation else nullcontext():
+        if text is None:
+            path.unlink(missing_ok=True)
+        else:
+            _write_text(path, text)
 
 
 def _hash(secret: str) -> str:

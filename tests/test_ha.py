@@ -5,14 +5,23 @@ cannot fork its history."""
 from __future__ import annotations
 
 import asyncio
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from conftest import Cluster
+from conftest import ROOT, Cluster
 from pichat.client import Client
 from pichat.config import ClientConfig
+from pichat.errors import RouterUnavailable
+from pichat.invites import parse
 from pichat.protocol import ChatMessage, Sampling
+from pichat.security import keygen, resolve_keys
 
 GREEDY = Sampling(temperature=0, max_tokens=60)
 
@@ -167,3 +176,100 @@ def test_the_floating_address_is_seen_taken_and_given_up():
     assert seen.check() and (seen.held, seen.since, seen.acquired) == (False, 101, 1)
     holds[0] = True
     assert seen.check() and seen.acquired == 2
+
+
+def pichat(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pichat", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def keyed(cluster: Cluster, tmp_path: Path, etcd):
+    """Routers A (`cluster`) and B on one etcd, each with its own copy of one keys
+    directory (as the docs say to set B up): A, B, A's keys, B's keys."""
+    a_keys, b_keys = tmp_path / "a-keys", tmp_path / "b-keys"
+    keygen(a_keys)
+    shutil.copytree(a_keys, b_keys)
+    (tmp_path / "b").mkdir()
+    other = Cluster(tmp_path / "b")
+    db = etcd.url + f"/ha{secrets.token_hex(6)}/"
+    cluster.keys, other.keys = a_keys, b_keys
+    try:
+        cluster.router("--keys", str(a_keys), "--db", db)
+        other.router("--keys", str(b_keys), "--db", db)
+        yield cluster, other, a_keys, b_keys
+    finally:
+        other.close()
+
+
+async def test_admitted_through_either_router_and_revoked_on_either_holds_on_both(
+        keyed, tmp_path: Path):
+    """A worker that joins through A is served by B, a client that joins through B is let
+    in by A, and a key revoked on B's Pi is put out by A, within a heartbeat."""
+    cluster, other, a_keys, b_keys = keyed
+    a = cluster.procs[0]
+    token = pichat("invite", "--keys", str(a_keys), "--address", cluster.join_endpoint)
+    pi = tmp_path / "pi9"
+    joined = pichat("join", token.stdout.strip(), "--keys", str(pi), "--name", "pi9")
+    assert joined.returncode == 0, joined.stderr
+    cluster.spawn("pi9", [
+        "worker", "--keys", str(pi), "--router",
+        f"{cluster.worker_endpoint},{other.worker_endpoint}", "--backend", "sim",
+        "--no-discovery", "--heartbeat", "0.5", "--threads", "1"])
+    await other.wait_workers(1, names={"pi9"})  # B never saw the join
+    await cluster.wait_workers(1, names={"pi9"})
+
+    token = pichat("invite", "--keys", str(b_keys), "--role", "client", "--address",
+                   other.join_endpoint)
+    laptop = tmp_path / "laptop"
+    joined = pichat("join", token.stdout.strip(), "--keys", str(laptop), "--name",
+                    "laptop")
+    assert joined.returncode == 0, joined.stderr
+    config = ClientConfig(router=cluster.client_endpoint, keys=resolve_keys(str(laptop)),
+                          silence_timeout=5.0)
+    for _ in range(100):  # until A has it: a round of its key ring, within a heartbeat
+        try:
+            async with Client(config) as client:
+                reply = await client.chat(user("hi"), sampling=GREEDY)
+            break
+        except RouterUnavailable:
+            continue
+    assert reply.text and reply.done.worker == "pi9"
+
+    assert pichat("keys", "revoke", "pi9", "--keys", str(b_keys)).returncode == 0
+    revoked_at = time.monotonic()
+    assert "its key 'pi9' was revoked" in await a.wait_output("its key 'pi9'", 30)
+    took = time.monotonic() - revoked_at
+    await cluster.wait_workers(0, timeout=30)
+    assert (a_keys / "revoked" / "workers" / "pi9.key").is_file()
+    print(f"revoked on B, put out by A after {took:.2f} s (heartbeat 0.5 s)")
+
+
+async def test_one_token_used_through_both_routers_at_once_lets_one_pi_in(
+        keyed, tmp_path: Path):
+    """A one-use token, two Pis joining with it at the same moment, one through each
+    router: one is in, on both routers; the other is told the token is used."""
+    cluster, other, a_keys, b_keys = keyed
+    made = parse(pichat("invite", "--keys", str(a_keys), "--address",
+                        cluster.join_endpoint).stdout.strip())
+    for _ in range(100):  # until B has the invitation (a round of its key ring)
+        if list((b_keys / "invites").glob("*.json")):
+            break
+        await asyncio.sleep(0.05)
+    via_b = replace(made, addresses=(other.join_endpoint,))
+    joins = [subprocess.Popen([sys.executable, "-m", "pichat", "join", token, "--keys",
+                               str(tmp_path / name), "--name", name], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, token in (("pi1", made.token()), ("pi2", via_b.token()))]
+    outcomes = [(proc.wait(60), proc.communicate()[1]) for proc in joins]
+    assert sorted(code for code, _ in outcomes) == [0, 1], outcomes
+    assert any("already used" in err for code, err in outcomes if code), outcomes
+    names = {"pi1", "pi2"}
+    for _ in range(100):
+        if all({p.stem for p in (k / "workers").glob("*.key")} & names for k in
+               (a_keys, b_keys)):
+            break
+        await asyncio.sleep(0.05)
+    held = [{p.stem for p in (k / "workers").glob("*.key")} & names
+            for k in (a_keys, b_keys)]
+    assert held[0] == held[1] and len(held[0]) == 1, held

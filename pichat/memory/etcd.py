@@ -418,6 +418,34 @@ class EtcdStore:
                                        "range_end": _b64(_end(messages))}}])
         return done or not await self._range(self._key("c", cid))  # gone: by this call?
 
+    # --- for what else routers share in this etcd (pichat/router/daemon/keyring.py) ----
+
+    async def items(self, root: str, since: int = 0) -> tuple[list[tuple[str, bytes, int]], int]:
+        """The keys under `root` (beside the store's own) written after revision `since`:
+        (name below `root`, value as stored, mod revision) each; and the revision the
+        answer is as of (what `since` should be next)."""
+        prefix = self._key(root)
+        body: dict[str, Any] = {"key": _b64(prefix), "range_end": _b64(_end(prefix))}
+        if since:
+            body["min_mod_revision"] = str(since + 1)
+        answer = await self._call("kv/range", body)
+        found = [(base64.b64decode(kv["key"])[len(prefix):].decode("utf-8", "replace"),
+                  base64.b64decode(kv.get("value", "")), int(kv.get("mod_revision", 0)))
+                 for kv in answer.get("kvs", ())]
+        return found, int(answer.get("header", {}).get("revision", 0))
+
+    async def swap(self, root: str, name: str, value: bytes, revision: int) -> int | None:
+        """Write `value` at `root` `name` if its mod revision is still `revision` (0: it
+        does not exist): the revision written, or None (someone wrote it first)."""
+        key = _b64(self._key(root) + name.encode())
+        answer = await self._call("kv/txn", {
+            "compare": [{"target": "MOD", "key": key, "mod_revision": str(revision),
+                         "result": "EQUAL"}],
+            "success": [{"request_put": {"key": key, "value": _b64(value)}}]})
+        if not answer.get("succeeded"):
+            return None
+        return int(answer.get("header", {}).get("revision", 0))
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()

@@ -15,15 +15,20 @@ so guessing is hopeless anyway, and a flood costs the router little.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 from typing import Any, Protocol
 
 from pichat.config import RouterConfig
-from pichat.errors import ErrorCode, ProtocolError
-from pichat.invites import InviteRefused, join
+from pichat.errors import ErrorCode, PichatError, ProtocolError
+from pichat.invites import ROLES, InviteRefused, join
 from pichat.logs import Throttle, clip
 from pichat.protocol import Error, Join, decode, encode
+from pichat.router.daemon.keyring import KeyRing
 from pichat.router.observe.stats import Stats
 from pichat.router.policy.ratelimit import RateLimit
 from pichat.security import is_loopback
@@ -41,6 +46,7 @@ def _loopback_address(address: str) -> bool:
 log = logging.getLogger(__name__)
 
 MAX_PER_MINUTE = 30
+_SHARED_TRIES = 3
 
 
 class JoinHub(Protocol):
@@ -50,6 +56,7 @@ class JoinHub(Protocol):
     stats: Stats
     workers_endpoint: str
     clients_endpoint: str
+    keyring: KeyRing | None
 
     def now(self) -> float: ...
 
@@ -60,6 +67,7 @@ class JoinDesk:
         self.limit = RateLimit(MAX_PER_MINUTE / 60.0, MAX_PER_MINUTE)
         self.throttle = Throttle(log, router.config.log_repeat_window)
         self.channel: Any = None
+        self._tasks: set[asyncio.Future] = set()
 
     def _reachable(self, role: str, peer: str) -> None:
         """InviteRefused (the token kept) if a joiner from `peer` could not reach what it
@@ -93,25 +101,73 @@ class JoinDesk:
             reply(Error("", ErrorCode.BAD_REQUEST, "this endpoint only takes JOIN"))
             return
         key, _, peer = sender.removeprefix("key:").partition(" ")  # not in Z85
-        keys = r.config.keys
+        if r.keyring is None:
+            outcome = self._try(message, key, peer, now)
+            reply(outcome if isinstance(outcome, Error) else self._joined(message, key, *outcome))
+            return
+        task = asyncio.ensure_future(self._shared_join(message, key, peer, now, reply))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _shared_join(self, message: Join, key: str, peer: str, now: float,
+                           reply: Callable[[Any], None]) -> None:
+        """A join where the keys directory is shared with other routers (pichat/router/
+        daemon/keyring.py): the invitation as etcd has it, its use counted there before
+        the join is answered. Two routers using its last use at once: one join is undone
+        and tried again, and finds the invitation used."""
+        ring = self.router.keyring
+        assert ring is not None
+        keys_dir = self.router.config.keys.directory  # type: ignore[union-attr]
+        rel = f"invites/{message.invitation}.json"
+        try:
+            for _ in range(_SHARED_TRIES):
+                async with ring.lock:
+                    await ring.round()
+                    had = {role: (keys_dir / f"{role}s" / f"{message.name}.key").exists()
+                           for role in ROLES}
+                    outcome = self._try(message, key, peer, now)
+                    if isinstance(outcome, Error):
+                        reply(outcome)
+                        return
+                    role, path = outcome
+                    # Undone: the admission, unless the name was this key's already.
+                    undo = (lambda: None) if had[role] else partial(path.unlink,
+                                                                    missing_ok=True)
+                    if await ring.settle(rel, undo):
+                        reply(self._joined(message, key, role, path))
+                        return
+            reply(Error("", ErrorCode.BUSY, "the invitation was being used through another "
+                                            "router at the same moment: try again"))
+        except (PichatError, OSError) as exc:
+            log.warning("join of %s not done: the keys shared with the other routers cannot "
+                        "be reached or written: %s", clip(message.name, 64), exc)
+            reply(Error("", ErrorCode.BUSY, "the router cannot reach the keys it shares "
+                                            "with the other routers (the token is still "
+                                            "good): try again"))
+
+    def _try(self, message: Join, key: str, peer: str, now: float
+             ) -> tuple[str, Path] | Error:
+        """Join here: the role and the allow-list entry written, or the refusal."""
+        keys = self.router.config.keys
         assert keys is not None  # the endpoint exists only with keys
         try:
-            role, path = join(keys.directory, message.invitation, message.secret,
-                              message.name, key, check=lambda role: self._reachable(role, peer))
+            return join(keys.directory, message.invitation, message.secret, message.name,
+                        key, check=lambda role: self._reachable(role, peer))
         except OSError as exc:  # e.g. a keys directory the router may only read
             log.error("join of %s failed: cannot write the allow-list in %s: %s",
                       clip(message.name, 64), keys.directory, exc.strerror)
-            reply(Error("", ErrorCode.INTERNAL, "the router cannot write its allow-list; "
-                                                "its keys directory must be writable to it"))
-            return
+            return Error("", ErrorCode.INTERNAL, "the router cannot write its allow-list; "
+                                                 "its keys directory must be writable to it")
         except InviteRefused as exc:
-            r.stats.events["joins_refused"] += 1
+            self.router.stats.events["joins_refused"] += 1
             self.throttle.log(now, logging.WARNING, "join refused", "join refused (%s): %s",
                               clip(message.name, 64), exc, detail=clip(message.name, 64))
-            reply(Error("", ErrorCode.BAD_REQUEST, str(exc)))
-            return
+            return Error("", ErrorCode.BAD_REQUEST, str(exc))
+
+    def _joined(self, message: Join, key: str, role: str, path: Path) -> Join:
+        r = self.router
         r.stats.events["joins"] += 1
         log.info("%s %s joined (key %s..., %s)", role, clip(message.name, 64), key[:8], path)
         # As bound (tcp://0.0.0.0:5556): the joiner puts in the host it reached us by.
-        reply(Join(message.invitation, "-", message.name, workers=r.workers_endpoint,
-                   clients=r.clients_endpoint))
+        return Join(message.invitation, "-", message.name, workers=r.workers_endpoint,
+                    clients=r.clients_endpoint)

@@ -33,6 +33,7 @@ from pichat.errors import ErrorCode
 from pichat.health import HealthEndpoint
 from pichat.logs import Throttle
 from pichat.memory import open_store
+from pichat.memory.etcd import EtcdStore
 from pichat.memory.store import Limits
 from pichat.protocol import Cancel, Chunk, Disconnect, Done, Error, Request, RequestId, encode
 from pichat.ready import announce_ready
@@ -40,6 +41,7 @@ from pichat.router.api.app import start_http
 from pichat.router.api.embedbatch import EmbedBatcher
 from pichat.router.daemon.clients import ClientSide
 from pichat.router.daemon.joins import JoinDesk
+from pichat.router.daemon.keyring import KeyRing
 from pichat.router.daemon.memory import Memory
 from pichat.router.daemon.migration import Migrations
 from pichat.router.daemon.workers import HEARTBEAT, WorkerSide
@@ -110,6 +112,8 @@ class Router:
         self.clients_channel: Channel | None = None
         self.workers_channel: Channel | None = None
         self.gatekeeper: Gatekeeper | None = None
+        self.keyring: KeyRing | None = None
+        """The keys directory kept alike with other routers' (with --db etcd://)."""
         self.floating = (FloatingAddress(config.floating_address)
                          if config.floating_address else None)
         if self.floating is not None:
@@ -170,6 +174,15 @@ class Router:
                                 max_bytes=cfg.db_max_mb << 20)
                 self.memory = Memory(self, await open_store(cfg.db, limits))
                 log.info("conversations kept in %s", self.memory.path)
+                if cfg.keys is not None and isinstance(self.memory.store, EtcdStore):
+                    self.keyring = KeyRing(self.memory.store, cfg.keys.directory,
+                                           interval=cfg.heartbeat_interval / 4,
+                                           on_change=self._keys_changed,
+                                           log_window=cfg.log_repeat_window)
+                    await self.keyring.sync()
+                    log.info("keys directory %s shared with the other routers on %s "
+                             "(%d shared files)", cfg.keys.directory, self.memory.path,
+                             len(self.keyring.agreed))
             if cfg.keys is not None and cfg.discovery:
                 announcer = Announcer(cfg.keys.router_public().decode(), {
                     "workers": port_of(self.workers_endpoint),
@@ -210,10 +223,14 @@ class Router:
             async with asyncio.TaskGroup() as tasks:
                 heartbeats = tasks.create_task(self._heartbeat_loop(), name="heartbeats")
                 lag = tasks.create_task(watch_loop_lag(self._on_lag), name="loop-lag")
+                keyring = (tasks.create_task(self.keyring.run(), name="keyring")
+                           if self.keyring is not None else None)
                 await stop.wait()
                 await self._drain()
                 heartbeats.cancel()
                 lag.cancel()
+                if keyring is not None:
+                    keyring.cancel()
         finally:
             if announcer is not None:
                 await announcer.close()
@@ -270,6 +287,11 @@ class Router:
             if self.gatekeeper is not None:
                 self.gatekeeper.throttle.flush(now)
                 self._revoke(self.gatekeeper.revoked(now))
+
+    def _keys_changed(self) -> None:
+        """Another router admitted or revoked a key (pichat/router/daemon/keyring.py)."""
+        if self.gatekeeper is not None:
+            self._revoke(self.gatekeeper.revoked(self.now()))
 
     def _revoke(self, revoked: dict[str, set[str]]) -> None:
         """Keys taken away: their workers leave now (their requests are placed again);
