@@ -92,6 +92,8 @@ class HaLab:
         self.procs: dict[str, subprocess.Popen] = {}
         self.keys = work / "keys"
         keygen(self.keys)
+        for host in ("r1", "r2"):  # each router Pi its own copy (kept alike through etcd)
+            shutil.copytree(self.keys, work / f"keys-{host}")
         self.db = "etcd://" + ",".join(f"{HOSTS[h]}:2379" for h in ETCD_HOSTS) + "/pichat/"
 
     def run(self, host: str, name: str, argv: list[str]) -> subprocess.Popen:
@@ -126,7 +128,7 @@ class HaLab:
         self.run(host, name or f"router-{host}", [
             sys.executable, "-m", "pichat", "router", "--clients-bind", f"tcp://{ip}:5555",
             "--workers-bind", f"tcp://{ip}:5556", "--http", "0.0.0.0:8080",
-            "--keys", str(self.keys), "--no-discovery", "--heartbeat", "0.5",
+            "--keys", str(self.work / f"keys-{host}"), "--no-discovery", "--heartbeat", "0.5",
             "--db", self.db, "--floating-address", VIP, "--ready-file", str(ready)])
         if not lab.until(ready.exists, 60):
             raise RuntimeError(f"the router on {host} did not start")
@@ -250,7 +252,7 @@ def scenario(fault: str) -> dict:
         keep = os.environ.get("PICHAT_HA_LOGS")
         if keep:  # every log of the run, for a look afterwards
             shutil.copytree(work, Path(keep) / fault.replace(" ", "-"), dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns("*-kv", "etcd-*", "keys"))
+                            ignore=shutil.ignore_patterns("*-kv", "etcd-*", "keys", "keys-*"))
         seen["logs"] = ha.stop()
 
 
