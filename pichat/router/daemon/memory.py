@@ -6,8 +6,9 @@ history in front, and sends the request on as its session `conv-ID` (so its turn
 returning to the worker holding it warm). The answer streams back as any other; the turn
 (the new messages and the answer) is stored before the DONE, which names the
 conversation, goes out: a client that has the DONE can count on its turn being kept, and
-its next turn sees it. One turn of a conversation at a time: another while one is being
-answered is refused.
+its next turn sees it; a turn that could not be kept (the store out of reach, or the
+conversation continued through another router meanwhile) ends with an ERROR instead.
+One turn of a conversation at a time: another while one is being answered is refused.
 
 CONVERSATIONS (list, get, rename, delete) is answered from the store. Every store call
 runs off the event loop; at most `MAX_PENDING` of them wait at once (more are refused
@@ -200,13 +201,19 @@ class Memory:
 
         async def store_then_deliver() -> None:
             title_from = ""
+            lost: Error | None = None
             try:
                 if done.finish != "cancelled":
                     messages = tuple(Message(m.role, m.content) for m in turn.new) + (
                         Message("assistant", "".join(turn.answer),
                                 model=turn.model or "", worker=done.worker),)
-                    await store.append(turn.owner, turn.conversation, messages,
-                                       after=turn.after)
+                    try:
+                        await store.append(turn.owner, turn.conversation, messages,
+                                           after=turn.after)
+                    except PichatError as exc:  # the client must not count on it: no DONE
+                        lost = Error(job, exc.code, f"the answer was not kept in conversation "
+                                                    f"{turn.conversation}: {exc}")
+                        raise
                 if done.memory:
                     await store.remember(turn.owner, turn.conversation, done.memory,
                                          done.remembered + turn.left)
@@ -218,8 +225,8 @@ class Memory:
                             "%s", job, turn.conversation, exc)
             finally:
                 self.end(job)
-                sink.deliver(replace(done, conversation=turn.conversation, memory=None,
-                                     remembered=0), None)
+                sink.deliver(lost or replace(done, conversation=turn.conversation,
+                                             memory=None, remembered=0), None)
             if title_from:
                 self._entitle(turn, title_from)
 
