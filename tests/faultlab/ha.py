@@ -142,14 +142,15 @@ class HaLab:
             "-p", str(self.work / f"keepalived-{host}.pid"),
             "-r", str(self.work / f"vrrp-{host}.pid")])
 
+    def holders(self) -> list[str]:
+        """The router hosts holding the floating address now."""
+        return [host for host in ("r1", "r2") if f" {VIP}/" in lab.sh(
+            "ip", "-n", self.net.ns(host), "-o", "addr", "show", "dev", "eth0",
+            check=False).stdout]
+
     def holder(self) -> str | None:
-        """The router host holding the floating address now."""
-        for host in ("r1", "r2"):
-            out = lab.sh("ip", "-n", self.net.ns(host), "-o", "addr", "show", "dev", "eth0",
-                         check=False).stdout
-            if f" {VIP}/" in out:
-                return host
-        return None
+        """The router host holding the floating address now (the first, if two do)."""
+        return next(iter(self.holders()), None)
 
     def vip_answers(self) -> bool:
         return lab.sh("ip", "netns", "exec", self.net.ns("client"), "curl", "-sf", "-m",
@@ -173,8 +174,9 @@ class HaLab:
             raise RuntimeError("keepalived on r1 did not take the address")
         self.keepalived("r2", 100)
 
-    def loads(self, tag: str) -> tuple[subprocess.Popen, subprocess.Popen, Path, Path]:
-        routers = ",".join(f"tcp://{HOSTS[h]}:5555" for h in ("r1", "r2"))
+    def loads(self, tag: str, order: tuple[str, str] = ("r1", "r2")
+              ) -> tuple[subprocess.Popen, subprocess.Popen, Path, Path]:
+        routers = ",".join(f"tcp://{HOSTS[h]}:5555" for h in order)
         zmq_out, http_out = self.work / f"zmq-{tag}.json", self.work / f"http-{tag}.json"
         z = self.run("client", f"zmq-{tag}", [
             sys.executable, str(lab.LOAD), "--router", routers, "--out", str(zmq_out),
@@ -185,6 +187,47 @@ class HaLab:
             str(http_out), "--duration", str(DURATION), "--concurrency", "6",
             "--api-key-file", str(self.keys / "api-keys")])
         return z, h, zmq_out, http_out
+
+    def split(self, cut: bool) -> None:
+        """Cut (or mend) the link between r1 and r2 only: each still reaches every other
+        host, the workers and the third etcd member among them."""
+        for here, there in (("r1", "r2"), ("r2", "r1")):
+            ns, ip = self.net.ns(here), HOSTS[there]
+            for chain, side in (("INPUT", "-s"), ("OUTPUT", "-d")):
+                lab.sh("ip", "netns", "exec", ns, "iptables", "-A" if cut else "-D", chain,
+                       side, ip, "-j", "DROP")
+
+    def etcd_leader(self) -> str | None:
+        """The host whose etcd member leads (as w1's member says), None if none does."""
+        out = lab.sh("ip", "netns", "exec", self.net.ns("w1"), "curl", "-sf", "-m", "1",
+                     "-X", "POST", "-d", "{}", f"http://{HOSTS['w1']}:2379/v3/maintenance/status",
+                     check=False)
+        try:
+            status = json.loads(out.stdout)
+        except ValueError:
+            return None
+        leader = status.get("leader")
+        if not leader:
+            return None
+        for host in ETCD_HOSTS:
+            out = lab.sh("ip", "netns", "exec", self.net.ns(host), "curl", "-sf", "-m", "1",
+                         "-X", "POST", "-d", "{}",
+                         f"http://{HOSTS[host]}:2379/v3/maintenance/status", check=False)
+            try:
+                if json.loads(out.stdout).get("header", {}).get("member_id") == leader:
+                    return host
+            except ValueError:
+                continue
+        return None
+
+    def stored_load(self, tag: str, order: tuple[str, str]) -> tuple[subprocess.Popen, Path]:
+        routers = ",".join(f"tcp://{HOSTS[h]}:5555" for h in order)
+        out = self.work / f"stored-{tag}.json"
+        proc = self.run("client", f"stored-{tag}", [
+            sys.executable, str(lab.LOAD), "--router", routers, "--out", str(out),
+            "--duration", str(DURATION), "--concurrency", "3", "--stored",
+            "--keys", str(self.keys)])
+        return proc, out
 
     def routers_seen(self) -> list[dict]:
         """`pichat status --router r1,r2` from the client host: each router's row."""
@@ -256,6 +299,51 @@ def scenario(fault: str) -> dict:
         seen["logs"] = ha.stop()
 
 
+def split_scenario() -> dict:
+    """The link between the two routers cut under load while both reach the workers and
+    the third etcd member, then mended: what every load saw, who held the address."""
+    work = Path(tempfile.mkdtemp(prefix="pichat-ha-"))
+    ha = HaLab(work)
+    seen: dict = {"fault": "routers split"}
+    try:
+        ha.start()
+        # r1 carries the HTTP load (it holds the address), r2 the pichat sessions; stored
+        # conversations go through both.
+        z, h, zmq_out, http_out = ha.loads("split", order=("r2", "r1"))
+        s1, stored1 = ha.stored_load("r1", ("r1", "r2"))
+        s2, stored2 = ha.stored_load("r2", ("r2", "r1"))
+        for ready in (zmq_out, stored1, stored2):
+            if not lab.until(Path(str(ready) + ".ready").exists, 60):
+                raise RuntimeError("a load never saw every worker")
+        time.sleep(DURATION / 4)
+        seen["leader_before"] = ha.etcd_leader()
+        split_at = time.time()
+        ha.split(True)
+        holders: set[tuple[str, ...]] = set()
+        while time.time() - split_at < 8:  # both routers' checks have had their say
+            holders.add(tuple(h for h in ("r1", "r2") if h in ha.holders()))
+            time.sleep(0.2)
+        seen["holders_during_split"] = sorted(holders)
+        seen["leader_during_split"] = ha.etcd_leader()
+        ha.split(False)
+        mended_at = time.time()
+        one = lab.until(lambda: len(ha.holders()) == 1 and ha.etcd_leader() is not None
+                        and ha.vip_answers(), 30)
+        seen["converged_s"] = round(time.time() - mended_at, 2) if one else None
+        for proc in (z, h, s1, s2):
+            proc.wait(timeout=150)
+        seen["holders_after"] = ha.holders()
+        seen["workers_seen"] = {r["endpoint"]: r.get("workers") for r in ha.routers_seen()}
+        seen["zmq"] = json.loads(zmq_out.read_text())["counts"]
+        http = json.loads(http_out.read_text())
+        seen["http"] = http["counts"]
+        seen["http_errors"] = http["errors"]
+        seen["stored"] = [json.loads(out.read_text())["counts"] for out in (stored1, stored2)]
+        return seen
+    finally:
+        seen["logs"] = ha.stop()
+
+
 SCENARIOS = ("router SIGKILL", "router host cut off")
 
 
@@ -263,8 +351,9 @@ def main() -> None:
     reason = lab.available()
     if reason or not shutil.which("keepalived") or not shutil.which("etcd"):
         sys.exit(f"the HA lab cannot run here: {reason or 'needs keepalived and etcd'}")
-    for fault in SCENARIOS:
-        seen = scenario(fault)
+    for run in (*(lambda fault=fault: scenario(fault) for fault in SCENARIOS),
+                split_scenario):
+        seen = run()
         seen.pop("logs")
         print(json.dumps(seen, indent=1))
 

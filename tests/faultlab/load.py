@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import sys
 import threading
 import time
@@ -49,6 +50,11 @@ async def main() -> None:
     parser.add_argument("--conversations", action="store_true",
                         help="each client holds conversations of up to 6 turns (sessions) and "
                              "counts the later turns that found their history cached")
+    parser.add_argument("--stored", action="store_true",
+                        help="each client holds stored conversations (kept by the router) of "
+                             "up to 6 turns, retries a turn it is told was not kept, checks "
+                             "every answer against the history it was told was kept, and "
+                             "reads every conversation back at the end")
     args = parser.parse_args()
     keys = resolve_keys(args.keys)
     want = set(args.workers.split(","))
@@ -116,12 +122,60 @@ async def main() -> None:
                         held = usage.prompt_tokens + usage.completion_tokens
                         history = [*messages, ChatMessage("assistant", reply.text)]
 
+            run = secrets.token_hex(4)  # this load's titles (others may share the owner)
+            kept: dict[str, list[ChatMessage]] = {}
+            """Per stored conversation's id, the history its client was told was kept."""
+
+            async def stored(i: int) -> None:
+                n = 0
+                while time.monotonic() < stop_at:
+                    title, history, cid = f"{run}-{i}-{n}", [], None
+                    for turn in range(6):
+                        if time.monotonic() >= stop_at:
+                            break
+                        question = ChatMessage("user", f"stored {i} {n} {turn}")
+                        counts["sent"] += 1
+                        for _ in range(40):  # told "not kept" or refused: ask again
+                            try:
+                                reply = await asyncio.wait_for(client.chat(
+                                    [question], sampling=SAMPLING, conversation=cid or title),
+                                    90)
+                                break
+                            except TimeoutError:
+                                counts["lost"] += 1
+                                return
+                            except PichatError as exc:
+                                counts["retried"] += 1
+                                errors[f"{exc.code.value}: {str(exc)[:60]}"] += 1
+                                await asyncio.sleep(0.2)
+                        else:
+                            counts["failed"] += 1
+                            return
+                        ok = reply.text == expected([*history, question])
+                        counts["completed" if ok else "corrupted"] += 1
+                        history += [question, ChatMessage("assistant", reply.text)]
+                        cid = reply.done.conversation
+                        kept[cid] = list(history)
+                    n += 1
+
             watching = asyncio.create_task(watcher())
-            await asyncio.gather(*[loop(i) for i in range(args.concurrency)])
+            await asyncio.gather(*[stored(i) if args.stored else loop(i)
+                                   for i in range(args.concurrency)])
             watching.cancel()
+            for cid, history in kept.items():  # what the store holds is what was told kept
+                try:
+                    got = await client.conversations("get", id=cid)
+                    same = [(m["role"], m["content"]) for m in got["messages"]] == [
+                        (m.role, m.content) for m in history]
+                except PichatError as exc:
+                    errors[f"readback: {str(exc)[:60]}"] += 1
+                    same = False
+                counts["conversations"] += 1
+                counts["diverged"] += not same
     result = {"counts": {k: counts[k] for k in ("sent", "completed", "failed", "lost",
                                                  "corrupted", "failovers", "later_turns",
-                                                 "warm_turns")}
+                                                 "warm_turns", "retried", "conversations",
+                                                 "diverged")}
               | {"errors": dict(errors)},
               "timeline": timeline}
     Path(args.out).write_text(json.dumps(result))
