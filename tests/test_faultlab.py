@@ -63,7 +63,7 @@ def test_fault_scenario(scenario, capsys):
 HA_TOOLS = [t for t in ("keepalived", "etcd", "curl") if shutil.which(t) is None]
 
 
-def _ha_loads_lost_nothing(seen: dict, capsys) -> tuple[dict, str]:
+def _ha_loads_lost_nothing(seen: dict, capsys, http_min: int = 7) -> tuple[dict, str]:
     """What an HA scenario saw (printed) and its logs, once both its pichat and its OpenAI
     load are found to have lost nothing and got nothing wrong."""
     logs = seen.pop("logs")
@@ -71,7 +71,7 @@ def _ha_loads_lost_nothing(seen: dict, capsys) -> tuple[dict, str]:
         print(f"\n{json.dumps(seen)}")
     zmq, http = seen["zmq"], seen["http"]
     assert zmq["sent"] > 10 and zmq["completed"] == zmq["sent"], (seen, logs)
-    assert http["sent"] > 6 and http["completed"] == http["sent"], (seen, logs)
+    assert http["sent"] >= http_min and http["completed"] == http["sent"], (seen, logs)
     assert zmq["lost"] == zmq["corrupted"] == http["lost"] == http["corrupted"] == 0, seen
     assert zmq["warm_turns"] >= 0.75 * zmq["later_turns"], seen  # back to their KV states
     return seen, logs
@@ -99,7 +99,8 @@ def test_a_router_host_lost_under_load_costs_no_request(fault, capsys):
 
 
 @pytest.mark.skipif(bool(HA_TOOLS), reason=f"the HA lab needs {', '.join(HA_TOOLS)}")
-def test_the_routers_split_under_load_lose_nothing_fork_nothing_and_converge(capsys):
+@pytest.mark.parametrize("leader", ["r1", "w1"])
+def test_the_routers_split_under_load_lose_nothing_fork_nothing_and_converge(leader, capsys):
     """The link between r1 and r2 cut for 8 s while both reach the three workers and the
     third etcd member, then mended: pichat sessions through r2, the OpenAI API through the
     floating address, stored conversations through each router. Nothing is lost or
@@ -108,7 +109,9 @@ def test_the_routers_split_under_load_lose_nothing_fork_nothing_and_converge(cap
     kept, and once mended one router holds the address and both list every worker."""
     import ha
 
-    seen, logs = _ha_loads_lost_nothing(ha.split_scenario(), capsys)
+    # Each OpenAI client's first stream may be broken while both routers hold the
+    # address (asked again after its 10 s read timeout): at least one answer each.
+    seen, logs = _ha_loads_lost_nothing(ha.split_scenario(leader), capsys, http_min=6)
     for stored in seen["stored"]:
         assert stored["sent"] >= 3 and stored["completed"] == stored["sent"], (seen, logs)
         assert stored["lost"] == stored["corrupted"] == stored["diverged"] == 0, seen

@@ -118,6 +118,29 @@ async def test_one_conversation_answered_through_both_routers_at_once_keeps_one_
     assert "continued elsewhere" in logs
 
 
+async def test_a_kept_turn_sent_again_through_the_other_router_is_not_answered_twice(pair):
+    """A client whose router went silent after keeping its turn (the answer lost on the
+    way) sends the same request to the other router: it gets the kept answer, and the
+    conversation holds the turn once (seen in the split-brain fault lab: a stalled router
+    kept the turn, and the client's resend was answered a second time on top of it)."""
+    a, b, _ = pair
+    for c in (a, b):
+        await c.wait_workers(1, names={"w"})
+    async with a.client() as ca, b.client() as cb:
+        first = await ca.chat(user("Hello."), sampling=GREEDY, conversation="resent")
+        cid = first.done.conversation
+        second = await ca.chat(user("Again?"), sampling=GREEDY, conversation=cid,
+                               request_id="turn-2")
+        again = await cb.chat(user("Again?"), sampling=GREEDY, conversation=cid,
+                              request_id="turn-2")
+        assert again.text == second.text and again.done.conversation == cid
+        fresh = await cb.chat(user("Again?"), sampling=GREEDY, conversation=cid)
+        stored = await cb.conversations("get", id=cid)
+    assert [m["content"] for m in stored["messages"]] == [
+        "Hello.", first.text, "Again?", second.text, "Again?", fresh.text]
+    assert "its kept answer sent again" in b.procs[0].output()
+
+
 async def test_status_lists_every_router_and_which_holds_the_floating_address(
         cluster: Cluster, tmp_path: Path):
     """`pichat status --router A,B`: each router, answering or not, and the one whose host

@@ -7,7 +7,8 @@ over aiohttp, trying each member in turn.
 Keys, under the URL's path (default `/pichat/`):
 
     schema                      the layout's version
-    c/ID                        a conversation: its owner, title, counts, memory (msgpack)
+    c/ID                        a conversation: its owner, title, counts, memory, the
+                                request ids of its last turns (msgpack)
     m/ID/SEQ                    its messages, SEQ 8 digits from 0
     o/OWNER/ID                  the owner's index: updated, bytes, title (OWNER: sha256 hex)
 
@@ -333,7 +334,8 @@ class EtcdStore:
             start += len(rows)
         return Conversation(conversation, owner, meta["title"], meta["model"],
                             meta["created"], meta["updated"], tuple(messages),
-                            meta["memory"], meta["remembered"], n)
+                            meta["memory"], meta["remembered"], n,
+                            tuple(str(t) for t in meta.get("t") or ()))
 
     async def _index(self, owner: str) -> list[tuple[str, float, int, str]]:
         """The owner's conversations: (id, updated, bytes, title), most recent first."""
@@ -366,13 +368,15 @@ class EtcdStore:
         return out
 
     async def append(self, owner: str, conversation: str, messages: tuple[Message, ...],
-                     after: int | None = None) -> None:
+                     after: int | None = None, turn: str = "") -> None:
         first, rest = self._batches(messages)
         for batch in (first, *rest) if messages else ():
             def change(meta: dict, batch: tuple[Message, ...] = batch) -> list[dict]:
                 n = int(meta["n"])
                 if batch is first:
                     check_after(conversation, n, after)
+                    if turn:
+                        meta["t"] = [*list(meta.get("t") or ())[-(_TOKENS - 1):], turn[:64]]
                 meta["bytes"] = int(meta["bytes"]) + measure(batch, self.limits, n,
                                                              int(meta["bytes"]))
                 meta["n"] = n + len(batch)

@@ -227,7 +227,7 @@ class PostgresStore:
         return await self._run(work)
 
     async def append(self, owner: str, conversation: str, messages: tuple[Message, ...],
-                     after: int | None = None) -> None:
+                     after: int | None = None, turn: str = "") -> None:
         async def work(conn: Any) -> None:
             row = await _row(conn, owner, conversation)
             check_after(conversation, row[6], after)

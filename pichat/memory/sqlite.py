@@ -124,7 +124,7 @@ class SQLiteStore:
         return await self._run(self._list, owner, limit, offset)
 
     async def append(self, owner: str, conversation: str, messages: tuple[Message, ...],
-                     after: int | None = None) -> None:
+                     after: int | None = None, turn: str = "") -> None:
         await self._run(self._append, owner, conversation, messages, after)
 
     async def rename(self, owner: str, conversation: str, title: str) -> None:

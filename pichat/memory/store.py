@@ -96,6 +96,9 @@ class Conversation:
     """How many of the first messages (after the system ones) `memory` stands for."""
     total: int = 0
     """Messages it holds (`messages` may be a page of them)."""
+    turns: tuple[str, ...] = ()
+    """The request ids of its last kept turns, newest last (stores shared by routers keep
+    them: a turn sent again through another router is then not answered twice)."""
 
 
 class Store(Protocol):
@@ -118,10 +121,11 @@ class Store(Protocol):
         """Most recently updated first."""
 
     async def append(self, owner: str, conversation: str, messages: tuple[Message, ...],
-                     after: int | None = None) -> None:
+                     after: int | None = None, turn: str = "") -> None:
         """After the conversation's first `after` messages, which must be all it holds
-        (None: after whatever it holds). Raises NotFound, LimitReached, Conflict (then
-        nothing is stored)."""
+        (None: after whatever it holds); `turn`: the request id it answers (kept in
+        `Conversation.turns` by stores that keep them). Raises NotFound, LimitReached,
+        Conflict (then nothing is stored)."""
 
     async def rename(self, owner: str, conversation: str, title: str) -> None: ...
 

@@ -71,6 +71,7 @@ vrrp_instance pichat {{
     priority {priority}
     advert_int 0.5
     nopreempt
+    garp_master_refresh 1
     virtual_ipaddress {{
         {vip}/24
     }}
@@ -197,28 +198,34 @@ class HaLab:
                 lab.sh("ip", "netns", "exec", ns, "iptables", "-A" if cut else "-D", chain,
                        side, ip, "-j", "DROP")
 
+    def _etcd(self, host: str, call: str, body: dict) -> dict:
+        """A call to `host`'s etcd member, from its host ({} if it does not answer)."""
+        out = lab.sh("ip", "netns", "exec", self.net.ns(host), "curl", "-sf", "-m", "1",
+                     "-X", "POST", "-d", json.dumps(body),
+                     f"http://{HOSTS[host]}:2379/v3/{call}", check=False)
+        try:
+            return json.loads(out.stdout)
+        except ValueError:
+            return {}
+
     def etcd_leader(self) -> str | None:
         """The host whose etcd member leads (as w1's member says), None if none does."""
-        out = lab.sh("ip", "netns", "exec", self.net.ns("w1"), "curl", "-sf", "-m", "1",
-                     "-X", "POST", "-d", "{}", f"http://{HOSTS['w1']}:2379/v3/maintenance/status",
-                     check=False)
-        try:
-            status = json.loads(out.stdout)
-        except ValueError:
-            return None
-        leader = status.get("leader")
-        if not leader:
-            return None
-        for host in ETCD_HOSTS:
-            out = lab.sh("ip", "netns", "exec", self.net.ns(host), "curl", "-sf", "-m", "1",
-                         "-X", "POST", "-d", "{}",
-                         f"http://{HOSTS[host]}:2379/v3/maintenance/status", check=False)
-            try:
-                if json.loads(out.stdout).get("header", {}).get("member_id") == leader:
-                    return host
-            except ValueError:
-                continue
-        return None
+        leader = self._etcd("w1", "maintenance/status", {}).get("leader")
+        ids = {self._etcd(h, "maintenance/status", {}).get("header", {}).get("member_id"): h
+               for h in ETCD_HOSTS}
+        return ids.get(leader) if leader else None
+
+    def lead(self, host: str) -> None:
+        """Make `host`'s etcd member the leader (etcd's own leadership transfer)."""
+        target = self._etcd(host, "maintenance/status", {}).get("header", {}).get("member_id")
+        for _ in range(20):
+            leader = self.etcd_leader()
+            if leader == host:
+                return
+            if leader is not None and target:
+                self._etcd(leader, "maintenance/transfer-leadership", {"targetID": target})
+            time.sleep(0.25)
+        raise RuntimeError(f"etcd's leadership did not move to {host}")
 
     def stored_load(self, tag: str, order: tuple[str, str]) -> tuple[subprocess.Popen, Path]:
         routers = ",".join(f"tcp://{HOSTS[h]}:5555" for h in order)
@@ -292,19 +299,26 @@ def scenario(fault: str) -> dict:
                                  for t, what in http["failures"]]
         return seen
     finally:
-        keep = os.environ.get("PICHAT_HA_LOGS")
-        if keep:  # every log of the run, for a look afterwards
-            shutil.copytree(work, Path(keep) / fault.replace(" ", "-"), dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns("*-kv", "etcd-*", "keys", "keys-*"))
+        _keep_logs(work, fault)
         seen["logs"] = ha.stop()
 
 
-def split_scenario() -> dict:
+def _keep_logs(work: Path, fault: str) -> None:
+    keep = os.environ.get("PICHAT_HA_LOGS")
+    if keep:  # every log of the run, for a look afterwards
+        shutil.copytree(work, Path(keep) / fault.replace(" ", "-").replace(",", ""),
+                        dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*-kv", "etcd-*", "keys", "keys-*"))
+
+
+def split_scenario(leader: str) -> dict:
     """The link between the two routers cut under load while both reach the workers and
-    the third etcd member, then mended: what every load saw, who held the address."""
+    the third etcd member (`leader`'s member leading etcd: r1's, so that r2's loses its
+    leader, or w1's, which both still reach), then mended: what every load saw, who held
+    the address."""
     work = Path(tempfile.mkdtemp(prefix="pichat-ha-"))
     ha = HaLab(work)
-    seen: dict = {"fault": "routers split"}
+    seen: dict = {"fault": f"routers split, etcd led from {leader}"}
     try:
         ha.start()
         # r1 carries the HTTP load (it holds the address), r2 the pichat sessions; stored
@@ -315,6 +329,7 @@ def split_scenario() -> dict:
         for ready in (zmq_out, stored1, stored2):
             if not lab.until(Path(str(ready) + ".ready").exists, 60):
                 raise RuntimeError("a load never saw every worker")
+        ha.lead(leader)
         time.sleep(DURATION / 4)
         seen["leader_before"] = ha.etcd_leader()
         split_at = time.time()
@@ -341,6 +356,7 @@ def split_scenario() -> dict:
         seen["stored"] = [json.loads(out.read_text())["counts"] for out in (stored1, stored2)]
         return seen
     finally:
+        _keep_logs(work, seen["fault"])
         seen["logs"] = ha.stop()
 
 
@@ -352,7 +368,7 @@ def main() -> None:
     if reason or not shutil.which("keepalived") or not shutil.which("etcd"):
         sys.exit(f"the HA lab cannot run here: {reason or 'needs keepalived and etcd'}")
     for run in (*(lambda fault=fault: scenario(fault) for fault in SCENARIOS),
-                split_scenario):
+                *(lambda leader=leader: split_scenario(leader) for leader in ("r1", "w1"))):
         seen = run()
         seen.pop("logs")
         print(json.dumps(seen, indent=1))

@@ -143,6 +143,7 @@ async def main() -> None:
                                 break
                             except TimeoutError:
                                 counts["lost"] += 1
+                                errors[f"lost: {title} turn {turn}"] += 1
                                 return
                             except PichatError as exc:
                                 counts["retried"] += 1
@@ -150,9 +151,12 @@ async def main() -> None:
                                 await asyncio.sleep(0.2)
                         else:
                             counts["failed"] += 1
+                            errors[f"failed: {title} turn {turn}"] += 1
                             return
                         ok = reply.text == expected([*history, question])
                         counts["completed" if ok else "corrupted"] += 1
+                        if not ok:
+                            errors[f"wrong: {title} turn {turn} via {client.endpoint}"] += 1
                         history += [question, ChatMessage("assistant", reply.text)]
                         cid = reply.done.conversation
                         kept[cid] = list(history)

@@ -40,6 +40,7 @@ from pichat.protocol import (
     RequestId,
     Sampling,
     SessionId,
+    Usage,
     encode,
 )
 from pichat.router.policy.jobs import ReplySink
@@ -147,6 +148,8 @@ class Memory:
         except PichatError as exc:
             sink.deliver(Error(request.id, exc.code, str(exc)), None)
             return
+        if request.id in conv.turns and self._kept(request, conv, sink):
+            return
         key = (owner, conv.id)
         if key in self._busy:
             sink.deliver(Error(request.id, ErrorCode.BAD_REQUEST,
@@ -170,6 +173,26 @@ class Memory:
                                        untitled=not conv.title and not conv.total,
                                        after=conv.total)
         self.router.submit(full, TurnSink(sink, self, request.id), owner=owner)
+
+    def _kept(self, request: Request, conv: Conversation, sink: ReplySink) -> bool:
+        """This turn was kept already (its client sent it again through this router after
+        another had answered and kept it, the answer lost on the way): the kept answer is
+        its answer, not a second one on top of the first."""
+        asked = request.messages[-1].content if request.messages else None
+        found = conv.messages
+        for i in range(len(found) - 2, -1, -1):
+            if found[i].role == "user" and found[i].content == asked and \
+                    found[i + 1].role == "assistant":
+                answer = found[i + 1]
+                break
+        else:
+            return False
+        log.info("req=%s: kept already in conversation %s (answered through another "
+                 "router): its kept answer sent again", request.id, conv.id)
+        sink.deliver(Chunk(request.id, 0, answer.content), None)
+        sink.deliver(Done(request.id, answer.worker or "-", "stop", Usage(),
+                          conversation=conv.id), None)
+        return True
 
     async def _lookup(self, owner: str, name: str, offset: int = 0,
                       limit: int | None = None) -> Conversation:
@@ -209,7 +232,7 @@ class Memory:
                                 model=turn.model or "", worker=done.worker),)
                     try:
                         await store.append(turn.owner, turn.conversation, messages,
-                                           after=turn.after)
+                                           after=turn.after, turn=job)
                     except PichatError as exc:  # the client must not count on it: no DONE
                         lost = Error(job, exc.code, f"the answer was not kept in conversation "
                                                     f"{turn.conversation}: {exc}")
@@ -319,9 +342,26 @@ class Memory:
             else:
                 self.router.send_client(client, encode(busy))
             return
-        task = asyncio.get_running_loop().create_task(work)
+        task = asyncio.get_running_loop().create_task(
+            work if sink is None else self._heartbeating(work, sink))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _heartbeating(self, work: Coroutine[Any, Any, None], sink: ReplySink) -> None:
+        """`work`, the client heartbeated meanwhile: a store slow to answer (an etcd
+        member cut off, an election) must not look like a dead router to it, or it would
+        send the turn again through another router while this one still answers it."""
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(self.router.config.heartbeat_interval)
+                if not sink.keepalive():
+                    return
+
+        beating = asyncio.get_running_loop().create_task(beat())
+        try:
+            await work
+        finally:
+            beating.cancel()
 
     @property
     def busy(self) -> bool:
