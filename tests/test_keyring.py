@@ -190,3 +190,21 @@ async def test_an_invitation_s_last_use_taken_through_both_routers_at_once_count
     for keys in (a, b):
         with pytest.raises(InviteRefused, match="already used"):
             join(keys, made.id, made.secret, "pi3", public_key())
+
+
+async def test_a_tombstone_that_cannot_be_read_here_is_not_shared_as_removed(two):
+    """A revoked key's tombstone unreadable on A (a permission gone wrong) or grown past
+    the bound is not a removal: B keeps it, and the key stays out on both."""
+    a, b, (sa, sb) = two
+    admit(a, "worker", "pi7", public_key())
+    revoke(a, "pi7")
+    ra, rb = ring(sa, a), ring(sb, b)
+    await ra.sync()
+    await rb.sync()
+    tomb = "revoked/workers/pi7.key"
+    assert (b / tomb).is_file()
+    assert await ra.sync() == 0  # its own writes come back: agreed, nothing to do
+    (a / tomb).write_text("#" * (keyring_module.MAX_BYTES + 1))
+    await ra.sync()
+    await rb.sync()
+    assert (b / tomb).is_file() and "pi7" not in admitted(b)

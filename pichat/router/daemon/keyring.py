@@ -81,6 +81,9 @@ class KeyRing:
         self.lock = asyncio.Lock()
         """Held by a round, and by a join from its first round to its `settle`."""
         self._stamps: dict[str, tuple[int, int]] = {}
+        self._unread: set[str] = set()
+        """Shared files here that could not be read (or are too big) at the last scan: a
+        tombstone that cannot be read must not be shared as removed."""
         self._read: dict[str, bytes] = {}
 
     async def run(self) -> None:
@@ -117,7 +120,7 @@ class KeyRing:
         assert self.lock.locked()
         mine = self._scan().get(rel, GONE)
         agreed = self.agreed.get(rel, (GONE, 0))
-        if mine == agreed[0]:
+        if mine == agreed[0] or rel in self._unread:
             return True
         written = await self.etcd.swap(ROOT, rel, mine, agreed[1])
         if written is not None:
@@ -153,6 +156,8 @@ class KeyRing:
             self.agreed[rel] = (value, mod)
         self.since = max(self.since, revision)
         for rel in set(here) | {rel for rel, (value, _) in self.agreed.items() if value}:
+            if rel in self._unread:  # there, but not read: not a removal to share
+                continue
             mine = here.get(rel, GONE)
             agreed = self.agreed.get(rel, (GONE, 0))
             if mine == agreed[0] or (mine and not agreed[0] and live >= MAX_FILES):
@@ -189,15 +194,19 @@ class KeyRing:
         """The shared files here now (re-read only those whose size or mtime changed)."""
         stamps = shared_files(self.keys_dir)
         here: dict[str, bytes] = {}
+        self._unread = set()
         for rel, stamp in stamps.items():
             if self._stamps.get(rel) != stamp or rel not in self._read:
-                if stamp[1] > MAX_BYTES:
-                    continue
+                self._read.pop(rel, None)
                 try:
-                    self._read[rel] = (self.keys_dir / rel).read_bytes()
+                    if stamp[1] <= MAX_BYTES:
+                        self._read[rel] = (self.keys_dir / rel).read_bytes()
                 except OSError:
-                    continue
-            here[rel] = self._read[rel]
+                    pass
+            if rel in self._read:
+                here[rel] = self._read[rel]
+            else:  # too big or unreadable: neither shared nor taken for removed
+                self._unread.add(rel)
         for rel in set(self._read) - set(stamps):
             del self._read[rel]
         self._stamps = stamps
