@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from pichat import protocol, schemas
 from pichat.router.api.guard import UNTRUSTED_PER_ADDRESS
-from pichat.router.daemon import joins
+from pichat.router.daemon import joins, keyring
 from pichat.worker.daemon import migration
 
 __all__ = ["Bound", "BOUNDS"]
@@ -97,6 +97,13 @@ BOUNDS: tuple[Bound, ...] = (
     Bound("joins", f"{joins.MAX_PER_MINUTE} attempts a minute; a refused join uses nothing",
           "tests/test_invites.py::test_a_right_token_with_a_name_or_key_that_cannot_be_"
           "admitted_uses_nothing"),
+    Bound("keys shared through etcd",
+          "only admitted keys', tombstones' and invitations' file names (nothing outside the "
+          f"keys directory, no key pair, no API key); {keyring.MAX_BYTES // 1024} KiB a file, "
+          f"text only, {keyring.MAX_FILES:,} files; skipped ones logged once; a file here "
+          "that cannot be read is never shared as removed (etcd is as trusted as the keys "
+          "directory: let only the router Pis reach it)",
+          "tests/test_keyring.py::test_what_etcd_holds_is_checked_as_a_peer_s_message"),
     Bound("the queue", "--queue-limit, shared fairly between owners",
           "tests/test_hostile.py::test_a_client_that_fills_every_slot_and_the_queue_delays_"
           "another_by_one_answer"),
