@@ -176,10 +176,9 @@ async def main() -> None:
                     same = False
                 counts["conversations"] += 1
                 counts["diverged"] += not same
-    result = {"counts": {k: counts[k] for k in ("sent", "completed", "failed", "lost",
-                                                 "corrupted", "failovers", "later_turns",
-                                                 "warm_turns", "retried", "conversations",
-                                                 "diverged")}
+    kinds = ("sent", "completed", "failed", "lost", "corrupted", "failovers", "later_turns",
+             "warm_turns") + (("retried", "conversations", "diverged") if args.stored else ())
+    result = {"counts": {k: counts[k] for k in kinds}
               | {"errors": dict(errors)},
               "timeline": timeline}
     Path(args.out).write_text(json.dumps(result))
