@@ -25,7 +25,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import zmq
@@ -202,8 +202,14 @@ class Client:
                         with contextlib.suppress(RouterUnavailable):
                             self._send(encode(Cancel(current.id)))  # if the old one lives on
                         del self._pending[current.id]
-                        current = cursor.resume(RequestId(new_id()))
+                        current = replace(cursor.resume(RequestId(new_id())),
+                                          attempt=current.attempt + 1)
                         self._pending[current.id] = queue
+                    else:
+                        current = replace(current, attempt=current.attempt + 1)
+                    # A later attempt: a worker still running it (or the answer it
+                    # continues) for the silent router hands it over; a copy that router
+                    # places again, cut off and back, is refused.
                     self._move(link)
                     link = self.moves
                     self._send(encode(current))

@@ -140,13 +140,25 @@ def _read_line() -> str | None:
         return None
 
 
+def _clock(t: float) -> str:
+    return time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t))
+
+
+def _failover(floating: dict[str, Any]) -> str:
+    """", last failover ..." of a router that took the address from another, or ""."""
+    last = floating.get("last_failover")
+    if not last:
+        return ""
+    return (f", last failover {_clock(last['at'])} from {last['from']} "
+            f"({last['seconds']:.1f}s with no holder)")
+
+
 def _floating(floating: dict[str, Any]) -> str:
     since = floating.get("since")
-    when = f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if since \
-        else ""
+    when = f" since {_clock(since)}" if since else ""
     held = "holds" if floating.get("held") else "does not hold"
     return (f"floating address {floating.get('address')}: this router {held} it{when} "
-            f"(taken {floating.get('acquired', 0)} times)")
+            f"(taken {floating.get('acquired', 0)} times{_failover(floating)})")
 
 
 def _routers(routers: list[dict[str, Any]]) -> list[str]:
@@ -159,7 +171,9 @@ def _routers(routers: list[dict[str, Any]]) -> list[str]:
             lines.append(f"  {r['endpoint']}  not answering ({r.get('error', '')})")
             continue
         floating = r.get("floating") or {}
-        mark = f", holds {floating['address']}" if floating.get("held") else ""
+        mark = (f", holds {floating['address']} since {_clock(floating['since'])}"
+                f"{_failover(floating)}" if floating.get("held") and floating.get("since")
+                else "")
         lines.append(f"  {r['endpoint']}  up {r.get('up_s') or 0:.0f}s, "
                      f"{r.get('workers', 0)} workers{mark}")
     return lines

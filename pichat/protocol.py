@@ -154,6 +154,7 @@ MAX_LISTED_SESSIONS = 1 << 16
 MAX_WARMED = 256
 """Sessions a HEARTBEAT names as begun for other routers (each with its lease)."""
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_ATTEMPTS = 1000
 MAX_SMALL_TEXT = 64 * 1024
 """Longest string in a message that carries no prompt or answer text (an error's)."""
 
@@ -592,6 +593,11 @@ class Request:
     free text. Enforced by a grammar."""
     embed: tuple[str, ...] = ()
     """Texts to embed (instead of `messages`): the DONE carries their vectors."""
+    attempt: int = 0
+    """How many times the client has sent this request again (to another router, after
+    the first fell silent). A worker running it for one router hands it to another only
+    for a later attempt: a router cut off and back re-placing what it held is not the
+    client moving."""
 
     @classmethod
     def from_body(cls, f: _Fields) -> Request:
@@ -634,6 +640,7 @@ class Request:
                               default=""),
             format=f.str("format", max_chars=MAX_TOOLS_CHARS, required=False, default=""),
             embed=tuple(embed),
+            attempt=f.int("attempt", hi=MAX_ATTEMPTS, required=False),
         )
 
     def to_body(self) -> dict[str, Any]:
@@ -655,7 +662,7 @@ class Request:
         if self.memory:
             body["memory"] = self.memory
             body["remembered"] = self.remembered
-        for key in ("tools", "tool_choice", "format"):
+        for key in ("tools", "tool_choice", "format", "attempt"):
             if getattr(self, key):
                 body[key] = getattr(self, key)
         if self.embed:

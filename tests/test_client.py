@@ -224,10 +224,14 @@ async def test_requests_waiting_on_a_silent_router_move_once_together(two_router
     request that notices)."""
     one, two, client = two_routers
     tasks = [asyncio.create_task(client.chat(HI, session=f"s{i}")) for i in range(3)]
-    first = {(await one.expect(Request)).session for _ in tasks}
+    sent = [await one.expect(Request, attempt=0) for _ in tasks]
+    first, ids = {r.session for r in sent}, {r.id for r in sent}
     assert first == {"s0", "s1", "s2"}
     again = [await two.expect(Request) for _ in tasks]
     assert {r.session for r in again} == first and client.moves == 1
+    # Each sent again as a later attempt: a worker running it for the first router hands
+    # it over to this one (and refuses the first router's own copy, should it come back).
+    assert {(r.id in ids, r.attempt) for r in again} == {(True, 1)}
     for r in again:
         await two.send(Done(r.id, "w2", "stop", Usage(3, 0, 1, 1.0, 1.0)))
     replies = await asyncio.gather(*tasks)

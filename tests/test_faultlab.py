@@ -95,7 +95,14 @@ def test_a_router_host_lost_under_load_costs_no_request(fault, capsys):
     # the moment: the client may already use r2. test_failover.py proves the takeover.)
     assert seen["vip_s"] < 5 and seen["answered_again_s"] < 5, seen
     assert seen["holder_after_rejoin"] == "r2", logs
-    assert seen["status_holders"] == [f"tcp://{ha.HOSTS['r2']}:5555"], seen
+    r1, r2 = (f"tcp://{ha.HOSTS[h]}:5555" for h in ("r1", "r2"))
+    assert seen["status_holders"] == [r2], seen
+    # r2 says when the address came from r1, and how long it had no live holder: at most
+    # the time until it answered on r2 and a heartbeat (r1 last wrote before the fault)
+    (count, last), lost = seen["failovers"][r2], seen["failovers"][r1]
+    assert count == 1 and last["from"].endswith(r1), seen
+    assert 0 < last["seconds"] <= seen["vip_s"] + 1, seen  # (heartbeat 0.5 s)
+    assert lost[0] == 0, seen  # r1, back, took nothing
 
 
 @pytest.mark.skipif(bool(HA_TOOLS), reason=f"the HA lab needs {', '.join(HA_TOOLS)}")

@@ -5,6 +5,7 @@ cannot fork its history."""
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import shutil
 import subprocess
@@ -170,7 +171,7 @@ async def test_status_lists_every_router_and_which_holds_the_floating_address(
         lines = [line for line in shown.splitlines() if line.startswith("  tcp://")]
         assert len(lines) == 2, shown
         assert lines[0].startswith(f"  {cluster.client_endpoint}  up ")
-        assert lines[0].endswith("holds 127.0.0.1")
+        assert "holds 127.0.0.1 since " in lines[0], shown
         assert "holds" not in lines[1] and "0 workers" in lines[1]
         async with aiohttp.ClientSession() as http:
             for url, held in ((cluster.http_url, 1), (other.http_url, 0)):
@@ -195,15 +196,54 @@ def test_the_floating_address_is_seen_taken_and_given_up():
     clock = iter(range(100, 200))
     seen = FloatingAddress("10.0.0.5", held=lambda _: holds[0], clock=lambda: next(clock))
     assert not seen.check() and seen.as_status() == {
-        "address": "10.0.0.5", "held": False, "since": None, "acquired": 0}
+        "address": "10.0.0.5", "held": False, "since": None, "acquired": 0, "failovers": 0,
+        "last_failover": None}
     holds[0] = True  # keepalived moved it here (a failover)
     assert seen.check() and not seen.check()
     assert seen.as_status() == {"address": "10.0.0.5", "held": True, "since": 100,
-                                "acquired": 1}
+                                "acquired": 1, "failovers": 0, "last_failover": None}
     holds[0] = False
     assert seen.check() and (seen.held, seen.since, seen.acquired) == (False, 101, 1)
     holds[0] = True
     assert seen.check() and seen.acquired == 2
+
+
+def _record(router, at) -> bytes:
+    return json.dumps({"router": router, "at": at}).encode()
+
+
+@pytest.mark.parametrize(("previous", "failover"), [
+    (None, None),  # the first holder
+    (_record("pi1 tcp://10.0.0.1:5555", 98.5), ("pi1 tcp://10.0.0.1:5555", 1.5)),
+    (_record("pi2 tcp://10.0.0.2:5555", 98.5), None),  # its own (restarted, took it back)
+    (_record("pi1 tcp://10.0.0.1:5555", 100.4), ("pi1 tcp://10.0.0.1:5555", 0.0)),  # both
+    (_record("pi1", float("inf")), None),  # not a time
+    (_record("pi1", True), None),
+    (_record("", 98.0), None),
+    (_record("x" * 257, 98.0), None),
+    (_record(7, 98.0), None),
+    (b"[1, 2]", None),
+    (b"\xff\xfe", None),
+    (json.dumps({"router": "pi1", "at": 98.0, "pad": "x" * 1100}).encode(), None),  # > 1 KiB
+])
+def test_the_router_taking_the_address_reads_whom_it_came_from_and_when(previous, failover):
+    """The shared record as the taking router found it: a failover (from whom, how long
+    with no holder) only from another router's well-formed record; anything else, a
+    hostile one among them, is no failover and no crash."""
+    from pichat.router.observe.floating import FloatingAddress
+
+    seen = FloatingAddress("10.0.0.5", held=lambda _: True, clock=lambda: 100.0,
+                           name="pi2 tcp://10.0.0.2:5555")
+    assert seen.check() and seen.taken
+    seconds = seen.took(previous)
+    assert not seen.taken
+    if failover is None:
+        assert seconds is None and seen.failovers == 0 and seen.last_failover is None
+    else:
+        assert seconds == pytest.approx(failover[1]) and seen.failovers == 1
+        assert seen.last_failover == {"from": failover[0], "at": 100.0,
+                                      "seconds": round(failover[1], 2)}
+    assert json.loads(seen.record()) == {"router": "pi2 tcp://10.0.0.2:5555", "at": 100.0}
 
 
 def pichat(*args: str) -> subprocess.CompletedProcess:

@@ -66,8 +66,9 @@ async def rig(request):
     ctx.term()
 
 
-async def collect(router: Peer, rid: str) -> tuple[str, Done]:
-    text, seq = [], 0
+async def collect(router: Peer, rid: str, seq: int = 0) -> tuple[str, Done]:
+    """`rid`'s chunks from number `seq` on, in order, then its DONE (nothing else)."""
+    text = []
     while True:
         message = await router.recv()
         if isinstance(message, Chunk) and message.id == rid:
@@ -235,3 +236,109 @@ def test_only_the_same_question_of_the_same_owner_is_the_same_answer():
                   replace(asked, sampling=Sampling(max_tokens=20, temperature=0.1)),
                   replace(asked, tools='[{"name": "f"}]')):
         assert _answer_of(other) != _answer_of(asked)
+
+
+async def two_routers(sim: SimConfig, heartbeat: float = 0.1, slots: int = 2):
+    """A worker registered with two hand-driven routers (both have its READY)."""
+    ctx = zmq.asyncio.Context()
+    a, b = (Peer(ctx, "tcp://127.0.0.1:*", bind=True) for _ in range(2))
+    config = WorkerConfig(router=f"{a.endpoint},{b.endpoint}", name="w1", backend="sim",
+                          slots=slots, heartbeat_interval=heartbeat, liveness=50,
+                          chunk_tokens=4, sim=sim)
+    worker = Worker(config, SimModel(sim, 4096))
+    task = asyncio.create_task(worker.run())
+    for router in (a, b):
+        await router.expect(Ready)
+    return ctx, a, b, worker, task
+
+
+async def end(ctx, a: Peer, b: Peer, worker: Worker, task: asyncio.Task) -> None:
+    worker.stop()
+    await asyncio.wait_for(task, 10)
+    for router in (a, b):
+        router.close()
+    ctx.term()
+
+
+async def test_routers_refused_for_want_of_a_slot_take_turns_with_the_busy_one():
+    """Router A's answers hold the only slot; B's request is refused ("all slots busy").
+    When A's answer ends, A (told by its DONE) asks at once for the slot again: it is
+    refused, the slot kept for B, told of it at once (a heartbeat, long before the next
+    is due), which then gets it. Then the turn is A's again. A slot kept for a router
+    that does not come for it is free for anyone after a heartbeat's time."""
+    heartbeat = 2.0
+    rig = await two_routers(SimConfig(prompt_tps=1e5, gen_tps=40, reply_tokens=12),
+                            heartbeat=heartbeat, slots=1)
+    _, a, b, _, _ = rig
+    try:
+        await a.send(request("a1"))
+        await a.expect(Chunk, seq=0)
+        await b.send(request("b1", session="s2"))
+        await b.expect(Error, id="b1", code=ErrorCode.BUSY)
+        await collect(a, "a1", seq=1)
+        await a.send(request("a2"))  # at once, as a router with a queue does on DONE
+        await a.expect(Error, id="a2", code=ErrorCode.BUSY)
+        beat = await b.expect(Heartbeat, timeout=heartbeat / 2)
+        assert beat.busy == 0
+        await b.send(request("b1", session="s2"))
+        await collect(b, "b1")
+        await a.send(request("a2"))  # A was refused meanwhile: the turn is its
+        await b.send(request("b2", session="s2"))
+        await b.expect(Error, id="b2", code=ErrorCode.BUSY)
+        await collect(a, "a2")
+        # B is told, the slot kept for it; B never comes: after the heartbeat's time, A.
+        await b.expect(Heartbeat, timeout=heartbeat / 2)
+        await a.send(request("a3"))
+        await a.expect(Error, id="a3", code=ErrorCode.BUSY)
+        await asyncio.sleep(heartbeat)  # the keeping runs out (what is tested is that)
+        await a.send(request("a3"))
+        await collect(a, "a3")
+    finally:
+        await end(*rig)
+
+
+async def test_a_request_moves_to_another_router_only_when_its_client_sent_it_again():
+    """A worker registered with two routers runs a request for A. The same request sent
+    again by its client through B (a later attempt) goes on there, from its first chunk,
+    and A hears it ended. A, cut off and back, placing the request again as it held it (the
+    same attempt) is refused: the stream through B goes on to its end untouched."""
+    rig = await two_routers(SimConfig(prompt_tps=1e5, gen_tps=40, reply_tokens=40))
+    _, a, b, worker, _ = rig
+    try:
+        asked = request("r1")
+        await a.send(asked)
+        await a.expect(Chunk, seq=0)
+        await b.send(replace(asked, attempt=1))
+        await a.expect(Error, id="r1", code=ErrorCode.CANCELLED)
+        await b.expect(Chunk, id="r1", seq=0)  # from its first chunk
+        await a.send(asked)  # A's stale copy
+        refused = await a.expect(Error, id="r1", code=ErrorCode.CANCELLED)
+        assert "another router" in refused.message
+        _, done = await collect(b, "r1", seq=1)  # the rest, in order, then DONE
+        assert done.usage.completion_tokens == 40 and worker.jobs == {}
+    finally:
+        await end(*rig)
+
+
+async def test_a_continuation_takes_over_from_another_router_only_when_its_client_sent_it():
+    """A runs r1. Its client, A silent, asks B for the rest after the first chunk (a
+    later attempt, a new id): the answer running here goes on as B's. A, back, continuing
+    r1 itself after that chunk (its client's try as it held it) is refused, and B's
+    stream goes on to its end."""
+    rig = await two_routers(SimConfig(prompt_tps=1e5, gen_tps=40, reply_tokens=40))
+    _, a, b, worker, _ = rig
+    try:
+        asked = request("r1")
+        await a.send(asked)
+        first = await a.expect(Chunk, seq=0)
+        rest = replace(asked, id=RequestId("r2"), continuation=first.tokens, attempt=1)
+        await b.send(rest)
+        await a.expect(Error, id="r1", code=ErrorCode.CANCELLED)
+        await b.expect(Chunk, id="r2", seq=0)  # the answer after the first chunk
+        await a.send(replace(asked, continuation=first.tokens))  # A's own failover
+        refused = await a.expect(Error, id="r1", code=ErrorCode.CANCELLED)
+        assert "another router" in refused.message
+        await collect(b, "r2", seq=1)
+        assert worker.jobs == {}
+    finally:
+        await end(*rig)

@@ -450,6 +450,16 @@ class EtcdStore:
             return None
         return int(answer.get("header", {}).get("revision", 0))
 
+    async def get_item(self, root: str, name: str) -> bytes | None:
+        """The value at `root` `name` (None if none)."""
+        answer = await self._call("kv/range", {"key": _b64(self._key(root) + name.encode())})
+        kvs = answer.get("kvs") or ()
+        return base64.b64decode(kvs[0].get("value", "")) if kvs else None
+
+    async def put_item(self, root: str, name: str, value: bytes) -> None:
+        await self._call("kv/put", {"key": _b64(self._key(root) + name.encode()),
+                                    "value": _b64(value)})
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()

@@ -41,7 +41,13 @@ HOSTS = {"r1": f"{lab.SUBNET}.1", "r2": f"{lab.SUBNET}.2", "client": lab.CLIENT_
          **lab.WORKERS}
 ETCD_HOSTS = ("r1", "r2", "w1")
 HTTPLOAD = Path(__file__).with_name("httpload.py")
-DURATION = 16.0
+LEAD = 4.0
+"""Seconds the loads run (every client answered once) before the fault."""
+AFTER = 6.0
+"""Seconds they run on once the fault is over (the address moved and r1 back, or the
+link mended), then are told to stop."""
+LONGEST = 120.0
+"""A load's own limit, should it never be told."""
 
 KEEPALIVED = """
 global_defs {{
@@ -120,6 +126,7 @@ class HaLab:
             "--initial-cluster", cluster, "--initial-cluster-token", self.net.tag,
             "--initial-cluster-state", "new", "--unsafe-no-fsync",
             "--heartbeat-interval", "100", "--election-timeout", "1000", "--pre-vote",
+            "--auto-compaction-retention", "1",
             "--log-level", "error"])
 
     def router(self, host: str, name: str | None = None) -> None:
@@ -175,19 +182,35 @@ class HaLab:
             raise RuntimeError("keepalived on r1 did not take the address")
         self.keepalived("r2", 100)
 
+    @property
+    def stop_file(self) -> Path:
+        """Once it exists, every load ends (`stop_loads`)."""
+        return self.work / "stop"
+
+    def stop_loads(self) -> None:
+        self.stop_file.touch()
+
     def loads(self, tag: str, order: tuple[str, str] = ("r1", "r2")
               ) -> tuple[subprocess.Popen, subprocess.Popen, Path, Path]:
         routers = ",".join(f"tcp://{HOSTS[h]}:5555" for h in order)
         zmq_out, http_out = self.work / f"zmq-{tag}.json", self.work / f"http-{tag}.json"
         z = self.run("client", f"zmq-{tag}", [
             sys.executable, str(lab.LOAD), "--router", routers, "--out", str(zmq_out),
-            "--duration", str(DURATION), "--concurrency", "6", "--conversations",
-            "--keys", str(self.keys)])
+            "--duration", str(LONGEST), "--stop-file", str(self.stop_file),
+            "--concurrency", "6", "--conversations", "--keys", str(self.keys)])
         h = self.run("client", f"http-{tag}", [
             sys.executable, str(HTTPLOAD), "--url", f"http://{VIP}:8080", "--out",
-            str(http_out), "--duration", str(DURATION), "--concurrency", "6",
-            "--api-key-file", str(self.keys / "api-keys")])
+            str(http_out), "--duration", str(LONGEST), "--stop-file", str(self.stop_file),
+            "--concurrency", "6", "--api-key-file", str(self.keys / "api-keys")])
         return z, h, zmq_out, http_out
+
+    @staticmethod
+    def wait_ready(*outs: Path) -> None:
+        """Until each load is under way (pichat's: every worker seen; HTTP: every client
+        answered once)."""
+        for out in outs:
+            if not lab.until(Path(str(out) + ".ready").exists, 90):
+                raise RuntimeError(f"the load writing {out.name} never got under way")
 
     def split(self, cut: bool) -> None:
         """Cut (or mend) the link between r1 and r2 only: each still reaches every other
@@ -232,8 +255,8 @@ class HaLab:
         out = self.work / f"stored-{tag}.json"
         proc = self.run("client", f"stored-{tag}", [
             sys.executable, str(lab.LOAD), "--router", routers, "--out", str(out),
-            "--duration", str(DURATION), "--concurrency", "3", "--stored",
-            "--keys", str(self.keys)])
+            "--duration", str(LONGEST), "--stop-file", str(self.stop_file),
+            "--concurrency", "3", "--stored", "--keys", str(self.keys)])
         return proc, out
 
     def routers_seen(self) -> list[dict]:
@@ -259,10 +282,8 @@ def scenario(fault: str) -> dict:
     try:
         ha.start()
         z, h, zmq_out, http_out = ha.loads(fault)
-        ready = Path(str(zmq_out) + ".ready")
-        if not lab.until(ready.exists, 60):
-            raise RuntimeError("the load never saw every worker")
-        time.sleep(DURATION / 4)  # the load runs: the fault comes amid it
+        ha.wait_ready(zmq_out, http_out)
+        time.sleep(LEAD)  # the loads run: the fault comes amid them
         fault_at = time.time()
         r1_log = ha.work / "keepalived-r1.log"
         r1_log_before = len(r1_log.read_text())  # a FAULT at start-up must not count
@@ -281,11 +302,17 @@ def scenario(fault: str) -> dict:
             seen["r1_gave_up_s"] = time.time() - fault_at
             ha.net.cut("r1", False)
         rejoined_at = time.time()
+        time.sleep(AFTER)  # r1 back, the loads go on
+        ha.stop_loads()
         for proc in (z, h):
             proc.wait(timeout=150)
         seen["holder_after_rejoin"] = ha.holder()
-        seen["status_holders"] = [r["endpoint"] for r in ha.routers_seen()
+        rows = ha.routers_seen()
+        seen["status_holders"] = [r["endpoint"] for r in rows
                                   if (r.get("floating") or {}).get("held")]
+        seen["failovers"] = {r["endpoint"]: ((r.get("floating") or {}).get("failovers"),
+                                             (r.get("floating") or {}).get("last_failover"))
+                             for r in rows}
         seen["zmq"] = json.loads(zmq_out.read_text())["counts"]
         http = json.loads(http_out.read_text())
         seen["http"] = http["counts"]
@@ -326,11 +353,9 @@ def split_scenario(leader: str) -> dict:
         z, h, zmq_out, http_out = ha.loads("split", order=("r2", "r1"))
         s1, stored1 = ha.stored_load("r1", ("r1", "r2"))
         s2, stored2 = ha.stored_load("r2", ("r2", "r1"))
-        for ready in (zmq_out, stored1, stored2):
-            if not lab.until(Path(str(ready) + ".ready").exists, 60):
-                raise RuntimeError("a load never saw every worker")
+        ha.wait_ready(zmq_out, http_out, stored1, stored2)
         ha.lead(leader)
-        time.sleep(DURATION / 4)
+        time.sleep(LEAD)
         seen["leader_before"] = ha.etcd_leader()
         split_at = time.time()
         ha.split(True)
@@ -345,6 +370,8 @@ def split_scenario(leader: str) -> dict:
         one = lab.until(lambda: len(ha.holders()) == 1 and ha.etcd_leader() is not None
                         and ha.vip_answers(), 30)
         seen["converged_s"] = round(time.time() - mended_at, 2) if one else None
+        time.sleep(AFTER)  # mended, the loads go on
+        ha.stop_loads()
         for proc in (z, h, s1, s2):
             proc.wait(timeout=150)
         seen["holders_after"] = ha.holders()

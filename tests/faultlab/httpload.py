@@ -7,8 +7,10 @@ and lost only if no try answered within a minute.
 A prober beside them sends a new one-token request every 0.25 s on a new connection, each
 given 5 s: when new requests are answered again after a fault.
 
-Writes JSON: {"counts": {...}, "answers": [[start, answered try's start, end, ok], ...],
-"errors": {...}, "failures": [[time, error], ...], "probes": [[sent, answered], ...]}.
+Writes OUT.ready once every client has had an answer (the load is under way), and ends at
+--duration or once --stop-file exists. Writes JSON: {"counts": {...}, "answers": [[start,
+answered try's start, end, ok], ...], "errors": {...}, "failures": [[time, error], ...],
+"probes": [[sent, answered], ...]}.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=6)
     parser.add_argument("--out", required=True)
     parser.add_argument("--api-key-file", required=True)
+    parser.add_argument("--stop-file", type=Path,
+                        help="end (before --duration) once this file exists")
     args = parser.parse_args()
     counts: Counter[str] = Counter()
     errors: Counter[str] = Counter()
@@ -44,6 +48,11 @@ async def main() -> None:
     key = next(line.strip() for line in Path(args.api_key_file).read_text().splitlines()
                if line.strip() and not line.startswith("#"))
     stop_at = time.monotonic() + args.duration
+    answered: set[int] = set()
+    """The clients that have had an answer (all of them: OUT.ready is written)."""
+
+    def going() -> bool:
+        return time.monotonic() < stop_at and not (args.stop_file and args.stop_file.exists())
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=1.0, sock_read=10.0)
 
     async def ask(session: aiohttp.ClientSession, messages: list[ChatMessage]) -> str:
@@ -71,7 +80,7 @@ async def main() -> None:
         n = 0
         async with aiohttp.ClientSession(
                 timeout=timeout, headers={"Authorization": f"Bearer {key}"}) as session:
-            while time.monotonic() < stop_at:
+            while going():
                 n += 1
                 if len(history) >= 8:
                     history = []
@@ -101,6 +110,9 @@ async def main() -> None:
                 ok = text == expected(messages)
                 counts["completed" if ok else "corrupted"] += 1
                 answers.append((start, began, time.time(), ok))
+                answered.add(i)
+                if len(answered) == args.concurrency:
+                    Path(args.out + ".ready").touch()
                 history = [*messages, ChatMessage("assistant", text)]
 
     probes: list[tuple[float, float]] = []
@@ -108,7 +120,7 @@ async def main() -> None:
     async def probe() -> None:
         body = {"model": "sim", "max_tokens": 1, "temperature": 0,
                 "messages": [{"role": "user", "content": "probe"}]}
-        while time.monotonic() < stop_at:
+        while going():
             sent = time.time()
 
             async def one(sent: float = sent) -> None:

@@ -47,6 +47,8 @@ async def main() -> None:
     parser.add_argument("--workers", default="w1,w2,w3")
     parser.add_argument("--out", required=True)
     parser.add_argument("--keys", default="off")
+    parser.add_argument("--stop-file", type=Path,
+                        help="end (before --duration) once this file exists")
     parser.add_argument("--conversations", action="store_true",
                         help="each client holds conversations of up to 6 turns (sessions) and "
                              "counts the later turns that found their history cached")
@@ -68,6 +70,10 @@ async def main() -> None:
         Path(args.out + ".ready").touch()
         stop_at = time.monotonic() + args.duration
 
+        def going() -> bool:
+            return time.monotonic() < stop_at and not (args.stop_file and
+                                                       args.stop_file.exists())
+
         async def watcher() -> None:
             while True:
                 try:
@@ -87,7 +93,7 @@ async def main() -> None:
                 n = conversation = 0
                 history: list[ChatMessage] = []
                 held = 0  # tokens of the history a warm worker holds
-                while time.monotonic() < stop_at:
+                while going():
                     n += 1
                     if not args.conversations or len(history) >= 12:  # 6 turns, then anew
                         history, held, conversation = [], 0, n
@@ -128,10 +134,10 @@ async def main() -> None:
 
             async def stored(i: int) -> None:
                 n = 0
-                while time.monotonic() < stop_at:
+                while going():
                     title, history, cid = f"{run}-{i}-{n}", [], None
                     for turn in range(6):
-                        if time.monotonic() >= stop_at:
+                        if not going():
                             break
                         question = ChatMessage("user", f"stored {i} {n} {turn}")
                         counts["sent"] += 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import Counter, deque
 from dataclasses import replace
@@ -45,7 +46,7 @@ from pichat.router.daemon.keyring import KeyRing
 from pichat.router.daemon.memory import Memory
 from pichat.router.daemon.migration import Migrations
 from pichat.router.daemon.workers import HEARTBEAT, WorkerSide
-from pichat.router.observe.floating import FloatingAddress
+from pichat.router.observe.floating import FloatingAddress, keep_record
 from pichat.router.observe.metrics import RouterMetrics, watch_loop_lag
 from pichat.router.observe.snapshot import snapshot
 from pichat.router.observe.stats import Stats
@@ -162,6 +163,8 @@ class Router:
             clients.bind(cfg.clients_bind)
             workers.bind(cfg.workers_bind)
             self.clients_endpoint = clients.getsockopt_string(zmq.LAST_ENDPOINT)
+            if self.floating is not None:
+                self.floating.name = f"{socket.gethostname()} {self.clients_endpoint}"
             self.workers_endpoint = workers.getsockopt_string(zmq.LAST_ENDPOINT)
             if cfg.keys is not None and cfg.join_bind.lower() not in ("", "off", "none"):
                 joins = ctx.socket(zmq.ROUTER)
@@ -225,12 +228,18 @@ class Router:
                 lag = tasks.create_task(watch_loop_lag(self._on_lag), name="loop-lag")
                 keyring = (tasks.create_task(self.keyring.run(), name="keyring")
                            if self.keyring is not None else None)
+                record = (tasks.create_task(keep_record(
+                    self.floating, self.memory.store, cfg.heartbeat_interval,
+                    self._failed_over), name="floating-record")
+                    if self.floating is not None and isinstance(self.memory.store, EtcdStore)
+                    else None)
                 await stop.wait()
                 await self._drain()
                 heartbeats.cancel()
                 lag.cancel()
-                if keyring is not None:
-                    keyring.cancel()
+                for task in (keyring, record):
+                    if task is not None:
+                        task.cancel()
         finally:
             if announcer is not None:
                 await announcer.close()
@@ -287,6 +296,12 @@ class Router:
             if self.gatekeeper is not None:
                 self.gatekeeper.throttle.flush(now)
                 self._revoke(self.gatekeeper.revoked(now))
+
+    def _failed_over(self, seconds: float) -> None:
+        """The floating address came here from another router (pichat/router/observe/
+        floating.py): `seconds` with no holder."""
+        self.metrics.failover.observe(seconds)
+        self.changed()
 
     def _keys_changed(self) -> None:
         """Another router admitted or revoked a key (pichat/router/daemon/keyring.py)."""

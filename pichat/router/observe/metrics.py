@@ -27,6 +27,7 @@ __all__ = ["RouterMetrics", "CONTENT_TYPE", "watch_loop_lag"]
 
 _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 _TPS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320)
+_FAILOVER_BUCKETS = (0.5, 1, 1.5, 2, 3, 5, 10, 30, 60)
 _LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
@@ -122,6 +123,11 @@ class RouterMetrics:
         self.loop_lag = Histogram("pichat_loop_lag_seconds", "How late the router's event "
                                   "loop ran a 100 ms timer (sampled every 100 ms).",
                                   buckets=_LAG_BUCKETS, registry=r)
+        self.failover = Histogram("pichat_floating_failover_seconds", "Failovers of the "
+                                  "floating address to this router (with --db etcd://): the "
+                                  "time from the last holder's last record to the taking "
+                                  "here, with no live holder.", buckets=_FAILOVER_BUCKETS,
+                                  registry=r)
         r.register(_CountsCollector(stats))
         r.register(_ClusterCollector(snapshot))
         # process_resident_memory_bytes, cpu, open fds (where /proc tells them)

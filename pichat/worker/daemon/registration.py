@@ -41,6 +41,11 @@ class Registration:
     router has not heard of yet: their newest state is here."""
     answered: dict[str, str] = field(default_factory=dict)
     """Of those, the ones whose turn ended: session -> the conversation's state hash."""
+    waiting: float | None = None
+    """When a request of this router's was first refused for want of a slot (every one
+    taken by another router's requests) since it last got one; None: not waiting."""
+    refused: float = 0.0
+    """When the last was."""
 
     @property
     def heard(self) -> bool:

@@ -106,12 +106,17 @@ class _Running:
         self.id = self.id or self.request.id
 
 
+_WAIT_PATIENCE = 60.0
+"""Seconds a router refused for want of a slot counts as waiting for one (if no slot kept
+for it went untaken meanwhile)."""
+
+
 def _answer_of(request: Request) -> Request:
     """What decides a request's answer: not its id, its session (a router names a client's
     unnamed one after the request), its deadline, its lease, its token budget or the tokens
     it continues."""
     return replace(request, id=RequestId(""), session=None, continuation=(), timeout=None,
-                   lease=None, sampling=replace(request.sampling, max_tokens=0))
+                   lease=None, attempt=0, sampling=replace(request.sampling, max_tokens=0))
 
 
 def _resumes(job: _Running, want: tuple[int, ...]) -> int | None:
@@ -142,6 +147,8 @@ class Worker:
                                  disk, shift=config.context_shift, block=config.slide_block,
                                  memory=config.memory, embedding_only=config.embedding)
         self.jobs: dict[RequestId, _Running] = {}
+        self._held: tuple[Registration, float] | None = None
+        """A freed slot kept, until then, for a router refused for want of one."""
         self.registrations = [Registration(endpoint) for endpoint in config.routers]
         self._transfers: Registration | None = None
         """The router that relays this worker's KV state transfers (the last to ask)."""
@@ -502,16 +509,29 @@ class Worker:
                 # router requeued what it had sent to our previous registration). It is
                 # the same request and it is running: its results count.
                 log.debug("req=%s already running here; duplicate ignored", request.id)
-            else:
-                self._move_job(running, reg)
+            elif request.attempt > running.request.attempt:
+                self._move_job(running, reg, request)
+            else:  # its router was cut off and re-placed what it held: the client is not there
+                log.info("req=%s came again through %s, not sent again by its client: "
+                         "refused (it goes on through %s)", request.id, reg.endpoint,
+                         running.reg.endpoint)
+                reg.send(encode(Error(request.id, ErrorCode.CANCELLED,
+                                      "its client asked another router for it")))
             return
         if request.continuation and self._take_over(reg, request):
             return
-        slot = self.slots.acquire(request.session)
+        slot = None if self._held_for_another(reg) else self.slots.acquire(request.session)
         if slot is None:
+            now = asyncio.get_running_loop().time()
+            if reg.waiting is None:
+                reg.waiting = now
+            reg.refused = now
             reg.send(encode(Error(request.id, ErrorCode.BUSY,
                                   f"all {self.config.slots} slots are busy")))
             return
+        reg.waiting = None
+        if self._held is not None and self._held[0] is reg:
+            self._held = None
         job = _Running(request, slot, reg, reg.epoch, threading.Event())
         self._announce(reg, request)
         self.jobs[request.id] = job
@@ -575,11 +595,46 @@ class Worker:
                 del self.jobs[job.id]
             if not self.jobs:
                 self._idle.set()
+            self._hold_for_waiting(job.reg)
 
-    def _move_job(self, job: _Running, reg: Registration) -> None:
-        """The same request came by another router (its client moved there when the first
-        fell silent): its answer goes on there, from its first chunk; the first router
-        hears that it ended."""
+    def _hold_for_waiting(self, ended: Registration) -> None:
+        """A slot freed as `ended`'s answer ended. `ended` learns it by its DONE and would
+        take it again at once, every time, before any other router hears of it: a router
+        whose requests were refused for want of a slot (the one refused longest ago) is
+        told now, and the slot is kept for it for a heartbeat's time (`_held_for_another`).
+        Routers sharing busy workers so take turns."""
+        if self._holder() is not None:
+            return
+        now = asyncio.get_running_loop().time()
+        waiting = [r for r in self.registrations if r is not ended and r.open
+                   and r.waiting is not None and now - r.refused < _WAIT_PATIENCE]
+        if waiting:
+            reg = min(waiting, key=lambda r: r.waiting or 0.0)
+            self._held = (reg, now + self.config.heartbeat_interval)
+            self._send_heartbeat(reg)
+
+    def _holder(self) -> Registration | None:
+        """The router a freed slot is kept for now (None: none, or its time is up)."""
+        if self._held is None:
+            return None
+        holder, until = self._held
+        if until <= asyncio.get_running_loop().time() or not holder.open:
+            self._held = None
+            holder.waiting = None  # told of a free slot, it did not take it: not waiting
+            return None
+        return holder
+
+    def _held_for_another(self, reg: Registration) -> bool:
+        """Is the last free slot kept for another router (`_hold_for_waiting`)?"""
+        holder = self._holder()
+        return (holder is not None and holder is not reg
+                and self.slots.busy >= self.config.slots - 1)
+
+    def _move_job(self, job: _Running, reg: Registration, request: Request) -> None:
+        """The same request came again by another router (its client moved there when the
+        first fell silent): its answer goes on there, from its first chunk; the first
+        router hears that it ended."""
+        job.request = replace(job.request, attempt=request.attempt)
         log.info("req=%s came again through %s: its answer goes on there (%d chunks so far)",
                  job.id, reg.endpoint, len(job.sent) - job.base)
         self._hand(job, reg, job.id, job.base)
@@ -589,7 +644,9 @@ class Worker:
         the same request (its client moved to this router when the first fell silent),
         whose answer so far is the continuation's tokens. That answer goes on as the
         continuation's, its prompt not read again, its tokens after the continuation's
-        sent at once. Returns whether one did."""
+        sent at once. Returns whether one did, or refused it: not a later try of its
+        client than that request (its router, cut off and back, continuing what it held:
+        the answer goes on through the router the client is with)."""
         same = _answer_of(request)
         for job in self.jobs.values():
             if job.reg is reg or job.request.owner != request.owner:
@@ -597,10 +654,17 @@ class Worker:
             k = _resumes(job, request.continuation)
             if k is None or _answer_of(job.request) != same:
                 continue
+            if request.attempt <= job.request.attempt:
+                log.info("req=%s continues req=%s, not sent again by its client: refused "
+                         "(it goes on through %s)", request.id, job.id, job.reg.endpoint)
+                reg.send(encode(Error(request.id, ErrorCode.CANCELLED,
+                                      "its client asked another router for it")))
+                return True
             log.info("req=%s goes on as req=%s through %s (%d chunks follow at once)",
                      job.id, request.id, reg.endpoint, len(job.sent) - k)
             del self.jobs[job.id]
             self.jobs[request.id] = job
+            job.request = replace(job.request, attempt=request.attempt)
             job.ahead = len(request.continuation) - len(job.request.continuation)
             job.successor = request
             self._announce(reg, request)
