@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from pichat import protocol, schemas
 from pichat.router.api.guard import UNTRUSTED_PER_ADDRESS
-from pichat.router.daemon import joins, keyring
+from pichat.router.daemon import joins, keyring, roster
+from pichat.router.observe import floating
 from pichat.worker.daemon import migration
 
 __all__ = ["Bound", "BOUNDS"]
@@ -104,6 +105,22 @@ BOUNDS: tuple[Bound, ...] = (
           "that cannot be read is never shared as removed (etcd is as trusted as the keys "
           "directory: let only the router Pis reach it)",
           "tests/test_keyring.py::test_what_etcd_holds_is_checked_as_a_peer_s_message"),
+    Bound("routers named to a joiner (etcd)",
+          f"{roster.MAX_ROUTERS} at most, freshest first; a record of "
+          f"{roster.MAX_RECORD_BYTES} bytes at most, one plain tcp://HOST:PORT each, "
+          "refreshed within a week; the joiner checks each endpoint again",
+          "tests/test_ha.py::test_the_other_routers_a_join_names_are_read_as_a_peer_s_message"),
+    Bound("the floating address's record (etcd)",
+          f"{floating.RECORD_MAX_BYTES} bytes, a JSON object, a name of 256 characters, a "
+          "finite time; anything else is no failover",
+          "tests/test_ha.py::test_the_router_taking_the_address_reads_whom_it_came_from_and_"
+          "when"),
+    Bound("slots between routers", "a worker never runs more than its slots; a slot "
+          "freed is kept a heartbeat for the router refused longest, so a busy router "
+          "cannot starve another; a request placed again by a router cut off and back "
+          "never takes a stream from the router its client moved to",
+          "tests/test_worker.py::test_routers_refused_for_want_of_a_slot_take_turns_with_"
+          "the_busy_one"),
     Bound("the queue", "--queue-limit, shared fairly between owners",
           "tests/test_hostile.py::test_a_client_that_fills_every_slot_and_the_queue_delays_"
           "another_by_one_answer"),

@@ -155,6 +155,8 @@ MAX_WARMED = 256
 """Sessions a HEARTBEAT names as begun for other routers (each with its lease)."""
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_ATTEMPTS = 1000
+MAX_ENDPOINTS_CHARS = 2048
+"""A list of router endpoints (a JOIN reply's: up to 8 routers)."""
 MAX_SMALL_TEXT = 64 * 1024
 """Longest string in a message that carries no prompt or answer text (an error's)."""
 
@@ -993,7 +995,9 @@ class Conversations:
 class Join:
     """Joiner -> router: redeem invitation `invitation` with its `secret`, to be admitted
     as `name` (the key is the one the joiner's CURVE handshake proved). Router -> joiner:
-    the same with `workers` and `clients`, the router's endpoints, once admitted."""
+    the same with `workers` and `clients`, the router's endpoints, once admitted (as
+    bound; then, comma-separated, those of the other routers sharing its store, as
+    reached)."""
 
     COMMAND: ClassVar[Command] = Command.JOIN
     invitation: str
@@ -1007,8 +1011,8 @@ class Join:
         return cls(invitation=f.str("invitation", min_chars=1, max_chars=MAX_ID_CHARS),
                    secret=f.str("secret", min_chars=1, max_chars=MAX_ID_CHARS),
                    name=f.str("name", min_chars=1, max_chars=64),
-                   workers=f.str("workers", max_chars=MAX_NAME_CHARS, required=False),
-                   clients=f.str("clients", max_chars=MAX_NAME_CHARS, required=False))
+                   workers=f.str("workers", max_chars=MAX_ENDPOINTS_CHARS, required=False),
+                   clients=f.str("clients", max_chars=MAX_ENDPOINTS_CHARS, required=False))
 
     def to_body(self) -> dict[str, Any]:
         return asdict(self)

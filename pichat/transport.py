@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import socket
 import time
 from collections.abc import Callable, Sequence
 
@@ -42,9 +44,25 @@ _BUDGET_S = 0.02
 """Seconds of handler time per drain before yielding (a burst of costly messages)."""
 
 
+ENDPOINT = re.compile(r"tcp://[A-Za-z0-9.\-\[\]:]{1,200}:[0-9]{1,5}")
+"""A TCP endpoint one host names to another (tcp://HOST:PORT)."""
+
+
 def port_of(endpoint: str) -> int:
     """The port of a TCP endpoint (tcp://HOST:PORT, as bound or to connect to)."""
     return int(endpoint.rsplit(":", 1)[1])
+
+
+def this_host() -> str:
+    """This machine's address on its LAN (the interface of its default route)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("10.254.254.254", 1))  # no packet is sent
+        return probe.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+    finally:
+        probe.close()
 
 
 def configure(sock: zmq.Socket, *, max_message_bytes: int, hwm: int = 100_000) -> None:

@@ -313,6 +313,70 @@ async def test_admitted_through_either_router_and_revoked_on_either_holds_on_bot
     print(f"revoked on B, put out by A after {took:.2f} s (heartbeat 0.5 s)")
 
 
+async def test_a_pi_joined_through_one_router_knows_both_and_outlives_either(
+        keyed, tmp_path: Path):
+    """`pichat join` through A (the token naming only A): the Pi is told every router
+    sharing A's store, so a worker started with its keys alone (no --router) registers
+    with both, and a client with its keys alone is answered with A dead (through B)."""
+    cluster, other, a_keys, _ = keyed
+    kept = {}
+    for role, name in (("worker", "pi7"), ("client", "laptop")):
+        token = pichat("invite", "--keys", str(a_keys), "--role", role, "--address",
+                       cluster.join_endpoint)
+        joined = pichat("join", token.stdout.strip(), "--keys", str(tmp_path / name),
+                        "--name", name)
+        assert joined.returncode == 0, joined.stderr
+        assert "named 2 routers" in joined.stderr
+        kept[role] = json.loads((tmp_path / name / "router.json").read_text())
+    both = {"workers": f"{cluster.worker_endpoint},{other.worker_endpoint}",
+            "clients": f"{cluster.client_endpoint},{other.client_endpoint}"}
+    assert {k: kept["worker"][k] for k in both} == both
+    cluster.spawn("pi7", ["worker", "--keys", str(tmp_path / "pi7"), "--backend", "sim",
+                          "--no-discovery", "--heartbeat", "0.5", "--threads", "1"])
+    for router in (cluster, other):
+        await router.wait_workers(1, names={"pi7"})
+    cluster.procs[0].kill()
+    cluster.procs[0].popen.wait()
+    asked = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "pichat", "ask", "--keys",
+                         str(tmp_path / "laptop"), "--temperature", "0", "hello"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert asked.returncode == 0, asked.stderr
+    assert asked.stdout.strip()
+
+
+@pytest.mark.parametrize(("raw", "listed"), [
+    (b'{"workers": "tcp://10.0.0.2:5556", "clients": "tcp://10.0.0.2:5555", "at": 990}',
+     [("tcp://10.0.0.2:5556", "tcp://10.0.0.2:5555")]),
+    (b'{"workers": "tcp://10.0.0.1:5556", "clients": "tcp://10.0.0.1:5555", "at": 990}',
+     []),  # this router's own
+    (b'{"workers": "tcp://10.0.0.2:5556", "clients": "tcp://10.0.0.2:5555", "at": 1}',
+     []),  # not refreshed for a week: gone for good
+    (b'{"workers": "tcp://x:1,tcp://y:2", "clients": "tcp://10.0.0.2:5555", "at": 990}',
+     []),  # two in one: a joiner would be told a list it did not ask for
+    (b'{"workers": "ipc:///tmp/evil", "clients": "tcp://10.0.0.2:5555", "at": 990}', []),
+    (b'{"workers": "tcp://10.0.0.2:5556", "clients": "tcp://10.0.0.2:5555", "at": true}',
+     []),
+    (b'{"workers": "tcp://10.0.0.2:5556", "clients": "tcp://10.0.0.2:5555"}', []),
+    (b"[]", []), (b"\xff", []), (b"", []),
+    (b'{"workers": "tcp://10.0.0.2:5556", "clients": "tcp://10.0.0.2:5555", "at": 990, '
+     b'"pad": "' + b"x" * 1100 + b'"}', []),  # > 1 KiB
+])
+async def test_the_other_routers_a_join_names_are_read_as_a_peer_s_message(raw, listed):
+    """What etcd holds under routers/ is checked before a joiner is told of it: only
+    another router's fresh, well-formed record, one plain TCP endpoint each."""
+    from pichat.router.daemon import roster
+
+    class Etcd:
+        async def items(self, root):
+            assert root == roster.ROOT
+            return [("a", raw, 5)], 5
+
+    found = await roster.others(Etcd(), "tcp://10.0.0.1:5556",
+                                clock=lambda: roster.STALE_S + 500)
+    assert found == listed
+
+
 async def test_one_token_used_through_both_routers_at_once_lets_one_pi_in(
         keyed, tmp_path: Path):
     """A one-use token, two Pis joining with it at the same moment, one through each

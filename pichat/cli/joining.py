@@ -28,22 +28,10 @@ from pichat.invites import (
 )
 from pichat.protocol import Error, Join, decode, encode
 from pichat.security import DEFAULT_KEYS_DIR
-from pichat.transport import port_of
+from pichat.transport import ENDPOINT, port_of, this_host
 
 __all__ = ["invite_command", "join_command", "keys_command", "this_host", "join",
            "join_once", "Unreachable"]
-
-
-def this_host() -> str:
-    """This machine's address on its LAN (the interface of its default route)."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        probe.connect(("10.254.254.254", 1))  # no packet is sent
-        return probe.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
-    finally:
-        probe.close()
 
 
 @click.command(name="invite")
@@ -165,6 +153,9 @@ def join(found, directory: Path, name: str, timeout: float) -> dict[str, str]:
         host = address.rsplit(":", 1)[0]  # tcp://HOST
         endpoints = {"workers": _reachable(reply.workers, host),
                      "clients": _reachable(reply.clients, host)}
+        if "," in endpoints["workers"] + endpoints["clients"]:
+            click.echo(f"the router named {endpoints['workers'].count(',') + 1} routers "
+                       "(sharing one store): this Pi will use each", err=True)
         (directory / "router.key").write_text(
             "metadata\ncurve\n    public-key = \"" + found.router_key + "\"\n")
         remember_router(directory, {**endpoints, "name": name})
@@ -198,9 +189,16 @@ def join_once(token: str, directory: Path, role: str, name: str, timeout: float 
     return True
 
 
-def _reachable(bound: str, host: str) -> str:
-    """A bound endpoint (tcp://0.0.0.0:5556) as reached through `host` (tcp://HOST)."""
-    return f"{host}:{port_of(bound)}"
+def _reachable(listed: str, host: str) -> str:
+    """A JOIN reply's endpoints as this Pi reaches them: the answering router's, as bound
+    (tcp://0.0.0.0:5556), through `host` (tcp://HOST) it was reached by; then the other
+    routers' (comma-separated, as they are reached), each checked."""
+    first, *rest = listed.split(",")
+    for endpoint in rest:
+        if not ENDPOINT.fullmatch(endpoint):
+            raise PichatError(f"the router named another router at {endpoint[:80]!r}, "
+                              "not a tcp://HOST:PORT endpoint")
+    return ",".join([f"{host}:{port_of(first)}", *rest])
 
 
 @click.command(name="keys")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +28,7 @@ from pichat.errors import ErrorCode, PichatError, ProtocolError
 from pichat.invites import ROLES, InviteRefused, join
 from pichat.logs import Throttle, clip
 from pichat.protocol import Error, Join, decode, encode
+from pichat.router.daemon import roster
 from pichat.router.daemon.keyring import KeyRing
 from pichat.router.observe.stats import Stats
 from pichat.router.policy.ratelimit import RateLimit
@@ -134,7 +135,8 @@ class JoinDesk:
                     undo = (lambda: None) if had[role] else partial(path.unlink,
                                                                     missing_ok=True)
                     if await ring.settle(rel, undo):
-                        reply(self._joined(message, key, role, path))
+                        listed = await self._other_routers()
+                        reply(self._joined(message, key, role, path, listed))
                         return
             reply(Error("", ErrorCode.BUSY, "the invitation was being used through another "
                                             "router at the same moment: try again"))
@@ -164,10 +166,24 @@ class JoinDesk:
                               clip(message.name, 64), exc, detail=clip(message.name, 64))
             return Error("", ErrorCode.BAD_REQUEST, str(exc))
 
-    def _joined(self, message: Join, key: str, role: str, path: Path) -> Join:
+    async def _other_routers(self) -> list[tuple[str, str]]:
+        """The other routers sharing this one's store (pichat/router/daemon/roster.py);
+        none if it cannot be read now (the join is done: the joiner knows this router)."""
+        ring = self.router.keyring
+        assert ring is not None
+        try:
+            return await roster.others(ring.etcd, self.router.workers_endpoint)
+        except PichatError as exc:
+            log.warning("a join is told of this router only: %s", exc)
+            return []
+
+    def _joined(self, message: Join, key: str, role: str, path: Path,
+                listed: Sequence[tuple[str, str]] = ()) -> Join:
         r = self.router
         r.stats.events["joins"] += 1
         log.info("%s %s joined (key %s..., %s)", role, clip(message.name, 64), key[:8], path)
-        # As bound (tcp://0.0.0.0:5556): the joiner puts in the host it reached us by.
-        return Join(message.invitation, "-", message.name, workers=r.workers_endpoint,
-                    clients=r.clients_endpoint)
+        # This router's as bound (tcp://0.0.0.0:5556: the joiner puts in the host it
+        # reached us by), then the other routers' as they are reached.
+        return Join(message.invitation, "-", message.name,
+                    workers=",".join([r.workers_endpoint, *(w for w, _ in listed)]),
+                    clients=",".join([r.clients_endpoint, *(c for _, c in listed)]))

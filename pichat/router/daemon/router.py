@@ -40,6 +40,7 @@ from pichat.protocol import Cancel, Chunk, Disconnect, Done, Error, Request, Req
 from pichat.ready import announce_ready
 from pichat.router.api.app import start_http
 from pichat.router.api.embedbatch import EmbedBatcher
+from pichat.router.daemon import roster
 from pichat.router.daemon.clients import ClientSide
 from pichat.router.daemon.joins import JoinDesk
 from pichat.router.daemon.keyring import KeyRing
@@ -186,6 +187,10 @@ class Router:
                     log.info("keys directory %s shared with the other routers on %s "
                              "(%d shared files)", cfg.keys.directory, self.memory.path,
                              len(self.keyring.agreed))
+                    # Before "ready": a Pi joining through another router from now on is
+                    # told of this one.
+                    await roster.publish(self.memory.store, self.workers_endpoint,
+                                         self.clients_endpoint)
             if cfg.keys is not None and cfg.discovery:
                 announcer = Announcer(cfg.keys.router_public().decode(), {
                     "workers": port_of(self.workers_endpoint),
@@ -228,6 +233,9 @@ class Router:
                 lag = tasks.create_task(watch_loop_lag(self._on_lag), name="loop-lag")
                 keyring = (tasks.create_task(self.keyring.run(), name="keyring")
                            if self.keyring is not None else None)
+                published = (tasks.create_task(roster.keep_published(
+                    self.memory.store, self.workers_endpoint, self.clients_endpoint),
+                    name="roster") if self.keyring is not None else None)
                 record = (tasks.create_task(keep_record(
                     self.floating, self.memory.store, cfg.heartbeat_interval,
                     self._failed_over), name="floating-record")
@@ -237,7 +245,7 @@ class Router:
                 await self._drain()
                 heartbeats.cancel()
                 lag.cancel()
-                for task in (keyring, record):
+                for task in (keyring, record, published):
                     if task is not None:
                         task.cancel()
         finally:
