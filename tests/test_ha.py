@@ -21,6 +21,7 @@ from pichat.client import Client
 from pichat.config import ClientConfig
 from pichat.errors import RequestFailed, RouterUnavailable
 from pichat.invites import parse
+from pichat.memory.etcd import EtcdStore
 from pichat.protocol import ChatMessage, Sampling
 from pichat.security import keygen, resolve_keys
 
@@ -184,6 +185,46 @@ async def test_status_lists_every_router_and_which_holds_the_floating_address(
         lines = [line for line in status().splitlines() if line.startswith("  tcp://")]
         assert lines[0].startswith(f"  {cluster.client_endpoint}  not answering")
         assert lines[1].startswith(f"  {other.client_endpoint}  up ")
+    finally:
+        other.close()
+
+
+async def test_only_the_elected_router_passes_the_floating_check_and_a_stop_hands_it_on(
+        cluster: Cluster, tmp_path: Path, etcd):
+    """Two routers on one etcd, both on a host holding the address: only the first to
+    start passes GET /health/floating (keepalived's check with the election); stopped, it
+    gives its lease back, and the other passes at once (no lease to wait out)."""
+    import aiohttp
+
+    (tmp_path / "b").mkdir()
+    other = Cluster(tmp_path / "b")
+    db = etcd.url + f"/el{secrets.token_hex(6)}/"
+    try:
+        a = cluster.router("--db", db, "--floating-address", "127.0.0.1")
+        other.router("--db", db, "--floating-address", "127.0.0.1")
+        async with aiohttp.ClientSession() as http:
+            async def passes(url: str) -> bool:
+                async with http.get(f"{url}/health/floating") as r:
+                    return r.status == 200
+
+            assert await passes(cluster.http_url) and not await passes(other.http_url)
+            async with http.get(f"{other.http_url}/metrics") as r:
+                assert r.status == 200
+            store = await EtcdStore.open(db)
+            try:
+                held = await store.get_item("floating/", "127.0.0.1/holder")
+                assert held is not None and cluster.client_endpoint in held.decode()
+                assert a.stop() == 0
+                # Handed back as it stopped, not left to run out (2 s): A's key is gone.
+                after = await store.get_item("floating/", "127.0.0.1/holder")
+                assert after is None or cluster.client_endpoint not in after.decode()
+            finally:
+                await store.close()
+            for _ in range(100):
+                if await passes(other.http_url):
+                    break
+                await asyncio.sleep(0.05)
+            assert await passes(other.http_url)
     finally:
         other.close()
 

@@ -460,6 +460,38 @@ class EtcdStore:
         await self._call("kv/put", {"key": _b64(self._key(root) + name.encode()),
                                     "value": _b64(value)})
 
+    # --- leases (pichat/router/daemon/election.py) ----------------------------------
+
+    async def grant(self, ttl: int) -> int:
+        """A new lease of `ttl` seconds (etcd may make it longer): its id."""
+        answer = await self._call("lease/grant", {"TTL": ttl})
+        return int(answer["ID"])
+
+    async def keepalive(self, lease: int) -> int:
+        """Renew `lease`: the seconds it has now (0: it has expired)."""
+        answer = await self._call("lease/keepalive", {"ID": str(lease)})
+        return int((answer.get("result") or {}).get("TTL", 0))
+
+    async def revoke(self, lease: int) -> None:
+        await self._call("lease/revoke", {"ID": str(lease)})
+
+    async def claim(self, root: str, name: str, value: bytes, lease: int) -> bool:
+        """Is `root` `name` held under `lease`? Written (with `value`, bound to the lease)
+        if nobody holds it: True if it is now, or already was, this lease's."""
+        key = _b64(self._key(root) + name.encode())
+        answer = await self._call("kv/txn", {
+            "compare": [{"target": "CREATE", "key": key, "create_revision": "0",
+                         "result": "EQUAL"}],
+            "success": [{"request_put": {"key": key, "value": _b64(value),
+                                         "lease": str(lease)}}],
+            "failure": [{"request_range": {"key": key}}]})
+        if answer.get("succeeded"):
+            return True
+        for response in answer.get("responses") or ():
+            for kv in (response.get("response_range") or {}).get("kvs") or ():
+                return int(kv.get("lease", 0)) == lease
+        return False
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()

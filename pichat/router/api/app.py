@@ -55,7 +55,7 @@ __all__ = ["create_app", "start_http"]
 
 log = logging.getLogger(__name__)
 
-_PUBLIC = frozenset({"/health", "/", "/index.html"})
+_PUBLIC = frozenset({"/health", "/health/floating", "/", "/index.html"})
 
 
 def create_app(router: RouterFace, *, api_keys: tuple[str, ...] = (),
@@ -114,6 +114,16 @@ def create_app(router: RouterFace, *, api_keys: tuple[str, ...] = (),
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "workers": router.worker_count()})
+
+    async def floating_health(request: web.Request) -> web.Response:
+        """keepalived's check: 200 where this router may hold the floating address (it
+        holds the election's key in etcd, or there is no election: no etcd), else 503."""
+        election = router.election
+        if election is None or election.holds:
+            return web.json_response({"status": "ok", "elected": election is not None})
+        return web.json_response({"status": "another router holds the floating address's "
+                                            "key in etcd (or this one cannot reach etcd)"},
+                                 status=503)
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=router.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
@@ -198,6 +208,7 @@ def create_app(router: RouterFace, *, api_keys: tuple[str, ...] = (),
         web.get("/", index),
         web.get("/index.html", index),
         web.get("/health", health),
+        web.get("/health/floating", floating_health),
         web.get("/metrics", metrics),
         web.get("/v1/cluster", cluster),
         web.get("/v1/models", models),

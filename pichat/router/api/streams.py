@@ -65,6 +65,8 @@ class RouterFace(Protocol):
 
     stats: Stats
     metrics: RouterMetrics
+    election: Any
+    """pichat/router/daemon/election.py's Election, or None (GET /health/floating)."""
 
     def submit(self, request: Request, sink: HttpSink, *, owner: str) -> None: ...
 

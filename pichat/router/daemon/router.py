@@ -42,6 +42,7 @@ from pichat.router.api.app import start_http
 from pichat.router.api.embedbatch import EmbedBatcher
 from pichat.router.daemon import roster
 from pichat.router.daemon.clients import ClientSide
+from pichat.router.daemon.election import Election
 from pichat.router.daemon.joins import JoinDesk
 from pichat.router.daemon.keyring import KeyRing
 from pichat.router.daemon.memory import Memory
@@ -118,6 +119,9 @@ class Router:
         """The keys directory kept alike with other routers' (with --db etcd://)."""
         self.floating = (FloatingAddress(config.floating_address)
                          if config.floating_address else None)
+        self.election: Election | None = None
+        """With the floating address and --db etcd://: whether this router may hold it
+        (pichat/router/daemon/election.py; GET /health/floating)."""
         if self.floating is not None:
             self.floating.check()
         self.http_site: Any = None
@@ -191,6 +195,10 @@ class Router:
                     # told of this one.
                     await roster.publish(self.memory.store, self.workers_endpoint,
                                          self.clients_endpoint)
+                if self.floating is not None and isinstance(self.memory.store, EtcdStore):
+                    self.election = Election(self.memory.store, self.floating.address,
+                                             self.floating.name)
+                    await self.election.round()  # before "ready": the check answers true
             if cfg.keys is not None and cfg.discovery:
                 announcer = Announcer(cfg.keys.router_public().decode(), {
                     "workers": port_of(self.workers_endpoint),
@@ -236,6 +244,8 @@ class Router:
                 published = (tasks.create_task(roster.keep_published(
                     self.memory.store, self.workers_endpoint, self.clients_endpoint),
                     name="roster") if self.keyring is not None else None)
+                election = (tasks.create_task(self.election.run(), name="election")
+                            if self.election is not None else None)
                 record = (tasks.create_task(keep_record(
                     self.floating, self.memory.store, cfg.heartbeat_interval,
                     self._failed_over), name="floating-record")
@@ -245,7 +255,7 @@ class Router:
                 await self._drain()
                 heartbeats.cancel()
                 lag.cancel()
-                for task in (keyring, record, published):
+                for task in (keyring, record, published, election):
                     if task is not None:
                         task.cancel()
         finally:

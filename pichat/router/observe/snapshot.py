@@ -91,7 +91,9 @@ def snapshot(r: Observed) -> dict[str, Any]:
                        "python_blocks": sys.getallocatedblocks()},
             "loop_lag_ms": {"now": round(r.loop_lag[0] * 1000, 1),
                             "max_1m": round(r.loop_lag[1] * 1000, 1)},
-            **({"floating": r.floating.as_status()} if r.floating is not None else {}),
+            **({"floating": {**r.floating.as_status(),
+                             **({"elected": r.election.holds} if r.election else {})}}
+               if r.floating is not None else {}),
         },
         "queue": {"depth": sched.queue_depth, "limit": cfg.scheduler.queue_limit},
         "security": {
