@@ -25,6 +25,7 @@ builds from it.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -174,3 +175,15 @@ class _Walk:
         except msgpack.OutOfData:
             return False  # longer than 5 bytes per element: not only integers
         return _INT_ARRAY.fullmatch(self.body, pos, pos + skip.tell()) is not None
+
+
+def json_object(raw: bytes | None, max_bytes: int) -> dict[str, Any] | None:
+    """A JSON object of at most `max_bytes` (a record another router left in the shared
+    store), or None if it is anything else."""
+    if not raw or len(raw) > max_bytes:
+        return None
+    try:
+        found = json.loads(raw)
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None

@@ -22,6 +22,7 @@ from typing import Any
 
 from pichat.errors import PichatError
 from pichat.transport import ENDPOINT, this_host
+from pichat.unpack import json_object
 
 __all__ = ["ROOT", "MAX_ROUTERS", "publish", "others", "keep_published", "reachable"]
 
@@ -49,13 +50,8 @@ def _record(workers: str, clients: str, at: float) -> bytes:
 
 
 def _parse(raw: bytes) -> tuple[str, str, float] | None:
-    if not raw or len(raw) > MAX_RECORD_BYTES:
-        return None
-    try:
-        record = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(record, dict):
+    record = json_object(raw, MAX_RECORD_BYTES)
+    if record is None:
         return None
     workers, clients, at = record.get("workers"), record.get("clients"), record.get("at")
     if not all(isinstance(e, str) and ENDPOINT.fullmatch(e) for e in (workers, clients)):

@@ -249,8 +249,7 @@ class Router:
                 record = (tasks.create_task(keep_record(
                     self.floating, self.memory.store, cfg.heartbeat_interval,
                     self._failed_over), name="floating-record")
-                    if self.floating is not None and isinstance(self.memory.store, EtcdStore)
-                    else None)
+                    if self.election is not None else None)  # (the same condition)
                 await stop.wait()
                 await self._drain()
                 heartbeats.cancel()

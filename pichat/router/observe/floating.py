@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from pichat.errors import PichatError
+from pichat.unpack import json_object
 
 __all__ = ["FloatingAddress", "is_local", "keep_record", "RECORD_ROOT", "RECORD_MAX_BYTES"]
 
@@ -110,13 +111,8 @@ class FloatingAddress:
 
 def _parse(raw: bytes | None) -> tuple[str, float] | None:
     """(router, at) of a record, or None: read as any peer's message (bounded, checked)."""
-    if not raw or len(raw) > RECORD_MAX_BYTES:
-        return None
-    try:
-        record = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(record, dict):
+    record = json_object(raw, RECORD_MAX_BYTES)
+    if record is None:
         return None
     router, at = record.get("router"), record.get("at")
     if not isinstance(router, str) or not 0 < len(router) <= _NAME_MAX:
