@@ -20,7 +20,7 @@ DOCKER_BUILD_ARGS ?=
 STACK ?= pichat
 COMPOSE := scripts/compose.sh -f docker/compose.yml
 
-.PHONY: install run test test-fast lint bench install-systemd build up down logs swarm-deploy \
+.PHONY: install run test test-fast lint bench install-systemd install-ha build up down logs swarm-deploy \
 	swarm-rm docker-e2e systemd-e2e clients-e2e fault-lab soak docs clean help
 
 help:
@@ -30,6 +30,7 @@ help:
 	@echo "make docs     the documentation site (docs/, MkDocs Material) built offline into site/"
 	@echo "make install  only set up $(VENV): llama-cpp-python built for this CPU, pichat, the default model"
 	@echo "make install-systemd   (as root) pichat as systemd services in /opt/pichat"
+	@echo "make install-ha        (as root, after install-systemd) two routers: etcd, keepalived"
 	@echo "make build / up / down / logs       the Docker image and a compose cluster"
 	@echo "make swarm-deploy / swarm-rm         the Swarm stack"
 	@echo "make docker-e2e / systemd-e2e        deployment end-to-end checks (minutes; root)"
@@ -74,6 +75,9 @@ clients-e2e: install
 install-systemd:
 	scripts/install-systemd.sh
 
+install-ha:
+	scripts/install-ha.sh
+
 build:
 	scripts/docker-wheelhouse.sh $(PLATFORM)
 	$(DOCKER) build $(DOCKER_BUILD_ARGS) -f docker/Dockerfile --build-arg TARGETARCH=$(ARCH) \
@@ -117,6 +121,7 @@ docker-e2e: install
 systemd-e2e: install
 	scripts/ensure-tools.sh docker:docker.io dockerd:docker.io debootstrap:debootstrap
 	scripts/systemd-e2e.sh
+	scripts/systemd-ha-e2e.sh
 
 clean:
 	rm -rf $(VENV) build site *.egg-info .pytest_cache

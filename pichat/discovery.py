@@ -77,9 +77,11 @@ class Announcer:
             self._zc = None
 
 
-async def find(key: str, role: str, timeout: float = 3.0) -> str | None:
+async def find(key: str, role: str, timeout: float = 3.0,
+               avoid: frozenset[str] = frozenset()) -> str | None:
     """The endpoint (`tcp://ADDRESS:PORT`) of `role` ("workers", "clients") of an
-    announced router whose public key is `key`; None if none answers in `timeout`."""
+    announced router whose public key is `key`, other than those in `avoid` (routers
+    sharing the key that this host already uses); None if none answers in `timeout`."""
     from zeroconf import IPVersion, ServiceStateChange
     from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
@@ -101,8 +103,9 @@ async def find(key: str, role: str, timeout: float = 3.0) -> str | None:
                             "this host holds", name, ", ".join(addresses) or "?")
             return
         port = props.get(role, "")
-        if addresses and port.isdigit() and not found.done():
-            found.set_result(f"tcp://{addresses[0]}:{port}")
+        endpoint = f"tcp://{addresses[0]}:{port}" if addresses else ""
+        if port.isdigit() and endpoint and endpoint not in avoid and not found.done():
+            found.set_result(endpoint)
 
     def on_change(zeroconf: Any, service_type: str, name: str,
                   state_change: ServiceStateChange) -> None:
@@ -180,18 +183,23 @@ async def proven(endpoint: str, keys: Any, key_name: str, timeout: float = 3.0) 
 
 async def relocate(keys_dir: Any, router_key: str, role: str, was: str | None,
                    timeout: float = 3.0, *, keys: Any = None, key_name: str = "",
-                   finder: Callable[[str, str, float], Awaitable[str | None]] | None = None
+                   avoid: frozenset[str] = frozenset(),
+                   finder: Callable[[str, str, float, frozenset[str]],
+                                    Awaitable[str | None]] | None = None
                    ) -> str | None:
-    """Look on the LAN for the router whose key is `router_key`; if found somewhere other
-    than `was`, and the listener there proves it holds the router's secret (`proven`,
-    with `keys` and `key_name`), keep the new endpoint in a joined Pi's router.json
-    (`keys_dir`), so the next start goes there directly. The endpoint, or None (an
-    announcement that does not prove the key is not used: a spoofed one would keep this
-    host stuck). `finder`: what looks (`find`)."""
-    from pichat.invites import ROUTER_FILE, remember_router
+    """Look on the LAN for the router whose key is `router_key`, other than those in
+    `avoid` (the other routers this host is registered with: with two routers sharing a
+    key, a silent one must not be taken for the other); if found somewhere other than
+    `was`, and the listener there proves it holds the router's secret (`proven`, with
+    `keys` and `key_name`), keep the new endpoint in a joined Pi's router.json
+    (`keys_dir`) in place of `was` (the other routers kept there stay), so the next
+    start goes there directly. The endpoint, or None (an announcement that does not
+    prove the key is not used: a spoofed one would keep this host stuck). `finder`: what
+    looks (`find`)."""
+    from pichat.invites import ROUTER_FILE, remember_router, stored_router
 
     try:
-        found = await (finder or find)(router_key, role, timeout)
+        found = await (finder or find)(router_key, role, timeout, avoid)
     except (OSError, RuntimeError) as exc:  # no multicast here, or a sandbox (systemd's
         # RestrictAddressFamilies without AF_NETLINK): look no further, but keep going
         log.warning("cannot look for the router on the LAN: %s", exc)
@@ -204,7 +212,13 @@ async def relocate(keys_dir: Any, router_key: str, role: str, was: str | None,
         log.info("found the router on the LAN at %s (was %s)", found, was or "none")
         if keys_dir is not None and (keys_dir / ROUTER_FILE).exists():
             try:
-                remember_router(keys_dir, {role: found})
-            except OSError as exc:
+                kept = [e for e in (stored_router(keys_dir, role) or "").split(",") if e]
+                if was in kept:
+                    kept[kept.index(was)] = found
+                elif len(kept) <= 1:
+                    kept = [found]
+                # else `was` came from elsewhere (--router): the kept routers stay
+                remember_router(keys_dir, {role: ",".join(dict.fromkeys(kept))})
+            except (OSError, PichatError) as exc:
                 log.debug("cannot keep the router's new address: %s", exc)
     return found

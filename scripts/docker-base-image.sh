@@ -5,7 +5,8 @@
 #   local/debian-py:bookworm         runtime: python3, venv, libgomp1
 #   local/debian-py-build:bookworm   the same plus g++, make, cmake (for the build stage)
 #   local/debian-systemd:bookworm    with the flavour "systemd": systemd as init, make,
-#                                    python3 (for scripts/systemd-e2e.sh)
+#                                    python3, etcd-server, keepalived (scripts/systemd-e2e.sh,
+#                                    scripts/systemd-ha-e2e.sh)
 # Usage: sudo scripts/docker-base-image.sh [linux/amd64|linux/arm64] [systemd]
 # (arm64 on an x86 machine needs qemu-user-static and binfmt_misc; ~6 minutes.)
 # Env: DOCKER (default: docker), MIRROR (default http://deb.debian.org/debian), WORK dir.
@@ -24,7 +25,8 @@ packages=python3,python3-venv,ca-certificates,libgomp1
 if [ "${2:-}" = systemd ]; then
     runtime="local/debian-systemd:bookworm$suffix"
     build=$runtime
-    packages="$packages,systemd,systemd-sysv,dbus,make,procps"
+    # etcd, keepalived, curl and ip: the HA layout (scripts/systemd-ha-e2e.sh).
+    packages="$packages,systemd,systemd-sysv,dbus,make,procps,etcd-server,keepalived,curl,iproute2"
 fi
 relabel() {  # tag: some engines ignore `docker import --platform`; set the architecture
     local tag=$1 dir

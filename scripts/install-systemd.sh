@@ -64,7 +64,7 @@ elif [ ! -f "$keys/router.key" ]; then
 fi
 if [ -z "$root" ]; then
     # The services run as dynamic users in group pichat; the router also in
-    # pichat-router, the only group that reads its secret and api-keys.
+    # pichat-secrets, the only group that reads its secret and api-keys.
     "$here/scripts/key-permissions.sh" "$keys"
 fi
 if [ -z "$root" ] && [ -d /run/systemd/system ]; then
@@ -84,5 +84,5 @@ pichat is installed. Next:
   $next
   on every Pi that answers:  systemctl enable --now pichat-worker
   (settings: /etc/pichat/pichat.env)
-  logs: journalctl -u pichat-worker -f     health: $prefix/venv/bin/pichat health
+  logs: journalctl -u pichat-worker -f     status: $prefix/venv/bin/pichat status
 MSG

@@ -77,6 +77,12 @@ def test_units_run_as_a_dynamic_user_with_only_their_state_writable():
     assert "StateDirectory=pichat\n" in worker and "StateDirectory=pichat-router\n" in router
     assert "PICHAT_MODEL_DIR=%S/pichat/models" in worker
     assert "PICHAT_DB=%S/pichat-router/conversations.db" in router
+    # A static group named as a unit (its dynamic user's name) stops systemd from making
+    # that user: the unit fails with 217/USER.
+    names = {u.removesuffix(".service") for u in UNITS}
+    for unit in (worker, router):
+        groups = re.search(r"^SupplementaryGroups=(.*)$", unit, re.M)[1].split()
+        assert not names & set(groups), groups
 
 
 def option_envvars() -> set[str]:
@@ -163,7 +169,7 @@ def test_on_the_routers_pi_a_workers_group_cannot_read_the_routers_secrets():
     `pichat keygen`: a process in the services' group only (a worker's) reads
     the public keys and its own pair, never the router's secret, the client secret or
     api-keys; one in the router's group too reads them. Groups that exist here stand in
-    for pichat and pichat-router."""
+    for pichat and pichat-secrets."""
     import tempfile
     # Under a directory other users can pass through (pytest's own is root's only).
     top = Path(tempfile.mkdtemp(prefix="pichat-keys-", dir="/tmp"))
@@ -182,7 +188,7 @@ def check_key_groups(keys: Path) -> None:
     done = run(ROOT / "scripts" / "key-permissions.sh", keys, env=env)
     assert done.returncode == 0, done.stderr
     units = {u: (ROOT / "systemd" / u).read_text() for u in UNITS}
-    assert "SupplementaryGroups=pichat pichat-router\n" in units["pichat-router.service"]
+    assert "SupplementaryGroups=pichat pichat-secrets\n" in units["pichat-router.service"]
     assert "SupplementaryGroups=pichat\n" in units["pichat-worker.service"]
 
     def reads(groups: str, path: Path) -> bool:
@@ -200,3 +206,102 @@ def check_key_groups(keys: Path) -> None:
     for folder in ("workers", "clients", "invites", "revoked"):
         mode = (keys / folder).stat().st_mode
         assert mode & 0o7777 == 0o2770, folder
+
+
+def install_ha(etc: Path, **env: str) -> subprocess.CompletedProcess:
+    return run(ROOT / "scripts" / "install-ha.sh",
+               env={**os.environ, "PICHAT_ETC": str(etc), "PICHAT_HA_NO_APT": "1", **env})
+
+
+def this_hosts_address() -> str:
+    found = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+    if not found:
+        pytest.skip("this host has no address but loopback")
+    return found[0]
+
+
+def test_install_ha_configures_each_pi_for_its_part_and_keepalived_accepts_the_file(tmp_path):
+    """The same `make install-ha` on every Pi: an etcd member, a router Pi, a worker only."""
+    me, other, witness = this_hosts_address(), "10.250.0.12", "10.250.0.13"
+    members = f"pi1={me} pi2={other} pi3={witness}"
+    env = {"PICHAT_HA_ETCD": members, "PICHAT_HA_ROUTERS": f"{me} {other}",
+           "PICHAT_HA_ADDRESS": "10.250.0.50/24",
+           "PICHAT_HA_NAME": "pi1"}
+    (tmp_path / "pichat").mkdir()
+    shipped = (ROOT / "systemd" / "pichat.env").read_text()
+    (tmp_path / "pichat" / "pichat.env").write_text(shipped)
+    done = install_ha(tmp_path, **env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    etcd = dict(line.split("=", 1) for line in (tmp_path / "default/etcd").read_text().split("\n")
+                if line and not line.startswith("#"))
+    assert etcd["ETCD_NAME"] == "pi1"
+    assert etcd["ETCD_INITIAL_CLUSTER"] == (f"pi1=http://{me}:2380,pi2=http://{other}:2380,"
+                                            f"pi3=http://{witness}:2380")
+    assert etcd["ETCD_LISTEN_CLIENT_URLS"] == f"http://{me}:2379,http://127.0.0.1:2379"
+    assert etcd["ETCD_PRE_VOTE"] == "true" and etcd["ETCD_AUTO_COMPACTION_RETENTION"] == "1"
+    allowed = re.search(r"^IPAddressAllow=(.*)$",
+                        (tmp_path / "systemd/system/etcd.service.d/pichat.conf").read_text(),
+                        re.M)[1].split()
+    assert set(allowed) == {"localhost", me, other, witness, "10.250.0.50"}
+    conf = tmp_path / "keepalived/keepalived.conf"
+    text = conf.read_text()
+    assert not re.search(r"@[A-Z]+@", text), text
+    assert 'http://127.0.0.1:8080/health"' in text and "10.250.0.50/24" in text
+    route = subprocess.run(["ip", "-o", "route", "get", "10.250.0.50"], capture_output=True,
+                           text=True).stdout
+    device = re.search(r" dev (\S+)", route)[1]
+    assert f"interface {device}\n" in text  # the one reaching the address
+    assert "virtual_router_id 77" in text
+    checked = run(tool("keepalived"), "--config-test", "-f", conf)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    config = (tmp_path / "pichat/pichat.env").read_text()
+    assert config.startswith(shipped)
+    assert f"PICHAT_DB=etcd://{me}:2379,{other}:2379,{witness}:2379\n" in config
+    assert "PICHAT_FLOATING_ADDRESS=10.250.0.50\n" in config
+    assert f"PICHAT_WORKER_ROUTER=tcp://{me}:5556,tcp://{other}:5556\n" in config
+    assert "After=etcd.service" in (
+        tmp_path / "systemd/system/pichat-router.service.d/ha.conf").read_text()
+    # Run again, or with the election's check: one block, the rest kept.
+    assert install_ha(tmp_path, **env, PICHAT_HA_CHECK="floating").returncode == 0
+    again = (tmp_path / "pichat/pichat.env").read_text()
+    assert again == config and again.count("# --- high availability") == 1
+    text = conf.read_text()
+    assert "8080/health/floating" in text and "rise 1" in text and "advert_int 0.2" in text
+    checked = run(tool("keepalived"), "--config-test", "-f", conf)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    # The witness (pi3): an etcd member, no keepalived, no router settings.
+    witness_etc = tmp_path / "pi3"
+    (witness_etc / "pichat").mkdir(parents=True)
+    (witness_etc / "pichat/pichat.env").write_text(shipped)
+    done = install_ha(witness_etc, **{**env, "PICHAT_HA_NAME": "pi3",
+                                      "PICHAT_HA_ROUTERS": f"{other} 10.250.0.11"})
+    assert done.returncode == 0, done.stderr
+    assert "ETCD_NAME=pi3\n" in (witness_etc / "default/etcd").read_text()
+    assert f"ETCD_LISTEN_PEER_URLS=http://{witness}:2380\n" in (
+        witness_etc / "default/etcd").read_text()
+    assert not (witness_etc / "keepalived").exists()
+    config = (witness_etc / "pichat/pichat.env").read_text()
+    assert "PICHAT_DB=" not in config and "PICHAT_FLOATING_ADDRESS" not in config
+    assert f"PICHAT_WORKER_ROUTER=tcp://{other}:5556,tcp://10.250.0.11:5556\n" in config
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"PICHAT_HA_ETCD": "pi1"}, "is not NAME=IP"),
+    ({"PICHAT_HA_ETCD": "pi1=10.0.0.1;reboot"}, "is not NAME=IP"),
+    ({"PICHAT_HA_ROUTERS": "pi1.local"}, "is not an IP address"),
+    ({"PICHAT_HA_ADDRESS": "10.0.0.50"}, "must be IP/PREFIX"),
+    ({"PICHAT_HA_VRID": "300"}, "must be 1-255"),
+    ({"PICHAT_HA_CHECK": "ping"}, "must be floating or health"),
+    ({"PICHAT_HA_ROUTERS": ""}, "needs PICHAT_HA_ETCD"),
+])
+def test_install_ha_refuses_what_it_cannot_use_and_writes_nothing(tmp_path, change, says):
+    (tmp_path / "pichat").mkdir()
+    (tmp_path / "pichat/pichat.env").write_text("PICHAT_SLOTS=2\n")
+    env = {"PICHAT_HA_ETCD": "pi1=10.0.0.1 pi2=10.0.0.2 pi3=10.0.0.3",
+           "PICHAT_HA_ROUTERS": "10.0.0.1 10.0.0.2", "PICHAT_HA_ADDRESS": "10.0.0.50/24",
+           "PICHAT_HA_NAME": "pi1", **change}
+    done = install_ha(tmp_path, **env)
+    assert done.returncode != 0 and says in done.stderr, done.stderr
+    assert (tmp_path / "pichat/pichat.env").read_text() == "PICHAT_SLOTS=2\n"
+    assert not (tmp_path / "default").exists()

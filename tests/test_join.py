@@ -215,6 +215,39 @@ async def test_a_lan_search_that_cannot_run_is_a_log_line_not_a_crash(tmp_path, 
     assert "cannot look for the router on the LAN" in caplog.text
 
 
+async def test_with_two_routers_a_silent_one_is_not_taken_for_the_other_and_both_stay_kept(
+        tmp_path):
+    """A worker registered with two routers sharing one key, one of them silent: the LAN
+    search skips the router it already has (seen in the systemd HA e2e: the silent
+    router's registration moved onto the other, and never came back to it), and what a
+    joined Pi keeps names both routers, the silent one's new address in its place."""
+    import pichat.discovery as discovery
+    from pichat.invites import remember_router, stored_router
+
+    silent, other, moved = "tcp://10.0.0.1:5556", "tcp://10.0.0.2:5556", "tcp://10.0.0.7:5556"
+    remember_router(tmp_path, {"workers": f"{silent},{other}"})
+    announced = [other]
+    asked = []
+
+    async def finder(key, role, timeout, avoid):  # find's contract: the first not avoided
+        asked.append(avoid)
+        return next((e for e in announced if e not in avoid), None)
+
+    assert await discovery.relocate(tmp_path, "k" * 40, "workers", silent,
+                                    avoid=frozenset({other}), finder=finder) is None
+    assert asked == [frozenset({other})]
+    assert stored_router(tmp_path, "workers") == f"{silent},{other}"
+    announced.append(moved)  # the silent router comes back elsewhere
+    assert await discovery.relocate(tmp_path, "k" * 40, "workers", silent,
+                                    avoid=frozenset({other}), finder=finder) == moved
+    assert stored_router(tmp_path, "workers") == f"{moved},{other}"
+    # One router kept, found elsewhere: replaced, as before.
+    remember_router(tmp_path, {"workers": silent})
+    assert await discovery.relocate(tmp_path, "k" * 40, "workers", silent,
+                                    finder=finder) == other
+    assert stored_router(tmp_path, "workers") == other
+
+
 async def test_a_revoked_client_stays_out_on_its_open_connection_and_nobody_gets_its_name(
         cluster: Cluster, tmp_path: Path):
     """Revocation by name was a hole: anyone with a client token could join as the revoked
@@ -306,7 +339,7 @@ async def test_an_announced_address_is_followed_and_kept_only_once_it_proved_the
         fakes.append(sock.last_endpoint.decode())
     try:
         for fake in fakes:
-            async def spoofed(k, role, timeout, fake=fake):
+            async def spoofed(k, role, timeout, avoid, fake=fake):
                 return fake
 
             assert await discovery.relocate(pi, key, "workers", "tcp://10.255.0.1:1", 3.0,
@@ -315,7 +348,7 @@ async def test_an_announced_address_is_followed_and_kept_only_once_it_proved_the
             assert (pi / "router.json").read_text() == kept
         moved = "tcp://localhost:" + cluster.worker_endpoint.rsplit(":", 1)[1]
 
-        async def real(k, role, timeout):
+        async def real(k, role, timeout, avoid):
             return moved
 
         assert await discovery.relocate(pi, key, "workers", cluster.worker_endpoint, 30.0,

@@ -169,7 +169,10 @@ class Router:
             workers.bind(cfg.workers_bind)
             self.clients_endpoint = clients.getsockopt_string(zmq.LAST_ENDPOINT)
             if self.floating is not None:
-                self.floating.name = f"{socket.gethostname()} {self.clients_endpoint}"
+                # As the other routers and clients reach it, not as bound (0.0.0.0).
+                shown = (roster.reachable(self.clients_endpoint)
+                         if self.clients_endpoint.startswith("tcp://") else self.clients_endpoint)
+                self.floating.name = f"{socket.gethostname()} {shown}"
             self.workers_endpoint = workers.getsockopt_string(zmq.LAST_ENDPOINT)
             if cfg.keys is not None and cfg.join_bind.lower() not in ("", "off", "none"):
                 joins = ctx.socket(zmq.ROUTER)

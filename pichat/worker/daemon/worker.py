@@ -287,8 +287,9 @@ class Worker:
             return
         from pichat.discovery import relocate
 
+        others = frozenset(r.endpoint for r in self.registrations if r is not reg)
         found = await relocate(cfg.keys.directory, key, "workers", reg.endpoint, keys=cfg.keys,
-                               key_name=cfg.key_name)
+                               key_name=cfg.key_name, avoid=others)
         if found and found != reg.endpoint:
             reg.endpoint = found
             self.config = replace(cfg, router=found)
