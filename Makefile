@@ -96,13 +96,25 @@ logs:
 
 # The router's keys go into its volume on this manager; the workers get a join token
 # (one use per node, an hour) and make key pairs of their own on their nodes.
+# HA=1: also docker/stack-ha.yml, a second router on ROUTER2_NODE (its keys copied into its
+# volume through ROUTER2_DOCKER_HOST, the engine of that manager) and etcd on ETCD_NODES
+# (three node names); each defaults to this node.
+HA ?=
+SELF = $$($(DOCKER) node inspect self --format '{{.Description.Hostname}}')
+ROUTER2_NODE ?= $(SELF)
+ROUTER2_DOCKER_HOST ?= $(DOCKER_HOST)
+ETCD_NODES ?= $(SELF) $(SELF) $(SELF)
 swarm-deploy:
 	IMAGE=$(IMAGE) scripts/docker-keys.sh volume $(STACK)_router-keys stack
+	$(if $(HA),$(if $(ROUTER2_DOCKER_HOST),DOCKER_HOST=$(ROUTER2_DOCKER_HOST)) IMAGE=$(IMAGE) \
+		scripts/docker-keys.sh volume $(STACK)_router2-keys stack)
 	token=$$(IMAGE=$(IMAGE) scripts/docker-keys.sh invite $(STACK)_router-keys \
 		"$$($(DOCKER) node ls -q | wc -l)") && \
-	PICHAT_JOIN="$$token" PICHAT_IMAGE=$(IMAGE) \
-	PICHAT_ROUTER_NODE="$$($(DOCKER) node inspect self --format '{{.Description.Hostname}}')" \
-		$(DOCKER) stack deploy -c docker/stack.yml $(STACK)
+	etcd=($(ETCD_NODES)) && \
+	PICHAT_JOIN="$$token" PICHAT_IMAGE=$(IMAGE) PICHAT_ROUTER_NODE="$(SELF)" \
+	PICHAT_ROUTER2_NODE="$(ROUTER2_NODE)" PICHAT_ETCD_NODE1="$${etcd[0]}" \
+	PICHAT_ETCD_NODE2="$${etcd[1]}" PICHAT_ETCD_NODE3="$${etcd[2]}" \
+		$(DOCKER) stack deploy -c docker/stack.yml $(if $(HA),-c docker/stack-ha.yml) $(STACK)
 
 swarm-rm:
 	$(DOCKER) stack rm $(STACK)

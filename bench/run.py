@@ -17,6 +17,7 @@ import affinity  # noqa: E402
 import batched  # noqa: E402
 import connections  # noqa: E402
 import embeddings  # noqa: E402
+import ha  # noqa: E402
 import http_affinity  # noqa: E402
 import migration  # noqa: E402
 import overhead  # noqa: E402
@@ -49,6 +50,9 @@ BENCHMARKS = {
                  patterns.main),
     "embeddings": ("Embeddings per second for short sentences: many inputs per request vs "
                    "one at a time (default model, 2 threads, in-process)", embeddings.main),
+    "ha": ("What two routers cost a kept turn: one router on SQLite vs two on etcd x3, "
+           "every worker registered with both (8 conversations x 8 turns, sim workers)",
+           ha.main),
     "connections": ("Router memory per client connection, as the messages it carried grow "
                     "(libzmq's pipes; explains the soak's memory curve)", connections.main),
 }

@@ -181,6 +181,26 @@ async def proven(endpoint: str, keys: Any, key_name: str, timeout: float = 3.0) 
         ctx.term()
 
 
+async def resolved(endpoints: frozenset[str], timeout: float = 2.0) -> frozenset[str]:
+    """`endpoints` and each as its host's IPv4 addresses (tcp://router2:5556 ->
+    tcp://10.0.2.3:5556): an announcement names an address, the worker may have a name
+    (Swarm's service names). A name that does not resolve in `timeout` stays as it is."""
+    loop = asyncio.get_running_loop()
+    out = set(endpoints)
+    for endpoint in endpoints:
+        host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+        if not host or not port.isdigit():
+            continue
+        try:
+            found = await asyncio.wait_for(loop.getaddrinfo(
+                host.strip("[]"), int(port), family=socket.AF_INET, type=socket.SOCK_STREAM),
+                timeout)
+        except (OSError, TimeoutError, UnicodeError):
+            continue
+        out.update(f"tcp://{info[4][0]}:{port}" for info in found)
+    return frozenset(out)
+
+
 async def relocate(keys_dir: Any, router_key: str, role: str, was: str | None,
                    timeout: float = 3.0, *, keys: Any = None, key_name: str = "",
                    avoid: frozenset[str] = frozenset(),
@@ -188,18 +208,18 @@ async def relocate(keys_dir: Any, router_key: str, role: str, was: str | None,
                                     Awaitable[str | None]] | None = None
                    ) -> str | None:
     """Look on the LAN for the router whose key is `router_key`, other than those in
-    `avoid` (the other routers this host is registered with: with two routers sharing a
-    key, a silent one must not be taken for the other); if found somewhere other than
-    `was`, and the listener there proves it holds the router's secret (`proven`, with
-    `keys` and `key_name`), keep the new endpoint in a joined Pi's router.json
-    (`keys_dir`) in place of `was` (the other routers kept there stay), so the next
+    `avoid` (the other routers this host is registered with, by name or address: with two
+    routers sharing a key, a silent one must not be taken for the other); if found
+    somewhere other than `was`, and the listener there proves it holds the router's
+    secret (`proven`, with `keys` and `key_name`), keep the new endpoint in a joined Pi's
+    router.json (`keys_dir`) in place of `was` (the other routers kept there stay), so the next
     start goes there directly. The endpoint, or None (an announcement that does not
     prove the key is not used: a spoofed one would keep this host stuck). `finder`: what
     looks (`find`)."""
     from pichat.invites import ROUTER_FILE, remember_router, stored_router
 
     try:
-        found = await (finder or find)(router_key, role, timeout, avoid)
+        found = await (finder or find)(router_key, role, timeout, await resolved(avoid))
     except (OSError, RuntimeError) as exc:  # no multicast here, or a sandbox (systemd's
         # RestrictAddressFamilies without AF_NETLINK): look no further, but keep going
         log.warning("cannot look for the router on the LAN: %s", exc)

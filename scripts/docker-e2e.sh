@@ -9,6 +9,10 @@
 #      each takes a state directory of its own and a conversation is still warm; kill one
 #      worker; a second prompt
 #   5. `make down`; then a one-node Swarm, `make swarm-deploy`, a prompt, `make swarm-rm`
+#   6. the HA stack (`make swarm-deploy HA=1`): two routers on etcd (three members), a
+#      conversation kept through one and listed through the other, HTTP through the
+#      second; the first router's task killed: a prompt answered, the conversation
+#      continued, and Swarm's restarted router gets the worker back
 # The workers' model volume is seeded from this machine's model cache (no download).
 set -euo pipefail
 
@@ -29,8 +33,12 @@ cleanup() {
     PICHAT_PUBLISH="127.0.0.1:$port" scripts/compose.sh -f docker/compose.yml down --volumes >/dev/null 2>&1
     docker stack rm pichat-e2e >/dev/null 2>&1
     [ -n "$swarm_started" ] && docker swarm leave --force >/dev/null 2>&1
+    docker stack rm pichat-ha >/dev/null 2>&1
+    for _ in $(seq 30); do [ -z "$(docker ps -q --filter label=com.docker.stack.namespace)" ] && break; sleep 1; done
     docker volume rm pichat_models pichat-e2e_models pichat-e2e_router-keys \
-        pichat-e2e_worker-keys >/dev/null 2>&1
+        pichat-e2e_worker-keys pichat-ha_models pichat-ha_router-keys pichat-ha_router2-keys \
+        pichat-ha_worker-keys pichat-ha_etcd1-data pichat-ha_etcd2-data \
+        pichat-ha_etcd3-data >/dev/null 2>&1
     if [ -n "$started_engine" ]; then scripts/docker-engine.sh stop; fi
 }
 trap cleanup EXIT
@@ -176,5 +184,56 @@ docker service logs pichat-e2e_worker 2>&1 | grep 'joined the cluster' ||
     fail "the swarm worker did not join"
 ask "$endpoint" "Name one planet."
 make --no-print-directory swarm-rm STACK=pichat-e2e
+
+step "Swarm HA (one node): two routers on etcd; one router's task killed, the other answers"
+etcd_image=${PICHAT_ETCD_IMAGE:-quay.io/coreos/etcd:v3.5.17}
+if ! docker image inspect "$etcd_image" >/dev/null 2>&1 &&
+        ! timeout 60 docker pull "$etcd_image" >/dev/null 2>&1; then
+    # No registry: this machine's etcd (Debian's etcd-server) on the local base image.
+    command -v etcd >/dev/null || fail "no etcd image and no etcd here (apt-get install etcd-server)"
+    ctx=$(mktemp -d)
+    cp "$(command -v etcd)" "$ctx/etcd"
+    printf 'FROM %s\nCOPY etcd /usr/local/bin/etcd\nRUN mkdir /data && chown 10001 /data\nUSER 10001\n' \
+        "$base" > "$ctx/Dockerfile"
+    etcd_image=local/etcd:e2e
+    docker build -q --network none -t "$etcd_image" "$ctx" >/dev/null
+    rm -rf "$ctx"
+fi
+echo "etcd image: $etcd_image"
+ha_port=$((port + 10))
+ep1="tcp://127.0.0.1:$ha_port" ep2="tcp://127.0.0.1:$((ha_port + 1))"
+http2="http://127.0.0.1:$((ha_port + 3))"
+seed_volume pichat-ha_models
+PICHAT_PUBLISH_PORT=$ha_port PICHAT_PUBLISH2_PORT=$((ha_port + 1)) \
+    PICHAT_PUBLISH_HTTP_PORT=$((ha_port + 2)) PICHAT_PUBLISH2_HTTP_PORT=$((ha_port + 3)) \
+    PICHAT_ETCD_IMAGE=$etcd_image make --no-print-directory swarm-deploy STACK=pichat-ha HA=1
+if ! wait_workers "$ep1" 1 || ! wait_workers "$ep2" 1; then
+    docker service ls
+    for s in router router2 worker etcd1; do docker service logs --tail 20 "pichat-ha_$s" 2>&1; done
+    fail "the worker did not register with both routers"
+fi
+$pichat status --router "$ep1,$ep2"
+echo "My name is Ada. Say hi." | $pichat chat --router "$ep1" --conversation "swarm ha" \
+    --max-tokens 16 --temperature 0 || fail "no chat turn through the first router"
+$pichat conversations list --router "$ep2" | grep -q "swarm ha" ||
+    fail "the conversation kept through the first router is not listed through the second"
+key=$(grep -v '^#' "$keys_dir/api-keys" | awk 'NF {print $1; exit}')
+curl -sf -m 120 "$http2/v1/chat/completions" -H "Authorization: Bearer $key" \
+    -H 'Content-Type: application/json' \
+    -d '{"model": "default", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}' |
+    python3 -c 'import json,sys; print("HTTP through router2:", json.load(sys.stdin)["choices"][0]["message"]["content"])' ||
+    fail "no HTTP answer through the second router"
+first=$(docker ps -q --filter label=com.docker.swarm.service.name=pichat-ha_router)
+[ -n "$first" ] || fail "no task of the first router"
+t0=$(date +%s.%N)
+docker kill "$first" >/dev/null
+ask "$ep1,$ep2" "Name one planet."
+echo "answered $(python3 -c "import sys,time; print(f'{time.time() - float(sys.argv[1]):.2f}')" "$t0")s after the first router's task was killed"
+echo "What is my name?" | $pichat chat --router "$ep1,$ep2" --conversation "swarm ha" \
+    --max-tokens 16 --temperature 0 || fail "the conversation cannot be continued"
+wait_workers "$ep1" 1 || fail "the restarted first router did not get the worker back"
+echo "Swarm restarted the first router; the worker registered with it again"
+$pichat status --router "$ep1,$ep2"
+make --no-print-directory swarm-rm STACK=pichat-ha
 
 step "docker-e2e passed"

@@ -94,7 +94,8 @@ def option_envvars() -> set[str]:
     return names | {"PICHAT_MODEL_DIR"}
 
 
-@pytest.mark.parametrize("path", ["systemd/pichat.env", "docker/compose.yml", "docker/stack.yml"])
+@pytest.mark.parametrize("path", ["systemd/pichat.env", "docker/compose.yml", "docker/stack.yml",
+                                  "docker/stack-ha.yml"])
 def test_configuration_files_only_name_real_options(path):
     text = (ROOT / path).read_text()
     used = set(re.findall(r"\b(PICHAT_[A-Z_]+)\s*[:=]", text))
@@ -102,7 +103,8 @@ def test_configuration_files_only_name_real_options(path):
     unknown = used - option_envvars() - {"PICHAT_IMAGE", "PICHAT_PUBLISH", "PICHAT_PUBLISH_PORT",
                                                "PICHAT_MODELS", "PICHAT_PUBLISH_HTTP",
                                                "PICHAT_PUBLISH_HTTP_PORT", "PICHAT_ROUTER_MEMORY",
-                                               "PICHAT_WORKER_MEMORY"}
+                                               "PICHAT_WORKER_MEMORY", "PICHAT_PUBLISH2_PORT",
+                                               "PICHAT_PUBLISH2_HTTP_PORT", "PICHAT_ETCD_IMAGE"}
     assert not unknown, f"{path} sets variables no option reads: {unknown}"
 
 
@@ -131,6 +133,37 @@ def test_swarm_stack_file_is_valid_and_uses_dnsrr():
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("endpoint_mode: dnsrr") == 2
     assert "mode: global" in done.stdout and "node.role == manager" in done.stdout
+
+
+def test_the_swarm_ha_layout_puts_both_routers_on_etcd_and_every_worker_on_both():
+    """docker/stack-ha.yml merged over docker/stack.yml (`make swarm-deploy HA=1`)."""
+    import yaml
+
+    nodes = {"PICHAT_ROUTER_NODE": "pi1", "PICHAT_ROUTER2_NODE": "pi2",
+             "PICHAT_ETCD_NODE1": "pi1", "PICHAT_ETCD_NODE2": "pi2", "PICHAT_ETCD_NODE3": "pi3"}
+    done = run(tool("docker"), "stack", "config", "-c", "docker/stack.yml", "-c",
+               "docker/stack-ha.yml", env={**os.environ, **nodes})
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    etcd = "etcd://etcd1:2379,etcd2:2379,etcd3:2379"
+    for name, node in (("router", "pi1"), ("router2", "pi2")):
+        router = services[name]
+        assert router["environment"]["PICHAT_DB"] == etcd
+        assert router["environment"]["PICHAT_KEYS"] == "/keys"
+        assert f"node.hostname == {node}" in router["deploy"]["placement"]["constraints"]
+    assert services["router"]["volumes"] != services["router2"]["volumes"]  # a copy each
+    assert (services["worker"]["environment"]["PICHAT_WORKER_ROUTER"]
+            == "tcp://router:5556,tcp://router2:5556")
+    assert services["worker"]["environment"]["PICHAT_JOIN"] is not None
+    for n, node in ((1, "pi1"), (2, "pi2"), (3, "pi3")):
+        member = services[f"etcd{n}"]
+        env = member["environment"]
+        assert env["ETCD_NAME"] == f"etcd{n}" and env["ETCD_PRE_VOTE"] == "true"
+        assert env["ETCD_INITIAL_ADVERTISE_PEER_URLS"] == f"http://etcd{n}:2380"
+        assert "ports" not in member  # the overlay network only: nothing outside reaches it
+        assert member["deploy"]["placement"]["constraints"] == [f"node.hostname == {node}"]
+        assert env["ETCD_INITIAL_CLUSTER"] == ",".join(
+            f"etcd{i}=http://etcd{i}:2380" for i in (1, 2, 3))
 
 
 def test_shell_scripts_pass_shellcheck():

@@ -215,6 +215,42 @@ async def test_the_next_turn_through_another_router_is_warm_where_the_last_ran(
         other.close()
 
 
+async def test_the_next_turn_sent_through_another_router_the_moment_the_last_ends_is_warm(
+        cluster: Cluster, tmp_path: Path):
+    """As after a failover of the floating address: the client sends its next turn
+    through B as soon as A's answer ends. The worker tells B where the conversation is
+    before it tells A the answer is done, so B knows it (found with Open WebUI's
+    captured chat replayed through two routers: B guessed, and half the turns were
+    read again from nothing). Heartbeats 5 s apart: only that message can tell B."""
+    (tmp_path / "other").mkdir()
+    other = Cluster(tmp_path / "other")
+    try:
+        cluster.router()
+        other.router()
+        both = f"{cluster.worker_endpoint},{other.worker_endpoint}"
+        for name in ("w1", "w2"):
+            cluster.spawn(name, ["worker", "--router", both, "--name", name, "--backend",
+                                 "sim", "--no-discovery", "--heartbeat", "5"])
+        for c in (cluster, other):
+            await c.wait_workers(2)
+        async with cluster.client() as a, other.client() as b:
+            for n in range(6):  # a client with no session id (the OpenAI API's)
+                chat = [ChatMessage("user", f"question number {n}")]
+                first = await a.chat(chat, sampling=GREEDY)
+                chat += [ChatMessage("assistant", first.text), ChatMessage("user", "why?")]
+                second = await b.chat(chat, sampling=GREEDY)
+                assert second.worker == first.worker, n
+                assert second.usage.cached_tokens >= first.usage.prompt_tokens, n
+            for n in range(4):  # and with one (pichat's own clients)
+                turn = [ChatMessage("user", f"story number {n}")]
+                first = await a.chat(turn, session=f"s{n}", sampling=GREEDY)
+                turn += [ChatMessage("assistant", first.text), ChatMessage("user", "more")]
+                second = await b.chat(turn, session=f"s{n}", sampling=GREEDY)
+                assert second.worker == first.worker, n
+    finally:
+        other.close()
+
+
 @pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
 async def test_a_worker_lost_mid_answer_is_invisible_to_the_client(cluster: Cluster, fault):
     cluster.router()

@@ -236,6 +236,12 @@ async def test_with_two_routers_a_silent_one_is_not_taken_for_the_other_and_both
     assert await discovery.relocate(tmp_path, "k" * 40, "workers", silent,
                                     avoid=frozenset({other}), finder=finder) is None
     assert asked == [frozenset({other})]
+    # Swarm names a router by its service name; the LAN announces its address.
+    announced.insert(0, "tcp://127.0.0.1:5556")
+    assert await discovery.relocate(tmp_path, "k" * 40, "workers", silent,
+                                    avoid=frozenset({"tcp://localhost:5556", other}),
+                                    finder=finder) is None
+    announced.pop(0)
     assert stored_router(tmp_path, "workers") == f"{silent},{other}"
     announced.append(moved)  # the silent router comes back elsewhere
     assert await discovery.relocate(tmp_path, "k" * 40, "workers", silent,

@@ -205,3 +205,51 @@ async def test_every_other_captured_request_gets_what_its_client_expects(cluster
                 assert isinstance(json.loads(text), (dict, list)), (name, text)
             report.append(f"{name}: {calls or repr(text[:60])}")
     print("\n".join(report))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+async def test_open_webui_s_next_turn_through_the_other_router_is_warm(cluster: Cluster,
+                                                                      tmp_path: Path,
+                                                                      default_model):
+    """The HA layout (two routers, two workers registered with both) and Open WebUI's
+    captured chat with its default settings (36 built-in tools): the first turn through
+    router A, the next through router B, as after the floating address moved. B sends it
+    to the worker holding the first turn's KV state, and the prompt the two turns share
+    (system prompt, tools, the first exchange) is read from the cache, not again."""
+    (tmp_path / "b").mkdir()
+    other = Cluster(tmp_path / "b")
+    try:
+        cluster.router()
+        other.router()
+        both = f"{cluster.worker_endpoint},{other.worker_endpoint}"
+        for name in ("w1", "w2"):
+            cluster.spawn(name, ["worker", "--router", both, "--name", name, "--backend",
+                                 "llama", "--model", str(default_model), "--threads", "1",
+                                 "--no-discovery", "--heartbeat", "0.5"])
+        await cluster.wait_workers(2, timeout=300)
+        await other.wait_workers(2, timeout=300)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
+            first = load("open-webui-openai-hello-chat-1")
+            status, objects = await send(http, cluster.http_url, first)
+            assert status == 200, objects
+            said, _, was = answer_of(first, objects)
+            assert said.strip(), objects
+            second = load("open-webui-openai-second-chat-1")
+            messages = second["body"]["messages"]
+            assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+            # Open WebUI sends back the answer it got (the capture holds another model's).
+            second["body"] = {**second["body"],
+                              "messages": [messages[0], {**messages[1], "content": said},
+                                           messages[2]]}
+            status, objects = await send(http, other.http_url, second)
+            assert status == 200, objects
+            text, _, then = answer_of(second, objects)
+    finally:
+        other.close()
+    print(f"\nturn 1 via A on {was['worker']}: {was['prompt_tokens']} prompt tokens; turn 2 "
+          f"via B on {then['worker']}: {then['cached_tokens']} of {then['prompt_tokens']} "
+          f"cached")
+    assert text.strip(), objects
+    assert then["worker"] == was["worker"]
+    assert then["cached_tokens"] >= 0.9 * was["prompt_tokens"], (was, then)

@@ -346,7 +346,9 @@ def usage_object(done: Done) -> dict[str, Any]:
 def _pichat(done: Done) -> dict[str, Any]:
     """pichat's own fields (OpenAI clients ignore unknown ones)."""
     u = done.usage
-    out = {"worker": done.worker, "prompt_ms": u.prompt_ms, "generate_ms": u.generate_ms,
+    out = {"worker": done.worker, "prompt_tokens": u.prompt_tokens,
+           "cached_tokens": u.cached_tokens, "prompt_ms": u.prompt_ms,
+           "generate_ms": u.generate_ms,
            "tokens_per_s": round(u.tokens_per_s, 2), "finish": done.finish,
            "failovers": done.failovers}
     if done.conversation:

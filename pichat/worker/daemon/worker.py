@@ -728,7 +728,7 @@ class Worker:
 
     def _announce(self, through: Registration, request: Request) -> None:
         """A turn of `request`'s session begins here for the router of `through`: the
-        other routers hear it in their next heartbeat (so that its next turn comes here
+        other routers hear it at once, in a heartbeat (so that its next turn comes here
         whichever router it goes through)."""
         if request.session is None or request.lease is None:
             return
@@ -741,11 +741,14 @@ class Worker:
                 del reg.warmed[next(iter(reg.warmed))]
             if request.session in reg.evicted:
                 reg.evicted.remove(request.session)
+            self._send_heartbeat(reg)
 
     def _tell_answered(self, job: _Running, finish: str) -> None:
         """The other routers hear the state `job`'s answer left its conversation in, so a
         client that keeps no session id finds it through any of them (its next turn comes
-        here)."""
+        here). At once, in a heartbeat sent before the DONE: a client that sends its next
+        turn through another router the moment this answer ends (as after a failover)
+        would otherwise race the next periodic heartbeat, and lose, half the time."""
         request = job.successor or job.request
         others = [r for r in self.registrations if r is not job.reg and r.heard]
         if (not others or not request.messages or request.session is None
@@ -758,6 +761,7 @@ class Worker:
             reg.answered[request.session] = reached
             if len(reg.answered) > MAX_WARMED:
                 del reg.answered[next(iter(reg.answered))]
+            self._send_heartbeat(reg)
 
     def _take_evicted(self) -> None:
         """Hand the sessions dropped since the last look to each registration that will
