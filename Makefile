@@ -100,19 +100,19 @@ logs:
 # volume through ROUTER2_DOCKER_HOST, the engine of that manager) and etcd on ETCD_NODES
 # (three node names); each defaults to this node.
 HA ?=
-SELF = $$($(DOCKER) node inspect self --format '{{.Description.Hostname}}')
-ROUTER2_NODE ?= $(SELF)
-ROUTER2_DOCKER_HOST ?= $(DOCKER_HOST)
-ETCD_NODES ?= $(SELF) $(SELF) $(SELF)
+ROUTER2_NODE ?=
+ROUTER2_DOCKER_HOST ?=
+ETCD_NODES ?=
 swarm-deploy:
 	IMAGE=$(IMAGE) scripts/docker-keys.sh volume $(STACK)_router-keys stack
 	$(if $(HA),$(if $(ROUTER2_DOCKER_HOST),DOCKER_HOST=$(ROUTER2_DOCKER_HOST)) IMAGE=$(IMAGE) \
 		scripts/docker-keys.sh volume $(STACK)_router2-keys stack)
 	token=$$(IMAGE=$(IMAGE) scripts/docker-keys.sh invite $(STACK)_router-keys \
 		"$$($(DOCKER) node ls -q | wc -l)") && \
-	etcd=($(ETCD_NODES)) && \
-	PICHAT_JOIN="$$token" PICHAT_IMAGE=$(IMAGE) PICHAT_ROUTER_NODE="$(SELF)" \
-	PICHAT_ROUTER2_NODE="$(ROUTER2_NODE)" PICHAT_ETCD_NODE1="$${etcd[0]}" \
+	self=$$($(DOCKER) node inspect self --format '{{.Description.Hostname}}') && \
+	etcd=($(or $(ETCD_NODES),$$self $$self $$self)) && \
+	PICHAT_JOIN="$$token" PICHAT_IMAGE=$(IMAGE) PICHAT_ROUTER_NODE="$$self" \
+	PICHAT_ROUTER2_NODE="$(or $(ROUTER2_NODE),$$self)" PICHAT_ETCD_NODE1="$${etcd[0]}" \
 	PICHAT_ETCD_NODE2="$${etcd[1]}" PICHAT_ETCD_NODE3="$${etcd[2]}" \
 		$(DOCKER) stack deploy -c docker/stack.yml $(if $(HA),-c docker/stack-ha.yml) $(STACK)
 

@@ -32,8 +32,7 @@ from pichat.protocol import ChatMessage, Sampling  # noqa: E402
 
 CONVERSATIONS = 8
 TURNS = 8
-WORKER = ["--backend", "sim", "--no-discovery", "--heartbeat", "0.5", "--slots", "4",
-          "--sim-reply-tokens", "16", "--sim-gen-tps", "400"]
+WORKER = ["--slots", "4", "--sim-reply-tokens", "16", "--sim-gen-tps", "400"]
 GREEDY = Sampling(temperature=0.0, max_tokens=16)
 
 
@@ -59,8 +58,7 @@ async def _one(work: Path) -> tuple[float, list[float], float]:
     try:
         proc = router.router("--db", str(work / "conversations.db"))
         for i in range(2):
-            router.spawn(f"w{i}", ["worker", "--router", router.worker_endpoint,
-                                   "--name", f"w{i}", *WORKER])
+            router.worker(f"w{i}", *WORKER)
         await router.wait_workers(2)
         wall, times = await _load([router.client_endpoint])
         return wall, times, rss_mb(proc.popen.pid)
@@ -76,8 +74,7 @@ async def _two(work: Path, etcd: EtcdCluster) -> tuple[float, list[float], float
     try:
         procs = [a.router("--db", db), b.router("--db", db)]
         for i in range(2):
-            a.spawn(f"w{i}", ["worker", "--router", f"{a.worker_endpoint},{b.worker_endpoint}",
-                              "--name", f"w{i}", *WORKER])
+            a.worker(f"w{i}", *WORKER, also=b)
         await a.wait_workers(2)
         await b.wait_workers(2)
         wall, times = await _load([a.client_endpoint, b.client_endpoint])

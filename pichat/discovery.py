@@ -211,11 +211,11 @@ async def relocate(keys_dir: Any, router_key: str, role: str, was: str | None,
     `avoid` (the other routers this host is registered with, by name or address: with two
     routers sharing a key, a silent one must not be taken for the other); if found
     somewhere other than `was`, and the listener there proves it holds the router's
-    secret (`proven`, with `keys` and `key_name`), keep the new endpoint in a joined Pi's
-    router.json (`keys_dir`) in place of `was` (the other routers kept there stay), so the next
-    start goes there directly. The endpoint, or None (an announcement that does not
-    prove the key is not used: a spoofed one would keep this host stuck). `finder`: what
-    looks (`find`)."""
+    secret (`proven`, with `keys` and `key_name`), keep the new endpoint in a joined
+    Pi's router.json (`keys_dir`) in place of `was` (the other routers kept there stay),
+    so the next start goes there directly. The endpoint, or None (an announcement that
+    does not prove the key is not used: a spoofed one would keep this host stuck).
+    `finder`: what looks (`find`)."""
     from pichat.invites import ROUTER_FILE, remember_router, stored_router
 
     try:

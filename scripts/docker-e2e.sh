@@ -31,10 +31,9 @@ cleanup() {
     set +e
     step "cleaning up"
     PICHAT_PUBLISH="127.0.0.1:$port" scripts/compose.sh -f docker/compose.yml down --volumes >/dev/null 2>&1
-    docker stack rm pichat-e2e >/dev/null 2>&1
-    [ -n "$swarm_started" ] && docker swarm leave --force >/dev/null 2>&1
-    docker stack rm pichat-ha >/dev/null 2>&1
+    docker stack rm pichat-e2e pichat-ha >/dev/null 2>&1
     for _ in $(seq 30); do [ -z "$(docker ps -q --filter label=com.docker.stack.namespace)" ] && break; sleep 1; done
+    [ -n "$swarm_started" ] && docker swarm leave --force >/dev/null 2>&1
     docker volume rm pichat_models pichat-e2e_models pichat-e2e_router-keys \
         pichat-e2e_worker-keys pichat-ha_models pichat-ha_router-keys pichat-ha_router2-keys \
         pichat-ha_worker-keys pichat-ha_etcd1-data pichat-ha_etcd2-data \

@@ -188,9 +188,12 @@ class Cluster:
         self.join_endpoint = local(bound.get("join", ""))
         return proc
 
-    def worker(self, name: str, *args: str, backend: str = "sim") -> Proc:
+    def worker(self, name: str, *args: str, backend: str = "sim",
+               also: Cluster | None = None) -> Proc:
+        """A worker of this router (and of `also`'s too: the HA layout)."""
+        routers = self.worker_endpoint + (f",{also.worker_endpoint}" if also else "")
         return self.spawn(name, [
-            "worker", "--router", self.worker_endpoint, "--name", name, "--backend", backend,
+            "worker", "--router", routers, "--name", name, "--backend", backend,
             "--no-discovery",
             "--heartbeat", "0.5", "--threads", "1", *args])
 

@@ -183,10 +183,8 @@ async def test_the_next_turn_through_another_router_is_warm_where_the_last_ran(
     try:
         cluster.router()
         other.router()
-        both = f"{cluster.worker_endpoint},{other.worker_endpoint}"
         for name in ("w1", "w2"):
-            cluster.spawn(name, ["worker", "--router", both, "--name", name, "--backend",
-                                 "sim", "--no-discovery", "--heartbeat", "0.5"])
+            cluster.worker(name, also=other)
         for c in (cluster, other):
             await c.wait_workers(2)
         turn = [ChatMessage("user", "tell me a long story")]
@@ -227,10 +225,8 @@ async def test_the_next_turn_sent_through_another_router_the_moment_the_last_end
     try:
         cluster.router()
         other.router()
-        both = f"{cluster.worker_endpoint},{other.worker_endpoint}"
         for name in ("w1", "w2"):
-            cluster.spawn(name, ["worker", "--router", both, "--name", name, "--backend",
-                                 "sim", "--no-discovery", "--heartbeat", "5"])
+            cluster.worker(name, "--heartbeat", "5", also=other)
         for c in (cluster, other):
             await c.wait_workers(2)
         async with cluster.client() as a, other.client() as b:

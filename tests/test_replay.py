@@ -222,11 +222,8 @@ async def test_open_webui_s_next_turn_through_the_other_router_is_warm(cluster: 
     try:
         cluster.router()
         other.router()
-        both = f"{cluster.worker_endpoint},{other.worker_endpoint}"
         for name in ("w1", "w2"):
-            cluster.spawn(name, ["worker", "--router", both, "--name", name, "--backend",
-                                 "llama", "--model", str(default_model), "--threads", "1",
-                                 "--no-discovery", "--heartbeat", "0.5"])
+            cluster.worker(name, "--model", str(default_model), backend="llama", also=other)
         await cluster.wait_workers(2, timeout=300)
         await other.wait_workers(2, timeout=300)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
