@@ -2,7 +2,7 @@
 
 One DEALER socket carries any number of concurrent requests; replies are routed to each
 request's queue by id. While a request waits, the router heartbeats the client; if the
-router falls silent for `silence_timeout` (it died or restarted), the request is sent
+router falls silent for `ClientConfig.silence` (it died or restarted), the request is sent
 again (`resend_on_silence` times; an answer already streaming goes on as a continuation
 after the tokens received, so nothing is lost or repeated), then fails with
 `RouterUnavailable` instead of hanging. With several routers (`ClientConfig.router`
@@ -273,7 +273,7 @@ class Client:
         self._send(encode(Status()))
         try:
             return dict(await asyncio.wait_for(asyncio.shield(future),
-                                               self.config.silence_timeout))
+                                               self.config.silence))
         except TimeoutError:
             raise RouterUnavailable(self._silence_message()) from None
         finally:
@@ -297,7 +297,7 @@ class Client:
         try:
             self._send(encode(Conversations(op, ref, **fields)))
             return await asyncio.wait_for(asyncio.shield(future),
-                                          self.config.silence_timeout)
+                                          self.config.silence)
         except TimeoutError:
             raise RouterUnavailable(self._silence_message()) from None
         finally:
@@ -339,7 +339,7 @@ class Client:
         while True:
             if not queue.empty():
                 return queue.get_nowait()
-            remaining = self._last_heard + self.config.silence_timeout - loop.time()
+            remaining = self._last_heard + self.config.silence - loop.time()
             if remaining <= 0:
                 raise RouterUnavailable(self._silence_message())
             try:
@@ -354,7 +354,7 @@ class Client:
                     f"this client's key ({self.config.key_name}.key must be in the router's "
                     "clients/ directory, and router.key must be the router's)")
         return (f"no answer from the router at {self.endpoint} for "
-                f"{self.config.silence_timeout:.0f}s: is it running and reachable?")
+                f"{self.config.silence:.0f}s: is it running and reachable?")
 
     def _on_refused(self, reason: str) -> None:
         self._refused = reason

@@ -209,8 +209,10 @@ class ClientConfig:
     """The router's client endpoint, or several separated by commas (routers that share
     one store): the client uses the first that answers, and moves to the next when the one
     it uses falls silent."""
-    silence_timeout: float = 5.0
-    """Give up on the router after hearing nothing from it this long while waiting."""
+    silence_timeout: float | None = None
+    """Give up on the router after hearing nothing from it this long while waiting (it
+    heartbeats every second). By default 5 s with one router, 3 s with several: there
+    another router takes the request, so moving on early costs little (`silence`)."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     keys: Keys | None = None
     key_name: str = "client"
@@ -223,6 +225,13 @@ class ClientConfig:
     @property
     def routers(self) -> tuple[str, ...]:
         return endpoints(self.router, DEFAULT_CLIENT_ENDPOINT)
+
+    @property
+    def silence(self) -> float:
+        """The silence limit in force (`silence_timeout`, else its default)."""
+        if self.silence_timeout is not None:
+            return self.silence_timeout
+        return 3.0 if len(self.routers) > 1 else 5.0
 
 
 def endpoints(text: str, default: str) -> tuple[str, ...]:

@@ -256,3 +256,14 @@ async def test_status_and_stored_conversations_come_from_the_router_that_answers
         await client.conversations("create", title="x")
     await two.expect(Conversations, op="create")
     await one.silent(0.2)
+
+
+@pytest.mark.parametrize("router, given, limit", [
+    ("tcp://pi1:5555", None, 5.0),  # one router: a long wait before giving up on it
+    ("tcp://pi1:5555,tcp://pi2:5555", None, 3.0),  # another takes it: move on sooner
+    ("tcp://pi1:5555,tcp://pi2:5555", 8.0, 8.0),  # what the user said, as said
+    ("tcp://pi1:5555", 0.5, 0.5),
+])
+def test_the_silence_limit_is_shorter_when_another_router_can_take_the_request(
+        router, given, limit):
+    assert ClientConfig(router=router, silence_timeout=given).silence == limit

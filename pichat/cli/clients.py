@@ -178,7 +178,7 @@ def status(client: ClientConfig, as_json: bool) -> None:
     async def one(endpoint: str) -> dict[str, Any]:
         try:
             async with Client(replace(client, router=endpoint,
-                                      silence_timeout=min(client.silence_timeout, 3.0))) as c:
+                                      silence_timeout=min(client.silence, 3.0))) as c:
                 snap = await c.status()
         except PichatError as exc:
             return {"endpoint": endpoint, "answering": False, "error": str(exc)[:200]}
